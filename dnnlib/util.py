@@ -1,0 +1,149 @@
+"""Generic helpers: attribute dicts, object lookup by dotted name, URL download with a cache."""
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+class EasyDict(dict):
+    """A dict whose keys are also attributes: `d.lr` is `d['lr']`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+#----------------------------------------------------------------------------
+# Objects by dotted name, e.g. construct_class_by_name(class_name='training.loss.EDMLoss').
+
+def get_obj_by_name(name: str) -> Any:
+    """Import the longest importable module prefix of `name` and walk the remaining attributes."""
+    parts = name.split('.')
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = '.'.join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # A real missing dependency inside an existing module.
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f'Cannot find an object named "{name}"')
+
+
+def call_func_by_name(*args, func_name: str, **kwargs) -> Any:
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise TypeError(f'"{func_name}" is not callable')
+    return func(*args, **kwargs)
+
+
+def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+#----------------------------------------------------------------------------
+# Cache folder and URL access.
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Cache root: $DNNLIB_CACHE_DIR, else $XDG_CACHE_HOME/dnnlib, else ~/.cache/dnnlib."""
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    if 'XDG_CACHE_HOME' in os.environ:
+        return os.path.join(os.environ['XDG_CACHE_HOME'], 'dnnlib', *paths)
+    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    scheme = urllib.parse.urlparse(obj).scheme
+    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+
+
+def _file_url_to_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    return urllib.request.url2pathname(parsed.netloc + parsed.path)
+
+
+def _cache_file_name(url: str) -> str:
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    base = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+    return f'{url_md5}_{base}'
+
+
+def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True):
+    """Open a local path, a file:// URL or an http(s) URL as a binary file object.
+
+    http(s) URLs are downloaded once into the cache folder; the download goes to a temporary
+    name and is renamed into place only when complete, so an interrupted download is never
+    mistaken for a finished one. Raises OSError with the URL in the message on failure.
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError('open_url() needs a non-empty path or URL')
+
+    # Local files.
+    if not is_url(url, allow_file_urls=True):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'No such file: {url}')
+        return url if return_filename else open(url, 'rb')
+    if url.startswith('file://'):
+        path = _file_url_to_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'No such file: {path} (from {url})')
+        return path if return_filename else open(path, 'rb')
+    if return_filename and not cache:
+        raise ValueError('open_url(return_filename=True) needs cache=True for remote URLs')
+
+    # Cached download?
+    cache_dir = cache_dir or make_cache_dir_path('downloads')
+    cache_path = os.path.join(cache_dir, _cache_file_name(url))
+    if cache and os.path.isfile(cache_path):
+        return cache_path if return_filename else open(cache_path, 'rb')
+
+    # Download.
+    data = None
+    for attempt in range(num_attempts):
+        try:
+            if verbose:
+                print(f'Downloading {url} ...', flush=True)
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+            break
+        except Exception as err:  # urllib raises several unrelated exception types.
+            if attempt == num_attempts - 1:
+                raise OSError(f'Cannot download {url}: {err}') from err
+            time.sleep(1)
+
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+            os.replace(tmp_path, cache_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp_path)
+        if return_filename:
+            return cache_path
+    return io.BytesIO(data)

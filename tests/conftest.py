@@ -1,0 +1,15 @@
+"""Shared test setup: CPU only, few threads, deterministic."""
+
+import os
+
+import pytest
+import torch
+
+# Two-core CI machines: more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Downloads and caches from tests never touch the user's real cache folder.
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path_factory.mktemp('dnnlib-cache')))

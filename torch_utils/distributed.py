@@ -1,0 +1,61 @@
+"""Process-group helpers. `torchrun` sets RANK/WORLD_SIZE and we join a process group
+(NCCL on CUDA, gloo on CPU); a plain `python script.py` is one process with no group at all."""
+
+import datetime
+import os
+
+import torch
+
+
+def is_torchrun() -> bool:
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def get_device() -> torch.device:
+    """The device this process should use: its own GPU under torchrun, else cuda:0, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    return torch.device('cpu')
+
+
+def init() -> None:
+    """Join the torchrun process group if there is one; idempotent; a no-op for one process."""
+    if is_torchrun() and not torch.distributed.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(get_device())
+        backend = 'nccl' if use_cuda else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method='env://',
+                                             timeout=datetime.timedelta(minutes=30))
+    try:
+        from . import training_stats
+    except ImportError:
+        return
+    if get_world_size() > 1:
+        training_stats.init_multiprocessing(rank=get_rank(), sync_device=get_device())
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def should_stop() -> bool:
+    return False
+
+
+def update_progress(cur, total) -> None:
+    _ = cur, total
+
+
+def print0(*args, **kwargs) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs)
