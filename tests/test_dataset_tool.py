@@ -1,0 +1,490 @@
+"""dataset_tool.py: every source kind and transform against an independent computation with PIL,
+labels, output format (read back with training/dataset.py), --workers determinism, bad input."""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import dataset_tool
+from training.dataset import ImageFolderDataset
+
+#----------------------------------------------------------------------------
+# Helpers.
+
+def make_image(rng, w, h, mode='RGB'):
+    """Smooth gradient plus noise, so resampling differences would show."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (xx * 255 // max(w - 1, 1) + yy * 3) % 256
+    chans = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}[mode]
+    arr = np.stack([(base + 40 * c + rng.integers(0, 30, (h, w))) % 256 for c in range(chans)], axis=-1).astype(np.uint8)
+    return PIL.Image.fromarray(arr[:, :, 0] if chans == 1 else arr, mode)
+
+def save(img, path, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format=fmt)
+
+def run(*args):
+    result = CliRunner().invoke(dataset_tool.main, [str(a) for a in args])
+    return result
+
+def ok(*args):
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+def read_output(dest):
+    """{name: bytes} of a folder or zip output."""
+    dest = str(dest)
+    if dest.endswith('.zip'):
+        with zipfile.ZipFile(dest) as z:
+            return {n: z.read(n) for n in z.namelist()}
+    files = {}
+    for root, _dirs, names in os.walk(dest):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, 'rb') as f:
+                files[os.path.relpath(p, dest).replace(os.sep, '/')] = f.read()
+    return files
+
+def images_of(dest):
+    files = read_output(dest)
+    names = sorted(n for n in files if n.endswith('.png'))
+    imgs = [PIL.Image.open(io.BytesIO(files[n])) for n in names]
+    return names, imgs, json.loads(files['dataset.json'])
+
+def expected_names(n):
+    return [f'{i:08d}'[:5] + f'/img{i:08d}.png' for i in range(n)]
+
+def lanczos(img, size):
+    return img.resize(size, PIL.Image.Resampling.LANCZOS)
+
+# Independent statements of the reference transforms, on PIL images.
+
+def ref_center_crop(img, w, h):
+    s = min(img.size)
+    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+    return lanczos(img.crop((left, top, left + s, top + s)), (w, h))
+
+def ref_center_crop_wide(img, w, h):
+    band = int(np.round(w * img.size[1] / img.size[0]))
+    top = (img.size[1] - band) // 2
+    img = lanczos(img.crop((0, top, img.size[0], top + band)), (w, h))
+    canvas = PIL.Image.new(img.mode, (w, w), 0)
+    canvas.paste(img, (0, (w - h) // 2))
+    return canvas
+
+def ref_dhariwal(img, size):
+    # guided-diffusion center_crop_arr, restated.
+    while img.size[0] >= 2 * size and img.size[1] >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), PIL.Image.BOX)
+    f = size / min(img.size)
+    img = img.resize((int(round(img.size[0] * f)), int(round(img.size[1] * f))), PIL.Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+def same(a, b):
+    assert a.mode == b.mode and a.size == b.size
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+def leftovers(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith('.'))
+
+#----------------------------------------------------------------------------
+# Folder source, labels, loading with training/dataset.py.
+
+def test_folder_labels_center_crop_and_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / 'src'
+    sizes = {'n02/b.png': (40, 30), 'n02/a.jpg': (30, 40), 'n01/z.png': (33, 33), 'n01/sub/y.png': (25, 20), 'n03/x.bmp': (21, 37)}
+    originals = {}
+    for rel, (w, h) in sizes.items():
+        img = make_image(rng, w, h)
+        save(img, str(src / rel))
+        originals[rel] = PIL.Image.open(src / rel).convert('RGB')  # JPEG: compare with what it decodes to.
+    dest = tmp_path / 'out.zip'
+    ok('--source', src, '--dest', dest, '--transform', 'center-crop', '--resolution', '16x16', '--workers', 1)
+
+    names, imgs, meta = images_of(dest)
+    order = sorted(sizes)  # n01/sub/y.png, n01/z.png, n02/a.jpg, n02/b.png, n03/x.bmp
+    assert names == expected_names(len(order))
+    for rel, img in zip(order, imgs):
+        same(img, ref_center_crop(originals[rel], 16, 16))
+    assert meta['labels'] == [[n, {'n01': 0, 'n02': 1, 'n03': 2}[rel.split('/')[0]]] for n, rel in zip(names, order)]
+    assert meta['class_names'] == ['n01', 'n02', 'n03']
+
+    ds = ImageFolderDataset(str(dest), use_labels=True)
+    assert len(ds) == 5 and ds.resolution == 16 and ds.num_channels == 3 and ds.label_dim == 3
+    image, label = ds[2]
+    np.testing.assert_array_equal(image, np.asarray(imgs[2]).transpose(2, 0, 1))
+    np.testing.assert_array_equal(label, [0, 1, 0])
+
+def test_labels_stable_under_max_images_and_root_files(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / 'src'
+    for rel in ['b/1.png', 'b/2.png', 'c/1.png', 'a/1.png']:
+        save(make_image(rng, 8, 8), str(src / rel))
+    ok('--source', src, '--dest', tmp_path / 'o1', '--max-images', 2, '--workers', 1)
+    _, _, meta = images_of(tmp_path / 'o1')
+    assert [l for _, l in meta['labels']] == [0, 1]  # a/1 -> 0, b/1 -> 1: ids from all folders.
+    # An image beside the class folders makes the folder labels ambiguous: no labels, and a note.
+    save(make_image(rng, 8, 8), str(src / 'loose.png'))
+    res = ok('--source', src, '--dest', tmp_path / 'o2', '--workers', 1)
+    assert images_of(tmp_path / 'o2')[2] == {'labels': None}
+    assert 'no labels' in res.output
+
+def test_folder_dest_loads_and_single_class_has_no_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / 'src'
+    for i in range(3):
+        save(make_image(rng, 8, 8), str(src / 'only' / f'{i}.png'))
+    dest = tmp_path / 'out'
+    dest.mkdir()  # An existing empty folder is fine.
+    ok('--source', src, '--dest', dest, '--workers', 1)
+    assert sorted(read_output(dest)) == expected_names(3) + ['dataset.json']
+    assert json.loads(read_output(dest)['dataset.json']) == {'labels': None}
+    ds = ImageFolderDataset(str(dest))
+    assert len(ds) == 3 and ds.image_shape == [3, 8, 8] and not ds.has_labels
+    assert leftovers(tmp_path) == []
+
+#----------------------------------------------------------------------------
+# Transforms vs independent PIL computations.
+
+@pytest.mark.parametrize('transform,res', [
+    (None, (16, 16)),
+    ('center-crop', (16, 16)),
+    ('center-crop-wide', (16, 8)),
+    ('center-crop-dhariwal', (16, 16)),
+])
+def test_transforms_match_reference(tmp_path, transform, res):
+    rng = np.random.default_rng(3)
+    src = tmp_path / 'src'
+    # Odd sizes, both orientations; 200x90 is halved twice by center-crop-dhariwal, 70x45 once.
+    sizes = [(70, 45), (45, 70), (200, 90), (33, 32)]
+    originals = []
+    for i, (w, h) in enumerate(sizes):
+        img = make_image(rng, w, h)
+        save(img, str(src / f'{i}.png'))
+        originals.append(img)
+    args = ['--source', src, '--dest', tmp_path / 'out.zip', '--resolution', f'{res[0]}x{res[1]}', '--workers', 1]
+    if transform:
+        args += ['--transform', transform]
+    res_ = ok(*args)
+    names, imgs, _ = images_of(tmp_path / 'out.zip')
+    if transform == 'center-crop-wide':
+        # EDM drops images whose band at the target width is lower than the target: 200x90 -> 16x7.
+        originals = [o for o in originals if round(res[0] * o.size[1] / o.size[0]) >= res[1]]
+        assert len(originals) == 3
+    assert len(imgs) == len(originals)
+    for img, orig in zip(imgs, originals):
+        if transform is None:
+            want = lanczos(orig, res)
+        elif transform == 'center-crop':
+            want = ref_center_crop(orig, *res)
+        elif transform == 'center-crop-wide':
+            want = ref_center_crop_wide(orig, *res)
+        else:
+            want = ref_dhariwal(orig, res[0])
+        same(img, want)
+    assert 'Upscaled' not in res_.output
+
+def test_dhariwal_function_on_many_sizes():
+    # The array-level function against the restatement, over shapes that hit each branch
+    # (no halving, one and several halvings, rounding of the BICUBIC target size).
+    rng = np.random.default_rng(4)
+    for w, h in [(16, 16), (17, 40), (31, 32), (32, 31), (64, 33), (129, 64), (150, 47), (11, 9)]:
+        img = make_image(rng, w, h)
+        out = dataset_tool.center_crop_dhariwal(np.asarray(img), 16)
+        same(PIL.Image.fromarray(out), ref_dhariwal(img, 16))
+
+def test_small_images_policies(tmp_path):
+    rng = np.random.default_rng(5)
+    src = tmp_path / 'src'
+    save(make_image(rng, 20, 20), str(src / 'a.png'))
+    save(make_image(rng, 10, 12), str(src / 'b.png'))
+    # Default for center-crop-dhariwal: upscale as ADM does, and say so.
+    res = ok('--source', src, '--dest', tmp_path / 'up.zip', '--transform', 'center-crop-dhariwal', '--resolution', '16x16', '--workers', 1)
+    assert 'Upscaled 1 ' in res.output
+    same(images_of(tmp_path / 'up.zip')[1][1], ref_dhariwal(PIL.Image.open(src / 'b.png'), 16))
+    # center-crop-wide skips it by default (as EDM), and lists it.
+    ok('--source', src, '--dest', tmp_path / 'wide.zip', '--transform', 'center-crop-wide', '--resolution', '16x16', '--workers', 1)
+    assert len(images_of(tmp_path / 'wide.zip')[0]) == 1
+    assert (tmp_path / 'wide.zip.skipped.txt').read_text().startswith('b.png\tsmaller than the target')
+    # --small=error refuses, writing nothing.
+    res = run('--source', src, '--dest', tmp_path / 'err.zip', '--transform', 'center-crop', '--resolution', '16x16', '--small', 'error', '--workers', 1)
+    assert res.exit_code != 0 and 'b.png is 10x12, smaller than the 16x16 target' in res.output
+    assert not (tmp_path / 'err.zip').exists() and leftovers(tmp_path) == []
+
+#----------------------------------------------------------------------------
+# Other sources.
+
+def test_zip_source_with_folder_labels(tmp_path):
+    rng = np.random.default_rng(6)
+    imgs = {'dogs/1.png': make_image(rng, 8, 8), 'cats/2.png': make_image(rng, 8, 8), 'cats/1.png': make_image(rng, 8, 8)}
+    src = tmp_path / 'src.zip'
+    with zipfile.ZipFile(src, 'w') as z:
+        for n, img in imgs.items():
+            buf = io.BytesIO()
+            img.save(buf, format='png')
+            z.writestr(n, buf.getvalue())
+        z.writestr('__MACOSX/cats/._1.png', b'junk')  # macOS resource forks are not data.
+        z.writestr('notes.txt', b'hello')
+    res = ok('--source', src, '--dest', tmp_path / 'out', '--workers', 1)
+    names, out, meta = images_of(tmp_path / 'out')
+    for img, n in zip(out, ['cats/1.png', 'cats/2.png', 'dogs/1.png']):
+        same(img, imgs[n])
+    assert [l for _, l in meta['labels']] == [0, 0, 1]
+    assert 'ignored 1 zip members' in res.output
+
+def test_zip_source_keeps_its_dataset_json_labels(tmp_path):
+    # Re-converting one of our own outputs (e.g. to another resolution) keeps its labels.
+    rng = np.random.default_rng(7)
+    src = tmp_path / 'src'
+    for rel in ['a/0.png', 'b/0.png', 'c/0.png']:
+        save(make_image(rng, 16, 16), str(src / rel))
+    ok('--source', src, '--dest', tmp_path / 'first.zip', '--workers', 1)
+    ok('--source', tmp_path / 'first.zip', '--dest', tmp_path / 'second.zip', '--resolution', '8x8', '--workers', 1)
+    names, imgs, meta = images_of(tmp_path / 'second.zip')
+    assert [l for _, l in meta['labels']] == [0, 1, 2] and imgs[0].size == (8, 8)
+    assert meta['class_names'] == ['a', 'b', 'c']
+
+def write_cifar(path, batches):
+    with tarfile.open(path, 'w:gz') as tar:
+        for i, (data, labels) in enumerate(batches, 1):
+            payload = pickle.dumps({'data': data, 'labels': labels, 'batch_label': f'batch {i}'}, protocol=2)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{i}')
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+def test_cifar10_tarball(tmp_path):
+    rng = np.random.default_rng(8)
+    batches = [(rng.integers(0, 256, (2, 3072), dtype=np.uint8), [int(x) for x in rng.integers(0, 10, 2)]) for _ in range(5)]
+    src = tmp_path / 'cifar-10-python.tar.gz'
+    write_cifar(src, batches)
+    ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    names, imgs, meta = images_of(tmp_path / 'out.zip')
+    want = np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert len(imgs) == 10
+    for img, w in zip(imgs, want):
+        assert img.mode == 'RGB'
+        np.testing.assert_array_equal(np.asarray(img), w)
+    assert [l for _, l in meta['labels']] == sum((l for _, l in batches), [])
+
+def test_cifar10_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('echo pwned > ' + str(tmp_path / 'pwned'),))
+    src = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(src, 'w:gz') as tar:
+        payload = pickle.dumps({'data': Evil(), 'labels': []}, protocol=2)
+        info = tarfile.TarInfo('cifar-10-batches-py/data_batch_1')
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    res = run('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    assert res.exit_code != 0 and 'cannot read CIFAR-10 tarball' in res.output
+    assert not (tmp_path / 'pwned').exists() and not (tmp_path / 'out.zip').exists()
+
+def test_mnist_gz(tmp_path):
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    labels = np.array([7, 0, 3], dtype=np.uint8)
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 0x803, 3, 28, 28) + images.tobytes())
+    with gzip.open(tmp_path / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>II', 0x801, 3) + labels.tobytes())
+    ok('--source', tmp_path / 'train-images-idx3-ubyte.gz', '--dest', tmp_path / 'out.zip', '--workers', 1)
+    names, imgs, meta = images_of(tmp_path / 'out.zip')
+    for img, want in zip(imgs, images):
+        assert img.mode == 'L' and img.size == (32, 32)  # Grayscale stays grayscale; padded as EDM.
+        np.testing.assert_array_equal(np.asarray(img), np.pad(want, 2))
+    assert [l for _, l in meta['labels']] == [7, 0, 3]
+    ds = ImageFolderDataset(str(tmp_path / 'out.zip'), use_labels=True)
+    assert ds.image_shape == [1, 32, 32] and ds.label_dim == 8
+
+@pytest.mark.parametrize('compressed', [False, True])
+def test_adm_npz(tmp_path, compressed):
+    rng = np.random.default_rng(10)
+    arr = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([5, 1, 0, 999], dtype=np.int64)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / 'samples.npz', arr, labels)
+    ok('--source', tmp_path / 'samples.npz', '--dest', tmp_path / 'out.zip', '--workers', 2 if compressed else 1)
+    names, imgs, meta = images_of(tmp_path / 'out.zip')
+    for img, want in zip(imgs, arr):
+        np.testing.assert_array_equal(np.asarray(img), want)
+    assert [l for _, l in meta['labels']] == [5, 1, 0, 999]
+
+def test_adm_npz_gray_no_labels_and_bad_array(tmp_path):
+    rng = np.random.default_rng(11)
+    gray = rng.integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / 'gray.npz', gray)
+    ok('--source', tmp_path / 'gray.npz', '--dest', tmp_path / 'g.zip', '--transform', 'center-crop', '--resolution', '4x4', '--workers', 1)
+    names, imgs, meta = images_of(tmp_path / 'g.zip')
+    assert meta == {'labels': None}
+    same(imgs[1], ref_center_crop(PIL.Image.fromarray(gray[1]), 4, 4))
+    np.savez(tmp_path / 'float.npz', gray.astype(np.float32))
+    res = run('--source', tmp_path / 'float.npz', '--dest', tmp_path / 'f.zip')
+    assert res.exit_code != 0 and 'arr_0 must be uint8 images' in res.output
+
+#----------------------------------------------------------------------------
+# Channel handling.
+
+def test_mixed_modes_become_rgb(tmp_path):
+    rng = np.random.default_rng(12)
+    src = tmp_path / 'src'
+    pal = make_image(rng, 8, 8).convert('P')
+    inputs = {'0.png': make_image(rng, 8, 8, 'L'), '1.png': make_image(rng, 8, 8, 'RGBA'), '2.png': pal,
+              '3.png': make_image(rng, 8, 8, 'RGB'), '4.png': make_image(rng, 8, 8, 'LA')}
+    for n, img in inputs.items():
+        save(img, str(src / n))
+    res = ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    _, imgs, _ = images_of(tmp_path / 'out.zip')
+    for img, n in zip(imgs, sorted(inputs)):
+        same(img, PIL.Image.open(src / n).convert('RGB'))
+    assert 'Converted to RGB' in res.output and '1 RGBA' in res.output
+
+def test_all_gray_stays_gray(tmp_path):
+    rng = np.random.default_rng(13)
+    src = tmp_path / 'src'
+    save(make_image(rng, 8, 8, 'L'), str(src / '0.png'))
+    save(make_image(rng, 8, 8, 'LA'), str(src / '1.png'))
+    deep = (rng.integers(0, 65536, (8, 8))).astype(np.uint16)
+    PIL.Image.fromarray(deep).save(src / '2.png')  # 16-bit grayscale PNG.
+    ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    _, imgs, _ = images_of(tmp_path / 'out.zip')
+    assert [i.mode for i in imgs] == ['L', 'L', 'L']
+    same(imgs[1], PIL.Image.open(src / '1.png').convert('L'))
+    np.testing.assert_array_equal(np.asarray(imgs[2]), (deep >> 8).astype(np.uint8))
+
+#----------------------------------------------------------------------------
+# Determinism across --workers.
+
+def test_workers_give_identical_output(tmp_path):
+    rng = np.random.default_rng(14)
+    src = tmp_path / 'src'
+    for i in range(20):
+        save(make_image(rng, int(rng.integers(20, 40)), int(rng.integers(20, 40))), str(src / f'c{i % 3}' / f'{i}.jpg'))
+    (src / 'c0' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    common = ['--source', src, '--transform', 'center-crop-dhariwal', '--resolution', '16x16']
+    ok(*common, '--dest', tmp_path / 'w1.zip', '--workers', 1)
+    ok(*common, '--dest', tmp_path / 'w2.zip', '--workers', 2)
+    assert (tmp_path / 'w1.zip').read_bytes() == (tmp_path / 'w2.zip').read_bytes()
+    assert (tmp_path / 'w1.zip.skipped.txt').read_text() == (tmp_path / 'w2.zip.skipped.txt').read_text()
+    ok(*common, '--dest', tmp_path / 'd1', '--workers', 1, '--max-images', 7)
+    ok(*common, '--dest', tmp_path / 'd2', '--workers', 2, '--max-images', 7)
+    h1 = {n: hashlib.sha256(b).hexdigest() for n, b in read_output(tmp_path / 'd1').items()}
+    h2 = {n: hashlib.sha256(b).hexdigest() for n, b in read_output(tmp_path / 'd2').items()}
+    assert h1 == h2 and len(h1) == 8  # 7 images + dataset.json
+    assert leftovers(tmp_path) == []
+
+#----------------------------------------------------------------------------
+# Corrupt inputs.
+
+def make_corrupt_folder(tmp_path):
+    rng = np.random.default_rng(15)
+    src = tmp_path / 'src'
+    for i in range(4):
+        save(make_image(rng, 8, 8), str(src / f'{i}.png'))
+    good = (src / '0.png').read_bytes()
+    (src / '0t.png').write_bytes(good[:len(good) // 2])   # Truncated PNG.
+    (src / '1t.jpg').write_bytes(b'this is not a jpeg')    # Text with an image name.
+    (src / '2t.png').write_bytes(b'')                      # Empty file.
+    (src / 'readme.md').write_text('not an image')         # Ignored: not an image name.
+    return src
+
+def test_corrupt_files_are_skipped_and_listed(tmp_path):
+    src = make_corrupt_folder(tmp_path)
+    res = ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1, '--max-images', 4)
+    names, imgs, _ = images_of(tmp_path / 'out.zip')
+    assert names == expected_names(4)  # No gaps in the names; --max-images counts written images.
+    for img, n in zip(imgs, ['0.png', '1.png', '2.png', '3.png']):
+        same(img, PIL.Image.open(src / n).convert('RGB'))
+    listed = (tmp_path / 'out.zip.skipped.txt').read_text().splitlines()
+    assert [l.split('\t')[0] for l in listed] == ['0t.png', '1t.jpg', '2t.png']
+    assert 'Skipped 3 files' in res.output and 'ignored 1 files' in res.output
+
+def test_strict_refuses_corrupt_files(tmp_path):
+    src = make_corrupt_folder(tmp_path)
+    res = run('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 2, '--strict')
+    assert res.exit_code == 1 and 'cannot read 0t.png' in res.output and 'Traceback' not in res.output
+    assert not (tmp_path / 'out.zip').exists() and not (tmp_path / 'out.zip.skipped.txt').exists()
+    assert leftovers(tmp_path) == []
+
+#----------------------------------------------------------------------------
+# Bad input: one clear line, non-zero exit, nothing written or damaged.
+
+def test_bad_input_errors(tmp_path):
+    rng = np.random.default_rng(16)
+    src = tmp_path / 'src'
+    save(make_image(rng, 8, 8), str(src / 'a.png'))
+    save(make_image(rng, 12, 8), str(src / 'b.png'))
+    full = tmp_path / 'full'
+    full.mkdir()
+    (full / 'keep.txt').write_text('mine')
+    existing = tmp_path / 'existing.zip'
+    existing.write_bytes(b'precious')
+    (tmp_path / 'badmeta').mkdir()
+    save(make_image(rng, 8, 8), str(tmp_path / 'badmeta' / 'a.png'))
+    (tmp_path / 'badmeta' / 'dataset.json').write_text('{"labels": [1, 2')
+    junk = tmp_path / 'junk.bin'
+    junk.write_bytes(b'x')
+    cases = [
+        (['--source', tmp_path / 'nope', '--dest', tmp_path / 'o.zip'], 'no such file or folder'),
+        (['--source', junk, '--dest', tmp_path / 'o.zip'], 'unknown kind'),
+        (['--source', src, '--dest', full], 'already exists and is not empty'),
+        (['--source', src, '--dest', existing], 'already exists'),
+        (['--source', src, '--dest', tmp_path / 'o.zip', '--transform', 'center-crop'], 'needs --resolution'),
+        (['--source', src, '--dest', tmp_path / 'o.zip', '--resolution', '16x8'], 'must be square'),
+        (['--source', src, '--dest', tmp_path / 'o.zip', '--resolution', '24x24'], 'power of two'),
+        (['--source', src, '--dest', tmp_path / 'o.zip', '--resolution', 'big'], 'expected WxH'),
+        (['--source', src, '--dest', tmp_path / 'o.zip'], 'images differ in size: b.png comes out 12x8'),
+        (['--source', tmp_path / 'full', '--dest', tmp_path / 'o.zip'], 'no images found'),
+        (['--source', tmp_path / 'badmeta', '--dest', tmp_path / 'o.zip'], 'expected {"labels"'),
+    ]
+    for args, message in cases:
+        res = run(*args, '--workers', 1)
+        assert res.exit_code != 0, (args, res.output)
+        assert message in res.output, (args, res.output)
+        assert 'Traceback' not in res.output and isinstance(res.exception, SystemExit)
+        assert not (tmp_path / 'o.zip').exists() and leftovers(tmp_path) == []
+    assert (full / 'keep.txt').read_text() == 'mine' and existing.read_bytes() == b'precious'
+
+def test_nothing_readable_is_an_error(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    (src / 'a.png').write_bytes(b'nope')
+    res = run('--source', src, '--dest', tmp_path / 'out', '--workers', 1)
+    assert res.exit_code != 0 and 'no image of' in res.output and 'a.png' in res.output
+    assert not (tmp_path / 'out').exists() and leftovers(tmp_path) == []
+
+def test_publish_never_clobbers(tmp_path):
+    # A dest that appears while converting is left alone; the finished output stays in the temp file.
+    for dest in [tmp_path / 'race.zip', tmp_path / 'race']:
+        out = dataset_tool.Destination(str(dest))
+        out.open()
+        out.write('00000/img00000000.png', b'x')
+        if str(dest).endswith('.zip'):
+            dest.write_bytes(b'theirs')
+        else:
+            dest.mkdir()
+            (dest / 'theirs.txt').write_text('theirs')
+        with pytest.raises(dataset_tool.click.ClickException, match='race'):
+            out.publish()
+        out.discard()
+        assert (dest.read_bytes() if dest.is_file() else (dest / 'theirs.txt').read_bytes()) == b'theirs'
+        assert leftovers(tmp_path) == []
+
+def test_help_documents_every_option():
+    res = CliRunner().invoke(dataset_tool.main, ['--help'])
+    assert res.exit_code == 0
+    for opt in ['--source', '--dest', '--max-images', '--transform', '--resolution', '--workers', '--strict', '--small', '--compress-level']:
+        assert opt in res.output
