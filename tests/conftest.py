@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-# Two-core CI machines: more threads than cores only adds contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two-core CI machines, and tests that start several processes: one thread each avoids contention.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
