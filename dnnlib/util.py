@@ -6,6 +6,7 @@ import importlib
 import io
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -147,3 +148,70 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         if return_filename:
             return cache_path
     return io.BytesIO(data)
+
+
+#----------------------------------------------------------------------------
+# Console helpers used by the training loop.
+
+def format_time(seconds: float) -> str:
+    """Compact human-readable duration: '42s', '3m 05s', '2h 07m 09s', '1d 04h 13m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+class Logger:
+    """Copy everything written to stdout/stderr into a log file as well.
+
+    Used as a context manager or closed explicitly; `close()` puts the original streams back so
+    that tests (and scripts that train twice in one process) do not keep writing into old files.
+    """
+
+    def __init__(self, file_name: str | None = None, file_mode: str = 'w', should_flush: bool = True):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self) -> 'Logger':
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def write(self, text: str | bytes) -> None:
+        if isinstance(text, bytes):
+            text = text.decode()
+        if len(text) == 0:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.flush()
+        # Only restore the streams if nobody replaced us in the meantime.
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None

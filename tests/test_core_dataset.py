@@ -1,0 +1,142 @@
+"""training.dataset.ImageFolderDataset: folders, zips, labels, xflip, max_size, errors."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from training.dataset import DatasetError, ImageFolderDataset
+
+
+def _images(n, size=8, channels=3, seed=0):
+    rng = np.random.RandomState(seed)
+    shape = [n, size, size, channels] if channels > 1 else [n, size, size]
+    return rng.randint(0, 256, size=shape, dtype=np.uint8)
+
+
+def _write_folder(folder, images, labels=None, ext='png'):
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for idx, img in enumerate(images):
+        # Nested folders, as dataset_tool writes them (00000/img00000000.png).
+        name = f'{idx // 4:05d}/img{idx:08d}.{ext}'
+        os.makedirs(os.path.join(folder, os.path.dirname(name)), exist_ok=True)
+        PIL.Image.fromarray(img).save(os.path.join(folder, name))
+        names.append(name)
+    if labels is not None:
+        with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+            json.dump({'labels': [[n, lab] for n, lab in zip(names, labels)]}, f)
+    return names
+
+
+def _zip_folder(folder, zip_path):
+    with zipfile.ZipFile(zip_path, 'w') as zf:
+        for root, _dirs, files in os.walk(folder):
+            for fname in files:
+                full = os.path.join(root, fname)
+                zf.write(full, os.path.relpath(full, folder).replace(os.sep, '/'))
+
+
+def test_folder_and_zip_read_same_pixels_and_labels(tmp_path):
+    images = _images(10)
+    labels = [i % 3 for i in range(10)]
+    folder = tmp_path / 'mydata'
+    _write_folder(folder, images, labels)
+    _zip_folder(folder, tmp_path / 'mydata.zip')
+
+    for path in [folder, tmp_path / 'mydata.zip']:
+        ds = ImageFolderDataset(str(path), use_labels=True)
+        assert len(ds) == 10
+        assert ds.name == 'mydata'
+        assert ds.resolution == 8 and ds.num_channels == 3 and ds.image_shape == [3, 8, 8]
+        assert ds.has_labels and ds.label_dim == 3 and ds.has_onehot_labels
+        for idx in range(10):
+            img, lab = ds[idx]
+            assert img.dtype == np.uint8 and img.shape == (3, 8, 8)
+            np.testing.assert_array_equal(img, images[idx].transpose(2, 0, 1))
+            expected = np.zeros(3, np.float32)
+            expected[labels[idx]] = 1
+            np.testing.assert_array_equal(lab, expected)
+
+
+def test_float_labels_grayscale_and_no_labels(tmp_path):
+    images = _images(4, channels=1)
+    labels = [[0.5, -1.0], [1.0, 2.0], [0.0, 0.0], [3.0, 4.5]]
+    _write_folder(tmp_path / 'g', images, labels)
+    ds = ImageFolderDataset(str(tmp_path / 'g'), use_labels=True)
+    assert ds.num_channels == 1 and ds.label_dim == 2 and not ds.has_onehot_labels
+    np.testing.assert_array_equal(ds[3][1], np.float32([3.0, 4.5]))
+    np.testing.assert_array_equal(ds[1][0][0], images[1])
+    # Without use_labels the label is an empty vector.
+    ds = ImageFolderDataset(str(tmp_path / 'g'), use_labels=False)
+    assert not ds.has_labels and ds[0][1].shape == (0,)
+
+
+def test_xflip_max_size_cache(tmp_path):
+    images = _images(12)
+    _write_folder(tmp_path / 'd', images)
+    ds = ImageFolderDataset(str(tmp_path / 'd'), xflip=True, cache=True)
+    assert len(ds) == 24
+    np.testing.assert_array_equal(ds[12][0], ds[0][0][:, :, ::-1])
+    assert ds.get_details(12).xflip and not ds.get_details(0).xflip
+    # max_size picks a sorted random subset, the same one for the same seed.
+    a = ImageFolderDataset(str(tmp_path / 'd'), max_size=5, random_seed=3)
+    b = ImageFolderDataset(str(tmp_path / 'd'), max_size=5, random_seed=3)
+    idx_a = [a.get_details(i).raw_idx for i in range(len(a))]
+    assert len(a) == 5 and idx_a == sorted(idx_a) == [b.get_details(i).raw_idx for i in range(len(b))]
+    for i in range(5):
+        np.testing.assert_array_equal(a[i][0], images[idx_a[i]].transpose(2, 0, 1))
+
+
+def test_jpeg(tmp_path):
+    _write_folder(tmp_path / 'j', _images(3), ext='jpg')
+    ds = ImageFolderDataset(str(tmp_path / 'j'))
+    assert len(ds) == 3 and ds[0][0].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'not_zip', 'bad_zip', 'mixed', 'corrupt', 'label_missing', 'resolution'])
+def test_errors(tmp_path, case):
+    kwargs = {}
+    if case == 'missing':
+        path = tmp_path / 'nope'
+    elif case == 'empty':
+        path = tmp_path / 'empty'
+        path.mkdir()
+        (path / 'readme.txt').write_text('no images here')
+    elif case == 'not_zip':
+        path = tmp_path / 'data.txt'
+        path.write_text('x')
+    elif case == 'bad_zip':
+        path = tmp_path / 'data.zip'
+        path.write_bytes(b'not a zip at all')
+    elif case == 'mixed':
+        path = tmp_path / 'mixed'
+        _write_folder(path, _images(3))
+        PIL.Image.fromarray(_images(1, size=16)[0]).save(path / 'zz_big.png')
+    elif case == 'corrupt':
+        path = tmp_path / 'corrupt'
+        _write_folder(path, _images(3))
+        (path / 'zz_broken.png').write_bytes(b'\x89PNG broken')
+    elif case == 'label_missing':
+        path = tmp_path / 'lab'
+        names = _write_folder(path, _images(3), labels=[0, 1, 2])
+        with open(path / 'dataset.json', 'w') as f:
+            json.dump({'labels': [[names[0], 0], [names[1], 1]]}, f)
+        kwargs = dict(use_labels=True)
+    elif case == 'resolution':
+        path = tmp_path / 'res'
+        _write_folder(path, _images(2))
+        kwargs = dict(resolution=16)
+    with pytest.raises(DatasetError) as info:
+        ds = ImageFolderDataset(str(path), **kwargs)
+        ds.label_shape  # Labels load lazily.
+    assert isinstance(info.value, OSError)
+    message = str(info.value)
+    assert str(path) in message
+    if case == 'mixed':
+        assert 'zz_big.png' in message and 'mixed' in message
+    if case == 'label_missing':
+        assert 'no label' in message

@@ -1,0 +1,1 @@
+"""Training code: datasets, augmentation, networks, losses, blurring maths and the loop."""

@@ -1,0 +1,405 @@
+"""The training loop: EDM's loop (Adam, learning-rate warm-up, EMA with ramp-up, ticks,
+snapshots, stats.jsonl) on one process or under torchrun with DistributedDataParallel.
+
+Outputs in run_dir:
+  network-snapshot-KKKKKK.pkl  dict(ema, loss_fn, augment_pipe, dataset_kwargs)  every `snapshot_ticks`
+  training-state-KKKKKK.pt     dict(net, ema, optimizer_state, step)             every `state_dump_ticks`
+  stats.jsonl                  one line of averaged statistics per tick
+KKKKKK = images seen so far // 1000. Both files are written atomically (temp file + rename).
+"""
+
+import copy
+import inspect
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import training_stats
+
+
+class TrainingError(RuntimeError):
+    """A user-facing problem found while setting up training (bad resume file, ...)."""
+
+
+#----------------------------------------------------------------------------
+# Resume helpers.
+
+_STATE_RE = re.compile(r'training-state-(\d+)\.pt')
+
+
+def find_latest_training_state(run_dir):
+    """Path of the training-state-*.pt with the highest kimg in a run folder, or None."""
+    best = None
+    for fname in os.listdir(run_dir):
+        m = _STATE_RE.fullmatch(fname)
+        if m and os.path.isfile(os.path.join(run_dir, fname)):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), os.path.join(run_dir, fname))
+    return None if best is None else best[1]
+
+
+def load_training_state(path, net, ema, optimizer):
+    """Copy net/ema weights and the optimizer state from a training-state file; return the
+    number of images it had seen ('step'; from the file name if absent)."""
+    from torch_utils import checkpoint
+    try:
+        data = checkpoint.load_checkpoint(path)
+    except checkpoint.CheckpointError as err:
+        raise TrainingError(str(err)) from None
+    missing = [key for key in ('net', 'ema', 'optimizer_state') if key not in data]
+    if missing:
+        raise TrainingError(f'{path}: not a training state (no {", ".join(missing)}); '
+                            f'use --transfer to start from network weights only')
+    try:
+        misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
+        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=True)
+        optimizer.load_state_dict(data['optimizer_state'])
+    except ValueError as err:
+        raise TrainingError(f'{path}: does not match this network ({err}); '
+                            f'use the same --arch/--cbase/--cres/--precond as the original run') from None
+    if 'step' in data:
+        return int(data['step'])
+    m = _STATE_RE.fullmatch(os.path.basename(path))
+    return int(m.group(1)) * 1000 if m else 0
+
+
+def load_transfer_weights(path, net, ema):
+    """Initialise net and ema from another network's EMA weights (names that match)."""
+    from torch_utils import checkpoint
+    try:
+        data = checkpoint.load_checkpoint(path)
+    except checkpoint.CheckpointError as err:
+        raise TrainingError(str(err)) from None
+    if 'ema' not in data or not isinstance(data['ema'], torch.nn.Module):
+        raise TrainingError(f'{path}: has no "ema" network to transfer from')
+    try:
+        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
+    except ValueError as err:
+        raise TrainingError(f'{path}: does not match this network ({err})') from None
+
+
+#----------------------------------------------------------------------------
+# Optional experiment loggers; never required.
+
+class _TensorBoardLogger:
+    def __init__(self, run_dir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainingError('--logger=tensorboard needs the tensorboard package: pip install tensorboard') from None
+        self.writer = SummaryWriter(run_dir)
+
+    def log(self, stats, step):
+        for name, value in stats.items():
+            self.writer.add_scalar(name, value.mean, global_step=step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class _AimLogger:
+    def __init__(self, run_dir, repo=None, experiment=None, tag=None, hparams=None):
+        try:
+            import aim
+        except ImportError:
+            raise TrainingError('--logger=aim needs the aim package: pip install aim') from None
+        self.run = aim.Run(repo=repo or None, experiment=experiment or os.path.basename(run_dir))
+        for key, value in (hparams or {}).items():
+            self.run[key] = value
+        if tag:
+            self.run.add_tag(tag)
+
+    def log(self, stats, step):
+        for name, value in stats.items():
+            self.run.track(value.mean, name=name, step=step)
+
+    def close(self):
+        self.run.close()
+
+
+def _make_logger(kind, run_dir, logger_kwargs, hparams):
+    if kind in (None, 'none') or dist.get_rank() != 0:
+        return None
+    if kind == 'tensorboard':
+        return _TensorBoardLogger(run_dir)
+    if kind == 'aim':
+        return _AimLogger(run_dir, hparams=hparams, **logger_kwargs)
+    raise TrainingError(f'Unknown logger "{kind}"')
+
+
+#----------------------------------------------------------------------------
+
+def training_loop(
+    run_dir             = '.',      # Output directory (rank 0 only; None on other ranks).
+    dataset_kwargs      = {},       # training.dataset.ImageFolderDataset options.
+    data_loader_kwargs  = {},       # torch.utils.data.DataLoader options.
+    network_kwargs      = {},       # Network and preconditioning options.
+    loss_kwargs         = {},       # Loss options.
+    optimizer_kwargs    = {},       # Optimizer options.
+    augment_kwargs      = None,     # Augmentation pipe options, None = no augmentation.
+    seed                = 0,        # Global random seed.
+    batch_size          = 512,      # Total batch size of one optimizer step.
+    batch_gpu           = None,     # Per-process batch limit (gradient accumulation), None = no limit.
+    total_kimg          = 200000,   # Training length in thousands of images.
+    ema_halflife_kimg   = 500,      # EMA half-life in thousands of images.
+    ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up coefficient, None = no ramp-up.
+    lr_rampup_kimg      = 10000,    # Learning-rate warm-up length.
+    loss_scaling        = 1,        # Loss scaling against fp16 under/overflow.
+    kimg_per_tick       = 50,       # Progress line (and stats line) interval.
+    snapshot_ticks      = 50,       # Network snapshot interval in ticks, None = never.
+    state_dump_ticks    = 500,      # Training state interval in ticks, None = never.
+    resume_pkl          = None,     # Initialise from this network's EMA weights (--transfer).
+    resume_state_dump   = None,     # Continue from this training state (--resume).
+    resume_kimg         = 0,        # Progress to start from when resume_state_dump has no 'step'.
+    cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
+    logger              = None,     # None / 'none' / 'tensorboard' / 'aim'.
+    logger_kwargs       = {},       # Extra options of the aim logger (repo, experiment, tag).
+    progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
+    device              = None,     # None = torch_utils.distributed.get_device().
+):
+    start_time = time.time()
+    device = torch.device(device) if device is not None else dist.get_device()
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    # Per-rank seeds, derived as in EDM so runs with the same --seed draw the same numbers.
+    np.random.seed((seed * world + rank) % (1 << 31))
+    torch.manual_seed(np.random.randint(1 << 31))
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    # Batch per process and gradient accumulation rounds.
+    batch_gpu_total = batch_size // world
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    num_accumulation_rounds = batch_gpu_total // batch_gpu
+    if batch_size != batch_gpu * num_accumulation_rounds * world:
+        raise TrainingError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
+
+    # Dataset.
+    dist.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world, seed=seed)
+    data_loader_kwargs = dict(data_loader_kwargs)
+    if data_loader_kwargs.get('num_workers', 0) == 0:
+        data_loader_kwargs.pop('prefetch_factor', None)  # Only meaningful with worker processes.
+        data_loader_kwargs.pop('multiprocessing_context', None)
+    if device.type != 'cuda':
+        data_loader_kwargs['pin_memory'] = False
+    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
+                                                        batch_size=batch_gpu, **data_loader_kwargs))
+
+    # Network.
+    dist.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
+                            label_dim=dataset_obj.label_dim)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net.train().requires_grad_(True).to(device)
+    if rank == 0:
+        with torch.no_grad():  # A few images suffice for the table (and keep a 256 px start-up light).
+            n = min(batch_gpu, 4)
+            images = torch.zeros([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            sigma = torch.ones([n], device=device)
+            labels = torch.zeros([n, net.label_dim], device=device)
+            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+
+    # Loss, optimizer, augmentation, DDP, EMA.
+    dist.print0('Setting up optimizer...')
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+    ddp = net
+    if world > 1:
+        # DDP broadcasts rank 0's initial weights, so all ranks (and their EMAs) start equal.
+        # Buffers are constants (resampling filters): no need to re-broadcast them every forward.
+        # Newer PyTorch names the switch forward_sync_buffers and deprecates broadcast_buffers.
+        ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        sync_kwargs = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == 'cuda' else None, **sync_kwargs)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    # Transfer learning or resume. Rank 0 reads first so a download happens once.
+    cur_nimg = int(resume_kimg * 1000)
+    if resume_pkl is not None:
+        dist.print0(f'Loading network weights from "{resume_pkl}"...')
+        if rank != 0:
+            dist.barrier()
+        load_transfer_weights(resume_pkl, net, ema)
+        if rank == 0:
+            dist.barrier()
+    if resume_state_dump:
+        dist.print0(f'Loading training state from "{resume_state_dump}"...')
+        if rank != 0:
+            dist.barrier()
+        cur_nimg = load_training_state(resume_state_dump, net, ema, optimizer)
+        if rank == 0:
+            dist.barrier()
+
+    # Train.
+    dist.print0(f'Training for {total_kimg:g} kimg...')
+    dist.print0()
+    cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
+    tick_start_nimg = cur_nimg
+    tick_start_time = time.time()
+    maintenance_time = tick_start_time - start_time
+    dist.update_progress(cur_nimg // 1000, total_kimg)
+    stats_jsonl = None
+    exp_logger = _make_logger(logger, run_dir, logger_kwargs, hparams=dict(
+        dataset=dict(dataset_kwargs), network=dict(network_kwargs), loss=dict(loss_kwargs),
+        optimizer=dict(optimizer_kwargs)))
+    if progress_bar is None:
+        progress_bar = rank == 0 and sys.__stderr__ is not None and sys.__stderr__.isatty()
+    pbar = None
+    if progress_bar and rank == 0:
+        import tqdm
+        pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)),
+                         unit='img', unit_scale=True, dynamic_ncols=True, leave=False,
+                         file=sys.__stderr__)  # The terminal, not log.txt.
+
+    while True:
+        # Accumulate gradients over rounds; DDP all-reduces only in the last one.
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_accumulation_rounds):
+            with misc.ddp_sync(ddp, round_idx == num_accumulation_rounds - 1):
+                images, labels = next(dataset_iterator)
+                images = images.to(device).to(torch.float32) / 127.5 - 1
+                labels = labels.to(device)
+                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                training_stats.report('Loss/loss', loss)
+                # Normalise the summed per-pixel loss by the per-process batch, as EDM does:
+                # DDP averages gradients over processes, so the step sees the mean over all
+                # batch_size images. (The reference RDM divides by a constant keyed on image
+                # size, 32 at 64 px and 256 otherwise; Adam is invariant to a constant gradient
+                # scale up to its eps, so the choice does not change training.)
+                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+
+        # Learning-rate warm-up, NaN/Inf guard, step.
+        for g in optimizer.param_groups:
+            g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+
+        # EMA, with the half-life ramping up over the first images (unless transferring).
+        ema_halflife_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+
+        # Once per tick: status line, snapshots, stats.
+        cur_nimg += batch_size
+        if pbar is not None:
+            pbar.update(batch_size)
+        done = cur_nimg >= total_kimg * 1000
+        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+            continue
+
+        tick_end_time = time.time()
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+        peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
+        fields = [
+            f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}",
+            f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}",
+            f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
+            f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}",
+            f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}",
+            f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
+            f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}",
+            f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', peak_mem):<6.2f}",
+            f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', peak_reserved):<6.2f}",
+        ]
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        line = ' '.join(fields)
+        if pbar is not None:
+            pbar.write(line)  # tqdm.write keeps the bar intact; Logger still copies it to log.txt.
+        else:
+            dist.print0(line)
+
+        if (not done) and dist.should_stop():
+            done = True
+            dist.print0()
+            dist.print0('Aborting...')
+
+        # Network snapshot: EMA for sampling, plus what is needed to rebuild the setup.
+        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
+            save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
+                                  dataset_kwargs=dataset_kwargs)
+
+        # Full training state for --resume.
+        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
+            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer)
+
+        # Statistics.
+        training_stats.default_collector.update()
+        if rank == 0:
+            stats = training_stats.default_collector.as_dict()
+            if stats_jsonl is None:
+                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+            stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
+            stats_jsonl.flush()
+            if exp_logger is not None:
+                exp_logger.log(stats, step=cur_nimg)
+        dist.update_progress(cur_nimg // 1000, total_kimg)
+
+        cur_tick += 1
+        tick_start_nimg = cur_nimg
+        tick_start_time = time.time()
+        maintenance_time = tick_start_time - tick_end_time
+        if done:
+            break
+
+    if pbar is not None:
+        pbar.close()
+    if stats_jsonl is not None:
+        stats_jsonl.close()
+    if exp_logger is not None:
+        exp_logger.close()
+    dist.print0()
+    dist.print0('Exiting...')
+    return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
+
+
+#----------------------------------------------------------------------------
+# Snapshot writers. Every rank takes part in the consistency check (it broadcasts); only
+# rank 0 writes.
+
+def save_network_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs):
+    from torch_utils import checkpoint
+    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module):
+            value = copy.deepcopy(value).eval().requires_grad_(False)
+            misc.check_ddp_consistency(value)
+            data[key] = value.cpu()
+    path = None
+    if dist.get_rank() == 0:
+        path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl')
+        checkpoint.save_snapshot(path, data)
+    return path
+
+
+def save_training_state(run_dir, cur_nimg, net, ema, optimizer):
+    from torch_utils import checkpoint
+    path = None
+    if dist.get_rank() == 0:
+        path = os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt')
+        checkpoint.save_training_state(path, dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg))
+    return path
