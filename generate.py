@@ -18,7 +18,6 @@ Differences from the reference, all deliberate:
 import concurrent.futures
 import math
 import os
-import re
 
 import click
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+from dnnlib.util import parse_int_list  # noqa: F401 (part of this module's interface, as in the reference)
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import blurring
@@ -232,26 +232,6 @@ def blur_sampler(
     return x_next
 
 #----------------------------------------------------------------------------
-# Parse a comma separated list of numbers or ranges and return a list of ints.
-# Example: '1,2,5-10' returns [1, 2, 5, 6, 7, 8, 9, 10]
-
-def parse_int_list(s):
-    if isinstance(s, list):
-        return s
-    ranges = []
-    range_re = re.compile(r'^(\d+)-(\d+)$')
-    for p in s.split(','):
-        p = p.strip()
-        m = range_re.match(p)
-        if m:
-            ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        elif re.fullmatch(r'\d+', p):
-            ranges.append(int(p))
-        else:
-            raise click.BadParameter(f'"{p}" is not a number or a range like 5-10')
-    return ranges
-
-#----------------------------------------------------------------------------
 # Saving. The reference's post-processing (PIL ImageEnhance factors, applied in this order).
 
 POSTPROCESS = {
@@ -290,6 +270,10 @@ def find_input_image(indir, seed):
         if os.path.isfile(path):
             return path
     return None
+
+
+def grid_path(outdir):
+    return os.path.normpath(outdir) + '-grid.png'
 
 
 def write_grid(paths, dest):
@@ -524,7 +508,8 @@ def generate_images(
 
     # Optional grid of the first samples, read back from disk (so it also covers resumed runs).
     if grid and rank == 0:
-        dest = os.path.join(outdir, 'grid.png')
+        # Beside the sample folder, not in it: the folder stays a clean input for evaluate.py.
+        dest = grid_path(outdir)
         paths = [image_path(outdir, s, subdirs) for s in seeds[:grid]]
         if os.path.exists(dest):
             dist.print0(f'Not writing the grid: "{dest}" already exists')
@@ -576,7 +561,7 @@ OPTIONS = [
     (['--sampler_stages'],  'sampler_stages',   'Which stages to run', 'first|second|both', click.Choice(['first', 'second', 'both'])),
     (['--indir'],           'indir',            'First-stage images for --sampler_stages=second (SSS000/SSSSSS.png or SSSSSS.png; write them with --postprocess=none)', 'DIR', str),
     (['--postprocess'],     'postprocess',      'Enhancement of saved images as in the reference scripts; none turns it off', 'none|imagenet|celebahq', click.Choice(list(POSTPROCESS))),
-    (['--grid'],            'grid',             'Also write outdir/grid.png of the first N seeds (0 = none)', 'N', click.IntRange(min=0)),
+    (['--grid'],            'grid',             'Also write OUTDIR-grid.png (beside OUTDIR) of the first N seeds (0 = none)', 'N', click.IntRange(min=0)),
     (['--second_noise'],    'second_noise',     'For --sampler_stages=second: continue each seed\'s generator after the first stage\'s draws (the noise of a "both" run, given the same *_first options) or start it fresh', 'continue|fresh', click.Choice(['continue', 'fresh'])),
     # First stage.
     (['--network_first'],   'network_first',    'First stage network (.pkl, .pt, .safetensors)', 'PATH|URL', str),

@@ -20,20 +20,6 @@ from torch_utils import distributed as dist
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
 
-def parse_int_list(s):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
-    if isinstance(s, list):
-        return s
-    out = []
-    for part in s.split(','):
-        m = re.fullmatch(r'(\d+)-(\d+)', part.strip())
-        try:
-            out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
-        except ValueError:
-            raise click.BadParameter(f'"{s}" is not a comma-separated list of integers') from None
-    return out
-
-
 #----------------------------------------------------------------------------
 # Presets as data: network per --arch, network + loss class per --precond.
 
@@ -54,7 +40,7 @@ PRECOND_PRESETS = {
 }
 
 
-def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, dropout=0.13, fp16=False,
+def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, blocks=None, dropout=0.13, fp16=False,
                        eff_attn=False, augment=True):
     """Network constructor options for train.py's --arch/--precond/--cbase/--cres choices."""
     kwargs = dnnlib.EasyDict(ARCH_PRESETS['adm256' if arch == 'adm' and resolution == 256 else arch])
@@ -64,6 +50,8 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, d
         kwargs.model_channels = cbase
     if cres is not None:
         kwargs.channel_mult = cres
+    if blocks is not None:
+        kwargs.num_blocks = blocks
     if augment:
         kwargs.augment_dim = 9
     kwargs.update(dropout=dropout, use_fp16=fp16)
@@ -121,7 +109,8 @@ def _random_seed():
 @click.option('--batch',          help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
-@click.option('--cres',           help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--cres',           help='Channels per resolution  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
+@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--lr',             help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
@@ -206,7 +195,7 @@ def main(**kwargs):
 
     # Network, preconditioning and loss.
     c.network_kwargs = network_kwargs_for(opts.arch, c.dataset_kwargs.resolution, precond=opts.precond,
-                                          cbase=opts.cbase, cres=opts.cres, dropout=opts.dropout, fp16=opts.fp16,
+                                          cbase=opts.cbase, cres=opts.cres, blocks=opts.blocks, dropout=opts.dropout, fp16=opts.fp16,
                                           eff_attn=opts.eff_attn, augment=bool(opts.augment))
     c.loss_kwargs.class_name = PRECOND_PRESETS[opts.precond][1]
     if opts.precond == 'blur':

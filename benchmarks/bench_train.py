@@ -29,7 +29,8 @@ import train  # noqa: E402
 @click.option('--res', type=click.IntRange(min=8), default=32, show_default=True, help='Image resolution')
 @click.option('--batch', type=click.IntRange(min=1), default=16, show_default=True, help='Batch size')
 @click.option('--cbase', type=click.IntRange(min=1), default=None, help='Channel multiplier  [default: preset]')
-@click.option('--cres', type=train.parse_int_list, default=None, help='Channels per resolution  [default: preset]')
+@click.option('--cres', type=dnnlib.util.parse_int_list, default=None, help='Channels per resolution  [default: preset]')
+@click.option('--blocks', type=click.IntRange(min=1), default=None, help='Residual blocks per resolution  [default: preset]')
 @click.option('--label-dim', type=click.IntRange(min=0), default=0, show_default=True, help='Class count (0 = unconditional)')
 @click.option('--augment', type=click.FloatRange(min=0, max=1), default=0.12, show_default=True, help='Augment probability')
 @click.option('--fp16', type=bool, default=False, show_default=True, help='Mixed precision (CUDA)')
@@ -38,7 +39,7 @@ import train  # noqa: E402
 @click.option('--warmup', type=click.IntRange(min=0), default=2, show_default=True, help='Untimed steps first')
 @click.option('--device', type=str, default=None, help='cpu / cuda  [default: cuda if available]')
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='CPU threads  [default: torch default]')
-def main(arch, precond, res, batch, cbase, cres, label_dim, augment, fp16, eff_attn, steps, warmup, device, threads):
+def main(arch, precond, res, batch, cbase, cres, blocks, label_dim, augment, fp16, eff_attn, steps, warmup, device, threads):
     """Measure training images/s and peak memory for one configuration."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if threads is not None:
@@ -46,7 +47,7 @@ def main(arch, precond, res, batch, cbase, cres, label_dim, augment, fp16, eff_a
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
 
-    net_kwargs = train.network_kwargs_for(arch, res, precond=precond, cbase=cbase, cres=cres, fp16=fp16,
+    net_kwargs = train.network_kwargs_for(arch, res, precond=precond, cbase=cbase, cres=cres, blocks=blocks, fp16=fp16,
                                           eff_attn=eff_attn, augment=bool(augment))
     net = dnnlib.util.construct_class_by_name(**net_kwargs, img_resolution=res, img_channels=3, label_dim=label_dim)
     net.train().requires_grad_(True).to(device)

@@ -31,6 +31,26 @@ class EasyDict(dict):
 
 
 #----------------------------------------------------------------------------
+# Command-line lists: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (seeds, channel multipliers).
+
+def parse_int_list(s: str | list) -> list[int]:
+    """Comma-separated integers and inclusive ranges; ValueError names the bad part."""
+    if isinstance(s, list):
+        return s
+    out = []
+    for part in s.split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)-(\d+)', part)
+        if m:
+            out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        elif re.fullmatch(r'\d+', part):
+            out.append(int(part))
+        else:
+            raise ValueError(f'"{part}" is not a number or a range like 5-10')
+    return out
+
+
+#----------------------------------------------------------------------------
 # Objects by dotted name, e.g. construct_class_by_name(class_name='training.loss.EDMLoss').
 
 def get_obj_by_name(name: str) -> Any:

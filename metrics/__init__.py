@@ -1,0 +1,10 @@
+"""Evaluation metrics of the ADM evaluator protocol: FID, sFID, Inception Score, precision/recall.
+
+Modules:
+    inception.py          TF-faithful Inception-v3 (2015-12-05 graph) for pytorch-fid's weights file.
+    detector.py           load a detector (NVIDIA's pickle or our module) -> feat, s_feat, logits.
+    activations.py        image sources, sharded extraction, activation/statistics files.
+    frechet.py            streaming mean/covariance and the Frechet distance.
+    precision_recall.py   k-NN manifold precision/recall (k=3), exact and batched in torch.
+    inception_score.py    Inception Score from logits (splits of 5000).
+"""

@@ -1,0 +1,298 @@
+"""Activation extraction and the files it reads and writes.
+
+Image sources (`open_images`): a folder of images (searched recursively) or a dataset zip, read
+through training.dataset.ImageFolderDataset in its sorted file order as the reference does; or
+an ADM-style .npz whose `arr_0` is uint8 [N, H, W, C] (memory-mapped when stored uncompressed).
+
+Files:
+  activations   feat [N, 2048], s_feat [N, 2023], logits [N, 1008], float32, in dataset order.
+                feat/s_feat are the reference's keys; its own files (float64, no logits) load too.
+                s_feat rows are in (C, H, W) order as the reference's detector hook gives them.
+                logits = feat @ W^T of the detector's classifier, without bias (ADM's IS inputs).
+  statistics    mu, sigma, mu_s, sigma_s (float64), ADM's reference-batch keys. mu_s/sigma_s are
+                in ADM's (H, W, C) order, so ADM reference batches and our files mix freely;
+                statistics computed from s_feat are permuted to that order.
+"""
+
+import os
+import zipfile
+
+import numpy as np
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+
+from .frechet import StatsAccumulator
+
+SPATIAL_CHANNELS = 7
+
+#----------------------------------------------------------------------------
+# Spatial feature layouts.
+
+def spatial_chw_to_hwc_index(dim, channels=SPATIAL_CHANNELS):
+    """Index that reorders a (C, H, W)-flattened s_feat vector into ADM's (H, W, C) order."""
+    if dim % channels != 0:
+        raise ValueError(f's_feat has {dim} values, not a multiple of {channels} channels')
+    return np.arange(dim).reshape(channels, dim // channels).T.reshape(-1)
+
+
+def spatial_stats_to_hwc(mu, sigma):
+    idx = spatial_chw_to_hwc_index(mu.shape[0])
+    return mu[idx], sigma[idx][:, idx]
+
+#----------------------------------------------------------------------------
+# Image sources.
+
+class ImageSourceError(OSError):
+    """The images cannot be listed or read."""
+
+
+def _npy_header_by_loading(path):
+    with np.load(path, allow_pickle=False, mmap_mode=None) as data:
+        arr = data['arr_0']
+        return arr.shape, False, arr.dtype
+
+
+class _NpzImages(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as z:
+                if 'arr_0.npy' not in z.namelist():
+                    raise ImageSourceError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
+                info = z.getinfo('arr_0.npy')
+                stored = info.compress_type == zipfile.ZIP_STORED
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:  # Newer .npy versions: no mapping, plain load below.
+                        shape, fortran, dtype = _npy_header_by_loading(path)
+                        stored = False
+                    header_len = f.tell()
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            if isinstance(err, ImageSourceError):
+                raise
+            raise ImageSourceError(f'{path}: cannot read .npz ({err})') from None
+        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
+            raise ImageSourceError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
+        self.shape = shape
+        try:
+            if stored and not fortran:
+                # The member's bytes sit unmodified in the zip: map them instead of loading GBs.
+                with open(path, 'rb') as f:
+                    f.seek(info.header_offset)
+                    local = f.read(30)
+                    name_len = int.from_bytes(local[26:28], 'little')
+                    extra_len = int.from_bytes(local[28:30], 'little')
+                offset = info.header_offset + 30 + name_len + extra_len + header_len
+                self.images = np.memmap(path, dtype=np.uint8, mode='r', offset=offset, shape=tuple(shape))
+            else:
+                with np.load(path, allow_pickle=False) as data:
+                    self.images = data['arr_0']
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise ImageSourceError(f'{path}: cannot read arr_0 ({err}); is the file complete?') from None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        return np.ascontiguousarray(self.images[idx].transpose(2, 0, 1))
+
+    def __getstate__(self):  # DataLoader workers re-map the file.
+        return dict(self.__dict__, images=None) if isinstance(self.images, np.memmap) else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.images is None:
+            self.__init__(self.path)
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    def __init__(self, path):
+        from training.dataset import ImageFolderDataset, DatasetError
+        try:
+            self.dataset = ImageFolderDataset(path=path)
+        except DatasetError as err:
+            raise ImageSourceError(str(err)) from None
+        self.shape = [len(self.dataset)] + self.dataset.image_shape[1:] + self.dataset.image_shape[:1]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return self.dataset[idx][0]
+
+
+def open_images(path):
+    """Dataset of uint8 CHW images from a folder, a zip, or an ADM-style .npz."""
+    if os.path.isfile(path) and path.lower().endswith('.npz'):
+        source = _NpzImages(path)
+    elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
+        source = _FolderImages(path)
+    elif not os.path.exists(path):
+        raise ImageSourceError(f'{path}: no such file or folder')
+    else:
+        raise ImageSourceError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
+    if source.shape[3] not in (1, 3):
+        raise ImageSourceError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
+    return source
+
+#----------------------------------------------------------------------------
+# Sharded extraction.
+
+def rank_batches(num_items, batch_size, world_size):
+    """The reference's split: batches of near-equal size, dealt round-robin to ranks."""
+    num_batches = ((num_items - 1) // (batch_size * world_size) + 1) * world_size
+    batches = torch.arange(num_items).tensor_split(num_batches)
+    return [[b for b in batches[r::world_size] if len(b)] for r in range(world_size)], batches
+
+
+def all_ranks_ok(ok, device):
+    """True on every rank iff `ok` on every rank (collective; trivial for one process)."""
+    if not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def compute_activations(source, detector, batch_size=64, num_workers=3, stats_only=False,
+                        progress=True, keys=('feat', 's_feat', 'logits')):
+    """Run the detector over `source` sharded across the torchrun processes.
+
+    Returns on rank 0 a dict of float32 arrays in dataset order (or, with stats_only, of float64
+    statistics mu/sigma/mu_s/sigma_s); other ranks return None. Collective: call on every rank.
+    """
+    num_items = len(source)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank, all_batches = rank_batches(num_items, batch_size, world)
+    my_batches = per_rank[rank]
+    loader = torch.utils.data.DataLoader(source, batch_sampler=my_batches, num_workers=num_workers,
+                                         prefetch_factor=(2 if num_workers > 0 else None),
+                                         persistent_workers=False)
+    step_images = [sum(len(b) for b in all_batches[s * world:(s + 1) * world]) for s in range(len(all_batches) // world)]
+    bar = tqdm.tqdm(total=num_items, unit='img', disable=(not progress or rank != 0), dynamic_ncols=True)
+
+    device = detector.device
+    outputs = {k: [] for k in keys}
+    accs = dict()
+    hwc_index = None
+    error = None
+    try:
+        for step, images in enumerate(loader):
+            out = detector(torch.as_tensor(images))
+            if stats_only:
+                if not accs:
+                    accs = dict(feat=StatsAccumulator(out['feat'].shape[1], device),
+                                s_feat=StatsAccumulator(out['s_feat'].shape[1], device))
+                    hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(out['s_feat'].shape[1])).to(device)
+                accs['feat'].update(out['feat'])
+                accs['s_feat'].update(out['s_feat'][:, hwc_index])
+            else:
+                for k in keys:
+                    outputs[k].append(out[k].cpu())
+            bar.update(step_images[step] if step < len(step_images) else len(images))
+        bar.update(num_items - bar.n)
+    except Exception as err:  # pylint: disable=broad-exception-caught
+        error = err  # Re-raised below, after telling the other processes not to wait for us.
+    finally:
+        bar.close()
+    if not all_ranks_ok(error is None, device):
+        raise error if error is not None else RuntimeError('another process failed; see its message')
+
+    if stats_only:
+        return _finalize_stats(accs, detector)
+    return _gather(outputs, per_rank, num_items, device)
+
+
+def _finalize_stats(accs, detector):
+    # A rank without images still takes part in the reductions (with zero counts).
+    if not accs:
+        probe = detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8))
+        accs = dict(feat=StatsAccumulator(probe['feat'].shape[1], detector.device),
+                    s_feat=StatsAccumulator(probe['s_feat'].shape[1], detector.device))
+    mu, sigma = accs['feat'].finalize()
+    mu_s, sigma_s = accs['s_feat'].finalize()
+    if dist.get_rank() != 0:
+        return None
+    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+
+
+def _gather(outputs, per_rank, num_items, device, chunk_rows=4096):
+    """Collect every rank's rows on rank 0 and put them in dataset order."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys = list(outputs.keys())
+    local = {k: (torch.cat(v) if v else None) for k, v in outputs.items()}
+    if world == 1:
+        return {k: local[k].numpy() for k in keys}
+
+    # Feature widths from any rank that has rows (all ranks have rows unless N < world).
+    widths = torch.tensor([local[k].shape[1] if local[k] is not None else 0 for k in keys], device=device)
+    torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
+    widths = widths.tolist()
+    counts = [sum(len(b) for b in per_rank[r]) for r in range(world)]
+    indices = [torch.cat(per_rank[r]) if per_rank[r] else torch.zeros([0], dtype=torch.int64) for r in range(world)]
+    max_rows = max(counts)
+    mine = torch.zeros([max_rows, sum(widths)], dtype=torch.float32)
+    if counts[rank]:
+        mine[:counts[rank]] = torch.cat([local[k].to(torch.float32) for k in keys], dim=1)
+
+    result = np.zeros([num_items, sum(widths)], dtype=np.float32) if rank == 0 else None
+    for r0 in range(0, max_rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, max_rows)
+        piece = mine[r0:r1].to(device)
+        parts = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
+        torch.distributed.gather(piece, gather_list=parts, dst=0)
+        if rank == 0:
+            for r in range(world):
+                n = max(0, min(r1, counts[r]) - r0)
+                if n:
+                    result[indices[r][r0:r0 + n].numpy()] = parts[r][:n].cpu().numpy()
+    if rank != 0:
+        return None
+    splits = np.cumsum(widths)[:-1]
+    return dict(zip(keys, np.split(result, splits, axis=1)))
+
+#----------------------------------------------------------------------------
+# Reading activation / statistics files for calc.
+
+class MetricFileError(OSError):
+    """An activations/statistics file is missing, unreadable or lacks what a metric needs."""
+
+
+class MetricFile:
+    """Lazy view of an .npz: activations (feat/s_feat/logits), statistics (mu/sigma/mu_s/
+    sigma_s) or an ADM reference batch (statistics + arr_0 images)."""
+
+    def __init__(self, path):
+        import dnnlib
+        self.path = path
+        try:
+            local = dnnlib.util.open_url(path, return_filename=True, verbose=False)
+            if not zipfile.is_zipfile(local):
+                raise ValueError('not an .npz (zip) archive')
+            self._npz = np.load(local, allow_pickle=False)
+            self.keys = set(self._npz.files)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise MetricFileError(f'{path}: cannot read as .npz ({err})') from None
+
+    def has(self, *keys):
+        return all(k in self.keys for k in keys)
+
+    def get(self, key):
+        try:
+            return self._npz[key]
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise MetricFileError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def describe(self):
+        return ', '.join(sorted(self.keys)) or 'nothing'
+
+    def close(self):
+        self._npz.close()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Feature detectors for the metrics: one interface over the two supported formats.
+
+    det = load_detector(spec, device)   # spec: path or URL
+    out = det(images)                   # uint8 [N, C, H, W] -> dict(feat, s_feat, logits), float32
+
+Formats, chosen by file name:
+  *.pkl  NVIDIA's Inception-v3 pickle (the reference's detector, DEFAULT_DETECTOR_URL): an EDM
+         persistence pickle, loaded with torch_utils.persistence.load_trusted_pickle, which
+         executes the module source inside it exactly as EDM does. Meant for that published file
+         only. feat = net(x, return_features=True); s_feat = output of net.layers.mixed_6.conv,
+         first 7 channels, flattened (C, H, W) like the reference; logits = feat @ output.weight^T.
+  other  a state dict in pytorch-fid's format (pt_inception-2015-12-05-*.pth), read with
+         torch.load(weights_only=True) into metrics.inception.InceptionV3.
+"""
+
+import os
+import urllib.parse
+
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (ADM).
+
+
+class DetectorError(ValueError):
+    """The detector file is missing, unreadable or of an unknown kind."""
+
+
+def _file_name(spec):
+    return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
+
+
+class Detector:
+    def __init__(self, net, kind, include_bias=False):
+        self.net = net
+        self.kind = kind  # 'nvidia-pickle' | 'state-dict'
+        self.include_bias = include_bias
+        self._spatial = []
+        if kind == 'nvidia-pickle':
+            try:
+                layer = net.layers.mixed_6.conv
+                self.out_weight = net.output.weight
+                self.out_bias = getattr(net.output, 'bias', None)
+            except AttributeError as err:
+                raise DetectorError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
+            layer.register_forward_hook(lambda _mod, _inp, out: self._spatial.append(out))
+        else:
+            self.out_weight = net.fc.weight
+            self.out_bias = net.fc.bias
+
+    @property
+    def device(self):
+        return self.out_weight.device
+
+    def logits(self, feat):
+        """Softmax inputs for the Inception Score from pool3 features ([N, 2048] tensor)."""
+        feat = torch.as_tensor(feat, device=self.device).to(torch.float32)
+        if feat.ndim != 2 or feat.shape[1] != self.out_weight.shape[1]:
+            raise DetectorError(f'feat has shape {list(feat.shape)}; the detector\'s classifier takes '
+                                f'[N, {self.out_weight.shape[1]}] (was feat made with another detector?)')
+        out = feat @ self.out_weight.to(torch.float32).T
+        if self.include_bias and self.out_bias is not None:
+            out = out + self.out_bias.to(torch.float32)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise DetectorError(f'images must be [N, 1 or 3, H, W], got {list(images.shape)}')
+        if images.shape[1] == 1:
+            images = images.repeat([1, 3, 1, 1])
+        images = images.to(self.device)
+        if self.kind == 'nvidia-pickle':
+            self._spatial.clear()
+            feat = self.net(images, return_features=True).to(torch.float32)
+            spatial = self._spatial.pop()
+            s_feat = spatial[:, :SPATIAL_CHANNELS].reshape(spatial.shape[0], -1).to(torch.float32)
+        else:
+            out = self.net(images)
+            feat, s_feat = out['feat'], out['s_feat']
+        return dict(feat=feat, s_feat=s_feat, logits=self.logits(feat))
+
+
+def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose=True, include_bias=False):
+    try:
+        with dnnlib.util.open_url(spec, verbose=verbose) as f:
+            if _file_name(spec).lower().endswith('.pkl'):
+                net = persistence.load_trusted_pickle(f)
+                kind = 'nvidia-pickle'
+            else:
+                state = torch.load(f, map_location='cpu', weights_only=True)
+                kind = 'state-dict'
+    except (OSError, EOFError, RuntimeError, ValueError, AttributeError, KeyError, ImportError) as err:
+        raise DetectorError(f'cannot load detector {spec}: {err}') from None
+    except Exception as err:  # Unpickling foreign files raises anything.
+        raise DetectorError(f'cannot load detector {spec}: {type(err).__name__}: {err}') from None
+    if kind == 'state-dict':
+        from .inception import load_inception_state_dict
+        if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
+            state = state['state_dict']
+        if not isinstance(state, dict) or 'fc.weight' not in state:
+            raise DetectorError(f'{spec}: not an Inception-v3 state dict (pytorch-fid format)')
+        # Optional 0-d 'resolution' entry: a smaller resize target for test-only detectors.
+        resolution = int(state.pop('resolution').item()) if 'resolution' in state else 299
+        try:
+            net = load_inception_state_dict(state, resolution=resolution)
+        except (ValueError, RuntimeError) as err:
+            raise DetectorError(f'{spec}: {err}') from None
+    if not isinstance(net, torch.nn.Module):
+        raise DetectorError(f'{spec}: unpickled a {type(net).__name__}, not a torch module')
+    net = net.eval().requires_grad_(False).to(device)
+    return Detector(net, kind, include_bias=include_bias)

@@ -1,0 +1,305 @@
+"""Improved precision and recall (Kynkaanniemi et al. 2019) as in the ADM evaluator.
+
+Each feature set estimates a manifold: the union of balls around its points, the radius of a
+point being the squared distance to its k-th nearest neighbour (k=3; the point itself counts
+as the 0th). Precision = fraction of samples inside the reference manifold; recall = fraction
+of reference points inside the sample manifold; a point is inside a ball when d <= r.
+
+The reference (RDM's evaluate.py) computes this in numpy float64: distance blocks, then
+np.partition per chunk, radii stored as float32. (ADM's TF evaluator first tries float16
+distances, so its decisions near a tie are not reproducible by any exact computation.) We give
+the reference's float64 decisions, faster:
+  - squared distances in float32, one matmul per block (GPU when present); the k-NN radii pass
+    visits only the upper triangle of blocks (the distance matrix is symmetric);
+  - a rigorous bound on the float32 error, so almost every decision is already certain;
+  - the rest are recomputed in float64 with the reference's own expansion
+    |u|^2 - 2 u.v + |v|^2, using exact radii that are computed only where needed.
+Memory stays bounded by the block size. The float32 copies are shifted by the reference mean
+(distances are unchanged; smaller norms give a tighter bound).
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+
+from .frechet import MetricInputError
+
+#----------------------------------------------------------------------------
+
+def _error_bound_coef(dim):
+    # |D32 - D64| <= coef * (|u|^2 + |v|^2) for D = |u|^2 - 2 u.v + |v|^2, counting the cast of
+    # the features to float32, a dot product of `dim` terms in any summation order and the
+    # final additions: about (dim + 12) ulps. We take twice that for headroom.
+    return (2 * dim + 24) * 2.0 ** -24
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32.
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    old_precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+def check_features(x, what, min_count=2):
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise MetricInputError(f'{what}: activations have shape {list(x.shape)}; expected [N, D]')
+    if x.shape[0] < min_count:
+        raise MetricInputError(f'{what}: {x.shape[0]} samples; need at least {min_count}')
+    if not np.issubdtype(x.dtype, np.floating):
+        raise MetricInputError(f'{what}: activations have dtype {x.dtype}; expected floating point')
+    if not np.isfinite(x).all():
+        raise MetricInputError(f'{what}: activations contain NaN or inf')
+    return x
+
+
+class _FeatureSet:
+    """One feature set. Screening uses a float32 copy shifted by a common vector (distances do
+    not change; smaller norms mean a tighter error bound); exact recomputation uses the
+    original values in float64 with the reference's formula."""
+
+    def __init__(self, x, shift, device, chunk=8192):
+        self.n, self.dim = x.shape
+        self.device = device
+        self.src = torch.from_numpy(np.ascontiguousarray(x))  # Host, original dtype.
+        f32 = np.empty(x.shape, dtype=np.float32)
+        for a in range(0, self.n, chunk):
+            f32[a:a + chunk] = x[a:a + chunk].astype(np.float64) - shift
+        self.f32 = torch.from_numpy(f32).to(device)
+        self.sq64 = torch.cat([(self.f32[a:a + chunk].double() ** 2).sum(1) for a in range(0, self.n, chunk)])
+        self.sq32 = self.sq64.to(torch.float32)
+        self.nrm64 = torch.from_numpy(np.einsum('ij,ij->i', x, x, dtype=np.float64)).to(device)  # Unshifted.
+        self.t = _error_bound_coef(self.dim) * self.sq64  # Per-point share of the float32 error bound.
+        self.t_max = self.t.max().item()
+
+    def rows64(self, idx):
+        idx = torch.as_tensor(idx).cpu()
+        return self.src.index_select(0, idx).to(self.device, torch.float64)
+
+
+def _sqdist32(a, b, a0, a1, b0, b1):
+    d = torch.addmm(a.sq32[a0:a1, None], a.f32[a0:a1], b.f32[b0:b1].T, alpha=-2)
+    return d.add_(b.sq32[None, b0:b1]).clamp_(min=0)
+
+
+def _sqdist64(a, rows_a, u, b, rows_b, v):
+    # The reference's expansion, in float64: (|u|^2 - 2 u.v) + |v|^2, clamped at zero.
+    d = torch.addmm(a.nrm64[rows_a][:, None], u, v.T, alpha=-2)
+    return d.add_(b.nrm64[rows_b][None, :]).clamp_(min=0)
+
+#----------------------------------------------------------------------------
+
+def _merge_smallest(best_v, best_i, new_v, new_i, m):
+    v = torch.cat([best_v, new_v], dim=1)
+    i = torch.cat([best_i, new_i], dim=1)
+    v, pos = v.topk(m, dim=1, largest=False, sorted=True)
+    return v, torch.gather(i, 1, pos)
+
+
+class _Radii:
+    """k-NN radii of one set. The float32 pass gives r32 (within `slack` of the exact value for
+    every row) and the m nearest candidates per row; exact values, rounded to float32 as the
+    reference stores them, are computed only for the rows that a decision needs."""
+
+    def __init__(self, fs, k, block, num_candidates=8):
+        self.fs, self.k, self.block = fs, k, block
+        n, dev = fs.n, fs.device
+        m = min(max(num_candidates, k + 1), n)
+        best_v = torch.full([n, m], float('inf'), dtype=torch.float32, device=dev)
+        best_i = torch.zeros([n, m], dtype=torch.int64, device=dev)
+        # Upper triangle of blocks only: each distance block serves its rows and its columns.
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            for c0 in range(r0, n, block):
+                c1 = min(c0 + block, n)
+                d = _sqdist32(fs, fs, r0, r1, c0, c1)
+                v, i = d.topk(min(m, c1 - c0), dim=1, largest=False, sorted=False)
+                best_v[r0:r1], best_i[r0:r1] = _merge_smallest(best_v[r0:r1], best_i[r0:r1], v, i + c0, m)
+                if c0 != r0:
+                    v, i = d.topk(min(m, r1 - r0), dim=0, largest=False, sorted=False)
+                    best_v[c0:c1], best_i[c0:c1] = _merge_smallest(best_v[c0:c1], best_i[c0:c1], v.T, i.T + r0, m)
+        self.m, self.best_v, self.best_i = m, best_v, best_i
+        self.r32 = best_v[:, k].double()
+        # k-th order statistics move by at most the largest element error: |r32 - r| <= t_i + t_max;
+        # rounding r to float32 adds half an ulp (we allow one).
+        self.slack = fs.t + fs.t_max + self.r32.abs() * 2.0 ** -23
+        self.exact = torch.full([n], float('nan'), dtype=torch.float64, device=dev)
+        self.known = torch.zeros([n], dtype=torch.bool, device=dev)
+        self.num_exact = 0
+        self.num_full_rows = 0
+
+    def get(self, rows):
+        """Exact (float32-rounded) radii of `rows` (1-D index tensor)."""
+        rows = torch.as_tensor(rows, device=self.fs.device)
+        todo = rows[~self.known[rows]].unique()
+        fs, k, m = self.fs, self.k, self.m
+        chunk = max(1, (1 << 23) // (m * fs.dim))
+        for q0 in range(0, len(todo), chunk):
+            r = todo[q0:q0 + chunk]
+            u = fs.rows64(r)
+            cand = self.best_i[r]
+            w = fs.rows64(cand.reshape(-1)).reshape(len(r), m, -1)
+            d = (fs.nrm64[r][:, None] - 2 * torch.einsum('nd,nmd->nm', u, w) + fs.nrm64[cand]).clamp_(min=0)
+            kth = d.sort(dim=1).values[:, k]
+            # Exact only if no point outside the candidates can be closer than kth: every such
+            # point has D32 >= the largest candidate's D32.
+            safe = (self.best_v[r, -1].double() - fs.t[r] - fs.t_max) >= kth
+            if m == fs.n:
+                safe[:] = True
+            for i in (~safe).nonzero().flatten().tolist():  # Rare: whole row in float64.
+                kth[i] = self._full_row(int(r[i]))
+                self.num_full_rows += 1
+            self.exact[r] = kth.to(torch.float32).to(torch.float64)  # The reference keeps float32.
+            self.known[r] = True
+            self.num_exact += len(r)
+        return self.exact[rows]
+
+    def _full_row(self, row):
+        fs = self.fs
+        u = fs.rows64([row])
+        parts = []
+        for b0 in range(0, fs.n, self.block):
+            idx = torch.arange(b0, min(b0 + self.block, fs.n))
+            parts.append(_sqdist64(fs, [row], u, fs, idx.to(fs.device), fs.rows64(idx))[0])
+        return torch.cat(parts).kthvalue(self.k + 1).values
+
+
+def _default_device():
+    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+
+def manifold_radii(feats, k=3, block=4096, device=None):
+    """Squared distance of each row of `feats` [N, D] to its k-th nearest neighbour (itself
+    being the 0th), float32-rounded float64, as the reference's float64 computation gives it."""
+    feats = check_features(feats, 'features', min_count=k + 1)
+    device = torch.device(device) if device is not None else _default_device()
+    with torch.no_grad(), _exact_fp32_matmul():
+        fs = _FeatureSet(feats, feats.mean(axis=0, dtype=np.float64), device)
+        radii = _Radii(fs, k, block)
+        return radii.get(torch.arange(fs.n, device=device)).cpu()
+
+
+def _settle(a, rows, b, radii_b, block):
+    """Exact decisions for points `rows` of set a: inside some ball of set b?"""
+    hit = torch.zeros([len(rows)], dtype=torch.bool, device=a.device)
+    u = a.rows64(rows)
+    r32, slack = radii_b.r32, radii_b.slack
+    for b0 in range(0, b.n, block):
+        idx = torch.arange(b0, min(b0 + block, b.n), device=a.device)
+        d = _sqdist64(a, rows, u, b, idx, b.rows64(idx))  # [rows, block]
+        lo, hi = (r32 - slack)[None, idx], (r32 + slack)[None, idx]
+        hit |= (d <= lo).any(dim=1)
+        near = (d > lo) & (d <= hi)  # Needs the exact radius of that ball.
+        if near.any():
+            q, j = near.nonzero(as_tuple=True)
+            exact = radii_b.get(idx[j])
+            hit[q[d[q, j] <= exact]] = True
+    return hit
+
+
+def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
+    """(precision, recall, info): samples inside some reference ball, reference points inside
+    some sample ball, with d <= r as in the reference."""
+    dev = ref.device
+    r_ref32, r_smp32 = radii_ref.r32.to(torch.float32), radii_smp.r32.to(torch.float32)
+    # Running minima over the other set of D32 - r32, for each side.
+    smp_min = torch.full([smp.n], float('inf'), device=dev)
+    ref_min = torch.full([ref.n], float('inf'), device=dev)
+    for r0 in range(0, ref.n, block):
+        r1 = min(r0 + block, ref.n)
+        for c0 in range(0, smp.n, block):
+            c1 = min(c0 + block, smp.n)
+            d = _sqdist32(ref, smp, r0, r1, c0, c1)
+            smp_min[c0:c1] = torch.minimum(smp_min[c0:c1], (d - r_ref32[r0:r1, None]).amin(dim=0))
+            ref_min[r0:r1] = torch.minimum(ref_min[r0:r1], d.sub_(r_smp32[None, c0:c1]).amin(dim=1))
+
+    # Decided by float32 alone when the margin exceeds the distance error (t_max of the other
+    # set + own t) plus the radius slack (at most 2 t_max + one ulp of the largest radius).
+    def decide(own, own_min, other, radii_other):
+        band = own.t + 3 * other.t_max + radii_other.r32.abs().max() * 2.0 ** -23
+        own_min = own_min.double()
+        inside = own_min <= -band
+        ambiguous = (own_min <= band) & ~inside
+        rows = ambiguous.nonzero().flatten()
+        for q0 in range(0, len(rows), 1024):
+            q = rows[q0:q0 + 1024]
+            inside[q] = _settle(own, q, other, radii_other, block)
+        return inside, len(rows)
+
+    smp_in, n_smp_amb = decide(smp, smp_min, ref, radii_ref)
+    ref_in, n_ref_amb = decide(ref, ref_min, smp, radii_smp)
+    info = dict(ambiguous_samples=n_smp_amb, ambiguous_refs=n_ref_amb,
+                exact_radii=radii_ref.num_exact + radii_smp.num_exact,
+                full_rows=radii_ref.num_full_rows + radii_smp.num_full_rows)
+    return smp_in.double().mean().item(), ref_in.double().mean().item(), info
+
+
+def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, return_info=False):
+    """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats."""
+    ref_feats = check_features(ref_feats, 'reference', min_count=k + 1)
+    sample_feats = check_features(sample_feats, 'sample', min_count=k + 1)
+    if ref_feats.shape[1] != sample_feats.shape[1]:
+        raise MetricInputError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
+                               f'reference has {ref_feats.shape[1]}')
+    device = torch.device(device) if device is not None else _default_device()
+    shift = ref_feats.mean(axis=0, dtype=np.float64)
+    with torch.no_grad(), _exact_fp32_matmul():
+        ref = _FeatureSet(ref_feats, shift, device)
+        smp = _FeatureSet(sample_feats, shift, device)
+        radii_ref = _Radii(ref, k, block)
+        radii_smp = _Radii(smp, k, block)
+        precision, recall, info = _evaluate_pr(ref, radii_ref, smp, radii_smp, block)
+    return (precision, recall, info) if return_info else (precision, recall)
+
+#----------------------------------------------------------------------------
+# Reference-style computation, step for step as RDM's evaluate.py does it (numpy float64
+# distance blocks of 10000 rows, clamping through np.max over a stacked zero array, radii in a
+# float32 [rows, N] buffer selected by np.partition over 4 chunks, membership through
+# broadcast comparisons). Written for tests and benchmarks as the value and the time to beat;
+# calc never uses it.
+
+def _np_pairwise(u, v):
+    norm_u = np.square(u).sum(axis=1).reshape(-1, 1)
+    norm_v = np.square(v).sum(axis=1).reshape(1, -1)
+    d = norm_u - 2 * np.matmul(u, v.T) + norm_v
+    return np.max([d, np.zeros_like(d)], axis=0)
+
+
+def _np_radii(x, k, batch, num_chunks):
+    n = len(x)
+    radii = np.zeros([n, 1], dtype=np.float32)
+    rows = np.zeros([batch, n], dtype=np.float32)
+    kth = np.arange(k + 1)
+    for b0 in range(0, n, batch):
+        b1 = min(b0 + batch, n)
+        for c0 in range(0, n, batch):
+            c1 = min(c0 + batch, n)
+            rows[0:b1 - b0, c0:c1] = _np_pairwise(x[b0:b1], x[c0:c1])
+        chunks = np.array_split(rows[0:b1 - b0], num_chunks)
+        radii[b0:b1] = np.concatenate([np.partition(c, kth, axis=1)[:, [k]] for c in chunks if len(c)], axis=0)
+    return radii
+
+
+def precision_recall_numpy(ref_feats, sample_feats, k=3, batch=10000, num_chunks=4):
+    ref_feats = np.asarray(ref_feats, dtype=np.float64)
+    sample_feats = np.asarray(sample_feats, dtype=np.float64)
+    r_ref = _np_radii(ref_feats, k, batch, num_chunks)
+    r_smp = _np_radii(sample_feats, k, batch, num_chunks)
+    ref_in = np.zeros([len(ref_feats), 1], dtype=bool)
+    smp_in = np.zeros([len(sample_feats), 1], dtype=bool)
+    for b0 in range(0, len(ref_feats), batch):
+        for c0 in range(0, len(sample_feats), batch):
+            d = _np_pairwise(ref_feats[b0:b0 + batch], sample_feats[c0:c0 + batch])[..., None]
+            ref_in[b0:b0 + batch] |= np.any(d <= r_smp[c0:c0 + batch], axis=1)
+            smp_in[c0:c0 + batch] |= np.any(d <= r_ref[b0:b0 + batch][:, None], axis=0)
+    return float(np.mean(smp_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""Quickstart: from nothing to relay samples on a CPU in a few minutes, with nothing to download.
+
+    python quickstart.py --outdir=quickstart-out
+
+Steps (each is skipped when its output already exists, so an interrupted run continues):
+
+1. draw a procedural dataset of 64x64 images (coloured shapes whose fill has a 2-4 px stripe
+   texture: structure at the 16 px scale and detail that only exists at 64 px),
+2. convert it with dataset_tool.py into a 64x64 and a 16x16 dataset zip,
+3. train a tiny first stage (EDM, 16x16) and a tiny second stage (blurring diffusion, 64x64,
+   up_scale 4) with train.py,
+4. sample with the relay pipeline (generate.py, both stages),
+5. draw relay.png: for a row of seeds, the first-stage image, its nearest upsampling, the
+   second-stage start (upsampled + noise + block noise) and the final image; and samples-grid.png.
+
+The trained snapshots work with every other script, e.g.
+`python generate.py --network_first=<out>/first-stage/network-snapshot-*.pkl --network_second=...`.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import click
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Training presets for the two tiny stages, as train.py options. Small SongUNets (DDPM++), short
+# warm-up and EMA so that a few thousand images of training already give recognisable shapes.
+# One residual block per resolution keeps a CPU step fast (SongUNet's default is 4).
+COMMON_TRAIN = dict(arch='ddpmpp', blocks=1, batch=32, lr='1e-3', **{'lr-rampup': 1}, ema='0.002',
+                    dropout=0, augment=0, tick=2, snap=1000, dump=1000, seed=0, workers=0)
+FIRST_STAGE = dict(precond='edm', cbase=32, cres='1,2', **COMMON_TRAIN)
+SECOND_STAGE = dict(precond='blur', cbase=16, cres='1,1,2', **{'up-scale': 4, 'block-scale': 0.15, 'prob-length': 0.93,
+                    'blur-sigma-max': 3}, **COMMON_TRAIN)
+
+
+#----------------------------------------------------------------------------
+# Procedural dataset.
+
+def make_shapes_image(rng: np.random.Generator, resolution: int = 64) -> np.ndarray:
+    """One HWC uint8 image: smooth two-colour background and 1-3 striped shapes."""
+    r = resolution
+    yy, xx = np.mgrid[0:r, 0:r].astype(np.float64) / (r - 1)
+    c0, c1 = rng.uniform(0, 255, size=(2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3.0
+    img = (1 - t)[..., None] * c0 + t[..., None] * c1
+    for _ in range(rng.integers(1, 4)):
+        mask_img = Image.new('L', (r, r), 0)
+        draw = ImageDraw.Draw(mask_img)
+        size = rng.uniform(0.2, 0.45) * r
+        cx, cy = rng.uniform(size, r - size, size=2)
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse([cx - size, cy - size, cx + size, cy + size], fill=255)
+        elif kind == 1:
+            draw.rectangle([cx - size, cy - size, cx + size, cy + size], fill=255)
+        else:
+            draw.polygon([(cx, cy - size), (cx - size, cy + size), (cx + size, cy + size)], fill=255)
+        mask = np.asarray(mask_img, dtype=np.float64)[..., None] / 255
+        colour = rng.uniform(0, 255, size=3)
+        # Stripes with a 2-4 px period (in 64 px units): averaged away at 16 px.
+        period = rng.uniform(2, 4) * r / 64
+        phase = rng.uniform(0, 2 * np.pi)
+        theta = rng.uniform(0, np.pi)
+        stripes = np.sin(2 * np.pi * (np.cos(theta) * xx + np.sin(theta) * yy) * (r - 1) / period + phase)
+        img = img * (1 - mask) + (colour + 40 * stripes[..., None]) * mask
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def write_shapes_folder(folder: str, num_images: int, resolution: int = 64, seed: int = 0) -> None:
+    """Write `num_images` PNGs into `folder` (created via a temp name, so never half written)."""
+    tmp = folder + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        Image.fromarray(make_shapes_image(rng, resolution)).save(os.path.join(tmp, f'shape{i:05d}.png'))
+    os.replace(tmp, folder)
+
+
+#----------------------------------------------------------------------------
+# Steps.
+
+def run_step(args: list[str]) -> None:
+    cmd = [sys.executable, *args]
+    print('+ ' + ' '.join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        raise click.ClickException(f'step failed (exit {result.returncode}): {" ".join(args[:1])}; see its output above')
+
+
+def train_args(options: dict) -> list[str]:
+    return [f'--{key}={value}' for key, value in options.items()]
+
+
+def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -> str:
+    """Train one stage into outdir/name (unless done) and return its final network snapshot."""
+    run_dir = os.path.join(outdir, name)
+    snapshot = os.path.join(run_dir, 'network-final.pkl')
+    if os.path.isfile(snapshot):
+        print(f'{name}: {snapshot} exists, skipping training')
+        return snapshot
+    tmp_dir = run_dir + '.tmp'
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    run_step(['train.py', f'--outdir={tmp_dir}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
+              *train_args(options)])
+    snapshots = sorted(glob.glob(os.path.join(tmp_dir, 'network-snapshot-*.pkl')))
+    if not snapshots:
+        raise click.ClickException(f'{name}: training wrote no network snapshot in {tmp_dir}')
+    shutil.copyfile(snapshots[-1], os.path.join(tmp_dir, 'network-final.pkl'))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(tmp_dir, run_dir)
+    return snapshot
+
+
+def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], path: str,
+                 num_steps_first: int, num_steps_second: int) -> None:
+    """For each seed, a row: first stage (at its own size) | nearest upsampled | second-stage
+    start (upsampled + noise + block noise) | final."""
+    import generate
+    from torch_utils import checkpoint
+    from torch_utils.misc import atomic_write
+    net_first = checkpoint.load_network(net_first_path)
+    net_second = checkpoint.load_network(net_second_path)
+    trace = generate.relay_trace(net_first, net_second, seeds, num_steps_first=num_steps_first,
+                                 num_steps_second=num_steps_second)
+    res, low = net_second.img_resolution, net_first.img_resolution
+    # The first-stage image keeps its own pixels, centred on a grey tile of the final size.
+    first = torch.zeros_like(trace['upsampled'])
+    offset = (res - low) // 2
+    first[:, :, offset:offset + low, offset:offset + low] = trace['first']
+    columns = [first, trace['upsampled'], trace['start'], trace['final']]
+    gap = 2
+    canvas = torch.ones(3, len(seeds) * (res + gap) + gap, len(columns) * (res + gap) + gap, dtype=torch.float64)
+    for row in range(len(seeds)):
+        for col, images in enumerate(columns):
+            y, x = gap + row * (res + gap), gap + col * (res + gap)
+            canvas[:, y:y + res, x:x + res] = images[row].clamp(-1, 1)
+    image = (canvas * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)  # 2x, so that 64 px tiles are visible.
+    with atomic_write(path, 'wb') as f:
+        Image.fromarray(image, 'RGB').save(f, format='PNG')
+
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--outdir', help='Where to put the dataset, models, samples and pictures', metavar='DIR', type=str,
+              default='quickstart-out', show_default=True)
+@click.option('--images', 'num_images', help='Number of procedural training images', metavar='INT',
+              type=click.IntRange(min=16), default=2000, show_default=True)
+@click.option('--kimg-first', help='First-stage training length in thousands of images', metavar='KIMG',
+              type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
+@click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
+              type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
+@click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True)
+@click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=str, default='0-5',
+              show_default=True)
+@click.option('--steps-first', help='First-stage sampling steps', metavar='INT', type=click.IntRange(min=2),
+              default=18, show_default=True)
+@click.option('--steps-second', help='Second-stage sampling steps (before truncation)', metavar='INT',
+              type=click.IntRange(min=2), default=40, show_default=True)
+def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_first, steps_second):
+    """Prepare a procedural dataset, train both relay stages on it, sample, and draw the relay.
+
+    Every step is skipped when its output already exists in --outdir, so re-running continues an
+    interrupted quickstart and never retrains what is there.
+    """
+    import generate
+    try:
+        seed_list = generate.parse_int_list(seeds)
+        relay_list = generate.parse_int_list(relay_seeds)
+    except (ValueError, click.BadParameter) as err:
+        raise click.UsageError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}')
+    os.makedirs(outdir, exist_ok=True)
+
+    # 1. Procedural images.
+    raw = os.path.join(outdir, 'shapes-raw')
+    if not os.path.isdir(raw):
+        print(f'Drawing {num_images} procedural images into {raw} ...')
+        write_shapes_folder(raw, num_images)
+
+    # 2. Datasets at both resolutions.
+    data = {}
+    for res in (64, 16):
+        data[res] = os.path.join(outdir, f'shapes-{res}x{res}.zip')
+        if not os.path.isfile(data[res]):
+            run_step(['dataset_tool.py', f'--source={raw}', f'--dest={data[res]}', f'--resolution={res}x{res}'])
+
+    # 3. Both stages.
+    net_first = train_stage(outdir, 'first-stage', data[16], FIRST_STAGE, kimg_first)
+    net_second = train_stage(outdir, 'second-stage', data[64], SECOND_STAGE, kimg_second)
+
+    # 4. Relay samples.
+    samples = os.path.join(outdir, 'samples')
+    run_step(['generate.py', '--sampler_stages=both', f'--network_first={net_first}', f'--network_second={net_second}',
+              f'--outdir={samples}', f'--seeds={seeds}', f'--num_steps_first={steps_first}',
+              f'--num_steps_second={steps_second}', f'--grid={min(len(seed_list), 64)}'])
+
+    # 5. The relay picture.
+    relay_png = os.path.join(outdir, 'relay.png')
+    relay_figure(net_first, net_second, relay_list, relay_png, steps_first, steps_second)
+
+    print()
+    print('Done. Everything is in', os.path.abspath(outdir))
+    print(f'  datasets:         {data[16]}, {data[64]}')
+    print(f'  first stage:      {net_first}')
+    print(f'  second stage:     {net_second}')
+    print(f'  samples:          {samples}/ ({len(seed_list)} PNGs)')
+    print(f'  sample grid:      {generate.grid_path(samples)}')
+    print(f'  relay picture:    {relay_png} (columns: first stage, upsampled, second-stage start, final)')
+    print('Sample again with your own options:')
+    print(f'  python generate.py --network_first={net_first} --network_second={net_second} --outdir=... --seeds=...')
+
+
+if __name__ == '__main__':
+    main()
