@@ -107,6 +107,8 @@ def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -
     if os.path.isfile(snapshot):
         print(f'{name}: {snapshot} exists, skipping training')
         return snapshot
+    if os.path.exists(run_dir):
+        raise click.ClickException(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
     tmp_dir = run_dir + '.tmp'
     shutil.rmtree(tmp_dir, ignore_errors=True)
     run_step(['train.py', f'--outdir={tmp_dir}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
@@ -115,7 +117,6 @@ def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -
     if not snapshots:
         raise click.ClickException(f'{name}: training wrote no network snapshot in {tmp_dir}')
     shutil.copyfile(snapshots[-1], os.path.join(tmp_dir, 'network-final.pkl'))
-    shutil.rmtree(run_dir, ignore_errors=True)
     os.replace(tmp_dir, run_dir)
     return snapshot
 

@@ -1,0 +1,55 @@
+"""Every CLI documents every option, and docs/*-help.txt match the current --help output."""
+
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+
+import dataset_tool
+import evaluate
+import generate
+import generate_celebahq
+import generate_imagenet
+import quickstart
+import train
+from torch_utils import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMMANDS = {
+    'dataset_tool.py': dataset_tool.main,
+    'train.py': train.main,
+    'generate.py': generate.main,
+    'generate_imagenet.py': generate_imagenet.main,
+    'generate_celebahq.py': generate_celebahq.main,
+    'evaluate.py activations': evaluate.main.commands['activations'],
+    'evaluate.py calc': evaluate.main.commands['calc'],
+    'checkpoint export': checkpoint._cli().commands['export'],
+    'quickstart.py': quickstart.main,
+}
+
+
+@pytest.mark.parametrize('name', sorted(COMMANDS))
+def test_every_option_has_help(name):
+    command = COMMANDS[name]
+    assert command.help, f'{name} has no description'
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    assert options
+    undocumented = [p.opts[0] for p in options if not (p.help and p.help.strip())]
+    assert not undocumented, f'{name}: options without help: {undocumented}'
+
+
+def test_presets_differ_only_in_defaults():
+    # The preset scripts are the same command: the same options, other defaults.
+    names = lambda cmd: sorted(p.name for p in cmd.params)  # noqa: E731
+    assert names(generate_imagenet.main) == names(generate.main) == names(generate_celebahq.main)
+    defaults = lambda cmd: {p.name: p.default for p in cmd.params}  # noqa: E731
+    assert defaults(generate_imagenet.main)['num_steps_first'] != defaults(generate.main)['num_steps_first']
+
+
+def test_docs_help_files_are_current():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'docs', 'update_help.py'), '--check'],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, 'run `python docs/update_help.py`:\n' + result.stdout + result.stderr
