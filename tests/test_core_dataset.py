@@ -140,3 +140,31 @@ def test_errors(tmp_path, case):
         assert 'zz_big.png' in message and 'mixed' in message
     if case == 'label_missing':
         assert 'no label' in message
+
+
+_INHERITED = {}
+
+
+def _child_reads(index):
+    # Runs in a forked process on the parent's dataset object (inherited, not pickled, as in a
+    # fork-started DataLoader worker): it must read through a zip handle of its own.
+    ds = _INHERITED['ds']
+    image, _ = ds[index]
+    return ds._get_zipfile().fp.fileno(), image
+
+
+def test_forked_worker_opens_its_own_zip(tmp_path):
+    import multiprocessing
+    images = _images(4)
+    _write_folder(tmp_path / 'src', images)
+    _zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
+    ds = ImageFolderDataset(str(tmp_path / 'd.zip'))
+    parent_fd = ds._get_zipfile().fp.fileno()  # Open before the fork.
+    _INHERITED['ds'] = ds
+    try:
+        with multiprocessing.get_context('fork').Pool(1) as pool:
+            child_fd, child_image = pool.apply(_child_reads, (1,))
+    finally:
+        _INHERITED.clear()
+    assert child_fd != parent_fd
+    np.testing.assert_array_equal(child_image, images[1].transpose(2, 0, 1))

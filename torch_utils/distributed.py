@@ -1,6 +1,7 @@
 """Process-group helpers. `torchrun` sets RANK/WORLD_SIZE and we join a process group
 (NCCL on CUDA, gloo on CPU); a plain `python script.py` is one process with no group at all."""
 
+import atexit
 import datetime
 import os
 
@@ -27,12 +28,21 @@ def init() -> None:
         backend = 'nccl' if use_cuda else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://',
                                              timeout=datetime.timedelta(minutes=30))
+        # Without an explicit teardown, gloo's threads can abort the process at interpreter exit
+        # ("terminate called without an active exception"), which torchrun reports as a failure.
+        atexit.register(shutdown)
     try:
         from . import training_stats
     except ImportError:
         return
     if get_world_size() > 1:
         training_stats.init_multiprocessing(rank=get_rank(), sync_device=get_device())
+
+
+def shutdown() -> None:
+    """Leave the process group (registered at exit by init(); safe to call twice)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def get_rank() -> int:

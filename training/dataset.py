@@ -189,6 +189,7 @@ class ImageFolderDataset(Dataset):
         self._path = path
         self._use_pyspng = use_pyspng
         self._zipfile = None
+        self._zipfile_pid = None
 
         if os.path.isdir(self._path):
             self._type = 'dir'
@@ -227,8 +228,11 @@ class ImageFolderDataset(Dataset):
 
     def _get_zipfile(self):
         assert self._type == 'zip'
-        if self._zipfile is None:
+        # A forked DataLoader worker inherits the parent's open zip, whose file offset the
+        # processes would then share (corrupt reads, "Bad CRC-32"): each process opens its own.
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self._path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _open_file(self, fname):
