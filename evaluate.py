@@ -153,10 +153,11 @@ def _lacks(mf, metric, needs):
     return click.ClickException(f'{metric} needs {needs} in {mf.path}, which has {mf.describe()}{hint}')
 
 
-def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_URL, batch=8192,
+def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_URL, batch=8192, is_bias=False,
                  log=lambda msg: click.echo(msg, err=True)):
     """Returns {'FID': v, 'sFID': v, 'Inception Score': v, 'Precision': v, 'Recall': v} for the
-    requested metrics; raises click.ClickException on unusable input."""
+    requested metrics; raises click.ClickException on unusable input. is_bias: IS from logits plus
+    the detector's classifier bias, as the reference evaluate.py computes it (ADM: no bias)."""
     metrics = [m for m in METRIC_ORDER if m in metrics]
     if ref_path is None and any(m != 'is' for m in metrics):
         raise click.UsageError('--activations_ref is required for fid, sfid and pr')
@@ -179,11 +180,15 @@ def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_
                 results[name] = frechet_distance(*stats[0], *stats[1], what=(sample.path, ref.path))
             elif metric == 'is':
                 if sample.has('logits'):
-                    logits = _features(sample, 'logits')
+                    logits = _features(sample, 'logits')  # Stored without bias (ADM).
+                    if is_bias:
+                        log(f'Adding the classifier bias of {detector} to the logits ...')
+                        det = load_detector(detector, device=dist.get_device(), include_bias=True)
+                        logits = logits + det.out_bias.detach().cpu().numpy().astype(logits.dtype)
                 elif sample.has('feat'):
                     feat = _features(sample, 'feat')
                     log(f'No logits in {sample.path}: computing them from feat with {detector} ...')
-                    det = load_detector(detector, device=dist.get_device())
+                    det = load_detector(detector, device=dist.get_device(), include_bias=is_bias)
                     logits = np.concatenate([det.logits(torch.from_numpy(np.asarray(feat[i:i + batch], dtype=np.float32))).cpu().numpy()
                                              for i in range(0, len(feat), batch)])
                 else:
@@ -211,8 +216,9 @@ def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_
 @click.option('--activations_ref', '--activations-ref', 'ref_path', help='Reference activations, statistics or ADM reference batch .npz', metavar='NPZ', type=str, default=None)
 @click.option('--detector',           help='Detector for IS when the sample file has feat but no logits', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
 @click.option('--batch',              help='Rows per batch for statistics', metavar='INT', type=click.IntRange(min=1), default=8192, show_default=True)
+@click.option('--is-bias',            help='IS with the classifier bias added to the logits, as the reference evaluate.py (default: ADM, no bias)', is_flag=True)
 @click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
-def calc(metrics, sample_path, ref_path, detector, batch, json_path):
+def calc(metrics, sample_path, ref_path, detector, batch, is_bias, json_path):
     """Compute metrics from activation / statistics files; prints `FID: v` etc.
 
     FID/sFID: Frechet distance of feat / s_feat statistics. IS: from the sample's logits.
@@ -222,7 +228,7 @@ def calc(metrics, sample_path, ref_path, detector, batch, json_path):
         return
     if json_path is not None:
         _refuse_existing(json_path, '--json')
-    results = calc_metrics(metrics, sample_path, ref_path, detector=detector, batch=batch)
+    results = calc_metrics(metrics, sample_path, ref_path, detector=detector, batch=batch, is_bias=is_bias)
     for name, value in results.items():
         print(f'{name}: {value:g}')
     if json_path is not None:

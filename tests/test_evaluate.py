@@ -280,6 +280,15 @@ def test_calc_values_and_input_kinds(tmp_dir, metric_files, pkl_detector):
     assert got['Inception Score'] == pytest.approx(res['Inception Score'], rel=1e-5)
     assert got['FID'] == pytest.approx(res['FID'], rel=1e-5)
 
+    # --is-bias: the reference evaluate.py's IS (classifier bias added), from stored logits or from feat.
+    from metrics.detector import load_detector
+    bias = load_detector(pkl_detector, verbose=False).out_bias.detach().numpy()
+    expected = inception_score(smp[2] + bias)
+    assert expected != pytest.approx(res['Inception Score'], rel=1e-6)
+    for source in ['sample', 'sample_refstyle']:
+        got = _parse(_ok(['calc', '-m', 'is', '--is-bias', '--activations_sample', f[source], '--detector', pkl_detector]).output)
+        assert got['Inception Score'] == pytest.approx(expected, rel=1e-5)
+
 #----------------------------------------------------------------------------
 # Bad input.
 
