@@ -143,11 +143,13 @@ def alpha_schedule(sigmas, k: int, prob_length: float = 0.93, blur_sigma_max: fl
 
     Bit-identical to the reference's get_alpha_t for each sigma (see `blur_sigma_of_noise_level`),
     but computed once for a whole run, for any k and resolution, and without the 64x64 tiling.
+    The exponential runs on `device`, where the reference computes it (CPU and CUDA float32 exp
+    may differ by an ulp).
     """
     sigmas = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).cpu()]
     blur_sigmas = torch.stack([blur_sigma_of_noise_level(s, prob_length, blur_sigma_max) for s in sigmas]) \
         if sigmas else torch.zeros([0], dtype=torch.float64)
-    return attenuation(blur_sigmas, k, min_scale).to(device if device is not None else 'cpu')
+    return attenuation(blur_sigmas.to(device if device is not None else 'cpu'), k, min_scale)
 
 
 def blur(x: torch.Tensor, blur_sigma, k: int, min_scale: float = 0.001) -> torch.Tensor:

@@ -208,8 +208,8 @@ def training_loop(
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
     if rank == 0:
-        with torch.no_grad():  # A few images suffice for the table (and keep a 256 px start-up light).
-            n = min(batch_gpu, 4)
+        with torch.no_grad():  # batch_gpu images, as the reference: dropout here draws from the same
+            n = batch_gpu          # random stream as training, so the count matters for a given --seed.
             images = torch.zeros([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
             sigma = torch.ones([n], device=device)
             labels = torch.zeros([n, net.label_dim], device=device)
