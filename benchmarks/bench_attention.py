@@ -1,18 +1,24 @@
 """Attention benchmark: plain (reference) path vs scaled_dot_product_attention (--eff-attn).
 
-Times forward+backward of one attention UNetBlock and reports peak memory on CUDA. The plain
-path materializes a [tokens x tokens] weight matrix per head; the fused SDPA kernels on CUDA
-do not, so their memory grows linearly with the token count.
+Times forward+backward of one attention UNetBlock and reports its peak memory (CUDA: peak
+allocated; CPU: growth of the peak resident set, measured in a fresh process per setting). The
+plain path materializes a [tokens x tokens] weight matrix per head; the fused SDPA kernels do
+not, so their memory grows linearly with the token count.
 
     python benchmarks/bench_attention.py --res 16,32,64 --channels 256 --batch 8
 """
 
+import multiprocessing
+import os
+import resource
+import sys
 import time
 
 import click
 import torch
 
-from training.networks import UNetBlock
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.networks import UNetBlock  # noqa: E402
 
 
 def _measure(block, x, emb, iters):
@@ -30,6 +36,30 @@ def _measure(block, x, emb, iters):
     seconds = (time.perf_counter() - start) / iters
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda' else float('nan')
     return seconds, peak
+
+
+def _peak_rss_mib():
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec.
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_peak_growth(r, channels, batch, eff):
+    # Runs in a fresh process: peak RSS growth (MiB) of one forward+backward over the baseline.
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    block = UNetBlock(channels, channels, 4 * channels, attention=True, eff_attn=eff, init_zero=dict(init_weight=1))
+    x = torch.randn(batch, channels, r, r)
+    emb = torch.randn(batch, 4 * channels)
+    before = _peak_rss_mib()
+    block(x, emb).square().mean().backward()
+    return _peak_rss_mib() - before
 
 
 @click.command()
@@ -61,6 +91,9 @@ def main(res, channels, batch, iters, fp16, device):
             seconds, peak = _measure(block, x, emb, iters)
             with torch.no_grad():
                 outputs[eff] = block(x, emb).float()
+            if device.type == 'cpu':
+                with multiprocessing.get_context('spawn').Pool(1) as pool:
+                    peak = pool.apply(_cpu_peak_growth, (r, channels, batch, eff))
             row[eff] = (seconds * 1e3, peak)
             del block
         diff = (outputs[True] - outputs[False]).abs().max().item()

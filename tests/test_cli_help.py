@@ -53,3 +53,12 @@ def test_docs_help_files_are_current():
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'docs', 'update_help.py'), '--check'],
                             capture_output=True, text=True)
     assert result.returncode == 0, 'run `python docs/update_help.py`:\n' + result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('script', sorted(f for f in os.listdir(os.path.join(ROOT, 'benchmarks')) if f.endswith('.py')))
+def test_benchmark_scripts_start(script):
+    # Run from anywhere (not only the repository root), as the README shows them.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), '--help'],
+                            cwd=os.path.dirname(ROOT), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert '--help' in result.stdout
