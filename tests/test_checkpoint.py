@@ -19,12 +19,6 @@ from training import networks
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 #----------------------------------------------------------------------------
 # An independent writer of the reference (EDM persistence v6) format. It does not use our

@@ -9,14 +9,6 @@ import torch
 from training import networks
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation cost, which becomes
-    # large when the CPU is shared with other jobs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 #----------------------------------------------------------------------------
 # Small configurations of the three architectures (16x16, two levels).

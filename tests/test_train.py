@@ -39,14 +39,6 @@ def _make_dataset(folder, n=NUM_IMAGES, size=16, labels=True, seed=0):
     return str(folder)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny convolutions gain nothing from a second thread, and on a busy 2-core machine OpenMP
-    # barriers make two threads 10x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(args):
