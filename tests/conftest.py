@@ -1,6 +1,5 @@
 """Shared test setup: CPU only, few threads, deterministic."""
 
-import os
 
 import pytest
 import torch
