@@ -16,6 +16,7 @@ Differences from the reference, all deliberate:
 """
 
 import concurrent.futures
+import inspect
 import math
 import os
 
@@ -327,6 +328,10 @@ def _load_networks(stages, network_first, network_second, device):
     return nets.get('first'), nets.get('second')
 
 
+# edm_sampler's own default, for callers that leave num_steps_first unset (one source of truth).
+EDM_SAMPLER_DEFAULT_STEPS = inspect.signature(edm_sampler).parameters['num_steps'].default
+
+
 def _skip_first_stage_draws(rnd, shape, num_steps, sde_scale, device):
     # Advance each seed's generator past what edm_sampler would have drawn for it: the float32
     # latents, then its float64 per-step noise.
@@ -493,7 +498,7 @@ def generate_images(
             pixels = np.stack([load_image(find_input_image(indir, int(s))) for s in batch_seeds])
             images = torch.tensor(pixels, device=device, dtype=torch.float64) / 127.5 - 1
             if second_noise == 'continue':
-                _skip_first_stage_draws(rnd, list(pixels.shape[1:]), first_kwargs.get('num_steps', 256), first_kwargs.get('sde_scale'), device)
+                _skip_first_stage_draws(rnd, list(pixels.shape[1:]), first_kwargs.get('num_steps', EDM_SAMPLER_DEFAULT_STEPS), first_kwargs.get('sde_scale'), device)
 
         if stages in ('second', 'both'):
             images = F.interpolate(images, size=(second_res, second_res), mode='nearest')
