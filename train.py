@@ -3,22 +3,49 @@ diffusion) stage with --precond=blur.
 
 One process:     python train.py --outdir=runs --data=datasets/cifar10-32x32.zip --arch=ddpmpp
 N processes:     torchrun --standalone --nproc_per_node=N train.py ...   (NCCL on GPUs, gloo on CPU)
+The paper:       torchrun ... train.py --preset=imagenet64 --outdir=training-runs --data=datasets/imagenet-64x64.zip
+
+main() runs four named steps: resolve_options (preset + command line), validate_options (every
+number, before anything is opened), setup_training_config (the training loop's keyword
+arguments) and launch_training (run folder, log, training loop).
 """
 
 import json
+import math
 import os
 import re
+import tempfile
 import warnings
 import zipfile
 
 import click
 import torch
+from click.core import ParameterSource
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import loggers
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
+#----------------------------------------------------------------------------
+# The paper's four training runs, as data: option values (by their Python names) that stand for
+# the README's commands. Options given on the command line override them.
+
+TRAIN_PRESETS = {
+    # ImageNet 256, first stage: class-conditional EDM at 64x64.
+    'imagenet64':  dict(cond=True, arch='adm', precond='edm', batch=4096, batch_gpu=32, lr=1e-4, ema=50, dropout=0.1,
+                        fp16=True, ls=25, eff_attn=True),
+    # ImageNet 256, second stage: blurring diffusion at 256x256.
+    'imagenet256': dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4, dropout=0.1,
+                        fp16=True, ls=1, eff_attn=True, up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3.0),
+    # CelebA-HQ 256, first stage: unconditional EDM at 64x64.
+    'celebahq64':  dict(cond=False, arch='adm', precond='edm', batch=1024, batch_gpu=32, lr=1e-4, dropout=0.15, augment=0.2,
+                        ls=1, eff_attn=True),
+    # CelebA-HQ 256, second stage: blurring diffusion at 256x256.
+    'celebahq256': dict(cond=False, arch='adm', precond='blur', batch=1024, batch_gpu=8, lr=1e-4, dropout=0.2, augment=0.2,
+                        fp16=True, ls=1, eff_attn=True, up_scale=4, block_scale=0.15, prob_length=0.89, blur_sigma_max=2.0),
+}
 
 #----------------------------------------------------------------------------
 # Presets as data: network per --arch, network + loss class per --precond.
@@ -41,7 +68,7 @@ PRECOND_PRESETS = {
 
 
 def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, blocks=None, dropout=0.13, fp16=False,
-                       eff_attn=False, augment=True):
+                       eff_attn=False, augment=True, label_dropout=0):
     """Network constructor options for train.py's --arch/--precond/--cbase/--cres choices."""
     kwargs = dnnlib.EasyDict(ARCH_PRESETS['adm256' if arch == 'adm' and resolution == 256 else arch])
     kwargs.update(eff_attn=eff_attn)
@@ -54,7 +81,7 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
         kwargs.num_blocks = blocks
     if augment:
         kwargs.augment_dim = 9
-    kwargs.update(dropout=dropout, use_fp16=fp16)
+    kwargs.update(dropout=dropout, label_dropout=label_dropout, use_fp16=fp16)
     return kwargs
 
 
@@ -97,110 +124,178 @@ def _random_seed():
     return int(seed)
 
 
-@click.command()
-# Main options.
-@click.option('--outdir',         help='Where to save the results', metavar='DIR',                   type=str, required=True)
-@click.option('--data',           help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
-@click.option('--cond',           help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
-@click.option('--arch',           help='Network architecture (adm uses ADM\'s 256x256 setting at 256 px)', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='adm', show_default=True)
-@click.option('--precond',        help='Preconditioning & loss function (blur = relay second stage)', type=click.Choice(['vp', 've', 'edm', 'blur']), default='edm', show_default=True)
-# Hyperparameters.
-@click.option('--duration',       help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
-@click.option('--batch',          help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
-@click.option('--cres',           help='Channels per resolution  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
-@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--lr',             help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=click.FloatRange(min=0), default=10000, show_default=True)
-@click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
-@click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
-@click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
-# Performance.
-@click.option('--fp16',           help='Enable mixed-precision training (CUDA)', metavar='BOOL',     type=bool, default=False, show_default=True)
-@click.option('--ls',             help='Loss scaling', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
-@click.option('--bench',          help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
-@click.option('--cache',          help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',        help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
-# I/O.
-@click.option('--desc',           help='String to include in result dir name', metavar='STR',        type=str)
-@click.option('--nosubdir',       help='Do not create a subdirectory for results',                   is_flag=True)
-@click.option('--tick',           help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
-@click.option('--snap',           help='How often to save network snapshots', metavar='TICKS',       type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--dump',           help='How often to dump training state', metavar='TICKS',          type=click.IntRange(min=1), default=500, show_default=True)
-@click.option('--seed',           help='Random seed  [default: random]', metavar='INT',              type=int)
-@click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
-@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
-@click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
-# Extensions.
-@click.option('--eff-attn',       help='Efficient attention (scaled_dot_product_attention)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--logger',         help='Experiment logger (tensorboard/aim must be installed)',      type=click.Choice(['none', 'tensorboard', 'aim']), default='none', show_default=True)
-@click.option('--aim-repo',       help='aim repository (with --logger=aim)', metavar='STR',          type=str, default='')
-@click.option('--exp-name',       help='Experiment name (with --logger=aim)', metavar='STR',         type=str, default='')
-@click.option('--exp-tag',        help='Experiment tag (with --logger=aim)', metavar='STR',          type=str, default='')
-@click.option('--no-aim',         help='Accepted for compatibility; aim is off unless --logger=aim', is_flag=True)
-# Relay (blurring diffusion) stage, --precond=blur.
-@click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=click.IntRange(min=1), default=4, show_default=True)
-@click.option('--block-scale',    help='Scale of block noise addition', metavar='FLOAT',             type=click.FloatRange(min=0, max=1), default=0.15, show_default=True)
-@click.option('--prob-length',    help='Truncation probability length', metavar='FLOAT',             type=click.FloatRange(min=0), default=0.93, show_default=True)
-@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule', metavar='FLOAT',        type=click.FloatRange(min=0), default=3, show_default=True)
-def main(**kwargs):
-    """Train a diffusion model (EDM first stage, or the relay stage with --precond=blur).
+#----------------------------------------------------------------------------
+# Step 1: options. The preset's values, then what the command line gave.
 
-    Examples:
+def _fail(msg):
+    raise click.ClickException(msg)
 
-    \b
-    # Class-conditional DDPM++ on CIFAR-10 with 8 GPUs
-    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
-        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
 
-    \b
-    # Relay second stage at 256x256 (blurring diffusion, 4x4 DCT blocks)
-    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
-        --data=datasets/celebahq-256x256.zip --arch=adm --precond=blur --up-scale=4
+def resolve_options(ctx):
+    """The option set of a parsed command line (click context): preset values for the options the
+    user did not give, and --precision reconciled with the reference's --fp16."""
+    opts = dnnlib.EasyDict(ctx.params)
+    explicit = {name for name in opts if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    if opts.preset is not None:
+        for name, value in TRAIN_PRESETS[opts.preset].items():
+            if name not in explicit:
+                opts[name] = value
+    # --fp16=1 is the reference's spelling of --precision=fp16. An explicit --precision wins over a
+    # preset's fp16; two explicit options that disagree are refused.
+    if opts.precision is None:
+        opts.precision = 'fp16' if opts.fp16 else 'fp32'
+    elif opts.fp16 and opts.precision != 'fp16' and 'fp16' in explicit:
+        _fail(f'--fp16=1 and --precision={opts.precision} disagree; give only --precision={opts.precision}')
+    opts.fp16 = opts.precision == 'fp16'
+    return opts
 
-    \b
-    # Continue the latest training state of a run
-    python train.py --outdir=training-runs --data=... --resume=training-runs/00003-...
-    """
-    opts = dnnlib.EasyDict(kwargs)
-    dist.init()
-    world = dist.get_world_size()
+#----------------------------------------------------------------------------
+# Step 2: validation of every number and path, before any file is opened or written.
 
+MAX_LEVELS = 10         # --cres entries: a network halves the resolution at every level.
+MAX_GRID_IMAGES = 256   # --grid: a preview, not an evaluation.
+
+
+def parse_cres(text):
+    """--cres: comma-separated positive integers (ranges are not channel multipliers)."""
+    if isinstance(text, list):
+        return text
+    parts = [part.strip() for part in str(text).split(',')]
+    if not all(re.fullmatch(r'\d{1,4}', part) for part in parts):
+        _fail(f'--cres={text}: expected comma-separated channel multipliers such as 1,2,2,2')
+    return [int(part) for part in parts]
+
+
+def _check_float(opts, name, low=None, high=None, low_open=False):
+    value = opts[name]
+    if value is None:
+        return
+    flag = '--' + name.replace('_', '-')
+    if not math.isfinite(value):
+        _fail(f'{flag}={value} must be a finite number')
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = '' if low is None else (f'> {low:g}' if low_open else f'>= {low:g}')
+        hi = '' if high is None else f'<= {high:g}'
+        _fail(f'{flag}={value:g} is out of range: it must be {" and ".join(x for x in (lo, hi) if x)}')
+
+
+def _check_int(opts, name, low, high=None):
+    value = opts[name]
+    if value is None:
+        return
+    flag = '--' + name.replace('_', '-')
+    if value < low or (high is not None and value > high):
+        _fail(f'{flag}={value} is out of range: it must be >= {low}' + ('' if high is None else f' and <= {high}'))
+
+
+def check_outdir(outdir):
+    """--outdir must be (or be creatable as) a folder we can write in; probed with a temporary
+    folder that is removed again, so nothing the user has is touched."""
+    path = os.path.abspath(outdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f'--outdir={outdir} is a file, not a folder; choose a folder')
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        _fail(f'--outdir={outdir} cannot be created: {existing} is a file; choose another folder')
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix='.train-write-test-'):
+            pass
+    except OSError as err:
+        _fail(f'--outdir={outdir} is not writable ({existing}: {err.strerror or err}); choose a writable folder')
+
+
+def validate_options(opts):
+    """Every numeric option finite, in range and consistent; the output folder writable."""
+    _check_float(opts, 'duration', low=0, low_open=True)
+    _check_float(opts, 'lr', low=0, low_open=True)
+    _check_float(opts, 'lr_rampup', low=0)
+    _check_float(opts, 'ema', low=0)
+    _check_float(opts, 'dropout', low=0, high=1)
+    _check_float(opts, 'label_dropout', low=0, high=1)
+    _check_float(opts, 'augment', low=0, high=1)
+    _check_float(opts, 'ls', low=0, low_open=True)
+    _check_float(opts, 'tick', low=0, low_open=True)
+    _check_float(opts, 'block_scale', low=0, high=1)
+    _check_float(opts, 'prob_length', low=0, high=1, low_open=True)   # Quantile of u * prob_length.
+    _check_float(opts, 'blur_sigma_max', low=0)
+    for name in ('batch', 'batch_gpu', 'cbase', 'blocks', 'snap', 'dump', 'up_scale'):
+        _check_int(opts, name, low=1)
+    _check_int(opts, 'workers', low=0)
+    _check_int(opts, 'seed', low=0, high=(1 << 31) - 1)
+    _check_int(opts, 'grid', low=0, high=MAX_GRID_IMAGES)
+    _check_int(opts, 'grid_steps', low=2, high=1000)
+    if opts.cres is not None:
+        opts.cres = parse_cres(opts.cres)
+        if not 1 <= len(opts.cres) <= MAX_LEVELS or min(opts.cres) < 1:
+            _fail(f'--cres={",".join(map(str, opts.cres))}: give 1 to {MAX_LEVELS} channel multipliers, each at least 1')
+    if opts.label_dropout > 0 and not opts.cond:
+        _fail(f'--label-dropout={opts.label_dropout:g} drops class labels: it needs --cond=1')
+    if opts.transfer is not None and opts.resume is not None:
+        _fail('--transfer and --resume cannot be specified at the same time')
+    if opts.logger != 'wandb' and opts.wandb_project:
+        _fail(f'--wandb-project is for --logger=wandb (got --logger={opts.logger})')
+    message = loggers.missing_package_message(opts.logger)  # Fail now rather than after creating the run folder.
+    if message is not None:
+        _fail(message)
+    if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        _fail('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
+    check_outdir(opts.outdir)
+
+#----------------------------------------------------------------------------
+# Step 3: the training loop's keyword arguments.
+
+def inspect_dataset(opts):
+    """Open the dataset once: its name, resolution and size, and whether it has labels."""
+    from training.dataset import ImageFolderDataset
+    try:
+        dataset_obj = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
+        info = dnnlib.EasyDict(name=dataset_obj.name, resolution=dataset_obj.resolution,
+                               max_size=len(dataset_obj) // (2 if opts.xflip else 1), has_labels=dataset_obj.has_labels)
+    except OSError as err:
+        _fail(f'--data: {err}')
+    except AssertionError:
+        _fail(f'--data: images in {opts.data} must be square')
+    if opts.cond and not info.has_labels:
+        _fail(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
+    return info
+
+
+def max_levels(resolution):
+    """How many resolution levels a network can have: the image halves at every level below the first."""
+    levels = 1
+    while resolution % (1 << levels) == 0 and levels < MAX_LEVELS:
+        levels += 1
+    return levels
+
+
+def setup_training_config(opts, dataset, world=1):
+    """training_loop keyword arguments for the resolved options and the dataset's facts."""
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
-                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
+                                       resolution=dataset.resolution, max_size=dataset.max_size)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers)
     if opts.workers > 0:
         # Spawned workers: safe with CUDA in the parent (fork is not).
         c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn', persistent_workers=True)
-    c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
-    # Dataset: open it once to validate it and to record its resolution and size.
-    try:
-        from training.dataset import ImageFolderDataset
-        dataset_obj = ImageFolderDataset(**{k: v for k, v in c.dataset_kwargs.items() if k != 'class_name'})
-        dataset_name = dataset_obj.name
-        c.dataset_kwargs.resolution = dataset_obj.resolution
-        c.dataset_kwargs.max_size = len(dataset_obj) // (2 if opts.xflip else 1)
-        if opts.cond and not dataset_obj.has_labels:
-            raise click.ClickException(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
-        del dataset_obj
-    except OSError as err:
-        raise click.ClickException(f'--data: {err}')
-    except AssertionError:
-        raise click.ClickException(f'--data: images in {opts.data} must be square')
-
     # Network, preconditioning and loss.
-    c.network_kwargs = network_kwargs_for(opts.arch, c.dataset_kwargs.resolution, precond=opts.precond,
-                                          cbase=opts.cbase, cres=opts.cres, blocks=opts.blocks, dropout=opts.dropout, fp16=opts.fp16,
-                                          eff_attn=opts.eff_attn, augment=bool(opts.augment))
-    c.loss_kwargs.class_name = PRECOND_PRESETS[opts.precond][1]
+    c.network_kwargs = network_kwargs_for(opts.arch, dataset.resolution, precond=opts.precond, cbase=opts.cbase,
+                                          cres=opts.cres, blocks=opts.blocks, dropout=opts.dropout, fp16=opts.fp16,
+                                          eff_attn=opts.eff_attn, augment=bool(opts.augment), label_dropout=opts.label_dropout)
+    levels = len(c.network_kwargs.channel_mult)
+    if levels > max_levels(dataset.resolution):
+        _fail(f'{levels} resolution levels (--cres / --arch={opts.arch}) are too many for {dataset.resolution} px images: '
+              f'at most {max_levels(dataset.resolution)}, as the image halves at every level; give a shorter --cres')
+    c.loss_kwargs = dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1])
     if opts.precond == 'blur':
-        if c.dataset_kwargs.resolution % opts.up_scale != 0:
-            raise click.ClickException(f'--up-scale={opts.up_scale} must divide the image resolution {c.dataset_kwargs.resolution}')
+        if dataset.resolution % opts.up_scale != 0:
+            _fail(f'--up-scale={opts.up_scale} must divide the image resolution {dataset.resolution}')
         c.loss_kwargs.update(block_scale=opts.block_scale, up_scale=opts.up_scale,
                              prob_length=opts.prob_length, blur_sigma_max=opts.blur_sigma_max)
     if opts.augment:
@@ -212,53 +307,52 @@ def main(**kwargs):
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, precision=opts.precision)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.sample_grid_kwargs = dnnlib.EasyDict(num_images=opts.grid, num_steps=opts.grid_steps, seed=0) if opts.grid > 0 else None
     c.logger = opts.logger
-    if opts.logger != 'none':  # Optional packages: fail now rather than after creating the run folder.
-        import importlib.util
-        package = 'tensorboard' if opts.logger == 'tensorboard' else 'aim'
-        if importlib.util.find_spec(package) is None:
-            raise click.ClickException(f'--logger={opts.logger} needs the {package} package: pip install {package}')
     c.logger_kwargs = dnnlib.EasyDict(repo=opts.aim_repo, experiment=opts.exp_name, tag=opts.exp_tag)
+    if opts.logger == 'wandb':
+        c.logger_kwargs.project = opts.wandb_project
 
     # Batch split across processes and accumulation rounds.
     if opts.batch % world != 0:
-        raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
+        _fail(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
     per_process = opts.batch // world
     if opts.batch_gpu is not None and opts.batch_gpu < per_process and per_process % opts.batch_gpu != 0:
-        raise click.ClickException(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
-                                   f'(--batch={opts.batch} over {world} processes)')
-
-    c.seed = opts.seed if opts.seed is not None else _random_seed()
+        _fail(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
+              f'(--batch={opts.batch} over {world} processes)')
 
     # Transfer learning or resume.
     if opts.transfer is not None:
-        if opts.resume is not None:
-            raise click.ClickException('--transfer and --resume cannot be specified at the same time')
         if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
-            raise click.ClickException(f'--transfer: no such file: {opts.transfer}')
+            _fail(f'--transfer: no such file: {opts.transfer}')
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
         c.resume_state_dump, c.resume_kimg = _resolve_resume(opts.resume)
+    return c
 
-    # Run folder name: <id>-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<dtype>[-desc].
+
+def run_description(c, opts, dataset, world):
+    """<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-desc]"""
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
-    desc = f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{dtype_str:s}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
-    if dist.get_rank() != 0:
-        c.run_dir = None
-    elif opts.nosubdir:
-        c.run_dir = opts.outdir
-        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')):
-            raise click.ClickException(f'--nosubdir: {opts.outdir} already holds a training run; '
-                                       f'choose another --outdir or drop --nosubdir')
-    else:
-        c.run_dir = _next_run_dir(opts.outdir, desc)
+    desc = f'{dataset.name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{opts.precision:s}'
+    return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
+
+def choose_run_dir(opts, desc):
+    """The run folder (rank 0; None elsewhere): outdir itself with --nosubdir, else the next id."""
+    if dist.get_rank() != 0:
+        return None
+    if opts.nosubdir:
+        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')):
+            _fail(f'--nosubdir: {opts.outdir} already holds a training run; choose another --outdir or drop --nosubdir')
+        return opts.outdir
+    return _next_run_dir(opts.outdir, desc)
+
+
+def print_training_options(c, opts, world):
     dist.print0()
     dist.print0('Training options:')
     dist.print0(json.dumps(c, indent=2))
@@ -271,13 +365,13 @@ def main(**kwargs):
     dist.print0(f'Number of processes:     {world}')
     dist.print0(f'Device:                  {dist.get_device()}')
     dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    dist.print0(f'Precision:               {c.precision}')
     dist.print0()
-    if opts.dry_run:
-        dist.print0('Dry run; exiting.')
-        return
 
-    # Create the run folder and tee the console into log.txt.
+#----------------------------------------------------------------------------
+# Step 4: run folder, training_options.json, log.txt, training loop.
+
+def launch_training(c, opts, desc):
     dist.print0('Creating output directory...')
     logger = None
     if dist.get_rank() == 0:
@@ -305,6 +399,108 @@ def main(**kwargs):
     finally:
         if logger is not None:
             logger.close()
+
+#----------------------------------------------------------------------------
+
+class _OneLineCommand(click.Command):
+    """Bad option values end in one 'Error: ...' line, like every other check of this script."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            raise click.ClickException(err.format_message()) from None
+
+
+@click.command(cls=_OneLineCommand)
+# Main options.
+@click.option('--outdir',         help='Where to save the results', metavar='DIR',                   type=str, required=True)
+@click.option('--data',           help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--preset',         help='The paper\'s settings (explicit options override them)',     type=click.Choice(list(TRAIN_PRESETS)))
+@click.option('--cond',           help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--arch',           help='Network architecture (adm uses ADM\'s 256x256 setting at 256 px)', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='adm', show_default=True)
+@click.option('--precond',        help='Preconditioning & loss function (blur = relay second stage)', type=click.Choice(['vp', 've', 'edm', 'blur']), default='edm', show_default=True)
+# Hyperparameters.
+@click.option('--duration',       help='Training duration', metavar='MIMG',                          type=float, default=200, show_default=True)
+@click.option('--batch',          help='Total batch size', metavar='INT',                            type=int, default=512, show_default=True)
+@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=int)
+@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=int)
+@click.option('--cres',           help='Channels per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=str)
+@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=int)
+@click.option('--lr',             help='Learning rate', metavar='FLOAT',                             type=float, default=1e-4, show_default=True)
+@click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=float, default=10000, show_default=True)
+@click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=float, default=0.5, show_default=True)
+@click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=float, default=0.13, show_default=True)
+@click.option('--label-dropout',  help='Probability of training on an empty class label (for classifier-free guidance; needs --cond=1)', metavar='FLOAT', type=float, default=0, show_default=True)
+@click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=float, default=0.12, show_default=True)
+@click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
+# Performance.
+@click.option('--precision',      help='fp32, fp16 (the network in half precision, as --fp16=1) or bf16 (autocast)  [default: fp32; fp16 with --fp16=1]', type=click.Choice(['fp32', 'fp16', 'bf16']))
+@click.option('--fp16',           help='Enable mixed-precision training (CUDA); same as --precision=fp16', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--ls',             help='Loss scaling', metavar='FLOAT',                              type=float, default=1, show_default=True)
+@click.option('--bench',          help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
+@click.option('--cache',          help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
+@click.option('--workers',        help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=int, default=1, show_default=True)
+# I/O.
+@click.option('--desc',           help='String to include in result dir name', metavar='STR',        type=str)
+@click.option('--nosubdir',       help='Do not create a subdirectory for results',                   is_flag=True)
+@click.option('--tick',           help='How often to print progress', metavar='KIMG',                type=float, default=50, show_default=True)
+@click.option('--snap',           help='How often to save network snapshots (and sample grids)', metavar='TICKS', type=int, default=50, show_default=True)
+@click.option('--dump',           help='How often to dump training state', metavar='TICKS',          type=int, default=500, show_default=True)
+@click.option('--grid',           help=f'Images in the sample grid written with every snapshot (0 = none, max {MAX_GRID_IMAGES})', metavar='INT', type=int, default=16, show_default=True)
+@click.option('--grid-steps',     help='Sampler steps of the sample grid', metavar='INT',            type=int, default=32, show_default=True)
+@click.option('--seed',           help='Random seed, 0 to 2^31-1  [default: random]', metavar='INT', type=int)
+@click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
+@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
+# Extensions.
+@click.option('--eff-attn',       help='Efficient attention (scaled_dot_product_attention)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--logger',         help='Experiment tracker (its package must be installed)',         type=click.Choice(['none', 'tensorboard', 'aim', 'wandb']), default='none', show_default=True)
+@click.option('--aim-repo',       help='aim repository (with --logger=aim)', metavar='STR',          type=str, default='')
+@click.option('--wandb-project',  help='Weights & Biases project (with --logger=wandb)  [default: relay-diffusion]', metavar='STR', type=str, default='')
+@click.option('--exp-name',       help='Experiment / run name (with --logger=aim or wandb)', metavar='STR', type=str, default='')
+@click.option('--exp-tag',        help='Experiment tag (with --logger=aim or wandb)', metavar='STR', type=str, default='')
+@click.option('--no-aim',         help='Accepted for compatibility; aim is off unless --logger=aim', is_flag=True)
+# Relay (blurring diffusion) stage, --precond=blur.
+@click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=int, default=4, show_default=True)
+@click.option('--block-scale',    help='Scale of block noise addition, 0 to 1', metavar='FLOAT',     type=float, default=0.15, show_default=True)
+@click.option('--prob-length',    help='Truncation probability length, in (0, 1]', metavar='FLOAT',  type=float, default=0.93, show_default=True)
+@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule', metavar='FLOAT',        type=float, default=3, show_default=True)
+def main(**_kwargs):
+    """Train a diffusion model (EDM first stage, or the relay stage with --precond=blur).
+
+    Examples:
+
+    \b
+    # The paper's ImageNet runs (first stage at 64x64, then the relay stage at 256x256)
+    torchrun --standalone --nproc_per_node=8 train.py --preset=imagenet64 \\
+        --outdir=training-runs --data=datasets/imagenet-64x64.zip
+    torchrun --standalone --nproc_per_node=8 train.py --preset=imagenet256 \\
+        --outdir=training-runs --data=datasets/imagenet-256x256.zip
+
+    \b
+    # Class-conditional DDPM++ on CIFAR-10 with 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+
+    \b
+    # Continue the latest training state of a run
+    python train.py --outdir=training-runs --data=... --resume=training-runs/00003-...
+    """
+    opts = resolve_options(click.get_current_context())
+    validate_options(opts)
+    dist.init()
+    world = dist.get_world_size()
+    dataset = inspect_dataset(opts)
+    c = setup_training_config(opts, dataset, world)
+    c.seed = opts.seed if opts.seed is not None else _random_seed()
+    desc = run_description(c, opts, dataset, world)
+    c.run_dir = choose_run_dir(opts, desc)
+    print_training_options(c, opts, world)
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+    launch_training(c, opts, desc)
 
 
 if __name__ == '__main__':

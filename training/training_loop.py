@@ -4,10 +4,12 @@ snapshots, stats.jsonl) on one process or under torchrun with DistributedDataPar
 Outputs in run_dir:
   network-snapshot-KKKKKK.pkl  dict(ema, loss_fn, augment_pipe, dataset_kwargs)  every `snapshot_ticks`
   training-state-KKKKKK.pt     dict(net, ema, optimizer_state, step)             every `state_dump_ticks`
+  samples-KKKKKK.png           fixed-seed sample grid of the EMA (rank 0)       with every snapshot
   stats.jsonl                  one line of averaged statistics per tick
 KKKKKK = images seen so far // 1000. Both files are written atomically (temp file + rename).
 """
 
+import contextlib
 import copy
 import inspect
 import json
@@ -24,6 +26,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+from training import loggers
 
 
 class TrainingError(RuntimeError):
@@ -89,56 +92,6 @@ def load_transfer_weights(path, net, ema):
 
 
 #----------------------------------------------------------------------------
-# Optional experiment loggers; never required.
-
-class _TensorBoardLogger:
-    def __init__(self, run_dir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainingError('--logger=tensorboard needs the tensorboard package: pip install tensorboard') from None
-        self.writer = SummaryWriter(run_dir)
-
-    def log(self, stats, step):
-        for name, value in stats.items():
-            self.writer.add_scalar(name, value.mean, global_step=step)
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
-
-
-class _AimLogger:
-    def __init__(self, run_dir, repo=None, experiment=None, tag=None, hparams=None):
-        try:
-            import aim
-        except ImportError:
-            raise TrainingError('--logger=aim needs the aim package: pip install aim') from None
-        self.run = aim.Run(repo=repo or None, experiment=experiment or os.path.basename(run_dir))
-        for key, value in (hparams or {}).items():
-            self.run[key] = value
-        if tag:
-            self.run.add_tag(tag)
-
-    def log(self, stats, step):
-        for name, value in stats.items():
-            self.run.track(value.mean, name=name, step=step)
-
-    def close(self):
-        self.run.close()
-
-
-def _make_logger(kind, run_dir, logger_kwargs, hparams):
-    if kind in (None, 'none') or dist.get_rank() != 0:
-        return None
-    if kind == 'tensorboard':
-        return _TensorBoardLogger(run_dir)
-    if kind == 'aim':
-        return _AimLogger(run_dir, hparams=hparams, **logger_kwargs)
-    raise TrainingError(f'Unknown logger "{kind}"')
-
-
-#----------------------------------------------------------------------------
 
 def training_loop(
     run_dir             = '.',      # Output directory (rank 0 only; None on other ranks).
@@ -163,11 +116,14 @@ def training_loop(
     resume_state_dump   = None,     # Continue from this training state (--resume).
     resume_kimg         = 0,        # Progress to start from when resume_state_dump has no 'step'.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
-    logger              = None,     # None / 'none' / 'tensorboard' / 'aim'.
-    logger_kwargs       = {},       # Extra options of the aim logger (repo, experiment, tag).
+    precision           = 'fp32',   # 'fp32', 'fp16' (the network's use_fp16, as the reference) or 'bf16' (autocast).
+    sample_grid_kwargs  = None,     # training.sample_grid.SampleGrid options (num_images, num_steps, seed); None = no grids.
+    logger              = None,     # None / 'none' / 'tensorboard' / 'aim' / 'wandb'.
+    logger_kwargs       = {},       # Extra options of the tracker (repo, project, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
+    options = {name: value for name, value in locals().items() if name not in ('progress_bar', 'device')}  # For the tracker.
     start_time = time.time()
     device = torch.device(device) if device is not None else dist.get_device()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -257,9 +213,19 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     dist.update_progress(cur_nimg // 1000, total_kimg)
     stats_jsonl = None
-    exp_logger = _make_logger(logger, run_dir, logger_kwargs, hparams=dict(
-        dataset=dict(dataset_kwargs), network=dict(network_kwargs), loss=dict(loss_kwargs),
-        optimizer=dict(optimizer_kwargs)))
+    exp_logger = None
+    if rank == 0:
+        try:  # The whole option set, as plain data.
+            exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
+        except loggers.LoggerError as err:
+            raise TrainingError(str(err)) from None
+    # Sample grids (rank 0): fixed seeds, own random generators.
+    sample_grid = None
+    if sample_grid_kwargs is not None and rank == 0 and run_dir is not None:
+        from training.sample_grid import SampleGrid
+        sample_grid = SampleGrid(dataset_obj, loss_kwargs, device=device, **sample_grid_kwargs)
+    # bf16 runs the forward pass under autocast; fp16 is the network's own use_fp16 (the reference's way).
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
     if progress_bar is None:
         progress_bar = rank == 0 and sys.__stderr__ is not None and sys.__stderr__.isatty()
     pbar = None
@@ -277,7 +243,8 @@ def training_loop(
                 images, labels = next(dataset_iterator)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                with autocast():
+                    loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
                 # Normalise the summed per-pixel loss by the per-process batch, as EDM does:
                 # DDP averages gradients over processes, so the step sees the mean over all
@@ -342,6 +309,10 @@ def training_loop(
         if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
             save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
+            if sample_grid is not None:
+                _path, grid = sample_grid.write(ema, run_dir, cur_nimg)
+                if exp_logger is not None:
+                    exp_logger.log_image('samples', grid, step=cur_nimg)
 
         # Full training state for --resume.
         if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:

@@ -1,0 +1,104 @@
+"""Optional experiment trackers for the training loop: TensorBoard, aim, Weights & Biases.
+
+None of them is required: each is imported only when chosen, and a missing package is one
+clear error naming the pip command. Every tracker takes the same three calls: `log` (the
+per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
+"""
+
+import importlib.util
+import os
+
+# --logger value -> the package it imports.
+LOGGER_PACKAGES = dict(tensorboard='tensorboard', aim='aim', wandb='wandb')
+
+
+class LoggerError(RuntimeError):
+    """A tracker that cannot start (package missing)."""
+
+
+def missing_package_message(kind):
+    """One line naming the missing package of `kind`, or None when it is importable (or no logger)."""
+    package = LOGGER_PACKAGES.get(kind)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return f'--logger={kind} needs the {package} package: pip install {package}'
+
+
+def _import(kind, name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise LoggerError(f'--logger={kind} needs the {LOGGER_PACKAGES[kind]} package: '
+                          f'pip install {LOGGER_PACKAGES[kind]}') from None
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir, **_unused):
+        self.writer = _import('tensorboard', 'torch.utils.tensorboard').SummaryWriter(run_dir)
+
+    def log(self, stats, step):
+        for name, value in stats.items():
+            self.writer.add_scalar(name, value.mean, global_step=step)
+        self.writer.flush()
+
+    def log_image(self, name, image, step):
+        self.writer.add_image(name, image, global_step=step, dataformats='HWC')
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class AimLogger:
+    def __init__(self, run_dir, config=None, repo='', experiment='', tag='', **_unused):
+        self.aim = _import('aim', 'aim')
+        self.run = self.aim.Run(repo=repo or None, experiment=experiment or os.path.basename(run_dir))
+        for key, value in (config or {}).items():
+            self.run[key] = value
+        if tag:
+            self.run.add_tag(tag)
+
+    def log(self, stats, step):
+        for name, value in stats.items():
+            self.run.track(value.mean, name=name, step=step)
+
+    def log_image(self, name, image, step):
+        import PIL.Image
+        self.run.track(self.aim.Image(PIL.Image.fromarray(_squeeze_grey(image))), name=name, step=step)
+
+    def close(self):
+        self.run.close()
+
+
+class WandbLogger:
+    def __init__(self, run_dir, config=None, project='', experiment='', tag='', **_unused):
+        self.wandb = _import('wandb', 'wandb')
+        self.run = self.wandb.init(project=project or 'relay-diffusion', name=experiment or os.path.basename(run_dir),
+                                   dir=run_dir, config=dict(config or {}), tags=[tag] if tag else None)
+
+    def log(self, stats, step):
+        self.run.log({name: value.mean for name, value in stats.items()}, step=step)
+
+    def log_image(self, name, image, step):
+        self.run.log({name: self.wandb.Image(_squeeze_grey(image))}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+def _squeeze_grey(image):
+    # PIL and the trackers take greyscale as (H, W), not (H, W, 1).
+    return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+
+
+LOGGERS = dict(tensorboard=TensorBoardLogger, aim=AimLogger, wandb=WandbLogger)
+
+
+def make_logger(kind, run_dir, config=None, **logger_kwargs):
+    """The tracker for --logger=`kind` ('none' or None: no tracker). logger_kwargs: repo (aim),
+    project (wandb), experiment, tag."""
+    if kind in (None, 'none'):
+        return None
+    if kind not in LOGGERS:
+        raise LoggerError(f'Unknown logger "{kind}"; choose one of: none, {", ".join(LOGGERS)}')
+    return LOGGERS[kind](run_dir, config=config, **logger_kwargs)

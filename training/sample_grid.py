@@ -1,0 +1,113 @@
+"""Samples while training: a small fixed-seed grid of the EMA network, one PNG per snapshot.
+
+First stage: EDM's sampler from the seeds' latents (class labels seed % label_dim, as
+generate.py). Second stage (BlurLoss): the relay from real dataset images, downsampled by
+`up_scale` and upsampled back (nearest), as a first-stage output would be; the PNG shows those
+inputs above the relay's outputs. The same seeds and the same images every time, so the grids
+of one run are comparable.
+
+The grid never touches the training's random streams: every draw comes from per-seed
+generators, and the global CPU/CUDA/numpy states are restored afterwards in any case.
+"""
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch_utils import misc
+from training import sampling
+
+
+def grid_file_name(cur_nimg):
+    """samples-KKKKKK.png at whole kimg, else samples-KKKKKK.NNN.png (NNN = the extra images),
+    so that fractional ticks never overwrite an earlier grid."""
+    kimg, rest = divmod(int(cur_nimg), 1000)
+    return f'samples-{kimg:06d}.png' if rest == 0 else f'samples-{kimg:06d}.{rest:03d}.png'
+
+
+def to_uint8(images):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounded as generate.py's PNGs."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(images, columns=None):
+    """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) image, row-major, black padding."""
+    n, h, w, c = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    grid = np.zeros([rows * h, columns * w, c], dtype=np.uint8)
+    for idx, img in enumerate(images):
+        y, x = divmod(idx, columns)
+        grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = img
+    return grid
+
+
+@contextlib.contextmanager
+def preserved_random_state(device):
+    """Restore the global torch (CPU and `device`'s CUDA) and numpy random states on exit."""
+    np_state = np.random.get_state()
+    cuda_devices = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+class SampleGrid:
+    def __init__(self, dataset, loss_kwargs, num_images=16, num_steps=32, seed=0, device=torch.device('cpu')):
+        self.device = torch.device(device)
+        self.seeds = list(range(seed, seed + num_images))
+        self.num_steps = num_steps
+        self.label_dim = dataset.label_dim
+        self.relay = str(loss_kwargs.get('class_name', '')).endswith('BlurLoss')
+        self.inputs = None
+        if self.relay:
+            # The relay's settings are the loss's (BlurLoss defaults where the options leave them out).
+            self.up_scale = int(loss_kwargs.get('up_scale', 4))
+            self.relay_kwargs = dict(up_scale=self.up_scale, blur_sigma_max=loss_kwargs.get('blur_sigma_max', 3),
+                                     truncation_t=loss_kwargs.get('prob_length', 0.93),
+                                     s_block=loss_kwargs.get('block_scale', 0))
+            # Evenly spaced images of the dataset, read once: the same inputs at every snapshot.
+            indices = np.linspace(0, len(dataset) - 1, num_images).round().astype(np.int64)
+            items = [dataset[int(idx)] for idx in indices]
+            self.images = torch.as_tensor(np.stack([image for image, _label in items]))
+            self.labels = torch.as_tensor(np.stack([label for _image, label in items])) if self.label_dim else None
+
+    def _first_stage_labels(self):
+        if not self.label_dim:
+            return None
+        return torch.eye(self.label_dim, device=self.device)[torch.as_tensor(self.seeds, device=self.device) % self.label_dim]
+
+    @torch.no_grad()
+    def sample(self, net):
+        """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image."""
+        with preserved_random_state(self.device):
+            rnd = sampling.StackedRandomGenerator(self.device, self.seeds)
+            res = net.img_resolution
+            if not self.relay:
+                latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
+                out = sampling.edm_sampler(net, latents, self._first_stage_labels(), randn_like=rnd.randn_like,
+                                           num_steps=self.num_steps)
+                return tile(to_uint8(out))
+            real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
+            low = F.avg_pool2d(real, self.up_scale)
+            start = F.interpolate(low, scale_factor=self.up_scale, mode='nearest')
+            labels = self.labels.to(self.device) if self.labels is not None else None
+            out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like,
+                                        num_steps=self.num_steps, **self.relay_kwargs)
+            return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+
+    def write(self, net, run_dir, cur_nimg):
+        """Sample and save run_dir/samples-*.png atomically; returns (path, grid image)."""
+        import PIL.Image
+        grid = self.sample(net)
+        path = os.path.join(run_dir, grid_file_name(cur_nimg))
+        img = PIL.Image.fromarray(grid[:, :, 0], 'L') if grid.shape[2] == 1 else PIL.Image.fromarray(grid, 'RGB')
+        with misc.atomic_write(path, 'wb') as f:
+            img.save(f, format='PNG')
+        return path, grid
