@@ -18,7 +18,7 @@ from torch_utils import checkpoint
 from training import training_loop
 
 # Tiny network: DDPM++ with 8 channels at both resolutions (~20k parameters).
-TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--workers=0', '--seed=1', '--lr-rampup=0']
+TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--workers=0', '--seed=1', '--lr-rampup=0', '--grid=0']
 NUM_IMAGES = 200
 
 

@@ -1,0 +1,179 @@
+"""train.py's option handling: presets equal to the README's commands, --precision with the
+reference's --fp16, and one-line errors for every bad number or output folder before any work."""
+
+import os
+import re
+import shlex
+
+import pytest
+from click.testing import CliRunner
+
+import dnnlib
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--workers=0', '--seed=1', '--grid=0']
+
+# README dataset -> the preset that stands for its command.
+README_PRESETS = {
+    'datasets/imagenet-64x64.zip': ('imagenet64', 64),
+    'datasets/imagenet-256x256.zip': ('imagenet256', 256),
+    'datasets/celebahq-64x64.zip': ('celebahq64', 64),
+    'datasets/celebahq-256x256.zip': ('celebahq256', 256),
+}
+
+
+def _readme_train_commands():
+    """Every full `train.py` command in the README's code blocks (without --preset), as argv lists."""
+    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    commands = []
+    for block in re.findall(r'```bash\n(.*?)```', text, flags=re.S):
+        for command in block.replace('\\\n', ' ').splitlines():
+            words = shlex.split(command)
+            if 'train.py' in words and not any(w.startswith('--preset') for w in words):
+                args = words[words.index('train.py') + 1:]
+                if any(a.startswith('--data=datasets/') for a in args):
+                    commands.append(args)
+    return commands
+
+
+def _resolve(args):
+    return train.resolve_options(train.main.make_context('train.py', list(args)))
+
+
+def _fake_dataset(resolution, labels):
+    return dnnlib.EasyDict(name='fake', resolution=resolution, max_size=1000, has_labels=labels)
+
+
+def test_readme_lists_the_four_paper_runs():
+    datas = sorted(next(a for a in args if a.startswith('--data=')) for args in _readme_train_commands())
+    assert datas == sorted(f'--data={d}' for d in README_PRESETS)
+
+
+@pytest.mark.parametrize('readme_args', _readme_train_commands(), ids=lambda args: next(a for a in args if a.startswith('--data=')))
+def test_preset_equals_readme_command(readme_args):
+    data = next(a for a in readme_args if a.startswith('--data='))[len('--data='):]
+    preset, resolution = README_PRESETS[data]
+    from_readme = _resolve(readme_args + ['--seed=0'])
+    from_preset = _resolve(['--preset', preset, '--outdir=training-runs', f'--data={data}', '--seed=0'])
+    assert from_preset.pop('preset') == preset and from_readme.pop('preset') is None
+    assert from_preset == from_readme
+    # The training loop's arguments agree too (the preset sets every network and loss option).
+    dataset = _fake_dataset(resolution, labels=from_readme.cond)
+    assert train.setup_training_config(from_preset, dataset) == train.setup_training_config(from_readme, dataset)
+
+
+def test_explicit_options_override_the_preset():
+    opts = _resolve(['--preset=imagenet64', '--outdir=o', '--data=d', '--lr=2e-4', '--precision=bf16', '--batch-gpu=16'])
+    assert (opts.lr, opts.precision, opts.fp16, opts.batch_gpu) == (2e-4, 'bf16', False, 16)
+    assert (opts.batch, opts.ema, opts.ls, opts.cond, opts.arch) == (4096, 50, 25, True, 'adm')  # Kept from the preset.
+    opts = _resolve(['--preset=imagenet256', '--outdir=o', '--data=d', '--fp16=0'])
+    assert (opts.precision, opts.fp16, opts.precond, opts.prob_length) == ('fp32', False, 'blur', 0.93)
+
+
+@pytest.mark.parametrize('args, precision, fp16', [
+    ([], 'fp32', False), (['--fp16=1'], 'fp16', True), (['--precision=fp16'], 'fp16', True),
+    (['--precision=bf16'], 'bf16', False), (['--fp16=1', '--precision=fp16'], 'fp16', True),
+])
+def test_precision_and_reference_fp16(args, precision, fp16):
+    opts = _resolve(['--outdir=o', '--data=d'] + args)
+    assert (opts.precision, opts.fp16) == (precision, fp16)
+    c = train.setup_training_config(opts, _fake_dataset(16, labels=False))
+    assert c.precision == precision and c.network_kwargs.use_fp16 == fp16
+
+
+def test_label_dropout_in_network_kwargs():
+    opts = _resolve(['--outdir=o', '--data=d', '--cond=1', '--label-dropout=0.1'])
+    c = train.setup_training_config(opts, _fake_dataset(64, labels=True))
+    assert c.network_kwargs.label_dropout == 0.1
+    net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=64, img_channels=3, label_dim=10)
+    assert net.model.label_dropout == 0.1
+
+
+#----------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing created.
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    from test_train import _make_dataset
+    return _make_dataset(tmp_path_factory.mktemp('opts') / 'tiny16', n=8)
+
+
+BAD = {
+    'lr_nan':              (['--lr=nan'], '--lr=nan must be a finite number'),
+    'lr_inf':              (['--lr=inf'], '--lr=inf must be a finite number'),
+    'lr_negative':         (['--lr=-1'], '--lr=-1 is out of range'),
+    'lr_text':             (['--lr=fast'], "'fast' is not a valid float"),
+    'duration_zero':       (['--duration=0'], '--duration=0 is out of range'),
+    'tick_nan':            (['--tick=nan'], '--tick=nan must be a finite number'),
+    'ema_negative':        (['--ema=-1'], '--ema=-1 is out of range'),
+    'lr_rampup_inf':       (['--lr-rampup=inf'], '--lr-rampup=inf must be a finite number'),
+    'dropout_above_1':     (['--dropout=1.5'], '--dropout=1.5 is out of range'),
+    'augment_nan':         (['--augment=nan'], '--augment=nan must be a finite number'),
+    'ls_zero':             (['--ls=0'], '--ls=0 is out of range'),
+    'prob_length_zero':    (['--prob-length=0'], '--prob-length=0 is out of range'),
+    'prob_length_above_1': (['--prob-length=1.5'], '--prob-length=1.5 is out of range'),
+    'block_scale_nan':     (['--block-scale=nan'], '--block-scale=nan must be a finite number'),
+    'blur_sigma_inf':      (['--blur-sigma-max=inf'], '--blur-sigma-max=inf must be a finite number'),
+    'seed_negative':       (['--seed=-5'], '--seed=-5 is out of range'),
+    'seed_too_big':        (['--seed=2147483648'], '--seed=2147483648 is out of range'),
+    'batch_zero':          (['--batch=0'], '--batch=0 is out of range'),
+    'batch_gpu_zero':      (['--batch-gpu=0'], '--batch-gpu=0 is out of range'),
+    'cbase_zero':          (['--cbase=0'], '--cbase=0 is out of range'),
+    'blocks_zero':         (['--blocks=0'], '--blocks=0 is out of range'),
+    'snap_zero':           (['--snap=0'], '--snap=0 is out of range'),
+    'dump_negative':       (['--dump=-1'], '--dump=-1 is out of range'),
+    'workers_negative':    (['--workers=-1'], '--workers=-1 is out of range'),
+    'up_scale_zero':       (['--up-scale=0'], '--up-scale=0 is out of range'),
+    'grid_huge':           (['--grid=100000'], '--grid=100000 is out of range'),
+    'grid_steps_one':      (['--grid-steps=1'], '--grid-steps=1 is out of range'),
+    'cres_zero':           (['--cres=0'], '--cres=0: give 1 to 10 channel multipliers, each at least 1'),
+    'cres_range_bomb':     (['--cres=1-1000000000'], '--cres=1-1000000000: expected comma-separated'),
+    'cres_too_many':       (['--cres=1,1,1,1,1,1,1,1,1,1,1'], 'give 1 to 10 channel multipliers'),
+    'levels_for_res':      (['--cres=1,1,1,1,1,1'], '6 resolution levels (--cres / --arch=ddpmpp) are too many for 16 px images: at most 5'),
+    'label_dropout_uncond': (['--label-dropout=0.1'], '--label-dropout=0.1 drops class labels: it needs --cond=1'),
+    'label_dropout_nan':   (['--label-dropout=nan', '--cond=1'], '--label-dropout=nan must be a finite number'),
+    'fp16_vs_bf16':        (['--fp16=1', '--precision=bf16'], '--fp16=1 and --precision=bf16 disagree'),
+    'wandb_project_alone': (['--wandb-project=p'], '--wandb-project is for --logger=wandb'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD))
+def test_bad_number_is_one_line_before_any_work(tiny_data, tmp_path, case):
+    args, message = BAD[case]
+    outdir = tmp_path / 'runs'
+    result = CliRunner().invoke(train.main, ['--outdir', str(outdir), '--data', tiny_data] + TINY + args)
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('Error: '), result.output
+    assert message in lines[0], lines[0]
+    assert not outdir.exists() and os.listdir(tmp_path) == []
+
+
+def test_outdir_is_a_file(tiny_data, tmp_path):
+    target = tmp_path / 'runs'
+    target.write_text('keep me')
+    for outdir, message in [(target, 'is a file, not a folder'), (target / 'sub', 'cannot be created')]:
+        result = CliRunner().invoke(train.main, ['--outdir', str(outdir), '--data', tiny_data] + TINY)
+        assert result.exit_code != 0 and result.output.count('\n') == 1, result.output
+        assert result.output.startswith('Error: --outdir=') and message in result.output
+    assert target.read_text() == 'keep me' and os.listdir(tmp_path) == ['runs']
+
+
+def test_outdir_unwritable(tiny_data, tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / 'readonly'
+        folder.mkdir()
+        folder.chmod(0o500)
+        outdir = str(folder / 'runs')
+    elif os.path.isdir('/proc/self'):
+        outdir = '/proc/self/train-runs'  # Not writable even for root.
+    else:
+        pytest.skip('no folder here is read-only for this user')
+    result = CliRunner().invoke(train.main, ['--outdir', outdir, '--data', tiny_data] + TINY)
+    assert result.exit_code != 0 and result.output.count('\n') == 1, result.output
+    assert result.output.startswith(f'Error: --outdir={outdir} is not writable') and 'choose a writable folder' in result.output
+
+
+def test_max_levels():
+    assert [train.max_levels(r) for r in (16, 64, 256, 48, 7)] == [5, 7, 9, 5, 1]
