@@ -40,13 +40,14 @@ def test_torchrun_two_processes(tmp_path):
     outdir = tmp_path / 'runs'
     # 2 steps of 8 images = 4 per process; a snapshot every tick.
     proc = _torchrun(['--outdir', str(outdir), '--data', data, '--batch=8', '--duration=0.000016',
-                      '--tick=0.008', '--snap=1', '--dump=1', '--augment=0.12'] + TINY, tmp_path)
+                      '--tick=0.008', '--snap=1', '--dump=1', '--augment=0.12', '--grid=4', '--grid-steps=2'] + TINY, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_name,) = os.listdir(outdir)  # Only rank 0 creates a folder.
     assert run_name == '00000-tiny16-uncond-ddpmpp-edm-gpus2-batch8-fp32'
     run_dir = outdir / run_name
-    assert sorted(f for f in os.listdir(run_dir) if not f.startswith('.')) == [
-        'log.txt', 'network-snapshot-000000.pkl', 'stats.jsonl', 'training-state-000000.pt', 'training_options.json']
+    assert sorted(f for f in os.listdir(run_dir) if not f.startswith('.')) == [  # Sample grids from rank 0 only.
+        'log.txt', 'network-snapshot-000000.pkl', 'samples-000000.008.png', 'samples-000000.016.png', 'stats.jsonl',
+        'training-state-000000.pt', 'training_options.json']
     with open(run_dir / 'stats.jsonl') as f:
         lines = [json.loads(line) for line in f]
     assert lines[-1]['Progress/kimg']['mean'] == pytest.approx(0.016)

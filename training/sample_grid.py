@@ -1,7 +1,7 @@
 """Samples while training: a small fixed-seed grid of the EMA network, one PNG per snapshot.
 
-First stage: EDM's sampler from the seeds' latents (class labels seed % label_dim, as
-generate.py). Second stage (BlurLoss): the relay from real dataset images, downsampled by
+First stage: EDM's sampler (`training.sampling`, its defaults but `num_steps`) from the seeds'
+latents, class labels seed % label_dim as generate.py. Second stage (BlurLoss): the relay from real dataset images, downsampled by
 `up_scale` and upsampled back (nearest), as a first-stage output would be; the PNG shows those
 inputs above the relay's outputs. The same seeds and the same images every time, so the grids
 of one run are comparable.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_utils import misc
-from training import sampling
+from training import pipeline, sampling
 
 
 def grid_file_name(cur_nimg):
@@ -30,8 +30,10 @@ def grid_file_name(cur_nimg):
 
 
 def to_uint8(images):
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounded as generate.py's PNGs."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounded as generate.py's PNGs. A
+    diverged sample shows as grey rather than stopping the training."""
+    images = torch.nan_to_num(images.to(torch.float64), nan=0, posinf=1, neginf=-1)
+    return pipeline.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def tile(images, columns=None):
@@ -78,11 +80,6 @@ class SampleGrid:
             self.images = torch.as_tensor(np.stack([image for image, _label in items]))
             self.labels = torch.as_tensor(np.stack([label for _image, label in items])) if self.label_dim else None
 
-    def _first_stage_labels(self):
-        if not self.label_dim:
-            return None
-        return torch.eye(self.label_dim, device=self.device)[torch.as_tensor(self.seeds, device=self.device) % self.label_dim]
-
     @torch.no_grad()
     def sample(self, net):
         """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image."""
@@ -91,7 +88,7 @@ class SampleGrid:
             res = net.img_resolution
             if not self.relay:
                 latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
-                out = sampling.edm_sampler(net, latents, self._first_stage_labels(), randn_like=rnd.randn_like,
+                out = sampling.edm_sampler(net, latents, pipeline.class_labels(self.label_dim, self.seeds, None, self.device), randn_like=rnd.randn_like,
                                            num_steps=self.num_steps)
                 return tile(to_uint8(out))
             real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
@@ -104,10 +101,8 @@ class SampleGrid:
 
     def write(self, net, run_dir, cur_nimg):
         """Sample and save run_dir/samples-*.png atomically; returns (path, grid image)."""
-        import PIL.Image
         grid = self.sample(net)
         path = os.path.join(run_dir, grid_file_name(cur_nimg))
-        img = PIL.Image.fromarray(grid[:, :, 0], 'L') if grid.shape[2] == 1 else PIL.Image.fromarray(grid, 'RGB')
         with misc.atomic_write(path, 'wb') as f:
-            img.save(f, format='PNG')
+            pipeline.uint8_to_pil(grid.transpose(2, 0, 1)).save(f, format='PNG')
         return path, grid
