@@ -219,18 +219,20 @@ def test_bf16_trains(data, tmp_path, monkeypatch):
     dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=False)
     common = dict(dataset_kwargs=dataset_kwargs, data_loader_kwargs=dict(num_workers=0),
                   network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
-                                      model_channels=16, channel_mult=[1, 1], dropout=0),
+                                      model_channels=8, channel_mult=[1, 1], dropout=0),
                   loss_kwargs=dict(class_name='training.loss.EDMLoss'),
                   optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=3e-3, betas=[0.9, 0.999], eps=1e-8),
-                  seed=1, batch_size=16, lr_rampup_kimg=0, kimg_per_tick=1, snapshot_ticks=None,
+                  seed=1, batch_size=8, lr_rampup_kimg=0, kimg_per_tick=1, snapshot_ticks=None,
                   state_dump_ticks=None, precision='bf16', progress_bar=False, device='cpu')
-    start = training_loop.training_loop(run_dir=str(tmp_path / 'a'), total_kimg=0.016, **common)
-    end = training_loop.training_loop(run_dir=str(tmp_path / 'b'), total_kimg=0.016 * 30, **common)
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    start = training_loop.training_loop(run_dir=str(tmp_path / 'a'), total_kimg=0.008, **common)
+    end = training_loop.training_loop(run_dir=str(tmp_path / 'b'), total_kimg=0.008 * 30, **common)
     assert dtypes == {torch.bfloat16}  # The convolutions ran under bf16 autocast.
     assert all(p.dtype == torch.float32 for p in end['net'].parameters())  # Weights stay fp32.
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     images = torch.as_tensor(np.stack([dataset[i][0] for i in range(32)])).float() / 127.5 - 1
     before, after = _fixed_batch_loss(start['net'], images), _fixed_batch_loss(end['net'], images)
-    assert np.isfinite(before) and np.isfinite(after) and after < 0.8 * before, (before, after)
+    assert np.isfinite(before) and np.isfinite(after) and after < 0.9 * before, (before, after)
     with open(tmp_path / 'b' / 'stats.jsonl') as f:
         assert all(np.isfinite(json.loads(line)['Loss/loss']['mean']) for line in f)

@@ -566,7 +566,7 @@ class VPPrecond(torch.nn.Module):
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
 
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)  # bf16 training runs under autocast.
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def sigma(self, t):
@@ -612,7 +612,7 @@ class VEPrecond(torch.nn.Module):
         c_noise = (0.5 * sigma).log()
 
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)  # bf16 training runs under autocast.
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def round_sigma(self, sigma):
@@ -661,7 +661,7 @@ class iDDPMPrecond(torch.nn.Module):
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
 
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)  # bf16 training runs under autocast.
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
     def alpha_bar(self, j):
@@ -708,7 +708,7 @@ class EDMPrecond(torch.nn.Module):
         c_noise = sigma.log() / 4
 
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)  # bf16 training runs under autocast.
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def round_sigma(self, sigma):
