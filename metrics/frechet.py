@@ -29,7 +29,31 @@ def _check_stats(mu, sigma, what):
                                f'expected [D] and [D, D]')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise MetricInputError(f'{what}: statistics contain NaN or inf')
+    _check_covariance(sigma, what)
     return mu, sigma
+
+
+SYMMETRY_TOL = 1e-6  # Relative to the largest entry: rounding of files written in float32 passes.
+PSD_TOL = 1e-6       # Negative eigenvalues allowed, relative to the trace (>= the largest eigenvalue).
+
+
+def _check_covariance(sigma, what):
+    """Refuse a covariance that is not symmetric positive semi-definite within rounding: the
+    square root in the distance would silently clip what is wrong (a bad file gave FID 0)."""
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if scale == 0.0:
+        return
+    if float(np.abs(sigma - sigma.T).max()) > SYMMETRY_TOL * scale:
+        raise MetricInputError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
+    # A Cholesky factorization of sigma + eps I exists iff no eigenvalue is below -eps.
+    trace = float(np.trace(sigma))
+    if trace <= 0:
+        raise MetricInputError(f'{what}: covariance is not positive semi-definite (trace {trace:g}); the file is damaged or not a covariance')
+    eps = PSD_TOL * trace
+    try:
+        np.linalg.cholesky((sigma + sigma.T) / 2 + eps * np.eye(sigma.shape[0]))
+    except np.linalg.LinAlgError:
+        raise MetricInputError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance') from None
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
