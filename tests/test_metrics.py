@@ -221,6 +221,8 @@ def test_fid_refuses_covariances_that_are_not_symmetric_psd():
         frechet_distance(mu, indefinite, mu, s)
     with pytest.raises(MetricInputError, match='not positive semi-definite'):
         frechet_distance(mu, s, mu, -s)
+    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+        frechet_distance(mu, singular, mu, indefinite)  # Singular S1: S2 is checked on its own.
     asym = s.copy()
     asym[0, 1] += 0.1 * np.abs(s).max()
     with pytest.raises(MetricInputError, match='not symmetric'):
