@@ -23,6 +23,9 @@ import tempfile
 import click
 import numpy as np
 import torch
+import tqdm
+
+import dnnlib
 
 from metrics import activations as acts
 from metrics import refs
@@ -34,6 +37,7 @@ from metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from metrics.precision_recall import precision_recall
 from torch_utils import distributed as dist
 from torch_utils.misc import atomic_write
+from training import pipeline
 
 METRIC_ORDER = ['fid', 'sfid', 'is', 'pr', 'kid', 'fd_dinov2']
 FEATURES = ['inception', 'dinov2']
@@ -329,6 +333,159 @@ def calc(metrics, sample_path, ref_path, detector, batch, is_bias, kid_subsets, 
         payload = dict(results, activations_sample=sample_path, activations_ref=ref_path)
         with atomic_write(json_path, 'w') as f:
             json.dump(payload, f, indent=2)
+
+#----------------------------------------------------------------------------
+# gen: metrics straight from the networks.
+
+MAX_GEN_SEEDS = 10_000_000
+
+
+def _parse_seeds(text):
+    """'1,2,5-10' -> list, counted before it is built (at most MAX_GEN_SEEDS)."""
+    count = 0
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
+        count += int(m.group(2)) - int(m.group(1)) + 1 if m else 1
+        if m and int(m.group(2)) < int(m.group(1)):
+            raise click.BadParameter(f'"{part.strip()}" is an empty range (write the lower seed first)', param_hint="'--seeds'")
+    if count > MAX_GEN_SEEDS:
+        raise click.BadParameter(f'"{text}" lists more than {MAX_GEN_SEEDS:,} seeds', param_hint="'--seeds'")
+    try:
+        return dnnlib.util.parse_int_list(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--seeds'") from None
+
+
+def _sampler_options(fn):
+    """Every sampler option of the generate scripts, under the same flags (None = preset,
+    checkpoint, then sampler default, resolved and range-checked by training.pipeline)."""
+    for name in reversed(list(pipeline.SAMPLER_OPTIONS)):
+        integer = name.startswith(('num_steps', 'up_scale'))
+        fn = click.option(pipeline.flag(name), name, metavar='INT' if integer else 'FLOAT', type=int if integer else float, default=None,
+                          help=f'Sampler option {pipeline.flag(name)} as in generate.py  [default: preset / checkpoint]')(fn)
+    return fn
+
+
+def generate_activations(pipe, seeds, det, keys, batch, class_idx=None, outdir=None, progress=True):
+    """Sample `seeds` sharded across processes as generate.py does, run the detector on the
+    uint8 images (the PNGs' pixels), and return on rank 0 the activations in seed order."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = pipeline.plan_batches(seeds, batch, world)
+    positions, start = [], 0
+    for b in batches:
+        positions.append(torch.arange(start, start + len(b)))
+        start += len(b)
+    per_rank = [[p for p in positions[r::world] if len(p)] for r in range(world)]
+    outputs = {k: [] for k in keys}
+    bar = tqdm.tqdm(total=len(seeds), unit='img', disable=(not progress or rank != 0), dynamic_ncols=True)
+    error = None
+    try:
+        for b in batches[rank::world]:
+            if len(b):
+                images = pipe(b, class_idx=class_idx, batch_size=len(b))
+                if outdir is not None:
+                    for seed, img in zip(b, pipe.to_pil(images)):
+                        path = os.path.join(outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        with atomic_write(path, 'wb') as f:
+                            img.save(f, format='PNG')
+                out = det(images)
+                for k in keys:
+                    outputs[k].append(out[k].cpu())
+            bar.update(len(b) * world)
+    except Exception as err:  # pylint: disable=broad-exception-caught
+        error = err  # Re-raised below, after telling the other processes not to wait for us.
+    finally:
+        bar.close()
+    if not _all_ranks_ok(error is None):
+        raise error if error is not None else RuntimeError('another process failed; see its message')
+    return acts.gather_rows(outputs, per_rank, len(seeds), det.device)
+
+
+@main.command()
+@click.option('--network_first',      help='First stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network_second',     help='Second stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', type=str, required=True)
+@click.option('--preset',             help='Sampler settings and post-processing of a generate script', type=click.Choice(list(pipeline.PRESETS)), default='generate', show_default=True)
+@click.option('--seeds',              help='Random seeds (e.g. 1,2,5-10)  [default: the preset\'s, 50,000 for imagenet, 30,000 for celebahq]', metavar='LIST', type=str, default=None)
+@click.option('--class', 'class_idx', help='Class label  [default: seed % classes]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--postprocess',        help='Override the preset\'s post-processing of the images', type=click.Choice(list(pipeline.POSTPROCESS)), default=None)
+@click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('-m', 'metrics',        help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRIC_ORDER), multiple=True, required=True)
+@click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME', type=str, default=None)
+@click.option('--detector',           help='Inception detector, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--dinov2',             help='DINOv2 ViT-L/14 weights for fd_dinov2, path or URL', metavar='PATH|URL', type=str, default=DINOV2_VITL14_URL, show_default=True)
+@click.option('--dest', 'dest_path',  help='Also keep the sample activations in this .npz (must not exist)', metavar='NPZ', type=str, default=None)
+@click.option('--outdir',             help='Also keep the images as PNGs here (generate.py\'s layout)', metavar='DIR', type=str, default=None)
+@click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
+@_sampler_options
+def gen(network_first, network_second, preset, seeds, class_idx, postprocess, batch, metrics, ref_path, detector, dinov2,
+        dest_path, outdir, json_path, **sampler_options):
+    """Sample the relay in memory and print its metrics (one command, under torchrun).
+
+    The images are exactly those generate.py (or the preset's script) would write as PNGs,
+    post-processing included; the detectors see them as uint8, as they would read the PNGs.
+
+    \b
+    torchrun --standalone --nproc_per_node=8 evaluate.py gen --preset=imagenet \
+        --network_first=first.pkl --network_second=second.pt -m fid -m sfid -m is --ref=adm-imagenet-256
+    """
+    dist.init()
+    seeds = _parse_seeds(seeds if seeds is not None else pipeline.PRESETS[preset]['seeds'])
+    if ref_path is None and any(m != 'is' for m in metrics):
+        raise click.UsageError('--ref is required for fid, sfid, pr, kid and fd_dinov2 (a path, URL or name; see `evaluate.py refs`)')
+    if dest_path is not None:
+        if not dest_path.lower().endswith('.npz'):
+            raise click.ClickException(f'--dest {dest_path}: must end in .npz')
+        check_writable(dest_path, '--dest')
+    if json_path is not None:
+        check_writable(json_path, '--json')
+    if outdir is not None:
+        if os.path.exists(outdir) and not os.path.isdir(outdir):
+            raise click.ClickException(f'--outdir {outdir} is a file; choose a folder')
+        os.makedirs(outdir, exist_ok=True)
+        check_writable(os.path.join(outdir, '.probe'), '--outdir')
+    try:
+        pipe = pipeline.RelayPipeline(network_first, network_second, preset=preset, device=dist.get_device(), postprocess=postprocess,
+                                      warn=False, **sampler_options)
+        pipe.check_class(class_idx)
+    except (pipeline.RelayError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    for note in pipe.warnings:
+        dist.print0(f'warning: {note}')
+    features = ['inception'] if any(m != 'fd_dinov2' for m in metrics) else []
+    features += ['dinov2'] if 'fd_dinov2' in metrics else []
+    det, keys = _load_detectors(features, detector, dinov2)
+    (local_ref, ref_info), error = (None, None), None
+    if dist.get_rank() == 0:  # Download (once) and check the reference before the long work.
+        try:
+            local_ref, ref_info = _resolve_ref(ref_path)
+        except click.ClickException as err:
+            error = err
+    if not _all_ranks_ok(error is None):
+        raise error if error is not None else click.ClickException('rank 0 could not get the reference; see its message')
+
+    dist.print0(f'Sampling {len(seeds)} images and computing their activations ...')
+    try:
+        result = generate_activations(pipe, seeds, det, keys, batch, class_idx=class_idx, outdir=outdir)
+    except (pipeline.RelayError, MetricInputError, DetectorError, DINOv2Error, OSError, RuntimeError) as err:
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise click.ClickException(message) from None
+    if dist.get_rank() != 0:
+        return
+    for key, value in result.items():
+        if not np.isfinite(value).all():
+            raise click.ClickException(f'{key} contains NaN or inf; check the networks and the detector')
+    with tempfile.TemporaryDirectory() as tmp:
+        sample_path = dest_path if dest_path is not None else os.path.join(tmp, 'activations.npz')
+        with atomic_write(sample_path, 'wb') as f:
+            np.savez(f, **result)
+        results = calc_metrics(metrics, sample_path, local_ref, detector=detector, ref_info=ref_info)
+    for name, value in results.items():
+        print(f'{name}: {value:g}')
+    if json_path is not None:
+        with atomic_write(json_path, 'w') as f:
+            json.dump(dict(results, network_first=network_first, network_second=network_second, preset=preset,
+                           num_samples=len(seeds), activations_ref=ref_path), f, indent=2)
 
 #----------------------------------------------------------------------------
 

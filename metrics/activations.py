@@ -230,7 +230,7 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
 
     if stats_only:
         return _finalize_stats(accs, detector, keys)
-    return _gather(outputs, per_rank, num_items, device)
+    return gather_rows(outputs, per_rank, num_items, device)
 
 
 def _stats_accumulators(out, keys, device):
@@ -249,8 +249,9 @@ def _finalize_stats(accs, detector, keys):
     return result if dist.get_rank() == 0 else None
 
 
-def _gather(outputs, per_rank, num_items, device, chunk_rows=4096):
-    """Collect every rank's rows on rank 0 and put them in dataset order."""
+def gather_rows(outputs, per_rank, num_items, device, chunk_rows=4096):
+    """Collect every rank's rows on rank 0 and put them in dataset order: outputs[key] is a
+    list of [rows, D] tensors whose rows are the dataset positions in per_rank[rank]."""
     rank, world = dist.get_rank(), dist.get_world_size()
     keys = list(outputs.keys())
     local = {k: (torch.cat(v) if v else None) for k, v in outputs.items()}
