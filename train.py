@@ -116,6 +116,7 @@ def _random_seed():
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--loss-norm',      help='Divisor of the summed loss: reference = RDM\'s (32 at 64 px, else 256), edm = images per process', type=click.Choice(['reference', 'edm']), default='reference', show_default=True)
 @click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 # Performance.
 @click.option('--fp16',           help='Enable mixed-precision training (CUDA)', metavar='BOOL',     type=bool, default=False, show_default=True)
@@ -212,7 +213,7 @@ def main(**kwargs):
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(loss_scaling=opts.ls, loss_norm=opts.loss_norm, cudnn_benchmark=opts.bench)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.logger = opts.logger
     if opts.logger != 'none':  # Optional packages: fail now rather than after creating the run folder.

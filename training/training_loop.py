@@ -89,6 +89,23 @@ def load_transfer_weights(path, net, ema):
 
 
 #----------------------------------------------------------------------------
+# Loss normalisation: the summed per-pixel loss of each accumulation round is multiplied by
+# loss_scaling / divisor before backward. Under Adam a constant divisor c acts like dividing
+# eps by c, so the choice changes the trained weights (slightly) and must match the reference
+# to reproduce its runs.
+#   reference  RDM's rule: 32 when the batch's images are 64 pixels wide, 256 otherwise.
+#   edm        EDM's rule: the images per process (batch_size / processes), i.e. the per-image
+#              mean of the summed loss over the whole batch once DDP averages the gradients;
+#              independent of resolution and batch size.
+
+LOSS_NORMS = ('reference', 'edm')
+
+
+def reference_loss_divisor(images):
+    return 32 if images.shape[-1] == 64 else 256
+
+
+#----------------------------------------------------------------------------
 # Optional experiment loggers; never required.
 
 class _TensorBoardLogger:
@@ -166,6 +183,7 @@ def training_loop(
     logger              = None,     # None / 'none' / 'tensorboard' / 'aim'.
     logger_kwargs       = {},       # Extra options of the aim logger (repo, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
+    loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see LOSS_NORMS.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
     start_time = time.time()
@@ -187,6 +205,13 @@ def training_loop(
     num_accumulation_rounds = batch_gpu_total // batch_gpu
     if batch_size != batch_gpu * num_accumulation_rounds * world:
         raise TrainingError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
+
+    if loss_norm not in LOSS_NORMS:
+        raise TrainingError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
+    if loss_norm == 'reference':
+        loss_divisor = reference_loss_divisor
+    else:
+        loss_divisor = lambda images: batch_gpu_total
 
     # Dataset.
     dist.print0('Loading dataset...')
@@ -279,12 +304,7 @@ def training_loop(
                 labels = labels.to(device)
                 loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
-                # Normalise the summed per-pixel loss by the per-process batch, as EDM does:
-                # DDP averages gradients over processes, so the step sees the mean over all
-                # batch_size images. (The reference RDM divides by a constant keyed on image
-                # size, 32 at 64 px and 256 otherwise; Adam is invariant to a constant gradient
-                # scale up to its eps, so the choice does not change training.)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+                loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
 
         # Learning-rate warm-up, NaN/Inf guard, step.
         for g in optimizer.param_groups:
