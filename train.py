@@ -62,7 +62,7 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
 
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state
+    from training.training_loop import find_latest_training_state, training_state_nimg
     if os.path.isdir(path):
         state = find_latest_training_state(path)
         if state is None:
@@ -73,8 +73,7 @@ def _resolve_resume(path):
     # torch.save writes a zip archive; anything else is not a state this script wrote.
     if not zipfile.is_zipfile(path):
         raise click.ClickException(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
-    m = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
-    return path, (int(m.group(1)) if m else 0)
+    return path, (training_state_nimg(path) or 0) / 1000
 
 
 def _next_run_dir(outdir, desc):
@@ -280,7 +279,7 @@ def main(**kwargs):
 
     # Create the run folder and tee the console into log.txt.
     dist.print0('Creating output directory...')
-    logger = None
+    logger = run_lock = None
     if dist.get_rank() == 0:
         if opts.nosubdir:
             os.makedirs(c.run_dir, exist_ok=True)
@@ -291,6 +290,11 @@ def main(**kwargs):
                     break
                 except FileExistsError:
                     c.run_dir = _next_run_dir(opts.outdir, desc)
+        from training.training_loop import lock_run_dir, TrainingError
+        try:
+            run_lock = lock_run_dir(c.run_dir)  # One run per folder (two --nosubdir runs would mix their files).
+        except TrainingError as err:
+            raise click.ClickException(str(err))
         from torch_utils.misc import atomic_write
         with atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
@@ -306,6 +310,8 @@ def main(**kwargs):
     finally:
         if logger is not None:
             logger.close()
+        if run_lock is not None:
+            run_lock.release()
 
 
 if __name__ == '__main__':
