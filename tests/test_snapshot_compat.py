@@ -348,13 +348,10 @@ def test_foreign_tree_refuses_project_only_names(runs, tmp_path):
     assert "cannot import name 'blurring' from 'training'" in proc.stderr
 
 
-def test_snapshot_loss_kwargs_reads_both_formats(runs):
-    from training import loss
-    new = checkpoint.load_checkpoint(runs['second']['snapshot'])
-    assert loss.snapshot_loss_kwargs(new) == dict(STAGES['second'])
-    old = dict(new, loss_fn=loss.BlurLoss(up_scale=2, block_scale=0.1))
-    del old['loss_kwargs']
-    assert loss.snapshot_loss_kwargs(old) == dict(class_name='training.loss.BlurLoss', P_mean=-1.2, P_std=1.2,
-                                                  sigma_data=0.5, up_scale=2, prob_length=0.93, blur_sigma_max=3,
-                                                  min_scale=0.001, block_scale=0.1)
-    assert loss.snapshot_loss_kwargs(dict(ema=new['ema'])) is None
+
+def test_relay_settings_read_back_from_a_trained_snapshot(runs):
+    # The generator takes the second stage's defaults from the snapshot's loss_kwargs.
+    from training import pipeline
+    data = checkpoint.load_checkpoint(runs['second']['snapshot'])
+    assert pipeline.read_relay_settings(data) == dict(up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3)
+    assert pipeline.read_relay_settings(checkpoint.load_checkpoint(runs['first']['snapshot'])) == {}

@@ -11,8 +11,6 @@ BlurLoss (the relay stage's blurring-diffusion loss) is appended below by the re
 author; it uses training/blurring.py.
 """
 
-import inspect
-
 import torch
 
 from torch_utils import persistence
@@ -131,26 +129,3 @@ class BlurLoss:
         D_yn = net(y_blurred + n, sigma, labels, augment_labels=augment_labels)
         return weight * ((D_yn - y) ** 2)
 
-
-#----------------------------------------------------------------------------
-# The loss a snapshot was trained with, as plain options.
-
-def snapshot_loss_kwargs(snapshot):
-    """dict(class_name='training.loss.<Name>', <constructor options>) for a loaded snapshot dict:
-    its `loss_kwargs` (written by this project's training loop), or the attributes of the
-    `loss_fn` object that older snapshots and the reference's files hold. None when neither."""
-    loss_kwargs = snapshot.get('loss_kwargs')
-    if isinstance(loss_kwargs, dict):
-        return dict(loss_kwargs)
-    loss_fn = snapshot.get('loss_fn')
-    if loss_fn is None:
-        return None
-    name = type(loss_fn).__name__
-    ours = globals().get(name)
-    if isinstance(ours, type) and persistence.is_persistent(ours):
-        # The constructor's options, read back from the object's attributes of the same names.
-        params = [p for p in inspect.signature(ours.__init__).parameters if p != 'self']
-        options = {p: getattr(loss_fn, p) for p in params if hasattr(loss_fn, p)}
-    else:
-        options = {k: v for k, v in vars(loss_fn).items() if not k.startswith('_')}
-    return dict(class_name=f'training.loss.{name}', **options)

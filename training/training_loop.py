@@ -14,7 +14,7 @@ The snapshot holds only objects that unpickle inside the reference's and EDM's o
 the EMA network and augmentation pipe (persistent objects whose module source imports only
 names those trees have) and plain dicts. The loss is stored as its constructor options
 (`loss_kwargs`, a dict with class_name) rather than as an object; older snapshots and the
-reference's files hold a `loss_fn` object instead (training.loss.snapshot_loss_kwargs reads both).
+reference's files hold a `loss_fn` object instead (training/pipeline.py reads both).
 """
 
 import contextlib
