@@ -33,7 +33,10 @@ import pickle
 import struct
 import zipfile
 
+import click
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 import dnnlib
@@ -65,9 +68,8 @@ def _json_path(path):
 
 
 def _load_safetensors(path, what, config_path=None):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     try:
-        with safe_open(path, framework='pt', device='cpu') as sf:
+        with safetensors.safe_open(path, framework='pt', device='cpu') as sf:
             metadata = sf.metadata() or {}
             tensors = {k: sf.get_tensor(k) for k in sf.keys()}
     except Exception as err:
@@ -223,7 +225,6 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 
     Returns (safetensors_path, json_path).
     """
-    from safetensors.torch import save as st_save  # pylint: disable=import-outside-toplevel
     if not str(dst).endswith('.safetensors'):
         raise CheckpointError(f'{dst}: output name must end in .safetensors')
     json_path = _json_path(dst)
@@ -234,7 +235,7 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
     config = network_config(net, key='ema', source=os.path.basename(str(src)))
     config_text = json.dumps(config, indent=2)
     tensors = {name: t.detach().contiguous() for name, t in net.state_dict().items()}
-    blob = st_save(tensors, metadata={'rdm_config': json.dumps(config)})
+    blob = safetensors.torch.save(tensors, metadata={'rdm_config': json.dumps(config)})
     with atomic_write(dst, 'wb') as f:
         f.write(blob)
     with atomic_write(json_path, 'w') as f:
@@ -245,8 +246,6 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 # Command line: python -m torch_utils.checkpoint export IN OUT.safetensors
 
 def _cli():
-    import click  # pylint: disable=import-outside-toplevel
-
     @click.group()
     def main():
         """Inspect and convert network checkpoints (.pkl, .pt, .safetensors)."""
