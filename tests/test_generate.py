@@ -24,7 +24,8 @@ from click.testing import CliRunner
 import generate
 import generate_celebahq
 import generate_imagenet
-from generate import StackedRandomGenerator, blur_sampler, edm_sampler
+from training.pipeline import RelayPipeline
+from training.sampling import StackedRandomGenerator, blur_sampler, edm_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,13 +287,16 @@ def test_relay_pipeline_writes_the_reference_images(tmp_path):
 
 def test_relay_trace_matches_generate(tmp_path):
     net1, net2 = _nets(label_dim=3)
-    trace = generate.relay_trace(net1, net2, [4, 9], num_steps_first=8, num_steps_second=12)
-    assert trace['first'].shape == (2, 3, 8, 8) and trace['upsampled'].shape == trace['start'].shape == trace['final'].shape == (2, 3, 32, 32)
+    pipe = RelayPipeline(net1, net2, device='cpu', num_steps_first=8, num_steps_second=12)
+    trace = {}
+    final = pipe.sample([4, 9], trace=trace)
+    assert trace['first'].shape == (2, 3, 8, 8) and trace['upsampled'].shape == trace['start'].shape == final.shape == (2, 3, 32, 32)
     assert torch.equal(trace['upsampled'][:, :, ::4, ::4], trace['first'])
     generate.generate_images(tmp_path, seeds=[4, 9], network_first=net1, network_second=net2, **FAST)
     images = _read_pngs(tmp_path)
+    pixels = pipe([4, 9]).permute(0, 2, 3, 1).numpy()
     for i, seed in enumerate([4, 9]):
-        assert np.array_equal(generate.to_uint8(trace['final'][i:i + 1])[0], images[f'000000/{seed:06d}.png'])
+        assert np.array_equal(pixels[i], images[f'000000/{seed:06d}.png'])
 
 
 def test_same_images_for_any_batch_size(tmp_path):
