@@ -229,20 +229,35 @@ def open_cifar10(path):
     images = np.concatenate(images).transpose(0, 2, 3, 1)  # NCHW => NHWC
     if len(labels) != len(images):
         raise click.ClickException(f'cannot read CIFAR-10 tarball {path}: {len(images)} images but {len(labels)} labels')
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(len(images))]
+    names = ItemNames(os.path.basename(path), len(images))
     return Source(kind='cifar10', path=path, names=names, refs=images, labels=labels, mode='RGB')
 
+MAX_IDX_BYTES = 1 << 30  # MNIST-format files hold tens of MB; more is not such a file (or a gzip bomb).
+
 def read_idx(path, magic, ndim):
-    """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data."""
-    with gzip.open(path, 'rb') as f:
-        data = f.read()
+    """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data. Reads no more than the
+    header declares (and at most MAX_IDX_BYTES), so a gzip bomb cannot fill memory."""
     head = 4 + 4 * ndim
-    if len(data) < head or struct.unpack('>I', data[:4])[0] != magic:
-        raise ValueError(f'{path} is not an MNIST IDX file')
-    shape = struct.unpack(f'>{ndim}I', data[4:head])
-    if len(data) - head != int(np.prod(shape)):
-        raise ValueError(f'{path} is truncated: expected {int(np.prod(shape))} bytes of data')
-    return np.frombuffer(data, np.uint8, offset=head).reshape(shape)
+    with gzip.open(path, 'rb') as f:
+        header = f.read(head)
+        if len(header) < head or struct.unpack('>I', header[:4])[0] != magic:
+            raise ValueError(f'{path} is not an MNIST IDX file')
+        shape = struct.unpack(f'>{ndim}I', header[4:head])
+        size = int(np.prod(shape, dtype=np.int64))
+        if size > MAX_IDX_BYTES:
+            raise ValueError(f'{path} declares {list(shape)} = {size} bytes of data, more than an MNIST-format file holds')
+        chunks, got = [], 0
+        while got <= size:  # In chunks: memory grows with the data actually there, not the claim.
+            chunk = f.read(min(size + 1 - got, 16 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b''.join(chunks)
+    if len(data) != size:
+        raise ValueError(f'{path} is {"truncated" if len(data) < size else "longer than its header says"}: '
+                         f'expected {size} bytes of data')
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 def open_mnist(path):
     labels_path = path.replace('-images-idx3-ubyte.gz', '-labels-idx1-ubyte.gz')
@@ -258,9 +273,23 @@ def open_mnist(path):
         raise click.ClickException(f'{path}: {len(images)} images but {len(labels)} labels in {labels_path}')
     if images.shape[1:] == (28, 28):
         images = np.pad(images, [(0, 0), (2, 2), (2, 2)])  # 28 => 32 with black borders, as EDM.
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(len(images))]
+    names = ItemNames(os.path.basename(path), len(images))
     return Source(kind='mnist', path=path, names=names, refs=images,
                   labels=None if labels is None else [int(x) for x in labels], mode='L', notes=notes)
+
+class ItemNames:
+    """Names of the items of an array source, made on demand ('file.npz[12]'): a header that
+    claims a billion images must not make us build a billion strings."""
+    def __init__(self, base, n):
+        self.base, self.n = base, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return f'{self.base}[{i}]'
 
 class NpyMember:
     """Random access to the images of arr_0 inside an .npz without loading the whole array
@@ -279,6 +308,14 @@ class NpyMember:
             self._zip.close()
             raise
         self._offset = self._file.tell()
+        # The header's shape must fit in the bytes the member holds (deflate expands at most
+        # about 1032 times), so a small file cannot claim a billion images.
+        info = self._zip.getinfo(key + '.npy')
+        stored = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
+        needed = self._offset + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+        if needed > stored:
+            self._zip.close()
+            raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {stored} bytes')
         self._array = None
         if fortran:  # Rare; element i is not contiguous, so read it all once.
             with np.load(path, allow_pickle=False) as npz:
@@ -303,9 +340,14 @@ def open_npz(path):
         arr = NpyMember(path)
         shape, dtype = arr.shape, arr.dtype
         arr.close()  # Workers open their own.
-        with np.load(path, allow_pickle=False) as npz:
-            labels = npz['arr_1'] if 'arr_1' in npz.files else None
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        labels = None
+        with zipfile.ZipFile(path) as z:
+            has_labels = 'arr_1.npy' in z.namelist()
+        if has_labels:
+            NpyMember(path, 'arr_1').close()  # Checks its header against its size before loading it.
+            with np.load(path, allow_pickle=False) as npz:
+                labels = npz['arr_1']
+    except (KeyError, ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile, zlib.error) as err:
         raise click.ClickException(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}')
     if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
         raise click.ClickException(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
@@ -316,7 +358,7 @@ def open_npz(path):
                                        f'got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
     mode = 'L' if len(shape) == 3 or shape[3] == 1 else {3: 'RGB', 4: 'RGBA'}[shape[3]]
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(shape[0])]
+    names = ItemNames(os.path.basename(path), shape[0])
     return Source(kind='npz', path=path, names=names, refs=range(shape[0]), labels=labels, mode=mode)
 
 def open_source(path):
