@@ -84,14 +84,14 @@ def check_writable(path, option):
         raise click.ClickException(f'{option} {path}: cannot write in {folder} ({err.strerror or err}); choose a writable folder') from None
 
 
-def _load_detectors(features, detector, dinov2):
+def _load_detectors(features, detector, dinov2, trust_detector=False):
     """One Detectors object for the requested feature kinds (rank 0 downloads first)."""
     device = dist.get_device()
     verbose = dist.get_rank() == 0
     dets, keys = [], []
     if 'inception' in features:
         dist.print0(f'Loading detector {detector} ...')
-        dets.append(_rank0_first(lambda: load_detector(detector, device=device, verbose=verbose)))
+        dets.append(_rank0_first(lambda: load_detector(detector, device=device, verbose=verbose, trust_pickle=trust_detector)))
         keys += acts.INCEPTION_KEYS
     if 'dinov2' in features:
         dist.print0(f'Loading DINOv2 weights {dinov2} ...')
@@ -119,10 +119,11 @@ def main():
 @click.option('--detector',           help='Detector: NVIDIA Inception .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
 @click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers',            help='Data loader worker processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--stats-only', 'stats_only', help='Write only mu/sigma/mu_s/sigma_s (streamed; for huge reference sets)', is_flag=True)
 @click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(FEATURES), multiple=True, default=['inception'], show_default=True)
 @click.option('--dinov2',             help='DINOv2 ViT-L/14 weights (plain state dict), path or URL', metavar='PATH|URL', type=str, default=DINOV2_VITL14_URL, show_default=True)
-def activations(data_path, dest_path, detector, batch, workers, stats_only, features, dinov2):
+def activations(data_path, dest_path, detector, trust_detector, batch, workers, stats_only, features, dinov2):
     """Compute Inception (and/or DINOv2) activations, or only their statistics, of a set of images.
 
     Sharded across torchrun processes in dataset order; the output holds feat [N, 2048],
@@ -141,7 +142,7 @@ def activations(data_path, dest_path, detector, batch, workers, stats_only, feat
     if len(source) < 2:
         raise click.ClickException(f'{data_path}: found {len(source)} image(s); need at least 2 for statistics')
 
-    det, keys = _load_detectors(features, detector, dinov2)
+    det, keys = _load_detectors(features, detector, dinov2, trust_detector)
 
     dist.print0(f'Computing activations of {len(source)} images from {data_path} ...')
     try:
@@ -225,7 +226,7 @@ def protocol_warnings(results, sample_count, ref_count, ref_info=None):
 
 
 def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_URL, batch=8192, is_bias=False,
-                 kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, ref_info=None,
+                 kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, ref_info=None, trust_detector=False,
                  log=lambda msg: click.echo(msg, err=True)):
     """Returns {'FID': v, 'sFID': v, 'Inception Score': v, 'Precision': v, 'Recall': v, 'KID': v,
     'KID std': v, 'FD_DINOv2': v} for the requested metrics; raises click.ClickException on
@@ -256,12 +257,12 @@ def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_
                     logits = _features(sample, 'logits')  # Stored without bias (ADM).
                     if is_bias:
                         log(f'Adding the classifier bias of {detector} to the logits ...')
-                        det = load_detector(detector, device=dist.get_device(), include_bias=True)
+                        det = load_detector(detector, device=dist.get_device(), include_bias=True, trust_pickle=trust_detector)
                         logits = logits + det.out_bias.detach().cpu().numpy().astype(logits.dtype)
                 elif sample.has('feat'):
                     feat = _features(sample, 'feat')
                     log(f'No logits in {sample.path}: computing them from feat with {detector} ...')
-                    det = load_detector(detector, device=dist.get_device(), include_bias=is_bias)
+                    det = load_detector(detector, device=dist.get_device(), include_bias=is_bias, trust_pickle=trust_detector)
                     logits = np.concatenate([det.logits(torch.from_numpy(np.asarray(feat[i:i + batch], dtype=np.float32))).cpu().numpy()
                                              for i in range(0, len(feat), batch)])
                 else:
@@ -305,12 +306,13 @@ def _resolve_ref(ref_path):
 @click.option('--activations_sample', '--activations-sample', 'sample_path', help='Sample activations .npz (path or URL)', metavar='NPZ', type=str, required=True)
 @click.option('--ref', '--activations_ref', '--activations-ref', 'ref_path', help='Reference activations, statistics or ADM reference batch .npz: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME', type=str, default=None)
 @click.option('--detector',           help='Detector for IS when the sample file has feat but no logits', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--batch',              help='Rows per batch for statistics', metavar='INT', type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option('--is-bias',            help='IS with the classifier bias added to the logits, as the reference evaluate.py (default: ADM, no bias)', is_flag=True)
 @click.option('--kid-subsets',        help='KID: number of random subsets (torch-fidelity default)', metavar='INT', type=click.IntRange(min=1), default=KID_SUBSETS, show_default=True)
 @click.option('--kid-subset-size',    help='KID: rows per subset, drawn from each set (torch-fidelity default)', metavar='INT', type=click.IntRange(min=2), default=KID_SUBSET_SIZE, show_default=True)
 @click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
-def calc(metrics, sample_path, ref_path, detector, batch, is_bias, kid_subsets, kid_subset_size, json_path):
+def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bias, kid_subsets, kid_subset_size, json_path):
     """Compute metrics from activation / statistics files; prints `FID: v` etc.
 
     FID/sFID: Frechet distance of feat / s_feat statistics. IS: from the sample's logits.
@@ -326,7 +328,7 @@ def calc(metrics, sample_path, ref_path, detector, batch, is_bias, kid_subsets, 
         check_writable(json_path, '--json')
     local_ref, ref_info = _resolve_ref(ref_path)
     results = calc_metrics(metrics, sample_path, local_ref, detector=detector, batch=batch, is_bias=is_bias,
-                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, ref_info=ref_info)
+                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, ref_info=ref_info, trust_detector=trust_detector)
     for name, value in results.items():
         print(f'{name}: {value:g}')
     if json_path is not None:
@@ -413,12 +415,13 @@ def generate_activations(pipe, seeds, det, keys, batch, class_idx=None, outdir=N
 @click.option('-m', 'metrics',        help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRIC_ORDER), multiple=True, required=True)
 @click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME', type=str, default=None)
 @click.option('--detector',           help='Inception detector, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--dinov2',             help='DINOv2 ViT-L/14 weights for fd_dinov2, path or URL', metavar='PATH|URL', type=str, default=DINOV2_VITL14_URL, show_default=True)
 @click.option('--dest', 'dest_path',  help='Also keep the sample activations in this .npz (must not exist)', metavar='NPZ', type=str, default=None)
 @click.option('--outdir',             help='Also keep the images as PNGs here (generate.py\'s layout)', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
 @_sampler_options
-def gen(network_first, network_second, preset, seeds, class_idx, postprocess, batch, metrics, ref_path, detector, dinov2,
+def gen(network_first, network_second, preset, seeds, class_idx, postprocess, batch, metrics, ref_path, detector, trust_detector, dinov2,
         dest_path, outdir, json_path, **sampler_options):
     """Sample the relay in memory and print its metrics (one command, under torchrun).
 
@@ -454,7 +457,7 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
         dist.print0(f'warning: {note}')
     features = ['inception'] if any(m != 'fd_dinov2' for m in metrics) else []
     features += ['dinov2'] if 'fd_dinov2' in metrics else []
-    det, keys = _load_detectors(features, detector, dinov2)
+    det, keys = _load_detectors(features, detector, dinov2, trust_detector)
     (local_ref, ref_info), error = (None, None), None
     if dist.get_rank() == 0:  # Download (once) and check the reference before the long work.
         try:
@@ -479,7 +482,7 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
         sample_path = dest_path if dest_path is not None else os.path.join(tmp, 'activations.npz')
         with atomic_write(sample_path, 'wb') as f:
             np.savez(f, **result)
-        results = calc_metrics(metrics, sample_path, local_ref, detector=detector, ref_info=ref_info)
+        results = calc_metrics(metrics, sample_path, local_ref, detector=detector, ref_info=ref_info, trust_detector=trust_detector)
     for name, value in results.items():
         print(f'{name}: {value:g}')
     if json_path is not None:
