@@ -187,18 +187,10 @@ class DINOv2Detector:
         return {FEATURE_KEY: self.net(self.preprocess(images)).to(torch.float32)}
 
 
-def _open_url(spec, **kwargs):
-    """dnnlib.util.open_url with max_bytes where this version of it takes the argument."""
-    import inspect
-    if 'max_bytes' not in inspect.signature(dnnlib.util.open_url).parameters:
-        kwargs.pop('max_bytes', None)
-    return dnnlib.util.open_url(spec, **kwargs)
-
-
 def load_dinov2(spec=DINOV2_VITL14_URL, device=torch.device('cpu'), verbose=True):
     """DINOv2Detector from a plain state dict (path or URL), read with weights_only=True."""
     try:
-        path = _open_url(spec, verbose=verbose, return_filename=True, max_bytes=DINOV2_MAX_BYTES)
+        path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True, max_bytes=DINOV2_MAX_BYTES)
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except (OSError, EOFError, RuntimeError, ValueError, KeyError) as err:
         raise DINOv2Error(f'cannot load DINOv2 weights {spec}: {err}') from None

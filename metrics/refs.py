@@ -10,7 +10,6 @@ verifies every fresh download and every cache hit.
 """
 
 import dataclasses
-import inspect
 
 import dnnlib
 
@@ -61,20 +60,13 @@ PR_PROTOCOL_SIZES = {10000: 'ImageNet 256 (ADM\'s 10,000-image reference batch)'
 PROTOCOL_SAMPLES = 50000
 
 
-def open_url(url, **kwargs):
-    """dnnlib.util.open_url, passing sha256/max_bytes only where this version of it takes them."""
-    accepted = inspect.signature(dnnlib.util.open_url).parameters
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted or k not in ('sha256', 'max_bytes')}
-    return dnnlib.util.open_url(url, **kwargs)
-
-
 def resolve(spec, verbose=True):
     """Local file name for a reference: a name from REFERENCES (downloaded once, checked), or a
     path / URL (returned as it is; MetricFile opens it). Returns (spec_or_path, Reference or None)."""
     ref = REFERENCES.get(spec)
     if ref is None:
         return spec, None
-    path = open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=ref.max_bytes)
+    path = dnnlib.util.open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=ref.max_bytes)
     return path, ref
 
 
