@@ -89,7 +89,7 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
 
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state
+    from training.training_loop import find_latest_training_state, training_state_nimg
     if os.path.isdir(path):
         state = find_latest_training_state(path)
         if state is None:
@@ -100,8 +100,7 @@ def _resolve_resume(path):
     # torch.save writes a zip archive; anything else is not a state this script wrote.
     if not zipfile.is_zipfile(path):
         raise click.ClickException(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
-    m = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
-    return path, (int(m.group(1)) if m else 0)
+    return path, (training_state_nimg(path) or 0) / 1000
 
 
 def _next_run_dir(outdir, desc):
@@ -307,7 +306,7 @@ def setup_training_config(opts, dataset, world=1):
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench, precision=opts.precision)
+    c.update(loss_scaling=opts.ls, loss_norm=opts.loss_norm, cudnn_benchmark=opts.bench, precision=opts.precision)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.sample_grid_kwargs = dnnlib.EasyDict(num_images=opts.grid, num_steps=opts.grid_steps, seed=0) if opts.grid > 0 else None
     c.logger = opts.logger
@@ -373,7 +372,7 @@ def print_training_options(c, opts, world):
 
 def launch_training(c, opts, desc):
     dist.print0('Creating output directory...')
-    logger = None
+    logger = run_lock = None
     if dist.get_rank() == 0:
         if opts.nosubdir:
             os.makedirs(c.run_dir, exist_ok=True)
@@ -384,6 +383,11 @@ def launch_training(c, opts, desc):
                     break
                 except FileExistsError:
                     c.run_dir = _next_run_dir(opts.outdir, desc)
+        from training.training_loop import lock_run_dir, TrainingError
+        try:
+            run_lock = lock_run_dir(c.run_dir)  # One run per folder (two --nosubdir runs would mix their files).
+        except TrainingError as err:
+            raise click.ClickException(str(err))
         from torch_utils.misc import atomic_write
         with atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
@@ -399,6 +403,8 @@ def launch_training(c, opts, desc):
     finally:
         if logger is not None:
             logger.close()
+        if run_lock is not None:
+            run_lock.release()
 
 #----------------------------------------------------------------------------
 
@@ -433,6 +439,7 @@ class _OneLineCommand(click.Command):
 @click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=float, default=0.13, show_default=True)
 @click.option('--label-dropout',  help='Probability of training on an empty class label (for classifier-free guidance; needs --cond=1)', metavar='FLOAT', type=float, default=0, show_default=True)
 @click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=float, default=0.12, show_default=True)
+@click.option('--loss-norm',      help='Divisor of the summed loss: reference = RDM\'s (32 at 64 px, else 256), edm = images per process', type=click.Choice(['reference', 'edm']), default='reference', show_default=True)
 @click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 # Performance.
 @click.option('--precision',      help='fp32, fp16 (the network in half precision, as --fp16=1) or bf16 (autocast)  [default: fp32; fp16 with --fp16=1]', type=click.Choice(['fp32', 'fp16', 'bf16']))

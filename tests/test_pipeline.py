@@ -135,3 +135,18 @@ def test_stage_mismatch_is_refused(ckpts):
         RelayPipeline(ckpts['second_new'], None, device='cpu')
     with pytest.raises(RelayError, match='first-stage checkpoint.*--network_first'):
         RelayPipeline(None, ckpts['first'], device='cpu')
+
+#----------------------------------------------------------------------------
+# The README's example runs as written.
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'), encoding='utf-8').read()
+    section = readme[readme.index('## Python API'):]
+    code = section[section.index('```python\n') + len('```python\n'):section.index('\n```', section.index('```python'))]
+    first, second = _save(tmp_path / 'f.pkl', _net(8, label_dim=1000, seed=3)), _save(tmp_path / 's.pkl', _net(32, label_dim=1000, seed=4))
+    monkeypatch.chdir(tmp_path)
+    scope = dict(first_stage=first, second_stage=second)
+    exec(compile(code, 'README.md', 'exec'), scope)
+    assert scope['images'].shape == (4, 3, 32, 32) and scope['images'].dtype == torch.uint8
+    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'seed0.png')), scope['images'][0].permute(1, 2, 0).numpy())
+    assert scope['low'].shape == (2, 3, 8, 8) and scope['high'].shape == (2, 3, 32, 32)

@@ -26,6 +26,7 @@ import PIL.ImageEnhance
 import torch
 import torch.nn.functional as F
 
+from torch_utils import checkpoint
 from training import sampling
 
 #----------------------------------------------------------------------------
@@ -220,7 +221,6 @@ def load_stage(network, stage, device):
     option = f'--network_{stage}'
     if isinstance(network, torch.nn.Module):
         return network.eval().requires_grad_(False).to(device), None
-    from torch_utils import checkpoint
     try:
         data = checkpoint.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
     except checkpoint.CheckpointError as e:

@@ -12,7 +12,6 @@ generators, and the global CPU/CUDA/numpy states are restored afterwards in any 
 
 import contextlib
 import math
-import os
 
 import numpy as np
 import torch
@@ -20,13 +19,6 @@ import torch.nn.functional as F
 
 from torch_utils import misc
 from training import pipeline, sampling
-
-
-def grid_file_name(cur_nimg):
-    """samples-KKKKKK.png at whole kimg, else samples-KKKKKK.NNN.png (NNN = the extra images),
-    so that fractional ticks never overwrite an earlier grid."""
-    kimg, rest = divmod(int(cur_nimg), 1000)
-    return f'samples-{kimg:06d}.png' if rest == 0 else f'samples-{kimg:06d}.{rest:03d}.png'
 
 
 def to_uint8(images):
@@ -99,10 +91,9 @@ class SampleGrid:
                                         num_steps=self.num_steps, **self.relay_kwargs)
             return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
 
-    def write(self, net, run_dir, cur_nimg):
-        """Sample and save run_dir/samples-*.png atomically; returns (path, grid image)."""
+    def write(self, net, path):
+        """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""
         grid = self.sample(net)
-        path = os.path.join(run_dir, grid_file_name(cur_nimg))
         with misc.atomic_write(path, 'wb') as f:
             pipeline.uint8_to_pil(grid.transpose(2, 0, 1)).save(f, format='PNG')
-        return path, grid
+        return grid
