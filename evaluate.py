@@ -77,8 +77,9 @@ def main():
 @click.option('--detector',           help='Detector: NVIDIA Inception .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
 @click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers',            help='Data loader worker processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--stats-only', 'stats_only', help='Write only mu/sigma/mu_s/sigma_s (streamed; for huge reference sets)', is_flag=True)
-def activations(data_path, dest_path, detector, batch, workers, stats_only):
+def activations(data_path, dest_path, detector, trust_detector, batch, workers, stats_only):
     """Compute Inception activations (or only their statistics) of a set of images.
 
     Sharded across torchrun processes in dataset order; the output holds feat [N, 2048],
@@ -98,7 +99,7 @@ def activations(data_path, dest_path, detector, batch, workers, stats_only):
 
     dist.print0(f'Loading detector {detector} ...')
     device = dist.get_device()
-    det = _rank0_first(lambda: load_detector(detector, device=device, verbose=(dist.get_rank() == 0)))
+    det = _rank0_first(lambda: load_detector(detector, device=device, verbose=(dist.get_rank() == 0), trust_pickle=trust_detector))
 
     dist.print0(f'Computing activations of {len(source)} images from {data_path} ...')
     try:
@@ -154,7 +155,7 @@ def _lacks(mf, metric, needs):
 
 
 def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_URL, batch=8192, is_bias=False,
-                 log=lambda msg: click.echo(msg, err=True)):
+                 trust_detector=False, log=lambda msg: click.echo(msg, err=True)):
     """Returns {'FID': v, 'sFID': v, 'Inception Score': v, 'Precision': v, 'Recall': v} for the
     requested metrics; raises click.ClickException on unusable input. is_bias: IS from logits plus
     the detector's classifier bias, as the reference evaluate.py computes it (ADM: no bias)."""
@@ -183,12 +184,12 @@ def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_
                     logits = _features(sample, 'logits')  # Stored without bias (ADM).
                     if is_bias:
                         log(f'Adding the classifier bias of {detector} to the logits ...')
-                        det = load_detector(detector, device=dist.get_device(), include_bias=True)
+                        det = load_detector(detector, device=dist.get_device(), include_bias=True, trust_pickle=trust_detector)
                         logits = logits + det.out_bias.detach().cpu().numpy().astype(logits.dtype)
                 elif sample.has('feat'):
                     feat = _features(sample, 'feat')
                     log(f'No logits in {sample.path}: computing them from feat with {detector} ...')
-                    det = load_detector(detector, device=dist.get_device(), include_bias=is_bias)
+                    det = load_detector(detector, device=dist.get_device(), include_bias=is_bias, trust_pickle=trust_detector)
                     logits = np.concatenate([det.logits(torch.from_numpy(np.asarray(feat[i:i + batch], dtype=np.float32))).cpu().numpy()
                                              for i in range(0, len(feat), batch)])
                 else:
@@ -215,10 +216,11 @@ def calc_metrics(metrics, sample_path, ref_path=None, detector=DEFAULT_DETECTOR_
 @click.option('--activations_sample', '--activations-sample', 'sample_path', help='Sample activations .npz (path or URL)', metavar='NPZ', type=str, required=True)
 @click.option('--activations_ref', '--activations-ref', 'ref_path', help='Reference activations, statistics or ADM reference batch .npz', metavar='NPZ', type=str, default=None)
 @click.option('--detector',           help='Detector for IS when the sample file has feat but no logits', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--batch',              help='Rows per batch for statistics', metavar='INT', type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option('--is-bias',            help='IS with the classifier bias added to the logits, as the reference evaluate.py (default: ADM, no bias)', is_flag=True)
 @click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
-def calc(metrics, sample_path, ref_path, detector, batch, is_bias, json_path):
+def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bias, json_path):
     """Compute metrics from activation / statistics files; prints `FID: v` etc.
 
     FID/sFID: Frechet distance of feat / s_feat statistics. IS: from the sample's logits.
@@ -228,7 +230,7 @@ def calc(metrics, sample_path, ref_path, detector, batch, is_bias, json_path):
         return
     if json_path is not None:
         _refuse_existing(json_path, '--json')
-    results = calc_metrics(metrics, sample_path, ref_path, detector=detector, batch=batch, is_bias=is_bias)
+    results = calc_metrics(metrics, sample_path, ref_path, detector=detector, batch=batch, is_bias=is_bias, trust_detector=trust_detector)
     for name, value in results.items():
         print(f'{name}: {value:g}')
     if json_path is not None:

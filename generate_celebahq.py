@@ -1,7 +1,7 @@
 """Relay Diffusion sampling with the paper's CelebA-HQ 256x256 settings (FID 3.15).
 
 The same command as generate.py (every option is there); only the defaults differ: those of the
-reference generate_celebahq.py, kept as data in generate.PRESETS['celebahq'] (120-step stochastic
+reference generate_celebahq.py, kept as data in training.pipeline.PRESETS['celebahq'] (120-step stochastic
 Heun with sde_scale 0.05 for the first stage; 150 steps, blur sigma 2, truncation 0.95 / 1.05 and
 the churn step for the relay; saved images get contrast 0.9, brightness 1.05 and colour 0.99 as
 the reference does, `--postprocess=none` turns that off).

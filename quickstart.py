@@ -9,7 +9,7 @@ Steps (each is skipped when its output already exists, so an interrupted run con
 2. convert it with dataset_tool.py into a 64x64 and a 16x16 dataset zip,
 3. train a tiny first stage (EDM, 16x16) and a tiny second stage (blurring diffusion, 64x64,
    up_scale 4) with train.py,
-4. sample with the relay pipeline (generate.py, both stages),
+4. sample with the relay pipeline (generate.py, both stages; `training.pipeline.RelayPipeline`),
 5. draw relay.png: for a row of seeds, the first-stage image, its nearest upsampling, the
    second-stage start (upsampled + noise + block noise) and the final image; and samples-grid.png.
 
@@ -27,6 +27,10 @@ import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from dnnlib.util import parse_int_list
+from torch_utils.misc import atomic_write
+from training.pipeline import RelayPipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,14 +129,11 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
                  num_steps_first: int, num_steps_second: int) -> None:
     """For each seed, a row: first stage (at its own size) | nearest upsampled | second-stage
     start (upsampled + noise + block noise) | final."""
-    import generate
-    from torch_utils import checkpoint
-    from torch_utils.misc import atomic_write
-    net_first = checkpoint.load_network(net_first_path)
-    net_second = checkpoint.load_network(net_second_path)
-    trace = generate.relay_trace(net_first, net_second, seeds, num_steps_first=num_steps_first,
-                                 num_steps_second=num_steps_second)
-    res, low = net_second.img_resolution, net_first.img_resolution
+    pipe = RelayPipeline(net_first_path, net_second_path, device='cpu', num_steps_first=num_steps_first,
+                         num_steps_second=num_steps_second)
+    trace = {}
+    trace['final'] = pipe.sample(seeds, trace=trace)
+    res, low = pipe.net_second.img_resolution, pipe.net_first.img_resolution
     # The first-stage image keeps its own pixels, centred on a grey tile of the final size.
     first = torch.zeros_like(trace['upsampled'])
     offset = (res - low) // 2
@@ -174,13 +175,17 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     Every step is skipped when its output already exists in --outdir, so re-running continues an
     interrupted quickstart and never retrains what is there.
     """
-    import generate
     try:
-        seed_list = generate.parse_int_list(seeds)
-        relay_list = generate.parse_int_list(relay_seeds)
-    except (ValueError, click.BadParameter) as err:
+        seed_list = parse_int_list(seeds)
+        relay_list = parse_int_list(relay_seeds)
+    except ValueError as err:
         raise click.UsageError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}')
-    os.makedirs(outdir, exist_ok=True)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'--outdir "{outdir}" exists and is not a folder; choose another --outdir')
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as err:
+        raise click.UsageError(f'--outdir "{outdir}" cannot be created ({err.strerror}); choose another --outdir')
 
     # 1. Procedural images.
     raw = os.path.join(outdir, 'shapes-raw')
@@ -215,7 +220,7 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     print(f'  first stage:      {net_first}')
     print(f'  second stage:     {net_second}')
     print(f'  samples:          {samples}/ ({len(seed_list)} PNGs)')
-    print(f'  sample grid:      {generate.grid_path(samples)}')
+    print(f'  sample grid:      {os.path.normpath(samples)}-grid.png')
     print(f'  relay picture:    {relay_png} (columns: first stage, upsampled, second-stage start, final)')
     print('Sample again with your own options:')
     print(f'  python generate.py --network_first={net_first} --network_second={net_second} --outdir=... --seeds=...')

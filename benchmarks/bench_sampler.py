@@ -24,7 +24,10 @@ import scipy.stats
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate  # noqa: E402
+from training import sampling  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
+from reference_restatement import RefGenerators, ref_alpha, ref_block_noise  # noqa: E402
 from training import blurring  # noqa: E402
 
 #----------------------------------------------------------------------------
@@ -81,35 +84,10 @@ def ref_idct_2d(X, k):
     return _from_blocks(y, size)
 
 
-def ref_alpha(t, k, size, device, prob_length=0.93, blur_sigma_max=3, min_scale=0.001):
-    u = torch.tensor(scipy.stats.norm.cdf((np.log(t.cpu().numpy()) - (-1.2)) / 1.2) / prob_length, device=device)
-    blur_t = (blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2) ** 2 / 2
-    freqs = torch.pi * torch.linspace(0, k - 1, k).to(device) / k
-    fsq = freqs[:, None] ** 2 + freqs[None, :] ** 2
-    return torch.exp(-fsq.repeat(size // k, size // k) * blur_t) * (1 - min_scale) + min_scale
-
-
-def ref_block_noise(ref, randn_like, k):
-    g = randn_like(ref)
-    total = torch.zeros_like(ref)
-    for px in range(k):
-        for py in range(k):
-            total += torch.roll(g, shifts=(px, py), dims=(-2, -1))
-    return total / k
-
-
-class RefGenerators:
-    def __init__(self, device, seeds):
-        self.gens = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
-
-    def randn_like(self, x):
-        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in self.gens])
-
-
 def ref_blur_sampler(net, latents, randn_like, num_steps, truncation_sigma=0.9, truncation_t=0.93, up_scale=4,
                      s_block=0.15, s_noise=0.2, blur_sigma_max=3, sigma_min=0.008, sigma_max=80, rho=7):
     k, size, dev = up_scale, latents.shape[-1], latents.device
-    t = generate._time_steps(num_steps, sigma_min, sigma_max, rho, dev)
+    t = sampling.time_steps(num_steps, sigma_min, sigma_max, rho, dev)
     t = t[int((t < truncation_sigma).nonzero()[0]):]
     n = len(t)
     t = torch.cat([t, torch.zeros_like(t[:1])])
@@ -120,8 +98,8 @@ def ref_blur_sampler(net, latents, randn_like, num_steps, truncation_sigma=0.9, 
         den = net(x, t_cur).to(torch.float64)
         if i == n - 1:
             return den
-        a_next = ref_alpha(t_next, k, size, dev, truncation_t, blur_sigma_max)
-        a_cur = ref_alpha(t_cur, k, size, dev, truncation_t, blur_sigma_max)
+        a_next = ref_alpha(t_next, k, size, truncation_t, blur_sigma_max, device=dev)
+        a_cur = ref_alpha(t_cur, k, size, truncation_t, blur_sigma_max, device=dev)
         u_cur = ref_dct_2d(x, k)
         d_cur = (u_cur - ref_dct_2d(den, k)) / t_cur
         gamma = (1 - s_noise ** 2) ** 0.5 * t_next / t_cur
@@ -170,28 +148,28 @@ def bench_overhead(device, batch, resolution, num_steps, repeats):
     low = torch.rand(batch, 3, resolution // k, resolution // k, dtype=torch.float64, device=device) * 2 - 1
     latents = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode='nearest')
     net = FreeNet()
-    n_eff = int((generate._time_steps(num_steps, 0.008, 80, 7, 'cpu') < 0.9).sum()) # steps after truncation
+    n_eff = int((sampling.time_steps(num_steps, 0.008, 80, 7, 'cpu') < 0.9).sum()) # steps after truncation
 
     # Correctness first: both ways give the same samples.
-    x_ref = ref_blur_sampler(net, latents, RefGenerators(device, seeds).randn_like, num_steps)
-    x_ours = generate.blur_sampler(net, latents, None, generate.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps)
+    x_ref = ref_blur_sampler(net, latents, RefGenerators(seeds, device).randn_like, num_steps)
+    x_ours = sampling.blur_sampler(net, latents, None, sampling.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps)
     max_diff = (x_ref - x_ours).abs().max().item()
 
     t_ours, t_ref = _time_pair(
-        lambda: generate.blur_sampler(net, latents, None, generate.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps),
-        lambda: ref_blur_sampler(net, latents, RefGenerators(device, seeds).randn_like, num_steps), device, repeats)
+        lambda: sampling.blur_sampler(net, latents, None, sampling.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps),
+        lambda: ref_blur_sampler(net, latents, RefGenerators(seeds, device).randn_like, num_steps), device, repeats)
     per_ref, per_ours = t_ref / (n_eff - 1), t_ours / (n_eff - 1)
 
     # Where the time goes (one step's worth of each piece, ours vs reference).
     x = latents.clone()
     t0 = torch.tensor(0.5, dtype=torch.float64, device=device)
-    rnd = generate.StackedRandomGenerator(device, seeds)
-    ref_rnd = RefGenerators(device, seeds)
+    rnd = sampling.StackedRandomGenerator(device, seeds)
+    ref_rnd = RefGenerators(seeds, device)
     pieces = [
         ('4 DCT + 2 IDCT', lambda: [blurring.block_dct(x, k) for _ in range(4)] + [blurring.block_idct(x, k) for _ in range(2)],
                            lambda: [ref_dct_2d(x, k) for _ in range(4)] + [ref_idct_2d(x, k) for _ in range(2)]),
         ('schedule (2 alphas)', lambda: blurring.alpha_schedule(torch.stack([t0, t0]), k),
-                                lambda: [ref_alpha(t0, k, resolution, device) for _ in range(2)]),
+                                lambda: [ref_alpha(t0, k, resolution, device=device) for _ in range(2)]),
         ('noise (2 plain + 2 block)', lambda: [rnd.randn_like(x) for _ in range(2)] + [blurring.block_noise(x, rnd.randn_like, k) for _ in range(2)],
                                       lambda: [ref_rnd.randn_like(x) for _ in range(2)] + [ref_block_noise(x, ref_rnd.randn_like, k) for _ in range(2)]),
     ]
@@ -240,15 +218,15 @@ def bench_stage(device, stage, batch, first_res, up_scale, steps, channels):
     kw = dict(model_type='SongUNet', model_channels=channels, channel_mult=[1] * levels, num_blocks=1, attn_resolutions=[], dropout=0)
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=res, img_channels=3, **kw).eval().requires_grad_(False).to(device)
-    rnd = generate.StackedRandomGenerator(device, list(range(batch)))
+    rnd = sampling.StackedRandomGenerator(device, list(range(batch)))
     with torch.no_grad():
         if stage == 'first':
             latents = rnd.randn([batch, 3, res, res], device=device)
-            run = lambda: generate.edm_sampler(net, latents, None, rnd.randn_like, num_steps=steps, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
+            run = lambda: sampling.edm_sampler(net, latents, None, rnd.randn_like, num_steps=steps, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
         else:
             low = torch.rand(batch, 3, first_res, first_res, dtype=torch.float64, device=device) * 2 - 1
             latents = torch.nn.functional.interpolate(low, size=(res, res), mode='nearest')
-            run = lambda: generate.blur_sampler(net, latents, None, rnd.randn_like, num_steps=steps, up_scale=up_scale)
+            run = lambda: sampling.blur_sampler(net, latents, None, rnd.randn_like, num_steps=steps, up_scale=up_scale)
         with PeakMemory(device) as mem:
             start = time.perf_counter()
             run()

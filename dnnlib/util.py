@@ -3,7 +3,6 @@
 import contextlib
 import hashlib
 import importlib
-import io
 import os
 import re
 import sys
@@ -111,26 +110,77 @@ def _cache_file_name(url: str) -> str:
     return f'{url_md5}_{base}'
 
 
-def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True):
-    """Open a local path, a file:// URL or an http(s) URL as a binary file object.
+DEFAULT_MAX_DOWNLOAD_BYTES = 32 << 30  # Above any published checkpoint or detector (training states included).
+_CHUNK = 1 << 20
 
-    http(s) URLs are downloaded once into the cache folder; the download goes to a temporary
-    name and is renamed into place only when complete, so an interrupted download is never
-    mistaken for a finished one. Raises OSError with the URL in the message on failure.
+
+class DownloadError(OSError):
+    """A download failed, was larger than allowed, or did not match its expected SHA-256."""
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: str, sha256: str | None, what: str) -> None:
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DownloadError(f'{what}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
+
+
+def _download(url: str, dst, max_bytes: int, verbose: bool) -> str:
+    """Stream `url` into the open binary file `dst`, at most `max_bytes`; return its SHA-256."""
+    if verbose:
+        print(f'Downloading {url} ...', flush=True)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as response:
+        declared = response.headers.get('Content-Length')
+        declared = int(declared) if declared is not None and declared.strip().isdigit() else None
+        if declared is not None and declared > max_bytes:
+            raise DownloadError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
+        total = 0
+        for chunk in iter(lambda: response.read(_CHUNK), b''):
+            total += len(chunk)
+            if total > max_bytes:
+                raise DownloadError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
+            digest.update(chunk)
+            dst.write(chunk)
+        if declared is not None and total != declared:
+            raise OSError(f'download truncated: {total} of {declared} bytes')
+    return digest.hexdigest()
+
+
+def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, sha256: str | None = None,
+             max_bytes: int | None = None):
+    """Open a local path, a file:// URL or an http(s) URL as a binary file object (or its path).
+
+    http(s) URLs are streamed to disk, never held whole in memory: into the cache folder (once;
+    the download goes to a temporary name that is renamed into place only when complete and
+    verified), or with cache=False into an anonymous temporary file. A download larger than
+    `max_bytes` (default DEFAULT_MAX_DOWNLOAD_BYTES) is stopped. When `sha256` (hex) is given,
+    the content must have that SHA-256, whether it is a local file, a cache hit or a fresh
+    download; a cache entry that does not match is downloaded again and replaced. Raises OSError
+    (DownloadError for a refused size or hash) with the URL in the message on failure.
     """
     if not isinstance(url, str) or not url:
         raise ValueError('open_url() needs a non-empty path or URL')
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not re.fullmatch(r'[0-9a-fA-F]{64}', sha256):
+            raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
+        sha256 = sha256.lower()
+    max_bytes = DEFAULT_MAX_DOWNLOAD_BYTES if max_bytes is None else int(max_bytes)
 
     # Local files.
-    if not is_url(url, allow_file_urls=True):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'No such file: {url}')
-        return url if return_filename else open(url, 'rb')
-    if url.startswith('file://'):
-        path = _file_url_to_path(url)
+    if not is_url(url, allow_file_urls=True) or url.startswith('file://'):
+        path = _file_url_to_path(url) if url.startswith('file://') else url
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'No such file: {path} (from {url})')
+            raise FileNotFoundError(f'No such file: {path}' + (f' (from {url})' if path != url else ''))
+        _check_sha256(path, sha256, path)
         return path if return_filename else open(path, 'rb')
     if return_filename and not cache:
         raise ValueError('open_url(return_filename=True) needs cache=True for remote URLs')
@@ -139,35 +189,45 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
     cache_dir = cache_dir or make_cache_dir_path('downloads')
     cache_path = os.path.join(cache_dir, _cache_file_name(url))
     if cache and os.path.isfile(cache_path):
-        return cache_path if return_filename else open(cache_path, 'rb')
+        if sha256 is None or file_sha256(cache_path) == sha256:
+            return cache_path if return_filename else open(cache_path, 'rb')
+        if verbose:
+            print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
 
     # Download.
-    data = None
     for attempt in range(num_attempts):
+        tmp_path = None
         try:
-            if verbose:
-                print(f'Downloading {url} ...', flush=True)
-            with urllib.request.urlopen(url, timeout=60) as response:
-                data = response.read()
-            break
+            if cache:
+                os.makedirs(cache_dir, exist_ok=True)
+                fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
+                dst = os.fdopen(fd, 'w+b')
+            else:
+                dst = tempfile.TemporaryFile()
+            try:
+                digest = _download(url, dst, max_bytes, verbose)
+                if sha256 is not None and digest != sha256:
+                    raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
+            except BaseException:
+                dst.close()
+                raise
+            if not cache:
+                dst.seek(0)
+                return dst
+            dst.close()
+            os.replace(tmp_path, cache_path)
+            return cache_path if return_filename else open(cache_path, 'rb')
+        except DownloadError:
+            raise  # Size and hash refusals are not transient.
         except Exception as err:  # urllib raises several unrelated exception types.
             if attempt == num_attempts - 1:
                 raise OSError(f'Cannot download {url}: {err}') from err
             time.sleep(1)
-
-    if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.replace(tmp_path, cache_path)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp_path)
-        if return_filename:
-            return cache_path
-    return io.BytesIO(data)
+            if tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp_path)
+    raise OSError(f'Cannot download {url}: no attempts made (num_attempts={num_attempts})')
 
 
 #----------------------------------------------------------------------------

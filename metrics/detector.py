@@ -5,14 +5,20 @@
 
 Formats, chosen by file name:
   *.pkl  NVIDIA's Inception-v3 pickle (the reference's detector, DEFAULT_DETECTOR_URL): an EDM
-         persistence pickle, loaded with torch_utils.persistence.load_trusted_pickle, which
-         executes the module source inside it exactly as EDM does. Meant for that published file
-         only. feat = net(x, return_features=True); s_feat = output of net.layers.mixed_6.conv,
+         persistence pickle whose embedded module source must be EXECUTED to load it
+         (torch_utils.persistence.load_trusted_pickle, exactly as EDM does). Because that runs
+         whatever code the file holds, it is done only when the caller passes trust_pickle=True
+         (evaluate.py --trust-detector); otherwise the file is refused before it is unpickled.
+         No published SHA-256 of NVIDIA's file was found to pin it by, so the default URL needs
+         the flag as well; with the flag the file's SHA-256 is printed, for the record.
+         feat = net(x, return_features=True); s_feat = output of net.layers.mixed_6.conv,
          first 7 channels, flattened (C, H, W) like the reference; logits = feat @ output.weight^T.
   other  a state dict in pytorch-fid's format (pt_inception-2015-12-05-*.pth), read with
-         torch.load(weights_only=True) into metrics.inception.InceptionV3.
+         torch.load(weights_only=True) into metrics.inception.InceptionV3: weights only,
+         nothing runs.
 """
 
+import hashlib
 import os
 import urllib.parse
 
@@ -20,6 +26,8 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+
+from .inception import load_inception_state_dict
 
 DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (ADM).
@@ -31,6 +39,14 @@ class DetectorError(ValueError):
 
 def _file_name(spec):
     return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
+
+
+def _sha256_of(f):
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+        digest.update(chunk)
+    f.seek(0)
+    return digest.hexdigest()
 
 
 class Detector:
@@ -84,10 +100,18 @@ class Detector:
         return dict(feat=feat, s_feat=s_feat, logits=self.logits(feat))
 
 
-def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose=True, include_bias=False):
+def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose=True, include_bias=False, trust_pickle=False):
+    """The detector at `spec` (path or URL). A .pkl runs code from the file and is loaded only
+    with trust_pickle=True; anything else is read as a pytorch-fid state dict (weights only)."""
+    is_pickle = _file_name(spec).lower().endswith('.pkl')
+    if is_pickle and not trust_pickle:
+        raise DetectorError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
+                            f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
     try:
         with dnnlib.util.open_url(spec, verbose=verbose) as f:
-            if _file_name(spec).lower().endswith('.pkl'):
+            if is_pickle:
+                if verbose:
+                    print(f'Running the code in trusted detector pickle {spec} (SHA-256 {_sha256_of(f)})', flush=True)
                 net = persistence.load_trusted_pickle(f)
                 kind = 'nvidia-pickle'
             else:
@@ -98,7 +122,6 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
     except Exception as err:  # Unpickling foreign files raises anything.
         raise DetectorError(f'cannot load detector {spec}: {type(err).__name__}: {err}') from None
     if kind == 'state-dict':
-        from .inception import load_inception_state_dict
         if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
             state = state['state_dict']
         if not isinstance(state, dict) or 'fc.weight' not in state:
@@ -111,5 +134,8 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
             raise DetectorError(f'{spec}: {err}') from None
     if not isinstance(net, torch.nn.Module):
         raise DetectorError(f'{spec}: unpickled a {type(net).__name__}, not a torch module')
-    net = net.eval().requires_grad_(False).to(device)
+    try:
+        net = net.eval().requires_grad_(False).to(device)
+    except (AttributeError, RuntimeError, TypeError) as err:
+        raise DetectorError(f'{spec}: the detector module is unusable ({type(err).__name__}: {err})') from None
     return Detector(net, kind, include_bias=include_bias)

@@ -8,6 +8,7 @@ import scipy.fft
 import scipy.stats
 import torch
 
+from reference_restatement import ref_alpha, ref_block_dct_np, ref_roll_sum
 from training import blurring
 from training.loss import BlurLoss
 
@@ -23,20 +24,13 @@ def test_dct_matrix_is_orthonormal(k):
     assert np.abs(mat.numpy() - ref).max() < 1e-14
 
 
-def _scipy_block_dct(x, k, inverse=False):
-    n, c, h, w = x.shape
-    blocks = x.reshape(n, c, h // k, k, w // k, k)
-    fn = scipy.fft.idctn if inverse else scipy.fft.dctn
-    return fn(blocks, axes=(3, 5), norm='ortho').reshape(n, c, h, w)
-
-
 @pytest.mark.parametrize('k,shape', [(4, (2, 3, 12, 16)), (3, (1, 2, 9, 6)), (2, (1, 1, 2, 2))])
 def test_block_dct_matches_scipy_per_block(k, shape):
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     coefs = blurring.block_dct(x, k)
-    assert np.abs(coefs.numpy() - _scipy_block_dct(x.numpy(), k)).max() < 1e-13
+    assert np.abs(coefs.numpy() - ref_block_dct_np(x.numpy(), k)).max() < 1e-13
     back = blurring.block_idct(coefs, k)
-    assert np.abs(back.numpy() - _scipy_block_dct(coefs.numpy(), k, inverse=True)).max() < 1e-13
+    assert np.abs(back.numpy() - ref_block_dct_np(coefs.numpy(), k, inverse=True)).max() < 1e-13
     assert torch.allclose(back, x, atol=1e-13)
     # Orthonormal: energy is preserved.
     assert torch.allclose((coefs ** 2).sum(), (x ** 2).sum(), rtol=1e-12)
@@ -52,18 +46,6 @@ def test_block_dct_float32_and_bad_size():
 #----------------------------------------------------------------------------
 # Blur schedule.
 
-def _reference_alpha(t, k, size, prob_length, blur_sigma_max, min_scale=0.001):
-    # The reference's get_alpha_t, re-stated: scipy cdf in float64, float32 grid tiled over
-    # the image, computed one noise level at a time.
-    u = scipy.stats.norm.cdf((np.log(t) - (-1.2)) / 1.2) / prob_length
-    u = torch.tensor(u)
-    blur_sigma = blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2
-    blur_t = blur_sigma ** 2 / 2
-    freqs = torch.pi * torch.linspace(0, k - 1, k) / k
-    fsq = freqs[:, None] ** 2 + freqs[None, :] ** 2
-    return torch.exp(-fsq.repeat(size // k, size // k) * blur_t) * (1 - min_scale) + min_scale
-
-
 @pytest.mark.parametrize('k,prob_length,blur_sigma_max', [(4, 0.93, 3.0), (4, 1.05, 2.0), (2, 0.89, 3.0)])
 def test_alpha_schedule_equals_reference_formula(k, prob_length, blur_sigma_max):
     sigmas = torch.tensor(np.geomspace(0.008, 0.9, 37), dtype=torch.float64)
@@ -71,7 +53,7 @@ def test_alpha_schedule_equals_reference_formula(k, prob_length, blur_sigma_max)
     assert alphas.shape == (37, k, k) and alphas.dtype == torch.float32
     size = 8 * k
     for sigma, alpha in zip(sigmas, alphas):
-        ref = _reference_alpha(sigma.item(), k, size, prob_length, blur_sigma_max)
+        ref = ref_alpha(sigma.item(), k, size, prob_length, blur_sigma_max)
         assert ref.dtype == torch.float32
         # Same float32 values (tiled); allow one float32 ulp for exp implementation paths.
         assert (alpha.repeat(size // k, size // k) - ref).abs().max() <= 1.2e-7
@@ -117,11 +99,7 @@ def test_blur_identity_and_dc():
 def test_block_noise_equals_reference_roll_sum():
     g = torch.randn(2, 3, 12, 8, dtype=torch.float64)
     k = 4
-    ref = torch.zeros_like(g)
-    for px in range(k):
-        for py in range(k):
-            ref += torch.roll(g, shifts=(px, py), dims=(-2, -1))
-    ref = ref / k
+    ref = ref_roll_sum(g, k)
     ours = blurring.block_noise(g, randn_like=lambda ref_: g.clone(), k=k)
     assert (ours - ref).abs().max() < 1e-14
     assert torch.equal(blurring.block_noise(g, randn_like=lambda ref_: g.clone(), k=1), g)
@@ -164,18 +142,13 @@ def _reference_blur_loss(net, images, P_mean=-1.2, P_std=1.2, sigma_data=0.5, up
     fsq = f[:, None] ** 2 + f[None, :] ** 2
     n_, c_, h_, w_ = images.shape
     factor = np.exp(-fsq[None] * (blur_sigma.numpy().reshape(-1, 1, 1) ** 2 / 2)) * (1 - min_scale) + min_scale
-    coefs = _scipy_block_dct(images.numpy().astype(np.float64), up_scale).reshape(n_, c_, h_ // up_scale, up_scale, w_ // up_scale, up_scale)
+    coefs = ref_block_dct_np(images.numpy().astype(np.float64), up_scale).reshape(n_, c_, h_ // up_scale, up_scale, w_ // up_scale, up_scale)
     coefs = coefs * factor[:, None, None, :, None, :]
-    y_blurred = torch.tensor(_scipy_block_dct(coefs.reshape(n_, c_, h_, w_), up_scale, inverse=True))
+    y_blurred = torch.tensor(ref_block_dct_np(coefs.reshape(n_, c_, h_, w_), up_scale, inverse=True))
     n = torch.randn_like(images) * sigma
     if block_scale > 0:
         n = torch.randn_like(images) * sigma
-        g = torch.randn_like(images)
-        block = torch.zeros_like(g)
-        for px in range(up_scale):
-            for py in range(up_scale):
-                block += torch.roll(g, shifts=(px, py), dims=(-2, -1))
-        n = n + block / up_scale * sigma * block_scale
+        n = n + ref_roll_sum(torch.randn_like(images), up_scale) * sigma * block_scale
     return weight * ((net(y_blurred + n, sigma) - images) ** 2)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dnnlib
-from torch_utils import checkpoint, persistence
+from torch_utils import checkpoint, persistence, safe_pickle
 from training import networks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -465,8 +465,8 @@ def test_attack_unexpected_modules(tmp_path, monkeypatch):
     # Globals from modules that are not obviously dangerous are refused just the same, and
     # the static scan refuses them before ANY allowed reduction runs.
     calls = []
-    allowed = checkpoint._ALLOWED[('torch._utils', '_rebuild_tensor_v2')]
-    monkeypatch.setitem(checkpoint._ALLOWED, ('torch._utils', '_rebuild_tensor_v2'), lambda *a: calls.append(1) or allowed(*a))
+    allowed = safe_pickle._ALLOWED[('torch._utils', '_rebuild_tensor_v2')]
+    monkeypatch.setitem(safe_pickle._ALLOWED, ('torch._utils', '_rebuild_tensor_v2'), lambda *a: calls.append(1) or allowed(*a))
     marker = tmp_path / 'marker'
     cases = {
         'torch_load.pkl': (torch.load, str(marker)),
@@ -494,8 +494,8 @@ def test_attack_via_storage_bytes(tmp_path, monkeypatch, protocol):
     # A payload hidden inside the legacy storage bytes of a plain-pickled tensor, after a
     # legitimate tensor: refused by the scan before even that tensor is rebuilt.
     calls = []
-    allowed = checkpoint._ALLOWED[('torch.storage', '_load_from_bytes')]
-    monkeypatch.setitem(checkpoint._ALLOWED, ('torch.storage', '_load_from_bytes'), lambda *a: calls.append(1) or allowed(*a))
+    allowed = safe_pickle._ALLOWED[('torch.storage', '_load_from_bytes')]
+    monkeypatch.setitem(safe_pickle._ALLOWED, ('torch.storage', '_load_from_bytes'), lambda *a: calls.append(1) or allowed(*a))
     marker = tmp_path / 'marker'
     inner = io.BytesIO()
     for part in (0x1950a86a20f9469cfc6c, 1001, dict(protocol_version=1001, little_endian=True)):
@@ -524,5 +524,5 @@ def test_attack_mutating_allowed_globals(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match=rf'{name}: expected a dict'):
             checkpoint.load_checkpoint(str(path))
     assert dnnlib.EasyDict.__dict__['__getattr__'] is getattr_before
-    assert checkpoint._ALLOWED[('torch', 'FloatStorage')].dtype == torch.float32
+    assert safe_pickle._ALLOWED[('torch', 'FloatStorage')].dtype == torch.float32
     assert dnnlib.EasyDict(a=1).a == 1

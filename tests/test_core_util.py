@@ -64,3 +64,126 @@ def test_print_module_summary(capsys):
     assert out.shape == (5, 2)
     text = capsys.readouterr().out
     assert 'Total' in text and str(4 * 3 + 3 + 3 * 2 + 2) in text and '[5, 2]' in text
+
+
+#----------------------------------------------------------------------------
+# open_url: streamed downloads with a size cap and SHA-256 checks, against a local server.
+
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files = {}      # path -> bytes
+    requests = []   # paths asked for
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.requests.append(self.path)
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        if not self.path.startswith('/nolength/'):
+            self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Handler.files, _Handler.requests = {}, []
+    srv = http.server.HTTPServer(('127.0.0.1', 0), _Handler)
+    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{srv.server_address[1]}'
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_open_url_downloads_verifies_and_caches(tmp_path, server):
+    data = os.urandom(3 * 2**20 + 17)  # Several chunks.
+    _Handler.files['/w/net.pkl'] = data
+    url = f'{server}/w/net.pkl'
+    path = dnnlib.util.open_url(url, cache_dir=str(tmp_path), return_filename=True, verbose=False, sha256=_sha(data).upper())
+    assert open(path, 'rb').read() == data and os.path.dirname(path) == str(tmp_path)
+    with dnnlib.util.open_url(url, cache_dir=str(tmp_path), verbose=False, sha256=_sha(data)) as f:
+        assert f.read() == data
+    assert _Handler.requests == ['/w/net.pkl']  # The second call was a verified cache hit.
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_open_url_refuses_hash_mismatch(tmp_path, server):
+    _Handler.files['/a.pkl'] = b'tampered content'
+    with pytest.raises(dnnlib.util.DownloadError, match=r'a\.pkl but its SHA-256 [0-9a-f]{64} does not match the expected 0{64}'):
+        dnnlib.util.open_url(f'{server}/a.pkl', cache_dir=str(tmp_path), verbose=False, sha256='0' * 64)
+    assert os.listdir(tmp_path) == []  # Nothing cached, no temporary left behind.
+    assert _Handler.requests == ['/a.pkl']  # A wrong hash is not retried.
+
+
+def test_open_url_replaces_planted_cache_entry(tmp_path, server):
+    good = b'the real detector'
+    _Handler.files['/det.pkl'] = good
+    url = f'{server}/det.pkl'
+    planted = tmp_path / dnnlib.util._cache_file_name(url)
+    planted.write_bytes(b'planted by someone else')
+    # Without a known hash the cache is trusted by name (that is what a cache is)...
+    assert open(dnnlib.util.open_url(url, cache_dir=str(tmp_path), return_filename=True, verbose=False), 'rb').read() == b'planted by someone else'
+    # ...with one, the planted entry is detected, downloaded again and replaced.
+    path = dnnlib.util.open_url(url, cache_dir=str(tmp_path), return_filename=True, verbose=False, sha256=_sha(good))
+    assert path == str(planted) and planted.read_bytes() == good
+    # A planted entry that the server cannot correct is refused, and left as it is.
+    planted.write_bytes(b'planted again')
+    _Handler.files['/det.pkl'] = b'server compromised too'
+    with pytest.raises(dnnlib.util.DownloadError, match='does not match'):
+        dnnlib.util.open_url(url, cache_dir=str(tmp_path), verbose=False, sha256=_sha(good))
+    assert sorted(os.listdir(tmp_path)) == [planted.name]
+
+
+def test_open_url_size_cap(tmp_path, server):
+    data = b'x' * (2**20 + 5)
+    _Handler.files['/big.pt'] = data
+    _Handler.files['/nolength/big.pt'] = data
+    # Refused from the declared length, before reading the body.
+    with pytest.raises(dnnlib.util.DownloadError, match=rf'big\.pt: it has {len(data)} bytes, more than the limit of 1000'):
+        dnnlib.util.open_url(f'{server}/big.pt', cache_dir=str(tmp_path), verbose=False, max_bytes=1000)
+    # No declared length: stopped while streaming once the limit is passed.
+    with pytest.raises(dnnlib.util.DownloadError, match='more than the limit of 1000 bytes'):
+        dnnlib.util.open_url(f'{server}/nolength/big.pt', cache_dir=str(tmp_path), verbose=False, max_bytes=1000)
+    assert os.listdir(tmp_path) == []
+    # Within the limit, with and without a declared length.
+    for path in ('/big.pt', '/nolength/big.pt'):
+        with dnnlib.util.open_url(server + path, cache_dir=str(tmp_path / 'ok'), verbose=False, max_bytes=len(data)) as f:
+            assert f.read() == data
+
+
+def test_open_url_without_cache_streams_to_a_temporary_file(tmp_path, server, monkeypatch):
+    data = os.urandom(2**20)
+    _Handler.files['/x.pth'] = data
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    with contextlib.closing(dnnlib.util.open_url(f'{server}/x.pth', cache=False, verbose=False, sha256=_sha(data))) as f:
+        assert not isinstance(f, __import__('io').BytesIO) and f.read() == data
+    assert not (tmp_path / 'cache').exists()
+    with pytest.raises(ValueError, match='64 hex digits'):
+        dnnlib.util.open_url(f'{server}/x.pth', cache=False, verbose=False, sha256='abc')
+
+
+def test_open_url_checks_local_files_too(tmp_path):
+    path = tmp_path / 'local.pkl'
+    path.write_bytes(b'local')
+    assert dnnlib.util.open_url(str(path), return_filename=True, sha256=_sha(b'local')) == str(path)
+    assert dnnlib.util.open_url(path.as_uri(), return_filename=True, sha256=_sha(b'local')) == str(path)
+    with pytest.raises(dnnlib.util.DownloadError, match='local.pkl: SHA-256 .* does not match'):
+        dnnlib.util.open_url(str(path), sha256='1' * 64)

@@ -145,10 +145,10 @@ def test_activations_every_source_and_detector(tmp_dir, sources, pth_detector, p
     runs = [('pkl', pkl_detector, kind) for kind in ['folder', 'zip', 'stored', 'compressed']]
     runs.append(('pth', pth_detector, 'stored'))
     for det_name, det_path, kind in runs:
-        det = load_detector(det_path)
+        det = load_detector(det_path, trust_pickle=True)
         direct = det(torch.from_numpy(sources['ordered']).permute(0, 3, 1, 2))
         dest = tmp_dir / f'acts-{det_name}-{kind}.npz'
-        _ok(['activations', '--data', sources[kind], '--dest', str(dest), '--detector', det_path,
+        _ok(['activations', '--data', sources[kind], '--dest', str(dest), '--trust-detector', '--detector', det_path,
              '--batch', '4', '--workers', '2' if kind == 'zip' else '0'])
         with np.load(dest) as data:
             assert set(data.files) == {'feat', 's_feat', 'logits'}
@@ -160,7 +160,7 @@ def test_activations_every_source_and_detector(tmp_dir, sources, pth_detector, p
 
 def test_stats_only_equals_statistics_of_activations(tmp_dir, sources, pkl_detector):
     full, stats = tmp_dir / 'full.npz', tmp_dir / 'stats.npz'
-    common = ['--data', sources['stored'], '--detector', pkl_detector, '--workers', '0', '--batch', '3']
+    common = ['--data', sources['stored'], '--trust-detector', '--detector', pkl_detector, '--workers', '0', '--batch', '3']
     _ok(['activations', '--dest', str(full), *common])
     _ok(['activations', '--dest', str(stats), *common, '--stats-only'])
     with np.load(full) as a, np.load(stats) as s:
@@ -185,7 +185,7 @@ def test_sharded_equals_single_process(tmp_dir, sources, pth_detector, pkl_detec
     runs = [('pth', pth_detector, ()), ('pkl', pkl_detector, ()), ('pkl', pkl_detector, ('--stats-only',))]
     jobs = []
     for i, (fmt, det, extra) in enumerate(runs):
-        common = ['activations', '--data', sources['folder'], '--detector', det, '--batch', '2', '--workers', '0', *extra]
+        common = ['activations', '--data', sources['folder'], '--trust-detector', '--detector', det, '--batch', '2', '--workers', '0', *extra]
         single, sharded = tmp_dir / f'single-{i}.npz', tmp_dir / f'sharded-{i}.npz'
         _ok([*common, '--dest', str(single)])
         jobs.append('|'.join([*common, '--dest', str(sharded)]))
@@ -209,7 +209,7 @@ def metric_files(tmp_dir, pkl_detector):
     # Synthetic activations with the small pickle detector's sizes (feat 32, 10 classes): the
     # numbers are checked against independent computations, not against a real Inception.
     rng = np.random.default_rng(5)
-    w = load_detector(pkl_detector).out_weight.numpy()
+    w = load_detector(pkl_detector, trust_pickle=True).out_weight.numpy()
 
     def fake(n, scale):
         feat = (np.abs(rng.standard_normal([n, 32])) * scale).astype(np.float32)
@@ -276,17 +276,17 @@ def test_calc_values_and_input_kinds(tmp_dir, metric_files, pkl_detector):
 
     # Reference-style activations (no logits): IS from feat through the detector's classifier.
     got = _parse(_ok(['calc', '-m', 'is', '-m', 'fid', '--activations_sample', f['sample_refstyle'],
-                      '--activations_ref', f['ref'], '--detector', pkl_detector]).output)
+                      '--activations_ref', f['ref'], '--trust-detector', '--detector', pkl_detector]).output)
     assert got['Inception Score'] == pytest.approx(res['Inception Score'], rel=1e-5)
     assert got['FID'] == pytest.approx(res['FID'], rel=1e-5)
 
     # --is-bias: the reference evaluate.py's IS (classifier bias added), from stored logits or from feat.
     from metrics.detector import load_detector
-    bias = load_detector(pkl_detector, verbose=False).out_bias.detach().numpy()
+    bias = load_detector(pkl_detector, verbose=False, trust_pickle=True).out_bias.detach().numpy()
     expected = inception_score(smp[2] + bias)
     assert expected != pytest.approx(res['Inception Score'], rel=1e-6)
     for source in ['sample', 'sample_refstyle']:
-        got = _parse(_ok(['calc', '-m', 'is', '--is-bias', '--activations_sample', f[source], '--detector', pkl_detector]).output)
+        got = _parse(_ok(['calc', '-m', 'is', '--is-bias', '--activations_sample', f[source], '--trust-detector', '--detector', pkl_detector]).output)
         assert got['Inception Score'] == pytest.approx(expected, rel=1e-5)
 
 #----------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_calc_bad_input(tmp_dir, metric_files):
 
 def test_activations_bad_input(tmp_dir, sources, pkl_detector, images):
     def run(data, dest, match, extra=()):
-        _fails(['activations', '--data', str(data), '--dest', str(tmp_dir / dest), '--detector', pkl_detector,
+        _fails(['activations', '--data', str(data), '--dest', str(tmp_dir / dest), '--trust-detector', '--detector', pkl_detector,
                 '--workers', '0', *extra], match)
         assert not (tmp_dir / dest).exists()
 
@@ -345,10 +345,10 @@ def test_activations_bad_input(tmp_dir, sources, pkl_detector, images):
     (tmp_dir / 'cut.npz').write_bytes(data[:len(data) // 2])
     run(tmp_dir / 'cut.npz', 'x7.npz', 'cannot read')
     (tmp_dir / 'junk.pth').write_bytes(b'not a torch file')
-    _fails(['activations', '--data', sources['stored'], '--dest', str(tmp_dir / 'x6.npz'), '--detector', str(tmp_dir / 'junk.pth')],
+    _fails(['activations', '--data', sources['stored'], '--dest', str(tmp_dir / 'x6.npz'), '--trust-detector', '--detector', str(tmp_dir / 'junk.pth')],
            'cannot load detector')
     # Never overwrite an existing output.
     existing = tmp_dir / 'existing.npz'
     existing.write_bytes(b'keep me')
-    _fails(['activations', '--data', sources['stored'], '--dest', str(existing), '--detector', pkl_detector], 'already exists')
+    _fails(['activations', '--data', sources['stored'], '--dest', str(existing), '--trust-detector', '--detector', pkl_detector], 'already exists')
     assert existing.read_bytes() == b'keep me'

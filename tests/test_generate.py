@@ -15,8 +15,6 @@ import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
 import pytest
-import scipy.fft
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -24,7 +22,9 @@ from click.testing import CliRunner
 import generate
 import generate_celebahq
 import generate_imagenet
-from generate import StackedRandomGenerator, blur_sampler, edm_sampler
+from reference_restatement import RefGenerators, ref_alpha, ref_block_noise, ref_dct, ref_steps
+from training.pipeline import RelayPipeline
+from training.sampling import StackedRandomGenerator, blur_sampler, edm_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,50 +65,10 @@ class TinyNet(torch.nn.Module):
 #----------------------------------------------------------------------------
 # The reference's sampling, re-stated plainly (float64, reference operation order).
 
-class RefGenerators:
-    def __init__(self, seeds):
-        self.gens = [torch.Generator().manual_seed(int(s) % (1 << 32)) for s in seeds]
-
-    def randn(self, size, **kw):
-        return torch.stack([torch.randn(size[1:], generator=g, **kw) for g in self.gens])
-
-    def randn_like(self, x):
-        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
-
-
-def ref_dct(x, k, inverse=False):
-    n, c, h, w = x.shape
-    fn = scipy.fft.idctn if inverse else scipy.fft.dctn
-    out = fn(x.numpy().reshape(n, c, h // k, k, w // k, k), axes=(3, 5), norm='ortho')
-    return torch.tensor(out.reshape(n, c, h, w))
-
-
-def ref_block_noise(ref, randn_like, k):
-    g = randn_like(ref)
-    total = torch.zeros_like(ref)
-    for px in range(k):
-        for py in range(k):
-            total += torch.roll(g, shifts=(px, py), dims=(-2, -1))
-    return total / k
-
-
-def ref_alpha(t, k, size, prob_length, blur_sigma_max, min_scale=0.001):
-    u = torch.tensor(scipy.stats.norm.cdf((np.log(t.item()) - (-1.2)) / 1.2) / prob_length)
-    blur_t = (blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2) ** 2 / 2
-    freqs = torch.pi * torch.linspace(0, k - 1, k) / k
-    fsq = freqs[:, None] ** 2 + freqs[None, :] ** 2
-    return torch.exp(-fsq.repeat(size // k, size // k) * blur_t) * (1 - min_scale) + min_scale
-
-
 def ref_guided(net, x, t, labels, cfg_scale):
     if cfg_scale > 1:
         return cfg_scale * net(x, t, labels).to(torch.float64) - (cfg_scale - 1) * net(x, t, None).to(torch.float64)
     return net(x, t, labels).to(torch.float64)
-
-
-def ref_steps(num_steps, sigma_min, sigma_max, rho):
-    i = torch.arange(num_steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def ref_edm(net, latents, labels, randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
@@ -286,13 +246,16 @@ def test_relay_pipeline_writes_the_reference_images(tmp_path):
 
 def test_relay_trace_matches_generate(tmp_path):
     net1, net2 = _nets(label_dim=3)
-    trace = generate.relay_trace(net1, net2, [4, 9], num_steps_first=8, num_steps_second=12)
-    assert trace['first'].shape == (2, 3, 8, 8) and trace['upsampled'].shape == trace['start'].shape == trace['final'].shape == (2, 3, 32, 32)
+    pipe = RelayPipeline(net1, net2, device='cpu', num_steps_first=8, num_steps_second=12)
+    trace = {}
+    final = pipe.sample([4, 9], trace=trace)
+    assert trace['first'].shape == (2, 3, 8, 8) and trace['upsampled'].shape == trace['start'].shape == final.shape == (2, 3, 32, 32)
     assert torch.equal(trace['upsampled'][:, :, ::4, ::4], trace['first'])
     generate.generate_images(tmp_path, seeds=[4, 9], network_first=net1, network_second=net2, **FAST)
     images = _read_pngs(tmp_path)
+    pixels = pipe([4, 9]).permute(0, 2, 3, 1).numpy()
     for i, seed in enumerate([4, 9]):
-        assert np.array_equal(generate.to_uint8(trace['final'][i:i + 1])[0], images[f'000000/{seed:06d}.png'])
+        assert np.array_equal(pixels[i], images[f'000000/{seed:06d}.png'])
 
 
 def test_same_images_for_any_batch_size(tmp_path):

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from torch_utils import training_stats
+
 
 def is_torchrun() -> bool:
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
@@ -31,10 +33,6 @@ def init() -> None:
         # Without an explicit teardown, gloo's threads can abort the process at interpreter exit
         # ("terminate called without an active exception"), which torchrun reports as a failure.
         atexit.register(shutdown)
-    try:
-        from . import training_stats
-    except ImportError:
-        return
     if get_world_size() > 1:
         training_stats.init_multiprocessing(rank=get_rank(), sync_device=get_device())
 

@@ -12,13 +12,15 @@ Every instance also remembers its constructor arguments (`obj.init_args`, `obj.i
 What differs from EDM is the way back. EDM executes `module_src` to recreate the class, which
 runs whatever code a file carries. Here `_reconstruct_persistent_obj` never looks at
 `module_src`: it picks the class by `class_name` from the registry of classes decorated in this
-process (our own `training.networks`, `training.loss`, `training.augment`, ...). For untrusted
-files use `torch_utils.checkpoint.load_checkpoint`, which additionally restricts every other
-global a pickle may reference. The one deliberate exception is `load_trusted_pickle`, which
+process (importing the `training` package registers `training.networks`, `training.loss` and
+`training.augment`). For untrusted files use `torch_utils.checkpoint.load_checkpoint`, which
+additionally restricts every other global a pickle may reference. The one deliberate exception is `load_trusted_pickle`, which
 does execute `module_src` exactly as EDM does; it exists only for NVIDIA's Inception detector
-pickle (a fixed, known file used by the metrics) and must never be pointed at user files.
+pickle and runs only when the user explicitly trusts that file (evaluate.py --trust-detector).
 """
 
+import contextlib
+import contextvars
 import copy
 import inspect
 import io
@@ -32,6 +34,7 @@ import dnnlib
 #----------------------------------------------------------------------------
 
 _version = 6                    # Format version written into `meta`; EDM uses 6 as well.
+FORMAT_VERSION = _version
 _decorators = set()             # Every decorated class, for is_persistent().
 _registry = dict()              # class_name -> decorated class, or None when ambiguous.
 _registry_full = dict()         # 'module.class_name' -> decorated class.
@@ -132,6 +135,28 @@ def get_registered_class(class_name):
 
 def registered_class_names():
     return sorted(name for name, cls in _registry.items() if cls is not None)
+
+#----------------------------------------------------------------------------
+# Skipping random weight initialisation while a loader rebuilds a network whose every weight it
+# overwrites right after construction (large networks spend seconds drawing them). Layers read
+# it through weight_init_skipped() at call time; a context variable keeps it to the loading
+# thread.
+
+_skip_weight_init = contextvars.ContextVar('skip_weight_init', default=False)
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Within this context, layers that support it build their weights without random draws."""
+    token = _skip_weight_init.set(True)
+    try:
+        yield
+    finally:
+        _skip_weight_init.reset(token)
+
+
+def weight_init_skipped():
+    return _skip_weight_init.get()
 
 #----------------------------------------------------------------------------
 

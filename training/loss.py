@@ -7,8 +7,7 @@ level first ([N, 1, 1, 1]), then the augmentation pipe's draws, then the Gaussia
 
 VPLoss, VELoss: "Score-Based Generative Modeling through Stochastic Differential Equations".
 EDMLoss: "Elucidating the Design Space of Diffusion-Based Generative Models".
-BlurLoss (the relay stage's blurring-diffusion loss) is appended below by the relay module's
-author; it uses training/blurring.py.
+BlurLoss: the relay (second) stage's blurring-diffusion loss, built on training/blurring.py.
 """
 
 import torch

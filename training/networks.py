@@ -19,12 +19,14 @@ from torch_utils import persistence
 #----------------------------------------------------------------------------
 # Weight initialization shared by every layer.
 
-# Set by torch_utils.checkpoint while it rebuilds a network whose every weight is overwritten
-# right after construction: skips the random draws (seconds for large networks).
-_skip_weight_init = False
-
 def weight_init(shape, mode, fan_in, fan_out):
-    if _skip_weight_init and mode in ('xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal'):
+    # The checkpoint loader builds a network inside persistence.skip_weight_init() when it
+    # overwrites every weight right after: the random draws are skipped then. The switch is
+    # looked up at call time with getattr because this module's source is also pickled into
+    # snapshots and executed inside EDM's and the reference's trees, whose persistence module
+    # has no such function (there, weights are always initialised as usual).
+    skipped = getattr(persistence, 'weight_init_skipped', None)
+    if skipped is not None and skipped() and mode in ('xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal'):
         return torch.zeros(*shape)
     if mode == 'xavier_uniform':
         return np.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
