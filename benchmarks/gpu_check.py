@@ -78,10 +78,7 @@ def _to_uint8(images):
 
 
 def _samplers():
-    try:
-        from training import sampling  # Samplers' home (training/sampling.py).
-    except ImportError:
-        import generate as sampling
+    from training import sampling
     return sampling
 
 
@@ -158,8 +155,9 @@ def child_sample(device, smoke, stage, batch, compile_second):
     from training import fast_mode
     sampling = _samplers()
 
-    import generate
-    kw = {k[:-len('_' + stage)]: v for k, v in generate.PRESETS['imagenet'].items() if k.endswith('_' + stage) and v is not None}
+    from training import pipeline
+    first_kw, second_kw = pipeline.stage_kwargs(pipeline.resolve_options('imagenet')[0])
+    kw = first_kw if stage == 'first' else second_kw
     full_steps = kw['num_steps']
     res = (8 if stage == 'first' else 16) if smoke else (64 if stage == 'first' else 256)
     label_dim = 10 if smoke else 1000
@@ -186,8 +184,7 @@ def child_sample(device, smoke, stage, batch, compile_second):
             return sampling.edm_sampler(net_, latents, labels, rnd.randn_like, **dict(kw, num_steps=steps_))
     else:
         def effective(n):  # Steps left after the truncation of the noise schedule.
-            t = sampling._time_steps(n, max(kw.get('sigma_min', 0.008), 0), kw.get('sigma_max', 80), kw['rho'], 'cpu')
-            return int((t < kw['truncation_sigma']).sum())
+            return len(sampling.blur_time_steps(net, n, kw['sigma_min'], kw['sigma_max'], kw['rho'], kw['truncation_sigma']))
         steps = next(n for n in range(2, full_steps + 1) if effective(n) >= (1 if smoke else 4))
         evals = lambda n: 2 * effective(n) - 1  # noqa: E731
         gen = torch.Generator(device).manual_seed(2)

@@ -14,10 +14,7 @@ import torch
 from training import fast_mode, networks
 from training.fast_mode import FastSettings
 
-try:
-    from training import sampling
-except ImportError:  # Before the samplers moved out of generate.py.
-    import generate as sampling
+from training import sampling
 
 # Stated bounds, relay images of the tiny networks below (4 + 8 steps, guidance 2 and 3.5),
 # fast vs exact in uint8 levels: (max over pixels, mean). Measured: fp16 2 / 0.11,
@@ -26,10 +23,10 @@ TOL_LEVELS = {'fp16': (4, 0.25), 'bf16': (24, 1.5), 'fp32': (1, 0.01)}
 
 #----------------------------------------------------------------------------
 
-def _tiny(res, seed, label_dim=3, attn=True):
+def _tiny(res, seed, label_dim=3, attn=True, levels=2):
     torch.manual_seed(seed)
     net = networks.EDMPrecond(img_resolution=res, img_channels=3, label_dim=label_dim, model_type='SongUNet',
-                              model_channels=16, channel_mult=[1, 1], num_blocks=1,
+                              model_channels=16, channel_mult=[1] * levels, num_blocks=1,
                               attn_resolutions=[res // 2] if attn else [], dropout=0, eff_attn=True)
     with torch.no_grad():  # Zero-initialised output layers would make the denoiser trivial.
         gen = torch.Generator().manual_seed(seed + 100)
@@ -122,7 +119,7 @@ def test_exact_guidance_two_passes_cond_first(nets):
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor(1.5, dtype=torch.float64)
     with torch.no_grad():
-        out = sampling._denoise(rec, x, sigma, _labels(), 2.5)
+        out = sampling.guided_denoise(rec, x, sigma, _labels(), 2.5)
         cond = net(x, sigma, _labels()).to(torch.float64)
         uncond = net(x, sigma, None).to(torch.float64)
     assert rec.calls == [(3, 3), (3, None)]
@@ -137,13 +134,14 @@ def test_batched_guidance_is_one_pass_of_2n(nets):
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor(1.5, dtype=torch.float64)
     with torch.no_grad():
-        out = sampling._denoise(rec, x, sigma, _labels(), 2.5)
+        out = sampling.guided_denoise(rec, x, sigma, _labels(), 2.5)  # The samplers' denoiser dispatches.
+        assert rec.calls == [(6, 6)]
         ref = 2.5 * net(x, sigma, _labels()).to(torch.float64) - 1.5 * net(x, sigma, None).to(torch.float64)
         rec.calls.clear()
-        fast_mode.guided_denoise(rec, x, sigma, None, 2.5)  # No labels: both passes are one call.
+        fast_mode.batched_guided_denoise(rec, x, sigma, None, 2.5)  # No labels: both passes are one call.
         assert rec.calls == [(3, None)]
         rec.calls.clear()
-        fast_mode.guided_denoise(rec, x, sigma, _labels(), 1.0)  # No guidance: one plain pass.
+        fast_mode.batched_guided_denoise(rec, x, sigma, _labels(), 1.0)  # No guidance: one plain pass.
         assert rec.calls == [(3, 3)]
     assert out.dtype == torch.float64
     assert (out - ref).abs().max() < 1e-5
@@ -155,7 +153,7 @@ def test_per_image_sigma_is_batched_too():
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     with torch.no_grad():
-        out = fast_mode.guided_denoise(fast, x, sigma, _labels(), 2.0)
+        out = fast_mode.batched_guided_denoise(fast, x, sigma, _labels(), 2.0)
         ref = 2.0 * net(x, sigma, _labels()).to(torch.float64) - net(x, sigma, None).to(torch.float64)
     assert (out - ref).abs().max() < 1e-5
 
@@ -230,21 +228,21 @@ def test_every_option_combination_runs(nets, monkeypatch):
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor(0.8, dtype=torch.float64)
     with torch.no_grad():
-        ref = fast_mode.guided_denoise(net, x, sigma, _labels(), 2.0)
+        ref = fast_mode.batched_guided_denoise(net, x, sigma, _labels(), 2.0)
         for precision, batch, tf32, channels_last, compile in itertools.product(
                 fast_mode.PRECISIONS, [False, True], [False, True], [False, True], [False, True]):
             settings = FastSettings(batch_guidance=batch, precision=precision, tf32=tf32, channels_last=channels_last, compile=compile)
             fast = fast_mode.prepare(net, settings)
             with warnings.catch_warnings():
                 warnings.simplefilter('error')  # No compile fallback.
-                out = sampling._denoise(fast, x, sigma, _labels(), 2.0)
+                out = sampling.guided_denoise(fast, x, sigma, _labels(), 2.0)
             assert out.shape == x.shape and out.dtype == torch.float64, settings
             assert (out - ref).abs().max() < 0.05, settings
 
 
 def test_compiled_network_gives_the_eager_result():
     # Dynamo tracing (backend 'eager': no C++ compiler needed) of the autocast, channels-last U-Net.
-    net = _tiny(8, 12, attn=False)
+    net = _tiny(8, 12, attn=False, levels=1)
     settings = fast_mode.settings_from_options(fast=True, channels_last=True)
     x, sigma, labels = torch.randn([2, 3, 8, 8]), torch.tensor(1.0), _labels()[:2]
     with torch.no_grad():
@@ -283,3 +281,51 @@ def test_network_errors_are_not_swallowed_by_the_fallback():
         warnings.simplefilter('ignore')
         with pytest.raises(RuntimeError):
             fast(torch.randn([2, 5, 8, 8]), torch.tensor(1.0), _labels()[:2])  # Wrong channel count.
+
+#----------------------------------------------------------------------------
+# generate.py --fast.
+
+@pytest.fixture(scope='module')
+def snapshots(tmp_path_factory, nets):
+    from torch_utils import checkpoint
+    root = tmp_path_factory.mktemp('fast-cli')
+    paths = []
+    for name, net in zip(['first.pkl', 'second.pkl'], nets):
+        checkpoint.save_snapshot(str(root / name), dict(ema=net))
+        paths.append(str(root / name))
+    return root, paths
+
+
+def _generate(root, paths, name, *extra):
+    from click.testing import CliRunner
+    import generate
+    outdir = root / name
+    args = ['--outdir', str(outdir), '--seeds=0-2', '--batch=3', f'--network_first={paths[0]}', f'--network_second={paths[1]}',
+            '--num_steps_first=4', '--num_steps_second=8', '--cfg_scale_first=2', '--cfg_scale_second=3.5', '--up_scale_second=2',
+            '--no-subdirs', *extra]
+    result = CliRunner().invoke(generate.main, args)
+    return result, outdir
+
+
+def test_generate_fast_within_tolerance_of_exact(snapshots):
+    import numpy as np
+    import PIL.Image
+    root, paths = snapshots
+    exact, exact_dir = _generate(root, paths, 'exact')
+    fast, fast_dir = _generate(root, paths, 'fast', '--fast', '--precision=fp16', '--channels-last')
+    assert exact.exit_code == 0 and fast.exit_code == 0, exact.output + fast.output
+    assert 'sampling mode: exact' in exact.output and 'sampling mode: fast (fp16, batched-guidance, tf32, channels-last)' in fast.output
+    for seed in range(3):
+        a = np.asarray(PIL.Image.open(exact_dir / f'{seed:06d}.png'), dtype=np.int16)
+        b = np.asarray(PIL.Image.open(fast_dir / f'{seed:06d}.png'), dtype=np.int16)
+        assert np.abs(a - b).max() <= TOL_LEVELS['fp16'][0]
+
+
+@pytest.mark.parametrize('args,message', [(['--compile'], '--compile needs --fast'),
+                                          (['--precision=bf16'], '--precision needs --fast'),
+                                          (['--fast', '--precision=fp8'], "'fp8' is not one of")])
+def test_generate_fast_options_are_checked_first(snapshots, args, message):
+    root, paths = snapshots
+    result, outdir = _generate(root, paths, 'bad', *args)
+    assert result.exit_code != 0 and message in result.output
+    assert 'Traceback' not in result.output and not outdir.exists()

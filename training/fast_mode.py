@@ -5,7 +5,8 @@ Exact mode runs the networks as they are and gives the reference's images bit fo
 Fast mode switches on, each separately:
 
 - batch_guidance: classifier-free guidance's conditional and unconditional passes as one forward
-  of twice the batch (`guided_denoise`, called by the samplers' guided denoiser);
+  of twice the batch (`batched_guided_denoise`, which `training.sampling.guided_denoise` calls
+  for networks prepared here);
 - precision: the U-Net under `torch.autocast` in fp16 (default) or bf16 ('fp32' = no autocast).
   The preconditioning around it (c_in, c_skip, c_out) stays float32 and the sampler float64;
   a network's own `use_fp16` is switched off in the fast copy, so autocast alone decides.
@@ -207,7 +208,7 @@ def uses_batched_guidance(net):
     return bool(getattr(net, 'batch_guidance', False))
 
 
-def guided_denoise(net, x, sigma, class_labels, cfg_scale):
+def batched_guided_denoise(net, x, sigma, class_labels, cfg_scale):
     """The guided denoiser's maths (float64 combination, guidance when cfg_scale > 1) with the
     conditional and unconditional passes in one forward of 2N images. The unconditional half
     gets all-zero labels, which is what the network does with `class_labels=None`."""
