@@ -148,7 +148,7 @@ def _read_train_stats(run_dir, batch):
 #----------------------------------------------------------------------------
 # Child rows: run in a fresh process (`--child=NAME`), write a list of row dicts as JSON.
 
-def child_sample(device, smoke, stage, batch, compile_second):
+def child_sample(device, smoke, stage, batch, compile_second, tiny=False):
     import torch
     import train
     import dnnlib
@@ -159,9 +159,10 @@ def child_sample(device, smoke, stage, batch, compile_second):
     first_kw, second_kw = pipeline.stage_kwargs(pipeline.resolve_options('imagenet')[0])
     kw = first_kw if stage == 'first' else second_kw
     full_steps = kw['num_steps']
-    res = (8 if stage == 'first' else 16) if smoke else (64 if stage == 'first' else 256)
-    label_dim = 10 if smoke else 1000
-    if smoke:
+    tiny = tiny or smoke
+    res = (8 if stage == 'first' else 16) if tiny else (64 if stage == 'first' else 256)
+    label_dim = 10 if tiny else 1000
+    if tiny:
         net_kwargs = dnnlib.EasyDict(class_name='training.networks.EDMPrecond', model_type='DhariwalUNet', model_channels=32,
                                      channel_mult=[1], num_blocks=1, use_fp16=True, eff_attn=True)
     else:
@@ -200,7 +201,7 @@ def child_sample(device, smoke, stage, batch, compile_second):
                 ('fast + channels-last', fast_mode.settings_from_options(fast=True, channels_last=True))]
     if smoke:
         variants = variants[:3]  # Fewer variants; no compilation (it alone outlasts a smoke run).
-    elif stage == 'first' or compile_second:
+    elif (stage == 'first' or compile_second) and not tiny:
         variants.append(('fast + compile', fast_mode.settings_from_options(fast=True, compile=True)))
 
     rows, reference = [], None
@@ -224,7 +225,7 @@ def child_sample(device, smoke, stage, batch, compile_second):
                 raise RuntimeError('non-finite images')
             per_eval = elapsed / evals(steps)
             row.update(img_s=batch / elapsed, img_s_preset=batch / (per_eval * evals(full_steps)), peak_gib=_peak_gib(device),
-                       seconds=elapsed, note=f'{steps} of {full_steps} steps, batch {batch}, cfg {cfg:g}, {params / 1e6:.0f}M params, warm-up {warmup:.1f} s')
+                       seconds=elapsed, note=f'{steps} of {full_steps} steps, batch {batch}, cfg {cfg:g}, {params / 1e6:.1f}M params, warm-up {warmup:.1f} s')
             pixels = _to_uint8(images).to(torch.int16)
             if reference is None:
                 reference = pixels
@@ -283,7 +284,7 @@ def child_consistency(device, smoke):
     torch.backends.cudnn.allow_tf32 = False
     kw = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[8],
               dropout=0, eff_attn=True)
-    res, steps = (16, (3, 6)) if smoke else (32, (5, 10))
+    res, steps = (16, (2, 4)) if smoke else (32, (5, 10))
     torch.manual_seed(0)
     first = _randomize(networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=3, **kw).eval().requires_grad_(False), 1, 0.05)
     second = _randomize(networks.EDMPrecond(img_resolution=res, img_channels=3, label_dim=3, **kw).eval().requires_grad_(False), 2, 0.05)
@@ -399,8 +400,8 @@ def train_rows(args, have_precision, groups):
         label = {'fp32': 'fp32', 'fp16': f'--fp16 --ls={ls}', 'bf16': '--precision=bf16'}[precision]
         name = f'{stage} {res}px {precond} {label}' + (f', torchrun {procs} proc ({"nccl" if args.device == "cuda" else "gloo"})' if procs else '')
         row = dict(group='train', name=name, status='ok')
-        if args.smoke and precision != 'fp32' and not procs:
-            row.update(status='skipped', check='smoke: fp32 only (CPU networks ignore --fp16)')
+        if args.smoke and not procs and (precision != 'fp32' or stage == 'first'):
+            row.update(status='skipped', check='smoke: second stage fp32 and the torchrun row only')
             rows.append(row)
             print(_row_line(row), flush=True)
             continue
@@ -493,6 +494,8 @@ def parse_args(argv=None):
     p.add_argument('--timeout', type=int, default=None, metavar='SEC', help='Time limit per row (default: 300; smoke: 180)')
     p.add_argument('--sample-batch', type=int, default=None, metavar='N', help='Images per sampling batch (default: 16; smoke: 2)')
     p.add_argument('--eval-batch', type=int, default=64, metavar='N', help='Images per activations batch (default: 64)')
+    p.add_argument('--sample-size', choices=['paper', 'tiny'], default='paper',
+                   help='Networks of the sample rows: the paper\'s (default) or tiny ones (a CPU comparison of the modes)')
     p.add_argument('--compile-second', action='store_true', help='Also time torch.compile on the 256 px network (minutes of compilation)')
     p.add_argument('--workdir', default=None, metavar='DIR', help='Scratch folder (default: a new temporary folder, removed at the end)')
     p.add_argument('--child', default=None, help=argparse.SUPPRESS)
@@ -520,7 +523,8 @@ def run_child(args):
     name = args.child
     try:
         if name.startswith('sample-'):
-            rows = child_sample(device, args.smoke, name.split('-', 1)[1], args.sample_batch, args.compile_second)
+            rows = child_sample(device, args.smoke, name.split('-', 1)[1], args.sample_batch, args.compile_second,
+                                tiny=(args.sample_size == 'tiny'))
         elif name == 'evaluate':
             rows = child_evaluate(device, args.smoke, args.workdir, args.eval_batch)
         elif name == 'consistency':
@@ -581,7 +585,7 @@ def main(argv=None):
         for name, extra in children:
             if args.compile_second:
                 extra = extra + ['--compile-second']
-            extra = extra + [f'--sample-batch={args.sample_batch}', f'--eval-batch={args.eval_batch}']
+            extra = extra + [f'--sample-batch={args.sample_batch}', f'--eval-batch={args.eval_batch}', f'--sample-size={args.sample_size}']
             start = time.perf_counter()
             new = _run_child(args, name, extra, args.timeout)
             for row in new:
