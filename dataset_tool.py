@@ -29,15 +29,16 @@ import shutil
 import struct
 import sys
 import tarfile
-import tempfile
 import zipfile
+import zlib
 
 import click
 import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from torch_utils.misc import atomic_write
+from torch_utils.files import atomic_write, current_umask, make_temp
+from training import data_files
 
 #----------------------------------------------------------------------------
 # Presets as data.
@@ -50,7 +51,9 @@ SMALL_POLICIES = ['upscale', 'skip', 'error']
 # images with a short side under 256, and ADM's crop upsamples them with BICUBIC).
 DEFAULT_SMALL = {None: 'upscale', 'center-crop': 'upscale', 'center-crop-wide': 'skip', 'center-crop-dhariwal': 'upscale'}
 
-GRAY_MODES = {'1', 'L', 'LA', 'La', 'I', 'F', 'I;16', 'I;16L', 'I;16B', 'I;16N'}
+GRAY_MODES = data_files.GRAY_MODES | {'LA', 'La'}
+MAX_RESOLUTION = 8192  # Per side; 8192x8192x3 is 192 MiB per image, far beyond any diffusion training size.
+MAX_WORKERS = 256  # More processes than this only cost memory (each one decodes its own images).
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # Fixed zip time stamp: same input => same archive bytes.
 CIFAR10_MEMBERS = [f'cifar-10-batches-py/data_batch_{i}' for i in range(1, 6)]  # Training split, as EDM.
 
@@ -62,9 +65,13 @@ def parse_resolution(ctx, param, value):
     if value is None:
         return None
     m = re.fullmatch(r'\s*(\d+)\s*[x,]\s*(\d+)\s*', value)
-    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+    digits = [g.lstrip('0') or '0' for g in m.groups()] if m else []
+    w, h = [int(g) if len(g) <= 12 else 10 ** 12 for g in digits] or [0, 0]  # Huge digit strings: just "too large".
+    if w == 0 or h == 0:
         raise click.BadParameter(f'expected WxH with positive integers, e.g. 256x256, got {value!r}')
-    return int(m.group(1)), int(m.group(2))
+    if max(w, h) > MAX_RESOLUTION:
+        raise click.BadParameter(f'{w}x{h} is larger than {MAX_RESOLUTION} per side; choose a training-size resolution such as 256x256')
+    return w, h
 
 def is_image_name(name):
     return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
@@ -72,6 +79,10 @@ def is_image_name(name):
 def is_hidden(relpath):
     # Dot files (.DS_Store, macOS '._x.jpg' shadows) and zips' __MACOSX folders are not data.
     return any(part.startswith('.') or part == '__MACOSX' for part in relpath.split('/'))
+
+def printable(text):
+    """One line of text: tabs, newlines and other control characters escaped."""
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 def output_name(idx):
     s = f'{idx:08d}'
@@ -113,16 +124,19 @@ def labels_from_names(relpaths, meta, notes):
     index = {name: i for i, name in enumerate(folders)}
     return [index[t] for t in tops], folders
 
-def read_meta_labels(data, where):
+def read_meta_labels(f, where, num_images):
+    """A source's dataset.json, checked by the same rules as training's reader."""
     try:
-        meta = json.loads(data)
-        labels = meta.get('labels')
-        if labels is None:
-            return None
-        return dict(labels={str(k): v for k, v in labels}, class_names=meta.get('class_names'))
-    except (ValueError, AttributeError, TypeError) as err:
-        raise click.ClickException(f'{where}: expected {{"labels": [[file_name, label], ...]}} or '
-                                   f'{{"labels": null}} ({err}); fix or remove it') from None
+        meta = data_files.read_json(f, where, num_images)
+        labels = data_files.parse_labels(meta, where)
+    except data_files.DataFileError as err:
+        raise click.ClickException(f'{err}; fix or remove it') from None
+    if labels is None:
+        return None
+    class_names = meta.get('class_names')
+    if not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
+        class_names = None
+    return dict(labels=labels, class_names=class_names)
 
 def open_folder(path):
     found, ignored = [], 0
@@ -151,7 +165,7 @@ def open_folder(path):
     meta = None
     if os.path.isfile(os.path.join(path, 'dataset.json')):
         with open(os.path.join(path, 'dataset.json'), 'rb') as f:
-            meta = read_meta_labels(f.read(), os.path.join(path, 'dataset.json'))
+            meta = read_meta_labels(f, os.path.join(path, 'dataset.json'), len(found))
     src.labels, src.class_names = labels_from_names(found, meta, src.notes)
     if ignored:
         src.notes.append(f'ignored {ignored} files without an image extension')
@@ -161,11 +175,14 @@ def open_zip(path):
     try:
         with zipfile.ZipFile(path) as z:
             members = [i.filename for i in z.infolist() if not i.is_dir()]
-            meta = read_meta_labels(z.read('dataset.json'), f'{path}: dataset.json') if 'dataset.json' in members else None
-    except zipfile.BadZipFile as err:
-        raise click.ClickException(f'cannot read zip file {path}: {err}')
-    visible = [m for m in members if not is_hidden(m)]
-    found = sorted(m for m in visible if is_image_name(m))
+            visible = [m for m in members if not is_hidden(m)]
+            found = sorted(set(m for m in visible if is_image_name(m)))  # A repeated name is one image (the last).
+            meta = None
+            if 'dataset.json' in members:
+                with z.open('dataset.json') as f:
+                    meta = read_meta_labels(f, f'{path}: dataset.json', len(found))
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        raise click.ClickException(f'cannot read zip file {path}: {err}') from None
     src = Source(kind='zip', path=path, names=found, refs=found)
     src.labels, src.class_names = labels_from_names(found, meta, src.notes)
     ignored = sum(1 for m in visible if not is_image_name(m) and m != 'dataset.json')
@@ -212,20 +229,35 @@ def open_cifar10(path):
     images = np.concatenate(images).transpose(0, 2, 3, 1)  # NCHW => NHWC
     if len(labels) != len(images):
         raise click.ClickException(f'cannot read CIFAR-10 tarball {path}: {len(images)} images but {len(labels)} labels')
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(len(images))]
+    names = ItemNames(os.path.basename(path), len(images))
     return Source(kind='cifar10', path=path, names=names, refs=images, labels=labels, mode='RGB')
 
+MAX_IDX_BYTES = 1 << 30  # MNIST-format files hold tens of MB; more is not such a file (or a gzip bomb).
+
 def read_idx(path, magic, ndim):
-    """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data."""
-    with gzip.open(path, 'rb') as f:
-        data = f.read()
+    """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data. Reads no more than the
+    header declares (and at most MAX_IDX_BYTES), so a gzip bomb cannot fill memory."""
     head = 4 + 4 * ndim
-    if len(data) < head or struct.unpack('>I', data[:4])[0] != magic:
-        raise ValueError(f'{path} is not an MNIST IDX file')
-    shape = struct.unpack(f'>{ndim}I', data[4:head])
-    if len(data) - head != int(np.prod(shape)):
-        raise ValueError(f'{path} is truncated: expected {int(np.prod(shape))} bytes of data')
-    return np.frombuffer(data, np.uint8, offset=head).reshape(shape)
+    with gzip.open(path, 'rb') as f:
+        header = f.read(head)
+        if len(header) < head or struct.unpack('>I', header[:4])[0] != magic:
+            raise ValueError(f'{path} is not an MNIST IDX file')
+        shape = struct.unpack(f'>{ndim}I', header[4:head])
+        size = int(np.prod(shape, dtype=np.int64))
+        if size > MAX_IDX_BYTES:
+            raise ValueError(f'{path} declares {list(shape)} = {size} bytes of data, more than an MNIST-format file holds')
+        chunks, got = [], 0
+        while got <= size:  # In chunks: memory grows with the data actually there, not the claim.
+            chunk = f.read(min(size + 1 - got, 16 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b''.join(chunks)
+    if len(data) != size:
+        raise ValueError(f'{path} is {"truncated" if len(data) < size else "longer than its header says"}: '
+                         f'expected {size} bytes of data')
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 def open_mnist(path):
     labels_path = path.replace('-images-idx3-ubyte.gz', '-labels-idx1-ubyte.gz')
@@ -241,9 +273,23 @@ def open_mnist(path):
         raise click.ClickException(f'{path}: {len(images)} images but {len(labels)} labels in {labels_path}')
     if images.shape[1:] == (28, 28):
         images = np.pad(images, [(0, 0), (2, 2), (2, 2)])  # 28 => 32 with black borders, as EDM.
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(len(images))]
+    names = ItemNames(os.path.basename(path), len(images))
     return Source(kind='mnist', path=path, names=names, refs=images,
                   labels=None if labels is None else [int(x) for x in labels], mode='L', notes=notes)
+
+class ItemNames:
+    """Names of the items of an array source, made on demand ('file.npz[12]'): a header that
+    claims a billion images must not make us build a billion strings."""
+    def __init__(self, base, n):
+        self.base, self.n = base, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return f'{self.base}[{i}]'
 
 class NpyMember:
     """Random access to the images of arr_0 inside an .npz without loading the whole array
@@ -262,6 +308,14 @@ class NpyMember:
             self._zip.close()
             raise
         self._offset = self._file.tell()
+        # The header's shape must fit in the bytes the member holds (deflate expands at most
+        # about 1032 times), so a small file cannot claim a billion images.
+        info = self._zip.getinfo(key + '.npy')
+        stored = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
+        needed = self._offset + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+        if needed > stored:
+            self._zip.close()
+            raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {stored} bytes')
         self._array = None
         if fortran:  # Rare; element i is not contiguous, so read it all once.
             with np.load(path, allow_pickle=False) as npz:
@@ -286,9 +340,14 @@ def open_npz(path):
         arr = NpyMember(path)
         shape, dtype = arr.shape, arr.dtype
         arr.close()  # Workers open their own.
-        with np.load(path, allow_pickle=False) as npz:
-            labels = npz['arr_1'] if 'arr_1' in npz.files else None
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        labels = None
+        with zipfile.ZipFile(path) as z:
+            has_labels = 'arr_1.npy' in z.namelist()
+        if has_labels:
+            NpyMember(path, 'arr_1').close()  # Checks its header against its size before loading it.
+            with np.load(path, allow_pickle=False) as npz:
+                labels = npz['arr_1']
+    except (KeyError, ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile, zlib.error) as err:
         raise click.ClickException(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}')
     if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
         raise click.ClickException(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
@@ -299,7 +358,7 @@ def open_npz(path):
                                        f'got {labels.dtype} {list(labels.shape)}')
         labels = [int(x) for x in labels]
     mode = 'L' if len(shape) == 3 or shape[3] == 1 else {3: 'RGB', 4: 'RGBA'}[shape[3]]
-    names = [f'{os.path.basename(path)}[{i}]' for i in range(shape[0])]
+    names = ItemNames(os.path.basename(path), shape[0])
     return Source(kind='npz', path=path, names=names, refs=range(shape[0]), labels=labels, mode=mode)
 
 def open_source(path):
@@ -419,15 +478,13 @@ def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
         if s.kind == 'folder':
-            with open(ref, 'rb') as f:
-                data = f.read()
+            f = open(ref, 'rb')
         else:
             if 'zip' not in _state:
                 _state['zip'] = zipfile.ZipFile(s.path)
-            data = _state['zip'].read(ref)
-        img = PIL.Image.open(io.BytesIO(data))
-        img.load()
-        return img
+            f = _state['zip'].open(ref)
+        with f:
+            return data_files.decode_image(f, os.path.basename(ref))
     if s.kind == 'npz':
         if 'npz' not in _state:
             _state['npz'] = NpyMember(s.path)
@@ -437,24 +494,16 @@ def open_item(s, ref):
         arr = arr[:, :, 0]
     return PIL.Image.fromarray(arr)
 
-def convert_mode(img, mode):
-    if img.mode == mode:
-        return img
-    if img.mode.startswith('I;16'):  # 16-bit gray: keep the top 8 bits (PIL's convert would clip).
-        img = PIL.Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
-    elif img.mode in ('P', 'PA'):     # Through RGBA so palette transparency is handled without a warning.
-        img = img.convert('RGBA')
-    return img.convert(mode)        # Alpha is dropped, as ADM's and EDM2's convert('RGB').
-
 def process_item(ref):
     """-> ('ok', png_bytes, shape, source_mode, upscaled) | ('unreadable', reason) | ('small', w, h)."""
     s = _state['settings']
     try:
         img = open_item(s, ref)
         source_mode = img.mode
-        img = convert_mode(img, s.mode)
-    except PIL.UnidentifiedImageError:
-        return ('unreadable', 'not an image format that PIL can read')
+        # The pixel rules shared with training and evaluation (16-bit gray keeps its top 8 bits, ...).
+        img = PIL.Image.fromarray(data_files.to_array(img, 'image', s.mode), s.mode)
+    except data_files.DataFileError as err:
+        return ('unreadable', err.reason)
     except Exception as err:  # Any decoder failure means "this file is not a usable image".
         return ('unreadable', f'{type(err).__name__}: {err}'.replace('\n', ' ').replace('\t', ' '))
     w, h = img.size
@@ -494,38 +543,33 @@ def choose_mode(src, settings):
 #----------------------------------------------------------------------------
 # Destination: a temporary sibling, published by rename only when complete.
 
-def current_umask():
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
 class Destination:
     def __init__(self, dest):
         self.dest = dest.rstrip('/\\') or dest
         self.is_zip = self.dest.lower().endswith('.zip')
-        parent = os.path.dirname(os.path.abspath(self.dest))
         if os.path.isdir(self.dest):
             if self.is_zip or os.listdir(self.dest):
                 raise click.ClickException(f'--dest {dest} already exists and is not empty; choose a new name')
-        elif os.path.exists(self.dest):
+        elif os.path.lexists(self.dest):
             raise click.ClickException(f'--dest {dest} already exists; choose a new name or remove it first')
-        if os.path.exists(self.dest + '.skipped.txt'):
+        if os.path.lexists(self.dest + '.skipped.txt'):
             raise click.ClickException(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')
-        self.parent = parent
+        self.parent = os.path.dirname(os.path.abspath(self.dest))
         self.tmp = None
 
     def open(self):
-        """Create the temporary output beside dest."""
-        os.makedirs(self.parent, exist_ok=True)
-        parent = self.parent
-        prefix = '.' + os.path.basename(self.dest) + '.'
-        if self.is_zip:
-            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix='.tmp')
-            os.close(fd)
-            self.zip = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED)
-        else:
-            self.tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix='.tmp')
-            self.made = set()
+        """Create the temporary output beside dest (removing ones left by killed runs); this is
+        also the check that dest can be written, so it runs before any work."""
+        try:
+            self.tmp = make_temp(self.dest, directory=not self.is_zip)
+            if self.is_zip:
+                self.zip = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED)
+            else:
+                self.made = set()
+        except OSError as err:
+            self.discard()
+            raise click.ClickException(f'cannot write --dest {self.dest}: {err.strerror or err}; '
+                                       f'choose a writable location') from None
 
     def write(self, name, data):
         if self.is_zip:
@@ -622,17 +666,17 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
     src = open_source(source)
     if len(src.names) == 0:
         raise click.ClickException(f'--source {source}: no images found')
-    out = Destination(dest)  # Checks that dest is free before any work; writes nothing yet.
+    out = Destination(dest)  # Checks that dest is free before any work.
+    out.open()               # Checks that it can be written, before any work.
 
-    settings = Settings(kind=src.kind, path=src.path, mode='RGB', transform=transform, resolution=resolution,
-                        small=small, compress_level=compress_level)
-    # The output mode is fixed before any pixel work, from headers, in this process.
-    init_worker(settings)
-    settings = dataclasses.replace(settings, mode=choose_mode(src, settings))
-    init_worker(settings)
     pool = None
     try:
-        out.open()
+        settings = Settings(kind=src.kind, path=src.path, mode='RGB', transform=transform, resolution=resolution,
+                            small=small, compress_level=compress_level)
+        # The output mode is fixed before any pixel work, from headers, in this process.
+        init_worker(settings)
+        settings = dataclasses.replace(settings, mode=choose_mode(src, settings))
+        init_worker(settings)
         if workers > 1:
             # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
             pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
@@ -688,13 +732,18 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
             pool.terminate()  # Drop work queued beyond --max-images.
             pool = None
         out.publish()
+    except OSError as err:  # Disk full, dest folder removed meanwhile, ...: nothing is published.
+        raise click.ClickException(f'cannot write --dest {out.dest}: {err}') from None
     finally:
         if pool is not None:
             pool.terminate()
         out.discard()
     if skipped:
-        with atomic_write(out.dest + '.skipped.txt', 'w') as f:
-            f.write(''.join(f'{n_}\t{r}\n' for n_, r in skipped))
+        try:
+            with atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:
+                f.write(''.join(f'{printable(n_)}\t{printable(r)}\n' for n_, r in skipped))
+        except OSError as err:
+            log(f'Warning: cannot write {out.dest}.skipped.txt ({err}); the dataset itself is complete')
 
     c = 1 if settings.mode == 'L' else 3
     log(f'Wrote {written} images ({first[0][1]}x{first[0][0]}x{c}, '
@@ -718,8 +767,8 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
 @click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
-@click.option('--workers', help='Decode/resize processes; the output is the same for any value', metavar='INT',
-              type=click.IntRange(min=1), default=min(8, os.cpu_count() or 1), show_default=True)
+@click.option('--workers', help='Decode/resize processes; the output is the same for any value  '
+              '[default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(1, MAX_WORKERS))
 @click.option('--strict', help='Refuse unreadable inputs instead of skipping them', is_flag=True)
 @click.option('--small', help='Inputs smaller than the target  [default: skip for center-crop-wide, else upscale]',
               type=click.Choice(SMALL_POLICIES))
@@ -751,6 +800,7 @@ def main(source, dest, max_images, transform, resolution, workers, strict, small
     python dataset_tool.py --source=downloads/imagenet/train --dest=datasets/imagenet-256x256.zip \\
         --transform=center-crop-dhariwal --resolution=256x256
     """
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     convert(source, dest, max_images=max_images, transform=transform, resolution=resolution, workers=workers,
             strict=strict, small=small, compress_level=compress_level)
 

@@ -62,7 +62,7 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
 
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state
+    from training.training_loop import find_latest_training_state, training_state_nimg
     if os.path.isdir(path):
         state = find_latest_training_state(path)
         if state is None:
@@ -73,8 +73,7 @@ def _resolve_resume(path):
     # torch.save writes a zip archive; anything else is not a state this script wrote.
     if not zipfile.is_zipfile(path):
         raise click.ClickException(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
-    m = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(path))
-    return path, (int(m.group(1)) if m else 0)
+    return path, (training_state_nimg(path) or 0) / 1000
 
 
 def _next_run_dir(outdir, desc):
@@ -116,6 +115,7 @@ def _random_seed():
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--loss-norm',      help='Divisor of the summed loss: reference = RDM\'s (32 at 64 px, else 256), edm = images per process', type=click.Choice(['reference', 'edm']), default='reference', show_default=True)
 @click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 # Performance.
 @click.option('--fp16',           help='Enable mixed-precision training (CUDA)', metavar='BOOL',     type=bool, default=False, show_default=True)
@@ -212,7 +212,7 @@ def main(**kwargs):
     c.ema_halflife_kimg = opts.ema * 1000
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(loss_scaling=opts.ls, loss_norm=opts.loss_norm, cudnn_benchmark=opts.bench)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.logger = opts.logger
     if opts.logger != 'none':  # Optional packages: fail now rather than after creating the run folder.
@@ -279,7 +279,7 @@ def main(**kwargs):
 
     # Create the run folder and tee the console into log.txt.
     dist.print0('Creating output directory...')
-    logger = None
+    logger = run_lock = None
     if dist.get_rank() == 0:
         if opts.nosubdir:
             os.makedirs(c.run_dir, exist_ok=True)
@@ -290,6 +290,11 @@ def main(**kwargs):
                     break
                 except FileExistsError:
                     c.run_dir = _next_run_dir(opts.outdir, desc)
+        from training.training_loop import lock_run_dir, TrainingError
+        try:
+            run_lock = lock_run_dir(c.run_dir)  # One run per folder (two --nosubdir runs would mix their files).
+        except TrainingError as err:
+            raise click.ClickException(str(err))
         from torch_utils.misc import atomic_write
         with atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
@@ -305,6 +310,8 @@ def main(**kwargs):
     finally:
         if logger is not None:
             logger.close()
+        if run_lock is not None:
+            run_lock.release()
 
 
 if __name__ == '__main__':

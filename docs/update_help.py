@@ -20,6 +20,8 @@ CLIS = [
     ('evaluate', ['evaluate.py']),
     ('evaluate-activations', ['evaluate.py', 'activations']),
     ('evaluate-calc', ['evaluate.py', 'calc']),
+    ('evaluate-gen', ['evaluate.py', 'gen']),
+    ('evaluate-refs', ['evaluate.py', 'refs']),
     ('checkpoint-export', ['-m', 'torch_utils.checkpoint', 'export']),
     ('quickstart', ['quickstart.py']),
 ]

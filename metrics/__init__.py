@@ -7,4 +7,7 @@ Modules:
     frechet.py            streaming mean/covariance and the Frechet distance.
     precision_recall.py   k-NN manifold precision/recall (k=3), exact and batched in torch.
     inception_score.py    Inception Score from logits (splits of 5000).
+    kid.py                Kernel Inception Distance (torch-fidelity's subsets and polynomial kernel).
+    dinov2.py             DINOv2 ViT-L/14 detector for FD-DINOv2 (EDM2's preprocessing).
+    refs.py               named published reference sets, downloaded once into the cache.
 """

@@ -9,9 +9,11 @@ Files:
                 feat/s_feat are the reference's keys; its own files (float64, no logits) load too.
                 s_feat rows are in (C, H, W) order as the reference's detector hook gives them.
                 logits = feat @ W^T of the detector's classifier, without bias (ADM's IS inputs).
+                dinov2 [N, 1024] (float32): DINOv2 ViT-L/14 CLS features for FD-DINOv2, when asked for.
   statistics    mu, sigma, mu_s, sigma_s (float64), ADM's reference-batch keys. mu_s/sigma_s are
                 in ADM's (H, W, C) order, so ADM reference batches and our files mix freely;
-                statistics computed from s_feat are permuted to that order.
+                statistics computed from s_feat are permuted to that order. mu_dinov2/sigma_dinov2
+                are those of the DINOv2 features.
 """
 
 import os
@@ -26,6 +28,10 @@ from torch_utils import distributed as dist
 from .frechet import StatsAccumulator
 
 SPATIAL_CHANNELS = 7
+
+# Per-image feature key -> its statistics keys in statistics files.
+STATS_KEYS = {'feat': ('mu', 'sigma'), 's_feat': ('mu_s', 'sigma_s'), 'dinov2': ('mu_dinov2', 'sigma_dinov2')}
+INCEPTION_KEYS = ('feat', 's_feat', 'logits')
 
 #----------------------------------------------------------------------------
 # Spatial feature layouts.
@@ -151,6 +157,23 @@ def rank_batches(num_items, batch_size, world_size):
     return [[b for b in batches[r::world_size] if len(b)] for r in range(world_size)], batches
 
 
+class Detectors:
+    """Several detectors on the same batches (Inception and DINOv2): their outputs merged."""
+
+    def __init__(self, detectors):
+        self.detectors = list(detectors)
+
+    @property
+    def device(self):
+        return self.detectors[0].device
+
+    def __call__(self, images):
+        out = dict()
+        for det in self.detectors:
+            out.update(det(images))
+        return out
+
+
 def all_ranks_ok(ok, device):
     """True on every rank iff `ok` on every rank (collective; trivial for one process)."""
     if not torch.distributed.is_initialized():
@@ -161,11 +184,12 @@ def all_ranks_ok(ok, device):
 
 
 def compute_activations(source, detector, batch_size=64, num_workers=3, stats_only=False,
-                        progress=True, keys=('feat', 's_feat', 'logits')):
+                        progress=True, keys=INCEPTION_KEYS):
     """Run the detector over `source` sharded across the torchrun processes.
 
     Returns on rank 0 a dict of float32 arrays in dataset order (or, with stats_only, of float64
-    statistics mu/sigma/mu_s/sigma_s); other ranks return None. Collective: call on every rank.
+    statistics mu/sigma/mu_s/sigma_s, and mu_dinov2/sigma_dinov2 when `keys` has dinov2); other
+    ranks return None. Collective: call on every rank.
     """
     num_items = len(source)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -187,11 +211,11 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
             out = detector(torch.as_tensor(images))
             if stats_only:
                 if not accs:
-                    accs = dict(feat=StatsAccumulator(out['feat'].shape[1], device),
-                                s_feat=StatsAccumulator(out['s_feat'].shape[1], device))
-                    hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(out['s_feat'].shape[1])).to(device)
-                accs['feat'].update(out['feat'])
-                accs['s_feat'].update(out['s_feat'][:, hwc_index])
+                    accs = _stats_accumulators(out, keys, device)
+                    if 's_feat' in accs:
+                        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(out['s_feat'].shape[1])).to(device)
+                for k, acc in accs.items():
+                    acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
             else:
                 for k in keys:
                     outputs[k].append(out[k].cpu())
@@ -205,25 +229,29 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
         raise error if error is not None else RuntimeError('another process failed; see its message')
 
     if stats_only:
-        return _finalize_stats(accs, detector)
-    return _gather(outputs, per_rank, num_items, device)
+        return _finalize_stats(accs, detector, keys)
+    return gather_rows(outputs, per_rank, num_items, device)
 
 
-def _finalize_stats(accs, detector):
+def _stats_accumulators(out, keys, device):
+    return {k: StatsAccumulator(out[k].shape[1], device) for k in STATS_KEYS if k in keys}
+
+
+def _finalize_stats(accs, detector, keys):
     # A rank without images still takes part in the reductions (with zero counts).
     if not accs:
         probe = detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8))
-        accs = dict(feat=StatsAccumulator(probe['feat'].shape[1], detector.device),
-                    s_feat=StatsAccumulator(probe['s_feat'].shape[1], detector.device))
-    mu, sigma = accs['feat'].finalize()
-    mu_s, sigma_s = accs['s_feat'].finalize()
-    if dist.get_rank() != 0:
-        return None
-    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        accs = _stats_accumulators(probe, keys, detector.device)
+    result = dict()
+    for k, acc in accs.items():
+        mu_key, sigma_key = STATS_KEYS[k]
+        result[mu_key], result[sigma_key] = acc.finalize()
+    return result if dist.get_rank() == 0 else None
 
 
-def _gather(outputs, per_rank, num_items, device, chunk_rows=4096):
-    """Collect every rank's rows on rank 0 and put them in dataset order."""
+def gather_rows(outputs, per_rank, num_items, device, chunk_rows=4096):
+    """Collect every rank's rows on rank 0 and put them in dataset order: outputs[key] is a
+    list of [rows, D] tensors whose rows are the dataset positions in per_rank[rank]."""
     rank, world = dist.get_rank(), dist.get_world_size()
     keys = list(outputs.keys())
     local = {k: (torch.cat(v) if v else None) for k, v in outputs.items()}

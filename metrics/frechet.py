@@ -29,11 +29,41 @@ def _check_stats(mu, sigma, what):
                                f'expected [D] and [D, D]')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise MetricInputError(f'{what}: statistics contain NaN or inf')
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if float(np.abs(sigma - sigma.T).max(initial=0.0)) > SYMMETRY_TOL * scale:
+        raise MetricInputError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
     return mu, sigma
 
 
+# A covariance from a file must be symmetric positive semi-definite up to rounding: the square
+# root in the distance would otherwise silently clip what is wrong (a bad file gave FID 0).
+SYMMETRY_TOL = 1e-6  # Largest |S - S^T|, relative to the largest entry: float32 rounding passes.
+PSD_TOL = 1e-6       # Most negative eigenvalue allowed, relative to the sum of |eigenvalues|.
+
+
+def _not_psd(what):
+    return MetricInputError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
+
+
+def _check_psd_eigenvalues(w, what):
+    if w.size and (float(w.min()) < -PSD_TOL * float(np.abs(w).sum()) or float(w.sum()) <= 0):
+        raise _not_psd(what)
+
+
+def _check_psd(sigma, what):
+    """Explicit check: a Cholesky factorization of S + eps I exists iff no eigenvalue is below -eps."""
+    trace = float(np.trace(sigma))
+    if trace <= 0:
+        raise _not_psd(what)
+    try:
+        np.linalg.cholesky(sigma + PSD_TOL * trace * np.eye(sigma.shape[0]))
+    except np.linalg.LinAlgError:
+        raise _not_psd(what) from None
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, via eigenvalues."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, via eigenvalues.
+    Raises MetricInputError for covariances that are not symmetric PSD (within rounding)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, what[0])
     mu2, sigma2 = _check_stats(mu2, sigma2, what[1])
     if mu1.shape != mu2.shape:
@@ -48,13 +78,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     # Cholesky is the cheapest factor; a singular S1 (fewer samples than dimensions, dead
     # features) falls back to F = V sqrt(W) from the eigendecomposition. float64 LAPACK via
     # numpy (measured much faster here than torch's eigvalsh for 2048-d).
+    # PSD checks come almost free: a Cholesky factor exists only for a PD S1, and with an
+    # invertible F, F^T S2 F has as many negative eigenvalues as S2 (Sylvester's law of inertia).
     try:
         f = np.linalg.cholesky(sigma1)
+        f_invertible = True
     except np.linalg.LinAlgError:
         w, v = np.linalg.eigh(sigma1)
+        _check_psd_eigenvalues(w, what[0])
         f = v * np.sqrt(np.maximum(w, 0))  # Tiny negative eigenvalues are rounding noise.
+        f_invertible = False
+        _check_psd(sigma2, what[1])  # F^T S2 F sees S2 only on the range of S1.
     a = f.T @ sigma2 @ f
     ev = np.linalg.eigvalsh((a + a.T) / 2)
+    if f_invertible:
+        _check_psd_eigenvalues(ev, what[1])
     tr_covmean = np.sqrt(np.maximum(ev, 0)).sum()
 
     diff = mu1 - mu2
@@ -66,6 +104,8 @@ def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
     benchmarks as the value to agree with."""
     mu1, sigma1 = _check_stats(mu1, sigma1, 'sample')
     mu2, sigma2 = _check_stats(mu2, sigma2, 'reference')
+    _check_psd(sigma1, 'sample')
+    _check_psd(sigma2, 'reference')
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * 1e-6

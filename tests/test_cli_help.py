@@ -26,6 +26,7 @@ COMMANDS = {
     'generate_celebahq.py': generate_celebahq.main,
     'evaluate.py activations': evaluate.main.commands['activations'],
     'evaluate.py calc': evaluate.main.commands['calc'],
+    'evaluate.py gen': evaluate.main.commands['gen'],
     'checkpoint export': checkpoint._cli().commands['export'],
     'quickstart.py': quickstart.main,
 }

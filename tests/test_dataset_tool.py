@@ -488,3 +488,96 @@ def test_help_documents_every_option():
     assert res.exit_code == 0
     for opt in ['--source', '--dest', '--max-images', '--transform', '--resolution', '--workers', '--strict', '--small', '--compress-level']:
         assert opt in res.output
+
+#----------------------------------------------------------------------------
+# Options and --dest checked before any work; stale temporaries; hostile sources.
+
+def test_option_bounds_and_unwritable_dest_fail_before_work(tmp_path):
+    rng = np.random.default_rng(17)
+    src = tmp_path / 'src'
+    save(make_image(rng, 8, 8), str(src / 'a.png'))
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    (tmp_path / 'dir.zip').mkdir()
+    cases = [
+        (['--dest', tmp_path / 'o.zip', '--resolution', '65536x65536'], 'larger than 8192 per side'),
+        (['--dest', tmp_path / 'o.zip', '--resolution', '9' * 5000 + 'x8'], 'larger than 8192 per side'),
+        (['--dest', tmp_path / 'o.zip', '--resolution', '0x0'], 'positive integers'),
+        (['--dest', tmp_path / 'o.zip', '--resolution', '-8x-8'], 'positive integers'),
+        (['--dest', tmp_path / 'o.zip', '--workers', '100000'], '1<=x<=256'),
+        (['--dest', tmp_path / 'o.zip', '--workers', '0'], '1<=x<=256'),
+        (['--dest', tmp_path / 'o.zip', '--compress-level', 'nan'], 'not a valid integer'),
+        (['--dest', afile / 'o.zip'], 'cannot write --dest'),
+        (['--dest', '/proc/dataset-tool-test.zip'], 'cannot write --dest'),
+        (['--dest', tmp_path / 'dir.zip'], 'already exists and is not empty'),
+    ]
+    for args, message in cases:
+        res = run('--source', src, *args, *([] if '--workers' in args else ['--workers', 1]))
+        assert res.exit_code != 0 and message in res.output, (args, res.output)
+        assert 'Traceback' not in res.output and 'Converting' not in res.output, res.output  # Before any work.
+        assert not (tmp_path / 'o.zip').exists() and leftovers(tmp_path) == [] and afile.read_text() == 'x'
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+    from torch_utils import files
+    rng = np.random.default_rng(18)
+    src = tmp_path / 'src'
+    save(make_image(rng, 8, 8), str(src / 'a.png'))
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    host = files._host_tag()
+    stale_zip = tmp_path / f'.out.zip.{host}-{dead.pid}.00c0ffee.tmp'
+    stale_zip.write_bytes(b'x' * 4096)
+    stale_dir = tmp_path / f'.out.{host}-{dead.pid}.00c0ffee.tmp'
+    (stale_dir / '00000').mkdir(parents=True)
+    (stale_dir / '00000' / 'img00000000.png').write_bytes(b'x')
+    live = tmp_path / f'.out.zip.{host}-{os.getppid()}.00c0ffee.tmp'  # A concurrent writer's: kept.
+    live.write_bytes(b'y')
+    theirs = tmp_path / '.out.zip.notes.tmp'
+    theirs.write_bytes(b'z')
+    ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    ok('--source', src, '--dest', tmp_path / 'out', '--workers', 1)
+    assert not stale_zip.exists() and not stale_dir.exists()
+    assert live.read_bytes() == b'y' and theirs.read_bytes() == b'z'
+
+def test_hostile_sources(tmp_path):
+    rng = np.random.default_rng(19)
+    png = io.BytesIO()
+    make_image(rng, 8, 8).save(png, format='png')
+    # Zip member names that would escape a folder are never used as paths; hidden '..' is skipped.
+    with zipfile.ZipFile(tmp_path / 'evil.zip', 'w') as z:
+        z.writestr('../x.png', png.getvalue())
+        z.writestr('ok.png', png.getvalue())
+    ok('--source', tmp_path / 'evil.zip', '--dest', tmp_path / 'o1', '--workers', 1)
+    assert not (tmp_path / 'x.png').exists() and len(images_of(tmp_path / 'o1')[0]) == 1
+    # A truncated zip.
+    data = (tmp_path / 'evil.zip').read_bytes()
+    (tmp_path / 'cut.zip').write_bytes(data[:len(data) // 2])
+    # An .npz whose header claims 10^9 images.
+    hdr = io.BytesIO()
+    np.lib.format.write_array_header_1_0(hdr, {'descr': '|u1', 'fortran_order': False, 'shape': (10 ** 9, 8, 8, 3)})
+    with zipfile.ZipFile(tmp_path / 'big.npz', 'w') as z:
+        z.writestr('arr_0.npy', hdr.getvalue() + b'\0' * 384)
+    # An MNIST file whose header claims 8 * 10^9 bytes.
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write(struct.pack('>IIII', 0x803, 2000, 2000, 2000) + b'\0' * 1000)
+    # A symlink loop and a symlink to a device with an image name, beside a real image.
+    (tmp_path / 'links').mkdir()
+    save(make_image(rng, 8, 8), str(tmp_path / 'links' / 'a.png'))
+    os.symlink(tmp_path / 'links', tmp_path / 'links' / 'loop')
+    os.symlink('/dev/zero', tmp_path / 'links' / 'zero.png')
+    # A file name with a newline: one line in the skip list.
+    (tmp_path / 'nl').mkdir()
+    save(make_image(rng, 8, 8), str(tmp_path / 'nl' / 'été.png'))
+    (tmp_path / 'nl' / 'bad\nname.png').write_bytes(b'not an image')
+    cases = [('cut.zip', 'cannot read zip file'), ('big.npz', 'claims shape [1000000000, 8, 8, 3]'),
+             ('train-images-idx3-ubyte.gz', 'more than an MNIST-format file holds')]
+    for name, message in cases:
+        res = run('--source', tmp_path / name, '--dest', tmp_path / 'o.zip', '--workers', 1)
+        assert res.exit_code == 1 and message in res.output and 'Traceback' not in res.output, (name, res.output)
+    ok('--source', tmp_path / 'links', '--dest', tmp_path / 'o2', '--workers', 1)
+    assert len(images_of(tmp_path / 'o2')[0]) == 1
+    ok('--source', tmp_path / 'nl', '--dest', tmp_path / 'o3', '--workers', 1)
+    assert (tmp_path / 'o3.skipped.txt').read_text(encoding='utf-8').splitlines()[0].startswith('bad\\nname.png\t')
+    assert not (tmp_path / 'o.zip').exists() and leftovers(tmp_path) == []

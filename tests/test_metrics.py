@@ -207,3 +207,61 @@ def test_spatial_layout_permutation():
     mu_h, sigma_h = acts.spatial_stats_to_hwc(mu, sigma)
     np.testing.assert_allclose(sigma_h, np.cov(hwc, rowvar=False), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(mu_h, hwc.mean(0), rtol=1e-6)
+
+
+def test_fid_refuses_covariances_that_are_not_symmetric_psd():
+    rng = np.random.default_rng(3)
+    s = _random_spd(rng, 6)
+    mu = np.zeros(6)
+    singular = _random_spd(rng, 6, rank=2)  # PSD with zero eigenvalues: accepted.
+    assert np.isfinite(frechet_distance(mu, singular, mu, s))
+    w, v = np.linalg.eigh(s)
+    indefinite = (v * np.where(np.arange(6) == 0, -w.max(), w)) @ v.T  # One eigenvalue clearly negative.
+    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+        frechet_distance(mu, indefinite, mu, s)
+    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+        frechet_distance(mu, s, mu, -s)
+    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+        frechet_distance(mu, singular, mu, indefinite)  # Singular S1: S2 is checked on its own.
+    asym = s.copy()
+    asym[0, 1] += 0.1 * np.abs(s).max()
+    with pytest.raises(MetricInputError, match='not symmetric'):
+        frechet_distance(mu, s, mu, asym)
+    rounded = s.astype(np.float32).astype(np.float64)  # float32 rounding of a file: accepted.
+    assert abs(frechet_distance(mu, rounded, mu, s)) < 1e-4
+
+#----------------------------------------------------------------------------
+# KID.
+
+def _kid_by_hand(x, y, degree=3, coef0=1):
+    """Unbiased MMD^2 from its definition, pair by pair."""
+    d = x.shape[1]
+    k = lambda a, b: (a @ b / d + coef0) ** degree
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_against_pairwise_definition():
+    from metrics.kid import kernel_inception_distance
+    rng = np.random.default_rng(4)
+    smp = rng.standard_normal([40, 5]).astype(np.float32) + 0.3
+    ref = rng.standard_normal([50, 5]).astype(np.float32)
+    mean, std = kernel_inception_distance(smp, ref, num_subsets=3, subset_size=12)
+    draw = np.random.RandomState(2020)  # torch-fidelity's seed; sample rows first, then reference rows.
+    mmds = []
+    for _ in range(3):
+        i = draw.choice(40, 12, replace=False)
+        j = draw.choice(50, 12, replace=False)
+        mmds.append(_kid_by_hand(smp[i].astype(np.float64), ref[j].astype(np.float64)))
+    assert mean == pytest.approx(np.mean(mmds), rel=1e-10)
+    assert std == pytest.approx(np.std(mmds), rel=1e-8)
+    same, _ = kernel_inception_distance(ref, ref, num_subsets=5, subset_size=20)
+    far, _ = kernel_inception_distance(ref + 2, ref, num_subsets=5, subset_size=20)
+    assert abs(same) < far
+    with pytest.raises(MetricInputError, match='subset size 60 exceeds'):
+        kernel_inception_distance(smp, ref, subset_size=60)
+    with pytest.raises(MetricInputError, match='equal width'):
+        kernel_inception_distance(smp, ref[:, :4], subset_size=5)

@@ -74,8 +74,10 @@ def first_run(tmp_path_factory):
 def test_run_folder_contents(first_run):
     run_dir = first_run['run_dir']
     assert sorted(os.listdir(first_run['outdir'])) == [os.path.basename(run_dir)]
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'stats.jsonl',
-                                           'training-state-000000.pt', 'training_options.json']
+    # Snapshot names carry the image count (000000_008 = 8 images): no tick overwrites another.
+    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000_008.pkl', 'network-snapshot-000000_024.pkl',
+                                           'network-snapshot-000000_032.pkl', 'stats.jsonl', 'training-state-000000_024.pt',
+                                           'training-state-000000_032.pt', 'training_options.json']
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         opts = json.load(f)
     assert opts['batch_size'] == 8 and opts['network_kwargs']['class_name'] == 'training.networks.EDMPrecond'
@@ -92,9 +94,10 @@ def test_run_folder_contents(first_run):
 
 def test_snapshots_load_back(first_run):
     run_dir = first_run['run_dir']
-    snap = checkpoint.load_checkpoint(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
-    assert set(snap) >= {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
-    assert type(snap['loss_fn']).__name__ == 'EDMLoss' and type(snap['augment_pipe']).__name__ == 'AugmentPipe'
+    snap = checkpoint.load_checkpoint(os.path.join(run_dir, 'network-snapshot-000000_032.pkl'))
+    assert set(snap) >= {'ema', 'loss_kwargs', 'augment_pipe', 'dataset_kwargs'} and 'loss_fn' not in snap
+    assert snap['loss_kwargs'] == dict(class_name='training.loss.EDMLoss')
+    assert type(snap['augment_pipe']).__name__ == 'AugmentPipe'
     assert snap['dataset_kwargs']['path'] == first_run['data']
     ema = snap['ema']
     assert type(ema).__name__ == 'EDMPrecond' and ema.img_resolution == 16 and ema.label_dim == 4
@@ -102,7 +105,7 @@ def test_snapshots_load_back(first_run):
         out = ema(torch.randn([2, 3, 16, 16]), torch.ones([2]), torch.eye(4)[:2])
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
 
-    state = checkpoint.load_checkpoint(os.path.join(run_dir, 'training-state-000000.pt'))
+    state = checkpoint.load_checkpoint(os.path.join(run_dir, 'training-state-000000_032.pt'))
     assert set(state) >= {'net', 'ema', 'optimizer_state', 'step'}
     assert state['step'] == 32
     assert state['optimizer_state']['state'][0]['step'] == 4  # Four Adam steps.
@@ -112,7 +115,7 @@ def test_snapshots_load_back(first_run):
 
 
 def test_load_training_state_restores_weights_and_optimizer(first_run):
-    path = os.path.join(first_run['run_dir'], 'training-state-000000.pt')
+    path = os.path.join(first_run['run_dir'], 'training-state-000000_032.pt')
     with open(os.path.join(first_run['run_dir'], 'training_options.json')) as f:
         opts = json.load(f)
     import dnnlib
@@ -141,8 +144,8 @@ def test_resume_from_run_folder_continues(first_run):
     # Continues from 32 images (tick 32 // 16 = 2): one more step, then done.
     assert [line['Progress/kimg']['mean'] for line in lines] == pytest.approx([0.040])
     assert [line['Progress/tick']['mean'] for line in lines] == [2]
-    old = checkpoint.load_checkpoint(os.path.join(first_run['run_dir'], 'training-state-000000.pt'))
-    new = checkpoint.load_checkpoint(os.path.join(new_dir, 'training-state-000000.pt'))
+    old = checkpoint.load_checkpoint(os.path.join(first_run['run_dir'], 'training-state-000000_032.pt'))
+    new = checkpoint.load_checkpoint(os.path.join(new_dir, 'training-state-000000_040.pt'))
     assert new['step'] == 40
     assert new['optimizer_state']['state'][0]['step'] == 5  # Adam state carried over (4 + 1).
     # One Adam step of lr 1e-4 moves each weight by about 1e-4 at most: the run went on from the
@@ -153,12 +156,12 @@ def test_resume_from_run_folder_continues(first_run):
 
 
 def test_transfer_starts_from_ema(first_run, tmp_path):
-    snap = os.path.join(first_run['run_dir'], 'network-snapshot-000000.pkl')
+    snap = os.path.join(first_run['run_dir'], 'network-snapshot-000000_032.pkl')
     result = _run(['--outdir', str(tmp_path), '--data', first_run['data'], '--cond=1', '--batch=8',
                    '--duration=0.000008', '--augment=0.12', '--transfer', snap] + TINY)
     assert result.exit_code == 0, result.output
     (run_name,) = os.listdir(tmp_path)
-    new = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000.pkl'))
+    new = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
     source = checkpoint.load_checkpoint(snap)['ema']
     # No EMA ramp-up with --transfer: a half-life of 500k images leaves the EMA where it started.
     for (name, a), (_, b) in zip(source.named_parameters(), new['ema'].named_parameters()):
@@ -206,7 +209,7 @@ def test_bad_input_one_line_error(first_run, tmp_path, case):
     elif case == 'resume_empty_dir':
         extra = ['--resume', str(tmp_path)]
     elif case == 'resume_and_transfer':
-        extra = ['--resume', first_run['run_dir'], '--transfer', os.path.join(first_run['run_dir'], 'network-snapshot-000000.pkl')]
+        extra = ['--resume', first_run['run_dir'], '--transfer', os.path.join(first_run['run_dir'], 'network-snapshot-000000_032.pkl')]
     before = _folder_digest(first_run['outdir'])
     result = CliRunner().invoke(train.main, ['--outdir', first_run['outdir'], '--data', data] + TINY + extra)
     assert result.exit_code != 0
@@ -224,10 +227,10 @@ def test_blur_precond_trains_relay_stage(first_run, tmp_path):
     assert result.exit_code == 0, result.output
     (run_name,) = os.listdir(tmp_path)
     assert run_name == '00000-tiny16-uncond-ddpmpp-blur-gpus1-batch8-fp32'
-    snap = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000.pkl'))
-    loss_fn = snap['loss_fn']
-    assert type(loss_fn).__name__ == 'BlurLoss' and type(snap['ema']).__name__ == 'EDMPrecond'
-    assert (loss_fn.up_scale, loss_fn.block_scale, loss_fn.prob_length, loss_fn.blur_sigma_max) == (4, 0.15, 0.93, 3)
+    snap = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
+    assert type(snap['ema']).__name__ == 'EDMPrecond'
+    assert snap['loss_kwargs'] == dict(class_name='training.loss.BlurLoss', up_scale=4, block_scale=0.15,
+                                       prob_length=0.93, blur_sigma_max=3)
     assert snap['augment_pipe'] is None
 
 

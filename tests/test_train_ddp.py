@@ -46,14 +46,15 @@ def test_torchrun_two_processes(tmp_path):
     assert run_name == '00000-tiny16-uncond-ddpmpp-edm-gpus2-batch8-fp32'
     run_dir = outdir / run_name
     assert sorted(f for f in os.listdir(run_dir) if not f.startswith('.')) == [
-        'log.txt', 'network-snapshot-000000.pkl', 'stats.jsonl', 'training-state-000000.pt', 'training_options.json']
+        'log.txt', 'network-snapshot-000000_008.pkl', 'network-snapshot-000000_016.pkl', 'stats.jsonl',
+        'training-state-000000_016.pt', 'training_options.json']
     with open(run_dir / 'stats.jsonl') as f:
         lines = [json.loads(line) for line in f]
     assert lines[-1]['Progress/kimg']['mean'] == pytest.approx(0.016)
     # Loss statistics are summed over both processes: 8 images x 3 x 16 x 16 values per step.
     assert lines[0]['Loss/loss']['num'] == 8 * 3 * 16 * 16
-    state = checkpoint.load_checkpoint(str(run_dir / 'training-state-000000.pt'))
-    snap = checkpoint.load_checkpoint(str(run_dir / 'network-snapshot-000000.pkl'))
+    state = checkpoint.load_checkpoint(str(run_dir / 'training-state-000000_016.pt'))
+    snap = checkpoint.load_checkpoint(str(run_dir / 'network-snapshot-000000_016.pkl'))
     assert state['step'] == 16 and state['optimizer_state']['state'][0]['step'] == 2
     for a, b in zip(snap['ema'].parameters(), state['ema'].parameters()):
         assert torch.equal(a, b)

@@ -2,41 +2,15 @@
 
 import contextlib
 import functools
-import os
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = 'wb'):
-    """Open a temporary file beside `path`; rename it onto `path` only if the block succeeds.
-
-    A crash or exception leaves any existing `path` untouched and no partial file behind.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        # mkstemp creates the file as 0600; give the result the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
+# Atomic writes live in torch_utils/files.py (no torch there); re-exported here, where callers
+# have always found them.
+from torch_utils.files import atomic_write, remove_stale_temporaries  # noqa: E402,F401
 
 
 #----------------------------------------------------------------------------

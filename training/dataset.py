@@ -3,11 +3,13 @@
 floats). Items are `(uint8 CHW numpy array, float32 label vector)`; integer labels become one-hot.
 Datasets written by EDM's or our dataset_tool.py load unchanged.
 
-Errors in the data itself (nothing found, unreadable files, mixed sizes, missing labels) raise
+Pixels and labels are read by training/data_files.py, the reader that dataset_tool.py and the
+metrics share (16-bit images keep their top 8 bits, labels are checked once, and so on).
+
+Errors in the data itself (nothing found, unreadable files, mixed sizes, bad labels) raise
 `DatasetError`, an OSError, with a message that names the file; train.py turns it into one line.
 """
 
-import json
 import os
 import zipfile
 
@@ -16,11 +18,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-
-try:
-    import pyspng  # Optional: about twice as fast as PIL for PNG decoding.
-except ImportError:
-    pyspng = None
+from training import data_files
 
 
 class DatasetError(OSError):
@@ -265,31 +263,24 @@ class ImageFolderDataset(Dataset):
             fname = self._image_fnames[raw_idx]
             try:
                 with self._open_file(fname) as f:
-                    img = PIL.Image.open(f)
-                    size, channels = img.size, self._num_channels_of(img.mode)
-            except (OSError, PIL.UnidentifiedImageError, zipfile.BadZipFile) as err:
+                    w, h, channels = data_files.read_header(f, fname)
+            except data_files.DataFileError as err:
+                raise DatasetError(f'{self._path}: {err}') from None
+            except (OSError, zipfile.BadZipFile) as err:
                 raise DatasetError(f'{self._path}: cannot read {fname} ({err})') from None
-            if [channels, size[1], size[0]] != image_shape:
-                raise DatasetError(f'{self._path}: mixed image sizes: {fname} is {size[0]}x{size[1]}x{channels}, '
+            if [channels, h, w] != image_shape:
+                raise DatasetError(f'{self._path}: mixed image sizes: {fname} is {w}x{h}x{channels}, '
                                    f'{self._image_fnames[0]} is {image_shape[2]}x{image_shape[1]}x{image_shape[0]}; '
                                    f'resize them all first (dataset_tool.py)')
-
-    @staticmethod
-    def _num_channels_of(mode):
-        return {'1': 1, 'L': 1, 'I': 1, 'I;16': 1, 'F': 1, 'LA': 2, 'RGBA': 4}.get(mode, 3)
 
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
         try:
             with self._open_file(fname) as f:
-                if self._use_pyspng and pyspng is not None and self._file_ext(fname) == '.png':
-                    image = pyspng.load(f.read())
-                else:
-                    img = PIL.Image.open(f)
-                    if img.mode not in ('L', 'LA', 'RGB', 'RGBA'):
-                        img = img.convert('L' if self._num_channels_of(img.mode) == 1 else 'RGB')
-                    image = np.array(img)
-        except (OSError, PIL.UnidentifiedImageError, zipfile.BadZipFile, ValueError) as err:
+                image = data_files.read_image(f, fname, use_pyspng=self._use_pyspng)
+        except data_files.DataFileError as err:
+            raise DatasetError(f'{self._path}: {err}') from None
+        except (OSError, zipfile.BadZipFile) as err:
             raise DatasetError(f'{self._path}: cannot read {fname} ({err})') from None
         if image.ndim == 2:
             image = image[:, :, np.newaxis]  # HW => HWC
@@ -299,19 +290,14 @@ class ImageFolderDataset(Dataset):
         fname = 'dataset.json'
         if fname not in self._all_fnames:
             return None
+        where = f'{self._path}: {fname}'
         try:
             with self._open_file(fname) as f:
-                labels = json.load(f).get('labels')
-        except (OSError, ValueError, AttributeError) as err:
-            raise DatasetError(f'{self._path}: cannot read dataset.json ({err})') from None
-        if labels is None:
-            return None
-        labels = dict(labels)
-        missing = [f for f in self._image_fnames if f not in labels]
-        if missing:
-            raise DatasetError(f'{self._path}: dataset.json has no label for {missing[0]} '
-                               f'({len(missing)} images without labels)')
-        labels = np.array([labels[f] for f in self._image_fnames])
-        if labels.ndim not in (1, 2):
-            raise DatasetError(f'{self._path}: labels in dataset.json must be integers or lists of numbers')
-        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
+                table = data_files.parse_labels(data_files.read_json(f, where, len(self._image_fnames)), where)
+            if table is None:
+                return None
+            return data_files.labels_array(table, self._image_fnames, where)
+        except data_files.DataFileError as err:
+            raise DatasetError(str(err)) from None
+        except (OSError, zipfile.BadZipFile) as err:
+            raise DatasetError(f'{where}: cannot read it ({err})') from None

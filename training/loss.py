@@ -1,6 +1,6 @@
 """Training losses. Each is called as `loss_fn(net=, images=, labels=, augment_pipe=)` on a batch
 of images in [-1, 1] and returns the weighted squared error per pixel, shape [N, C, H, W]; the
-training loop sums it and normalises by the batch size.
+training loop sums it and normalises it (training/training_loop.py, LOSS_NORMS).
 
 Order of random draws (kept from the reference so a given seed trains the same way): the noise
 level first ([N, 1, 1, 1]), then the augmentation pipe's draws, then the Gaussian noise.
@@ -127,3 +127,4 @@ class BlurLoss:
                 + blurring.block_noise(y_blurred, torch.randn_like, self.up_scale) * sigma * self.block_scale
         D_yn = net(y_blurred + n, sigma, labels, augment_labels=augment_labels)
         return weight * ((D_yn - y) ** 2)
+

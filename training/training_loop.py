@@ -2,12 +2,22 @@
 snapshots, stats.jsonl) on one process or under torchrun with DistributedDataParallel.
 
 Outputs in run_dir:
-  network-snapshot-KKKKKK.pkl  dict(ema, loss_fn, augment_pipe, dataset_kwargs)  every `snapshot_ticks`
-  training-state-KKKKKK.pt     dict(net, ema, optimizer_state, step)             every `state_dump_ticks`
-  stats.jsonl                  one line of averaged statistics per tick
-KKKKKK = images seen so far // 1000. Both files are written atomically (temp file + rename).
+  network-snapshot-<N>.pkl  dict(ema, loss_kwargs, augment_pipe, dataset_kwargs)   every `snapshot_ticks`
+  training-state-<N>.pt     dict(net, ema, optimizer_state, step, loss_kwargs)     every `state_dump_ticks`
+  stats.jsonl               one line of averaged statistics per tick
+<N> = images seen so far: KKKKKK (whole thousands, the reference's names) or KKKKKK_III when
+the count is not a whole thousand (K thousands and I images), so that snapshots of fractional
+ticks never overwrite each other; both forms sort in training order. Files are written
+atomically (temp file + rename).
+
+The snapshot holds only objects that unpickle inside the reference's and EDM's own source trees:
+the EMA network and augmentation pipe (persistent objects whose module source imports only
+names those trees have) and plain dicts. The loss is stored as its constructor options
+(`loss_kwargs`, a dict with class_name) rather than as an object; older snapshots and the
+reference's files hold a `loss_fn` object instead (training/pipeline.py reads both).
 """
 
+import contextlib
 import copy
 import inspect
 import json
@@ -31,25 +41,108 @@ class TrainingError(RuntimeError):
 
 
 #----------------------------------------------------------------------------
-# Resume helpers.
+# File names carrying the number of images seen.
 
-_STATE_RE = re.compile(r'training-state-(\d+)\.pt')
+_STATE_RE = re.compile(r'training-state-(\d+)(?:_(\d{3}))?\.pt')
+
+
+def nimg_suffix(cur_nimg):
+    """'000123' for 123000 images (the reference's form), '000123_456' for 123456."""
+    kimg, rest = divmod(int(cur_nimg), 1000)
+    return f'{kimg:06d}' if rest == 0 else f'{kimg:06d}_{rest:03d}'
+
+
+def training_state_nimg(path):
+    """Images seen according to a training-state file name, or None if the name is not one."""
+    m = _STATE_RE.fullmatch(os.path.basename(path))
+    if m is None:
+        return None
+    return int(m.group(1)) * 1000 + int(m.group(2) or 0)
 
 
 def find_latest_training_state(run_dir):
-    """Path of the training-state-*.pt with the highest kimg in a run folder, or None."""
+    """Path of the training-state-*.pt with the most images seen in a run folder, or None."""
     best = None
     for fname in os.listdir(run_dir):
-        m = _STATE_RE.fullmatch(fname)
-        if m and os.path.isfile(os.path.join(run_dir, fname)):
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), os.path.join(run_dir, fname))
+        nimg = training_state_nimg(fname)
+        if nimg is not None and os.path.isfile(os.path.join(run_dir, fname)):
+            if best is None or nimg > best[0]:
+                best = (nimg, os.path.join(run_dir, fname))
     return None if best is None else best[1]
 
 
-def load_training_state(path, net, ema, optimizer):
+#----------------------------------------------------------------------------
+# One training run per folder: an exclusive lock on a file in it, held for the run.
+
+RUN_LOCK_NAME = '.train.lock'
+
+
+class RunLock:
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, RUN_LOCK_NAME)
+        self.file = None
+        try:
+            import fcntl
+        except ImportError:  # No flock on this platform: run unlocked.
+            return
+        busy = TrainingError(f'{run_dir} is in use by another training run (it holds {self.path}); '
+                             f'wait for it to finish or choose another --outdir')
+        f = open(self.path, 'a+')
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise busy from None
+        # The holder before us may have removed the file between our open and our lock: then
+        # the lock is on a file nobody else sees, and a third run may hold the new one.
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            f.close()
+            raise busy
+        self.file = f
+
+    def release(self):
+        if self.file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # Removed while still held: see the check above.
+            self.file.close()
+            self.file = None
+
+
+def lock_run_dir(run_dir):
+    """Take the run folder's lock or raise TrainingError naming the folder; call .release()
+    when the run ends (process exit releases it too)."""
+    return RunLock(run_dir)
+
+
+#----------------------------------------------------------------------------
+# Resume helpers.
+
+def _stage(loss_class_name):
+    name = str(loss_class_name).rsplit('.', 1)[-1]
+    return 'second (relay, --precond=blur)' if name == 'BlurLoss' else f'first ({name})'
+
+
+def _recorded_loss_class(path, data):
+    """The loss class a training state was trained with: recorded in the state, or in the
+    training_options.json beside it; None when neither says."""
+    if isinstance(data.get('loss_kwargs'), dict):
+        return data['loss_kwargs'].get('class_name')
+    options_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')
+    try:
+        with open(options_path) as f:
+            return json.load(f)['loss_kwargs']['class_name']
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     """Copy net/ema weights and the optimizer state from a training-state file; return the
-    number of images it had seen ('step'; from the file name if absent)."""
+    number of images it had seen ('step'; from the file name if absent). Refuses a state of
+    another preconditioner or, where the state's loss is known, of the other relay stage."""
     from torch_utils import checkpoint
     try:
         data = checkpoint.load_checkpoint(path)
@@ -59,6 +152,16 @@ def load_training_state(path, net, ema, optimizer):
     if missing:
         raise TrainingError(f'{path}: not a training state (no {", ".join(missing)}); '
                             f'use --transfer to start from network weights only')
+    theirs, ours = type(data['net']).__name__, type(net).__name__
+    if theirs != ours:
+        raise TrainingError(f'{path}: holds a {theirs} network and this run builds {ours}; '
+                            f'resume with the --precond of the original run')
+    their_loss = _recorded_loss_class(path, data)
+    our_loss = (loss_kwargs or {}).get('class_name')
+    if their_loss is not None and our_loss is not None and _stage(their_loss) != _stage(our_loss):
+        raise TrainingError(f'{path}: is a {_stage(their_loss)} stage training state and this run trains the '
+                            f'{_stage(our_loss)} stage; resume with the --precond of the original run, '
+                            f'or start from its weights with --transfer')
     try:
         misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=True)
@@ -68,8 +171,7 @@ def load_training_state(path, net, ema, optimizer):
                             f'use the same --arch/--cbase/--cres/--precond as the original run') from None
     if 'step' in data:
         return int(data['step'])
-    m = _STATE_RE.fullmatch(os.path.basename(path))
-    return int(m.group(1)) * 1000 if m else 0
+    return training_state_nimg(path) or 0
 
 
 def load_transfer_weights(path, net, ema):
@@ -86,6 +188,23 @@ def load_transfer_weights(path, net, ema):
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
     except ValueError as err:
         raise TrainingError(f'{path}: does not match this network ({err})') from None
+
+
+#----------------------------------------------------------------------------
+# Loss normalisation: the summed per-pixel loss of each accumulation round is multiplied by
+# loss_scaling / divisor before backward. Under Adam a constant divisor c acts like dividing
+# eps by c, so the choice changes the trained weights (slightly) and must match the reference
+# to reproduce its runs.
+#   reference  RDM's rule: 32 when the batch's images are 64 pixels wide, 256 otherwise.
+#   edm        EDM's rule: the images per process (batch_size / processes), i.e. the per-image
+#              mean of the summed loss over the whole batch once DDP averages the gradients;
+#              independent of resolution and batch size.
+
+LOSS_NORMS = ('reference', 'edm')
+
+
+def reference_loss_divisor(images):
+    return 32 if images.shape[-1] == 64 else 256
 
 
 #----------------------------------------------------------------------------
@@ -166,6 +285,7 @@ def training_loop(
     logger              = None,     # None / 'none' / 'tensorboard' / 'aim'.
     logger_kwargs       = {},       # Extra options of the aim logger (repo, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
+    loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see LOSS_NORMS.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
     start_time = time.time()
@@ -187,6 +307,13 @@ def training_loop(
     num_accumulation_rounds = batch_gpu_total // batch_gpu
     if batch_size != batch_gpu * num_accumulation_rounds * world:
         raise TrainingError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
+
+    if loss_norm not in LOSS_NORMS:
+        raise TrainingError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
+    if loss_norm == 'reference':
+        loss_divisor = reference_loss_divisor
+    else:
+        loss_divisor = lambda images: batch_gpu_total
 
     # Dataset.
     dist.print0('Loading dataset...')
@@ -232,7 +359,7 @@ def training_loop(
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
     # Transfer learning or resume. Rank 0 reads first so a download happens once.
-    cur_nimg = int(resume_kimg * 1000)
+    cur_nimg = int(round(resume_kimg * 1000))
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
         if rank != 0:
@@ -244,7 +371,7 @@ def training_loop(
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
         if rank != 0:
             dist.barrier()
-        cur_nimg = load_training_state(resume_state_dump, net, ema, optimizer)
+        cur_nimg = load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs)
         if rank == 0:
             dist.barrier()
 
@@ -269,7 +396,9 @@ def training_loop(
                          unit='img', unit_scale=True, dynamic_ncols=True, leave=False,
                          file=sys.__stderr__)  # The terminal, not log.txt.
 
-    while True:
+    if cur_nimg >= total_kimg * 1000:  # A finished run resumed: nothing to train, nothing to write.
+        dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg of {total_kimg:g}; nothing to do.')
+    while cur_nimg < total_kimg * 1000:
         # Accumulate gradients over rounds; DDP all-reduces only in the last one.
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(num_accumulation_rounds):
@@ -279,12 +408,7 @@ def training_loop(
                 labels = labels.to(device)
                 loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
-                # Normalise the summed per-pixel loss by the per-process batch, as EDM does:
-                # DDP averages gradients over processes, so the step sees the mean over all
-                # batch_size images. (The reference RDM divides by a constant keyed on image
-                # size, 32 at 64 px and 256 otherwise; Adam is invariant to a constant gradient
-                # scale up to its eps, so the choice does not change training.)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+                loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
 
         # Learning-rate warm-up, NaN/Inf guard, step.
         for g in optimizer.param_groups:
@@ -340,12 +464,12 @@ def training_loop(
 
         # Network snapshot: EMA for sampling, plus what is needed to rebuild the setup.
         if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
-            save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
+            save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
 
         # Full training state for --resume.
         if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer)
+            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
 
         # Statistics.
         training_stats.default_collector.update()
@@ -381,9 +505,18 @@ def training_loop(
 # Snapshot writers. Every rank takes part in the consistency check (it broadcasts); only
 # rank 0 writes.
 
-def save_network_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs):
+def _plain(value):
+    """Dicts (EasyDict included) as plain dicts, recursively: data any EDM-family tree unpickles."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs):
     from torch_utils import checkpoint
-    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    data = dict(ema=ema, loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe, dataset_kwargs=_plain(dataset_kwargs))
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
             value = copy.deepcopy(value).eval().requires_grad_(False)
@@ -391,15 +524,18 @@ def save_network_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset
             data[key] = value.cpu()
     path = None
     if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl')
+        path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
         checkpoint.save_snapshot(path, data)
     return path
 
 
-def save_training_state(run_dir, cur_nimg, net, ema, optimizer):
+def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs=None):
     from torch_utils import checkpoint
     path = None
     if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt')
-        checkpoint.save_training_state(path, dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg))
+        path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
+        data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
+        if loss_kwargs is not None:
+            data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
+        checkpoint.save_training_state(path, data)
     return path

@@ -1,0 +1,261 @@
+"""training/data_files.py: the one image reader and label checker shared by training, evaluation and
+dataset_tool.py. Pixels per PIL mode against an independent computation, the same pixels through
+all three users, one clear error per bad file, labels checked once, bombs refused."""
+
+import io
+import json
+import os
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import dataset_tool
+from training import data_files
+from training.dataset import DatasetError, ImageFolderDataset
+
+#----------------------------------------------------------------------------
+# Helpers.
+
+def png_chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
+
+def raw_png(w, h, bit_depth, colour_type, pixel_rows):
+    """A PNG written byte by byte (PIL cannot write 16-bit RGB)."""
+    ihdr = struct.pack('>IIBBBBB', w, h, bit_depth, colour_type, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + png_chunk(b'IHDR', ihdr) + png_chunk(b'IDAT', zlib.compress(pixel_rows))
+            + png_chunk(b'IEND', b''))
+
+RNG = np.random.RandomState(0)
+GRAY16 = RNG.randint(0, 65536, (8, 8)).astype(np.uint16)
+RGB8 = RNG.randint(0, 256, (8, 8, 3)).astype(np.uint8)
+RGBA8 = RNG.randint(0, 256, (8, 8, 4)).astype(np.uint8)
+LA8 = RNG.randint(0, 256, (8, 8, 2)).astype(np.uint8)
+BITS = RNG.rand(8, 8) > 0.5
+RGB16 = RNG.randint(0, 65536, (8, 8, 3)).astype(np.uint16)
+
+def write_case(path, case):
+    """Write one test image; return the uint8 HxW(xC) array the reader must give (None = refuse)."""
+    if case == 'I;16 png':
+        PIL.Image.fromarray(GRAY16).save(path + '.png')
+        return (GRAY16 >> 8).astype(np.uint8)
+    if case == 'I;16B tiff':
+        PIL.Image.frombytes('I;16B', (8, 8), GRAY16.astype('>u2').tobytes()).save(path + '.tif')
+        return (GRAY16 >> 8).astype(np.uint8)
+    if case == 'I;16L tiff':
+        PIL.Image.frombytes('I;16L', (8, 8), GRAY16.astype('<u2').tobytes()).save(path + '.tif')
+        return (GRAY16 >> 8).astype(np.uint8)
+    if case == 'I tiff':
+        PIL.Image.fromarray(GRAY16.astype(np.int32)).save(path + '.tif')
+        return (GRAY16 >> 8).astype(np.uint8)
+    if case == 'I out of range':
+        PIL.Image.fromarray(GRAY16.astype(np.int32) * 4).save(path + '.tif')
+        return None
+    if case == 'F':
+        PIL.Image.fromarray(RNG.rand(8, 8).astype(np.float32)).save(path + '.tif')
+        return None
+    if case == '1':
+        PIL.Image.fromarray(BITS).save(path + '.png')
+        return BITS.astype(np.uint8) * 255
+    if case == 'L':
+        PIL.Image.fromarray(RGB8[:, :, 0]).save(path + '.png')
+        return RGB8[:, :, 0]
+    if case == 'LA':
+        PIL.Image.fromarray(LA8, 'LA').save(path + '.png')
+        return LA8
+    if case == 'RGBA':
+        PIL.Image.fromarray(RGBA8, 'RGBA').save(path + '.png')
+        return RGBA8
+    if case in ('P', 'P transparent'):
+        img = PIL.Image.fromarray(RGB8).quantize(16)
+        if case == 'P transparent':
+            img.info['transparency'] = 3
+        img.save(path + '.png')
+        palette = np.array(img.getpalette()[:3 * 256], np.uint8).reshape(-1, 3)
+        return palette[np.asarray(img)]
+    if case == 'CMYK':
+        cmyk = RNG.randint(0, 256, (8, 8, 4)).astype(np.uint8)
+        PIL.Image.fromarray(cmyk, 'CMYK').save(path + '.tif')
+        return np.asarray(PIL.Image.fromarray(cmyk, 'CMYK').convert('RGB'))  # PIL's formula differs by version.
+    if case == 'RGB 16-bit png':
+        rows = b''.join(b'\x00' + RGB16[y].astype('>u2').tobytes() for y in range(8))
+        with open(path + '.png', 'wb') as f:
+            f.write(raw_png(8, 8, 16, 2, rows))
+        return (RGB16 >> 8).astype(np.uint8)
+    raise ValueError(case)
+
+CASES = ['I;16 png', 'I;16B tiff', 'I;16L tiff', 'I tiff', 'I out of range', 'F', '1', 'L', 'LA', 'RGBA', 'P',
+         'P transparent', 'CMYK', 'RGB 16-bit png']
+
+#----------------------------------------------------------------------------
+# Pixels per mode.
+
+@pytest.mark.parametrize('case', CASES)
+def test_read_image_modes(tmp_path, case):
+    expected = write_case(str(tmp_path / 'img'), case)
+    (path,) = [p for p in tmp_path.iterdir()]
+    with open(path, 'rb') as f:
+        if expected is None:
+            with pytest.raises(data_files.DataFileError, match='img'):
+                data_files.read_image(f, path.name)
+            return
+        arr = data_files.read_image(f, path.name)
+    assert arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, expected)
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    with PIL.Image.open(path) as img:
+        assert data_files.natural_channels(img.mode) == channels  # Header check agrees with the decode.
+
+
+def test_16bit_gray_same_pixels_in_training_evaluation_and_dataset_tool(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    PIL.Image.fromarray(GRAY16).save(src / '000000.png')
+    PIL.Image.fromarray(GRAY16[::-1].copy()).save(src / '000001.png')
+    expected = [(GRAY16 >> 8).astype(np.uint8), (GRAY16[::-1] >> 8).astype(np.uint8)]
+    assert (expected[0] == 255).mean() < 0.05  # convert('L') would saturate: almost all 255.
+
+    ds = ImageFolderDataset(str(src))  # Training (and evaluate.py, which reads folders through it).
+    for i in range(2):
+        np.testing.assert_array_equal(ds[i][0][0], expected[i])
+
+    from metrics.activations import open_images
+    images = open_images(str(src))
+    first = np.asarray(images[0][0] if isinstance(images[0], tuple) else images[0])
+    np.testing.assert_array_equal(first.reshape(8, 8), expected[0])
+
+    res = CliRunner().invoke(dataset_tool.main, ['--source', str(src), '--dest', str(tmp_path / 'out'), '--workers', '1'])
+    assert res.exit_code == 0, res.output
+    out = ImageFolderDataset(str(tmp_path / 'out'))
+    for i in range(2):
+        np.testing.assert_array_equal(out[i][0][0], expected[i])
+
+
+def test_palette_with_transparency_reads_as_rgb_beside_rgb(tmp_path):
+    expected = write_case(str(tmp_path / '000000'), 'P transparent')
+    PIL.Image.fromarray(RGB8).save(tmp_path / '000001.png')
+    ds = ImageFolderDataset(str(tmp_path))
+    assert ds.image_shape == [3, 8, 8]
+    np.testing.assert_array_equal(ds[0][0], expected.transpose(2, 0, 1))
+    np.testing.assert_array_equal(ds[1][0], RGB8.transpose(2, 0, 1))
+
+#----------------------------------------------------------------------------
+# Bad image files: one clear error naming the file.
+
+@pytest.mark.parametrize('content', [b'hello, I am text', b'', b'\x89PNG\r\n\x1a\n broken'])
+def test_text_file_named_png_is_one_clear_error(tmp_path, content):
+    (tmp_path / '000000.png').write_bytes(content)
+    PIL.Image.fromarray(RGB8).save(tmp_path / '000001.png')
+    with pytest.raises(DatasetError) as info:
+        ImageFolderDataset(str(tmp_path))
+    message = str(info.value)
+    assert '000000.png' in message and str(tmp_path) in message and '\n' not in message
+    assert 'BufferedReader' not in message
+
+
+def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
+    # 100000 x 100000 RGB claimed by a 100-byte file: 30 GB if decoded.
+    PIL.Image.fromarray(RGB8).save(tmp_path / '000000.png')
+    (tmp_path / '000001.png').write_bytes(raw_png(100000, 100000, 8, 2, b'\x00' * 100))
+    with pytest.raises(DatasetError, match='000001.png.*MAX_IMAGE_PIXELS'):
+        ImageFolderDataset(str(tmp_path))
+    with open(tmp_path / '000001.png', 'rb') as f:
+        with pytest.raises(data_files.DataFileError, match='decompression bomb'):
+            data_files.read_image(f, '000001.png')
+
+
+def test_pixel_limit_applies_between_pil_warning_and_error(tmp_path, monkeypatch):
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse at MAX_IMAGE_PIXELS.
+    monkeypatch.setattr(PIL.Image, 'MAX_IMAGE_PIXELS', 40)
+    PIL.Image.fromarray(RGB8).save(tmp_path / '000000.png')  # 64 pixels: warning zone for PIL.
+    with pytest.raises(DatasetError, match='000000.png'):
+        ImageFolderDataset(str(tmp_path))
+
+#----------------------------------------------------------------------------
+# Labels: validated once, with file and entry named.
+
+def _labelled(tmp_path, labels_json, n=2):
+    for i in range(n):
+        PIL.Image.fromarray(RGB8).save(tmp_path / f'{i:06d}.png')
+    (tmp_path / 'dataset.json').write_text(labels_json if isinstance(labels_json, str) else json.dumps(labels_json))
+    return str(tmp_path)
+
+def _pairs(*labels):
+    return {'labels': [[f'{i:06d}.png', lab] for i, lab in enumerate(labels)]}
+
+BAD_LABELS = {
+    'fractional': (_pairs(0.7, 1.9), 'entry 0 ["000000.png", 0.7]'),
+    'string': (_pairs('cat', 'dog'), 'entry 0 ["000000.png", "cat"]'),
+    'huge class': (_pairs(0, 50_000_000), 'class index must be in 0..'),
+    'bigger than int64': (_pairs(0, 2 ** 70), 'entry 1'),
+    'negative': (_pairs(0, -1), 'entry 1'),
+    'bool': (_pairs(True, False), 'entry 0'),
+    'null': (_pairs(None, 1), 'entry 0'),
+    'mixed kinds': (_pairs(1, [0.5, 0.5]), 'one kind'),
+    'ragged vectors': (_pairs([1.0], [0.5, 0.5]), 'one kind'),
+    'nan': ('{"labels": [["000000.png", [NaN, 1]], ["000001.png", [0, 1]]]}', 'finite'),
+    'inf class': ('{"labels": [["000000.png", Infinity], ["000001.png", 1]]}', 'entry 0'),
+    'duplicate': ({'labels': [['000000.png', 0], ['000001.png', 1], ['000000.png', 1]]}, 'listed twice'),
+    'labels not a list': ({'labels': 5}, 'must be a list'),
+    'one-element entry': ({'labels': [['000000.png'], ['000001.png', 1]]}, 'expected [file_name, label]'),
+    'top level list': ([1, 2], 'expected {"labels"'),
+    'missing': ({'labels': [['000000.png', 0]]}, 'no label for 000001.png'),
+    'not json': ('{"labels": [["000000.png", 0', 'not valid JSON'),
+}
+
+@pytest.mark.parametrize('case', sorted(BAD_LABELS))
+def test_bad_labels_are_refused_with_file_and_entry(tmp_path, case):
+    content, message = BAD_LABELS[case]
+    path = _labelled(tmp_path, content)
+    with pytest.raises(DatasetError) as info:
+        ImageFolderDataset(path, use_labels=True).label_shape
+    assert 'dataset.json' in str(info.value) and message in str(info.value), str(info.value)
+    # dataset_tool checks a source's dataset.json by the same rules, before writing anything.
+    res = CliRunner().invoke(dataset_tool.main, ['--source', path, '--dest', str(tmp_path / 'out.zip'), '--workers', '1'])
+    if case != 'missing':  # The tool writes no labels then (documented), instead of failing.
+        assert res.exit_code == 1 and message in res.output and 'Traceback' not in res.output, res.output
+        assert not (tmp_path / 'out.zip').exists()
+
+
+def test_good_labels(tmp_path):
+    # Integral floats are class indices (as EDM reads them); a {file: label} dict is accepted.
+    ds = ImageFolderDataset(_labelled(tmp_path, _pairs(0.0, 2.0)), use_labels=True)
+    assert ds.label_dim == 3
+    np.testing.assert_array_equal(ds[1][1], np.float32([0, 0, 1]))
+    (tmp_path / 'dataset.json').write_text(json.dumps({'labels': {'000000.png': [1, 2.5], '000001.png': [0, -1]}}))
+    ds = ImageFolderDataset(str(tmp_path), use_labels=True)
+    assert ds.label_dim == 2 and not ds.has_onehot_labels
+    np.testing.assert_array_equal(ds[0][1], np.float32([1, 2.5]))
+
+
+def test_oversized_dataset_json_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_files, 'JSON_BASE_BYTES', 1000)
+    monkeypatch.setattr(data_files, 'JSON_BYTES_PER_IMAGE', 100)
+    labels = _pairs(0, 1)
+    labels['labels'] += [[f'zz{i}.png', 1] for i in range(200)]  # About 4 kB for 2 images.
+    path = _labelled(tmp_path, labels)
+    with pytest.raises(DatasetError, match='dataset.json: larger than 1200 bytes'):
+        ImageFolderDataset(path, use_labels=True).label_shape
+
+
+def test_zip_bomb_dataset_json_is_refused(tmp_path, monkeypatch):
+    # A deflated dataset.json that expands to 64 MiB of spaces in a zip of about 64 kB.
+    monkeypatch.setattr(data_files, 'JSON_BASE_BYTES', 1 << 20)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(RGB8).save(buf, format='png')
+    with zipfile.ZipFile(tmp_path / 'd.zip', 'w', compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr('000000.png', buf.getvalue())
+        with z.open('dataset.json', 'w', force_zip64=True) as f:
+            f.write(b'{"labels": [["000000.png", 0]]')
+            for _ in range(64):
+                f.write(b' ' * (1 << 20))
+            f.write(b'}')
+    assert os.path.getsize(tmp_path / 'd.zip') < 1 << 20
+    with pytest.raises(DatasetError, match='larger than'):
+        ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True).label_shape
+    res = CliRunner().invoke(dataset_tool.main, ['--source', str(tmp_path / 'd.zip'), '--dest', str(tmp_path / 'o.zip'), '--workers', '1'])
+    assert res.exit_code == 1 and 'larger than' in res.output and not (tmp_path / 'o.zip').exists()

@@ -1,0 +1,117 @@
+"""Atomic writes: outputs are written under a temporary name beside the target and renamed onto it
+only when complete. No torch here (dataset_tool's worker processes import it).
+
+Temporaries are named `.<target name>.<host>-<pid>.<random>.tmp`. A process killed mid-write
+(kill -9, power loss) leaves one behind; the next write to the same target removes those whose
+process is gone (same host, pid no longer alive). A temporary of a live process, of another
+host, or of another target is never touched.
+"""
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+
+# Temporaries named by earlier versions (`.<target>.<8 random chars>.tmp`, no pid): removed once
+# they have not been modified for this long, since no write takes a day without touching its file.
+LEGACY_STALE_SECONDS = 24 * 3600
+
+
+def _host_tag():
+    return re.sub(r'[^A-Za-z0-9]', '-', socket.gethostname())[:40] or 'host'
+
+
+def current_umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def temp_name(path):
+    """A fresh temporary path beside `path`, carrying our host and pid."""
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f'.{base}.{_host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # Exists (another user's) or cannot tell: keep it.
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Remove temporaries of `path` left by dead processes of this host. Returns their paths."""
+    if os.name == 'nt':  # os.kill(pid, 0) would end the process there; never guess.
+        return []
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    ours = re.compile(re.escape(f'.{base}.') + r'(?:(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[0-9a-f]{8}|(?P<legacy>[a-z0-9_]{8}))\.tmp')
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = ours.fullmatch(name)
+        if m is None:
+            continue
+        full = os.path.join(folder, name)
+        try:
+            if m.group('legacy'):
+                if time.time() - os.lstat(full).st_mtime < LEGACY_STALE_SECONDS:
+                    continue
+            elif m.group('host') != _host_tag() or _pid_alive(int(m.group('pid'))):
+                continue
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            removed.append(full)
+        except OSError:
+            pass  # Gone meanwhile, or not ours to remove: leave it.
+    return removed
+
+
+def make_temp(path, directory=False):
+    """Create (exclusively) a temporary file or folder for `path`, after removing stale ones.
+    Returns its path. Raises OSError when the folder of `path` cannot be written."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temp_name(path)
+    if directory:
+        os.mkdir(tmp, 0o700)
+    else:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb', **open_kwargs):
+    """Open a temporary file beside `path`; rename it onto `path` only if the block succeeds.
+
+    A crash or exception leaves any existing `path` untouched and no partial file behind.
+    """
+    path = os.fspath(path)
+    tmp_path = make_temp(path)
+    try:
+        # Created private; give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~current_umask())
+        with open(tmp_path, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
