@@ -102,9 +102,11 @@ def _copy_simple_attributes(obj, state):
 #----------------------------------------------------------------------------
 # Construction bounded by the file's contents.
 
-SLACK = 8                   # A constructor may allocate up to SLACK times the elements the file
-                            # holds, plus SMALL_NUMEL, before the exact comparison: an honest mismatch
-SMALL_NUMEL = 1 << 16       # (other channel counts or block numbers) is then reported by name.
+# A constructor may allocate up to SLACK times the elements the file holds, plus SMALL_NUMEL,
+# before the exact comparison, so that an honest mismatch (other channel counts or block
+# numbers) is still reported by the name of the first differing tensor.
+SLACK = 8
+SMALL_NUMEL = 1 << 16
 BASE_OPS = 100_000          # Tensor operations any constructor may run, plus one per element of the
                             # file's tensors (e.g. a noise-level table filled in a loop).
 RISKY_NUMEL = 1 << 22       # Operations whose result could exceed this (see _BoundedConstruction)
@@ -185,8 +187,10 @@ class _BoundedConstruction(TorchFunctionMode):
     first called on the meta device, which gives the result's shape without memory. An
     operation that could make a result much larger than its inputs (an outer product or
     broadcast of two large tensors, a copy of an expanded view) is sized the same way. Other
-    operations produce at most what their inputs hold. Everything else runs as usual, so
-    legitimate networks are built exactly as without the bound."""
+    operations produce at most what their inputs hold, and tensors made from Python data
+    (torch.tensor, as_tensor) at most what the file's constructor arguments spell out. Every
+    operation then runs as usual, so legitimate networks are built exactly as without the
+    bound."""
 
     def __init__(self, budget):
         super().__init__()
