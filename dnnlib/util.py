@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -132,6 +133,47 @@ def _check_sha256(path: str, sha256: str | None, what: str) -> None:
         raise DownloadError(f'{what}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
 
 
+def _host_tag() -> str:
+    return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname()) or 'host'
+
+
+def _part_prefix(cache_name: str) -> str:
+    """Start of the temporary names of downloads into cache entry `cache_name` by this process:
+    `.<entry>.<host>.<pid>.`; the owner of a leftover can thus be told from its name."""
+    return f'.{cache_name}.{_host_tag()}.{os.getpid()}.'
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # Someone else's process (or a value we cannot ask about): leave its file.
+    return True
+
+
+def remove_stale_downloads(cache_dir: str, cache_name: str) -> list:
+    """Delete the temporaries that killed downloads into cache entry `cache_name` left behind:
+    only ours (named by _part_prefix), only from this host, and only when the process that
+    wrote them is gone. Returns the removed paths."""
+    pattern = re.compile(re.escape(f'.{cache_name}.{_host_tag()}.') + r'(\d+)\.[^/]*\.part')
+    removed = []
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(cache_dir, name)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def _download(url: str, dst, max_bytes: int, verbose: bool) -> str:
     """Stream `url` into the open binary file `dst`, at most `max_bytes`; return its SHA-256."""
     if verbose:
@@ -161,7 +203,8 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
 
     http(s) URLs are streamed to disk, never held whole in memory: into the cache folder (once;
     the download goes to a temporary name that is renamed into place only when complete and
-    verified), or with cache=False into an anonymous temporary file. A download larger than
+    verified; temporaries that a killed download of the same entry left are removed first), or
+    with cache=False into an anonymous temporary file. A download larger than
     `max_bytes` (default DEFAULT_MAX_DOWNLOAD_BYTES) is stopped. When `sha256` (hex) is given,
     the content must have that SHA-256, whether it is a local file, a cache hit or a fresh
     download; a cache entry that does not match is downloaded again and replaced. Raises OSError
@@ -194,13 +237,15 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         if verbose:
             print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
 
-    # Download.
+    # Download (after removing what killed downloads of this entry left behind).
+    if cache:
+        remove_stale_downloads(cache_dir, os.path.basename(cache_path))
     for attempt in range(num_attempts):
         tmp_path = None
         try:
             if cache:
                 os.makedirs(cache_dir, exist_ok=True)
-                fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
+                fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix=_part_prefix(os.path.basename(cache_path)), suffix='.part')
                 dst = os.fdopen(fd, 'w+b')
             else:
                 dst = tempfile.TemporaryFile()

@@ -5,6 +5,7 @@ never an allocation larger than the file justifies, and nothing from it runs.
 """
 
 import io
+import json
 import os
 import pickle
 import random
@@ -222,3 +223,56 @@ def test_mutated_checkpoints_fail_cleanly(tmp_path):
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             path.unlink()
     assert outcomes.get('error', 0) > 60  # Most mutations must be caught, each as one line.
+
+
+def _tampered_snapshot(path, cls='EDMPrecond', base=None, **claimed):
+    """A genuine tiny snapshot whose recorded constructor arguments are replaced by `claimed`."""
+    kwargs = dict(dict(img_resolution=8, img_channels=3, model_type='DhariwalUNet', model_channels=16, channel_mult=[1],
+                       num_blocks=1, attn_resolutions=[]), **(base or {}))
+    net = getattr(networks, cls)(**kwargs)
+    net._init_kwargs = dict(net._init_kwargs, **claimed)  # pylint: disable=protected-access
+    path.write_bytes(pickle.dumps(dict(ema=net), protocol=4))
+    return path
+
+
+def test_constructor_argument_bombs_fail_fast(tmp_path):
+    # A few kB of tensors under constructor arguments that describe terabytes of weights, ten
+    # million modules, a 10**9-entry noise table or a 60000x60000 resampling filter: each must
+    # be refused before it is allocated, in one line; the untampered file still loads.
+    song = dict(model_type='SongUNet', channel_mult=[1, 1])
+    bombs = [
+        _tampered_snapshot(tmp_path / 'channels.pkl', model_channels=10**6),
+        _tampered_snapshot(tmp_path / 'emb.pkl', channel_mult_emb=10**7),
+        _tampered_snapshot(tmp_path / 'blocks.pkl', num_blocks=10**8),
+        _tampered_snapshot(tmp_path / 'levels.pkl', channel_mult=[1] * 10**5),
+        _tampered_snapshot(tmp_path / 'noise_levels.pkl', cls='iDDPMPrecond', M=10**9),
+        _tampered_snapshot(tmp_path / 'filter.pkl', base=song, resample_filter=[1] * 60000),
+    ]
+    good = _tampered_snapshot(tmp_path / 'good.pkl')
+    assert all(path.stat().st_size < 1 << 20 for path in bombs)
+    outcomes, growth_mb = _peak_rss_mb_of_loads(bombs + [good])
+    for path, outcome in zip(bombs, outcomes):
+        assert outcome.startswith(f'CheckpointError: {path}: ') and outcome.endswith('refusing to build it'), outcome
+        assert 'far more than the file holds' in outcome, outcome
+    assert outcomes[-1] == 'loaded'
+    assert growth_mb < 300, f'loading the bombs grew the process by {growth_mb} MB'
+
+
+def test_constructor_argument_bomb_in_safetensors_config(tmp_path):
+    # The same attack through the JSON config of an exported network.
+    src = _tampered_snapshot(tmp_path / 'net.pkl')
+    st_path, json_path = checkpoint.export_safetensors(str(src), str(tmp_path / 'net.safetensors'))
+    config = json.loads(open(json_path, encoding='utf-8').read())
+    reference = checkpoint.load_network(st_path)
+    config['init_kwargs']['model_channels'] = 10**6
+    with open(json_path, 'w', encoding='utf-8') as f:
+        json.dump(config, f)
+    with pytest.raises(checkpoint.CheckpointError, match=r'net\.safetensors \((training\.networks\.)?EDMPrecond\): its constructor arguments describe tensors of more than [\d,]+ elements, far more than the file holds'):
+        checkpoint.load_checkpoint(st_path)
+    # An honest mismatch (twice the channels) names the first differing tensor instead.
+    config['init_kwargs']['model_channels'] = 32
+    with open(json_path, 'w', encoding='utf-8') as f:
+        json.dump(config, f)
+    with pytest.raises(checkpoint.CheckpointError, match=r'net\.safetensors: tensor "model\.[^"]+" has shape \['):
+        checkpoint.load_checkpoint(st_path)
+    assert sum(p.numel() for p in reference.parameters()) > 0

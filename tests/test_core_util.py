@@ -10,6 +10,8 @@ import torch
 import dnnlib
 from torch_utils import misc
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_format_time():
     assert dnnlib.util.format_time(42) == '42s'
@@ -72,12 +74,15 @@ def test_print_module_summary(capsys):
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import http.server  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     files = {}      # path -> bytes
     requests = []   # paths asked for
+    release = threading.Event()
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.requests.append(self.path)
@@ -89,6 +94,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self.path.startswith('/nolength/'):
             self.send_header('Content-Length', str(len(body)))
         self.end_headers()
+        if self.path.startswith('/stall/') and not self.release.is_set():  # Half the body, then wait.
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.release.wait(timeout=30)
+            return
         self.wfile.write(body)
 
     def log_message(self, *args):
@@ -97,13 +107,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.files, _Handler.requests = {}, []
+    _Handler.files, _Handler.requests, _Handler.release = {}, [], threading.Event()
     srv = http.server.HTTPServer(('127.0.0.1', 0), _Handler)
     thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
     try:
         yield f'http://127.0.0.1:{srv.server_address[1]}'
     finally:
+        _Handler.release.set()
         srv.shutdown()
         srv.server_close()
         thread.join(timeout=10)
@@ -187,3 +198,42 @@ def test_open_url_checks_local_files_too(tmp_path):
     assert dnnlib.util.open_url(path.as_uri(), return_filename=True, sha256=_sha(b'local')) == str(path)
     with pytest.raises(dnnlib.util.DownloadError, match='local.pkl: SHA-256 .* does not match'):
         dnnlib.util.open_url(str(path), sha256='1' * 64)
+
+
+def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):
+    # A download killed with SIGKILL leaves its temporary; the next download of the same URL
+    # removes it, but never a temporary whose writer is alive, one from another host, or one
+    # belonging to another cache entry.
+    data = os.urandom(2**20)
+    _Handler.files['/stall/net.pkl'] = data
+    url = f'{server}/stall/net.pkl'
+    code = f'import dnnlib.util; dnnlib.util.open_url({url!r}, cache_dir={str(tmp_path)!r}, verbose=False)'
+    proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        for _ in range(600):
+            parts = [p for p in tmp_path.iterdir() if p.name.endswith('.part')]
+            if parts and _Handler.requests:  # Killed mid-body (the server holds back the rest).
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        _Handler.release.set()
+    assert len(parts) == 1, 'the download never started'
+    stale = parts[0]
+    entry = dnnlib.util._cache_file_name(url)
+    host = dnnlib.util._host_tag()
+    assert stale.name.startswith(f'.{entry}.{host}.{proc.pid}.'), stale.name
+    live = tmp_path / f'.{entry}.{host}.{os.getpid()}.abc123.part'      # A download in progress (ours).
+    other_host = tmp_path / f'.{entry}.otherhost.{proc.pid}.abc123.part'
+    other_entry = tmp_path / f'.{dnnlib.util._cache_file_name(url + "x")}.{host}.{proc.pid}.abc123.part'
+    for path in (live, other_host, other_entry):
+        path.write_bytes(b'partial')
+    # The server now answers in full; the next download removes only the stale temporary.
+    path = dnnlib.util.open_url(url, cache_dir=str(tmp_path), return_filename=True, verbose=False)
+    assert open(path, 'rb').read() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, other_entry.name, entry])
+    # A cache hit leaves the directory alone; a fresh download of the other entry removes its own.
+    _Handler.files['/stall/net.pklx'] = data
+    dnnlib.util.open_url(url + 'x', cache_dir=str(tmp_path), return_filename=True, verbose=False)
+    assert not other_entry.exists() and live.exists() and other_host.exists()

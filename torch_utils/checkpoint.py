@@ -94,25 +94,20 @@ def _load_safetensors(path, what, config_path=None):
     args, kwargs = config.get('init_args', []), config.get('init_kwargs', {})
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise CheckpointError(f'{what}: config has malformed init_args/init_kwargs')
+    file_numel = sum(t.numel() for t in tensors.values())
     try:
-        net = rebuild.construct(cls, args, kwargs)
+        # The file records no module tree: allow a few submodules per tensor it holds.
+        net = rebuild.construct(cls, args, kwargs, where=f'{what} ({class_name})', max_numel=file_numel, max_modules=4 * len(tensors) + 64)
+    except rebuild.OverBudget as err:
+        raise CheckpointError(str(err)) from None
     except Exception as err:
         raise CheckpointError(f'{what}: cannot build {class_name} from its config: {type(err).__name__}: {err}') from None
-    state = net.state_dict()
-    for name in sorted(set(state) | set(tensors)):
-        if name not in state:
-            raise CheckpointError(f'{what}: unexpected tensor "{name}" in the file')
-        if name not in tensors:
-            raise CheckpointError(f'{what}: tensor "{name}" is missing from the file')
-        if tensors[name].shape != state[name].shape:
-            raise CheckpointError(f'{what}: tensor "{name}" has shape {list(tensors[name].shape)} in the file but {list(state[name].shape)} here')
-    with torch.no_grad():
-        for name, dst in state.items():
-            src = tensors[name]
-            if src.dtype == dst.dtype:
-                dst.copy_(src)
-            else:
-                raise CheckpointError(f'{what}: tensor "{name}" is {src.dtype} in the file but {dst.dtype} here')
+    if not isinstance(net, torch.nn.Module):
+        raise CheckpointError(f'{what}: {class_name} is not a network')
+    try:
+        rebuild.adopt_tensors(net, tensors, what, requires_grad=False, same_dtype=True, state_dict_only=True)
+    except rebuild.RebuildError as err:
+        raise CheckpointError(str(err)) from None
     net.eval().requires_grad_(False)
     return {config.get('key', 'ema'): net} if config.get('key', 'ema') == 'ema' else {'ema': net, config['key']: net}
 
