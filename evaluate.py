@@ -344,16 +344,8 @@ MAX_GEN_SEEDS = 10_000_000
 
 def _parse_seeds(text):
     """'1,2,5-10' -> list, counted before it is built (at most MAX_GEN_SEEDS)."""
-    count = 0
-    for part in str(text).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
-        count += int(m.group(2)) - int(m.group(1)) + 1 if m else 1
-        if m and int(m.group(2)) < int(m.group(1)):
-            raise click.BadParameter(f'"{part.strip()}" is an empty range (write the lower seed first)', param_hint="'--seeds'")
-    if count > MAX_GEN_SEEDS:
-        raise click.BadParameter(f'"{text}" lists more than {MAX_GEN_SEEDS:,} seeds', param_hint="'--seeds'")
     try:
-        return dnnlib.util.parse_int_list(text)
+        return dnnlib.util.parse_int_list(text, limit=MAX_GEN_SEEDS, max_value=pipeline.MAX_SEED, what='seeds')
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from None
 
