@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_utils import checkpoint
-from training import sampling
+from training import fast_mode, sampling
 
 #----------------------------------------------------------------------------
 # Presets: the reference scripts' settings, as changes to the samplers' defaults.
@@ -335,11 +335,12 @@ class RelayPipeline:
     PRESETS (its post-processing and sampler options). options: sampler options by the
     generate scripts' names; postprocess: override the preset's ('none' turns it off).
     warn: also issue the checkpoint-mismatch notes (`self.warnings`) as Python warnings.
+    fast: a training.fast_mode.FastSettings (None = exact mode, the reference's images).
     Raises RelayError (one line) for bad options or networks.
     """
 
     def __init__(self, network_first=None, network_second=None, preset='generate', device=None,
-                 postprocess=None, warn=True, **options):
+                 postprocess=None, warn=True, fast=None, **options):
         self.options, _ = resolve_options(preset, options) # Checks the numbers before any loading.
         self.postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
         if self.postprocess not in POSTPROCESS:
@@ -360,6 +361,9 @@ class RelayPipeline:
             warnings.warn(note, stacklevel=2)
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
+        self.fast = fast if fast is not None else fast_mode.EXACT
+        self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) if n is not None else None
+                                           for n in (self.net_first, self.net_second))
 
     def _check_networks(self):
         first, second, k = self.net_first, self.net_second, self.second_kwargs['up_scale']

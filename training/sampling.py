@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from training import blurring
+from training import blurring, fast_mode
 
 #----------------------------------------------------------------------------
 # Option defaults: the reference generate.py's command line, one place for every caller.
@@ -89,7 +89,10 @@ def time_steps(num_steps, sigma_min, sigma_max, rho, device=None):
 
 def guided_denoise(net, x, sigma, class_labels, cfg_scale):
     """The denoiser D(x; sigma), float64, with classifier-free guidance when cfg_scale > 1
-    (conditional call first, then the unconditional one)."""
+    (conditional call first, then the unconditional one). Networks prepared for the fast mode
+    (training.fast_mode) make both passes in one batch."""
+    if fast_mode.uses_batched_guidance(net):
+        return fast_mode.batched_guided_denoise(net, x, sigma, class_labels, cfg_scale)
     if cfg_scale > 1:
         cond = net(x, sigma, class_labels).to(torch.float64)
         uncond = net(x, sigma, None).to(torch.float64)
