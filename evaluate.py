@@ -33,7 +33,7 @@ from metrics.detector import DEFAULT_DETECTOR_URL, DetectorError, load_detector
 from metrics.dinov2 import DINOV2_VITL14_URL, DINOv2Error, load_dinov2
 from metrics.frechet import MetricInputError, compute_statistics, frechet_distance
 from metrics.inception_score import inception_score
-from metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
+from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from metrics.precision_recall import precision_recall
 from torch_utils import distributed as dist
 from torch_utils.misc import atomic_write
@@ -309,7 +309,7 @@ def _resolve_ref(ref_path):
 @click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
 @click.option('--batch',              help='Rows per batch for statistics', metavar='INT', type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option('--is-bias',            help='IS with the classifier bias added to the logits, as the reference evaluate.py (default: ADM, no bias)', is_flag=True)
-@click.option('--kid-subsets',        help='KID: number of random subsets (torch-fidelity default)', metavar='INT', type=click.IntRange(min=1), default=KID_SUBSETS, show_default=True)
+@click.option('--kid-subsets',        help='KID: number of random subsets (torch-fidelity default)', metavar='INT', type=click.IntRange(min=1, max=KID_MAX_SUBSETS), default=KID_SUBSETS, show_default=True)
 @click.option('--kid-subset-size',    help='KID: rows per subset, drawn from each set (torch-fidelity default)', metavar='INT', type=click.IntRange(min=2), default=KID_SUBSET_SIZE, show_default=True)
 @click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
 def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bias, kid_subsets, kid_subset_size, json_path):
@@ -344,16 +344,8 @@ MAX_GEN_SEEDS = 10_000_000
 
 def _parse_seeds(text):
     """'1,2,5-10' -> list, counted before it is built (at most MAX_GEN_SEEDS)."""
-    count = 0
-    for part in str(text).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
-        count += int(m.group(2)) - int(m.group(1)) + 1 if m else 1
-        if m and int(m.group(2)) < int(m.group(1)):
-            raise click.BadParameter(f'"{part.strip()}" is an empty range (write the lower seed first)', param_hint="'--seeds'")
-    if count > MAX_GEN_SEEDS:
-        raise click.BadParameter(f'"{text}" lists more than {MAX_GEN_SEEDS:,} seeds', param_hint="'--seeds'")
     try:
-        return dnnlib.util.parse_int_list(text)
+        return dnnlib.util.parse_int_list(text, limit=MAX_GEN_SEEDS, max_value=pipeline.MAX_SEED, what='seeds')
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--seeds'") from None
 
@@ -443,9 +435,14 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
     if json_path is not None:
         check_writable(json_path, '--json')
     if outdir is not None:
+        if not outdir.strip():
+            raise click.ClickException('--outdir is empty; name a folder')
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise click.ClickException(f'--outdir {outdir} is a file; choose a folder')
-        os.makedirs(outdir, exist_ok=True)
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as err:
+            raise click.ClickException(f'--outdir {outdir} cannot be created ({err.strerror or err}); choose a writable folder') from None
         check_writable(os.path.join(outdir, '.probe'), '--outdir')
     try:
         pipe = pipeline.RelayPipeline(network_first, network_second, preset=preset, device=dist.get_device(), postprocess=postprocess,

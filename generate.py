@@ -20,22 +20,25 @@ Differences from the reference, all deliberate:
 
 import math
 import os
-import re
 import tempfile
 
 import click
 import numpy as np
-import PIL.Image
 import torch
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import fast_mode, pipeline
+from training import data_files, fast_mode, pipeline
 from training.pipeline import POSTPROCESS, PRESETS, RelayError, RelayPipeline
 
 # More seeds than this in one run is almost surely a typo (e.g. 0-99999999999).
 MAX_SEEDS = 10_000_000
+
+# Each seed's generator is seeded with seed % 2**32 (as in the reference): a larger seed would
+# silently repeat the image of a smaller one, so it is refused.
+MAX_SEED = pipeline.MAX_SEED
 
 #----------------------------------------------------------------------------
 # PNG input/output.
@@ -55,9 +58,10 @@ def save_image(image_np, path, postprocess='none'):
 
 
 def load_image(path):
-    """PNG -> (C, H, W) uint8 numpy."""
-    with PIL.Image.open(path) as img:
-        arr = np.array(img)
+    """Image file -> (C, H, W) uint8 numpy, through the project's one image reader (16-bit
+    greyscale keeps its top 8 bits, palettes become RGB). DataFileError names the file."""
+    with open(path, 'rb') as f:
+        arr = data_files.read_image(f, path)
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -92,20 +96,10 @@ def _fail(msg):
 
 def parse_seeds(text, limit=MAX_SEEDS):
     """'1,2,5-10' -> [1, 2, 5, ..., 10], counted before the list is built (at most `limit`)."""
-    parts, count = [], 0
-    for part in str(text).split(','):
-        part = part.strip()
-        m = re.fullmatch(r'(\d+)-(\d+)', part) or re.fullmatch(r'(\d+)', part)
-        if not m:
-            raise click.BadParameter(f'"{part}" is not a number or a range like 5-10')
-        lo, hi = int(m.group(1)), int(m.groups()[-1])
-        if hi < lo:
-            raise click.BadParameter(f'"{part}" is an empty range (write the lower seed first)')
-        count += hi - lo + 1
-        if count > limit:
-            raise click.BadParameter(f'"{text}" lists more than {limit:,} seeds; split the run into smaller ranges')
-        parts.append(range(lo, hi + 1))
-    return [seed for r in parts for seed in r]
+    try:
+        return dnnlib.util.parse_int_list(text, limit=limit, max_value=MAX_SEED, what='seeds')
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def check_request(outdir, seeds, stages, network_first, network_second, indir, max_batch_size, preset, sampler_kwargs):
@@ -130,7 +124,10 @@ def check_request(outdir, seeds, stages, network_first, network_second, indir, m
         _fail('--outdir must differ from --indir (the relay would replace the first-stage images)')
     if hasattr(seeds, '__len__') and len(seeds) > MAX_SEEDS:
         _fail(f'--seeds lists {len(seeds):,} seeds, more than {MAX_SEEDS:,}; split the run into smaller ranges')
-    seeds = list(dict.fromkeys(int(s) for s in seeds)) # drop repeats, keep order
+    try:
+        seeds = list(dict.fromkeys(pipeline.check_seeds(seeds))) # drop repeats, keep order
+    except (RelayError, TypeError, ValueError) as e:
+        _fail(f'--seeds: {e}')
     if not seeds:
         _fail('--seeds is empty')
     check_outdir(outdir)
@@ -139,6 +136,8 @@ def check_request(outdir, seeds, stages, network_first, network_second, indir, m
 
 def check_outdir(outdir):
     """--outdir must be a folder we can write into (or creatable), before any work."""
+    if not str(outdir).strip():
+        _fail('--outdir is empty; name the folder for the images')
     outdir = os.path.abspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         _fail(f'--outdir "{outdir}" exists and is not a folder')
@@ -190,10 +189,11 @@ def check_indir(indir, todo, pipe):
     for s in todo:
         path = find_input_image(indir, s)
         try:
-            with PIL.Image.open(path) as img:
-                shape = (len(img.getbands()), img.height, img.width)
-        except (OSError, ValueError) as e:
-            _fail(f'--indir file {path} is not a readable image ({type(e).__name__}); replace or remove it')
+            with open(path, 'rb') as f:
+                width, height, channels = data_files.read_header(f, path)
+        except (OSError, data_files.DataFileError) as e:
+            _fail(f'--indir file {path} is not a readable image ({getattr(e, "reason", e)}); replace or remove it')
+        shape = (channels, height, width)
         if in_shape is None:
             in_shape = shape
         if shape != in_shape or shape[1] != shape[2]:
@@ -210,7 +210,7 @@ def read_indir_batch(indir, seeds):
     try:
         return np.stack([load_image(find_input_image(indir, s)) for s in seeds])
     except (OSError, ValueError) as e:
-        _fail(f'--indir: cannot read the first-stage images of seeds {seeds[0]}..{seeds[-1]} ({e})')
+        _fail(f'--indir: cannot read the first-stage images of seeds {seeds[0]}..{seeds[-1]} ({e}); replace or remove it')
 
 
 def run_batches(pipe, todo, outdir, subdirs, class_idx, stages, indir, second_noise, max_batch_size, verbose):
@@ -243,8 +243,11 @@ def write_sample_grid(outdir, seeds, subdirs, grid):
     paths = [image_path(outdir, s, subdirs) for s in seeds[:grid]]
     if os.path.exists(dest):
         dist.print0(f'Not writing the grid: "{dest}" already exists')
-    else:
+        return
+    try:
         write_grid([p for p in paths if os.path.isfile(p)], dest)
+    except (OSError, ValueError) as e:
+        _fail(f'the images are written, but not the grid {dest}: {e}')
 
 #----------------------------------------------------------------------------
 # The generation loop.

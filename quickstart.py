@@ -28,11 +28,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dnnlib.util import parse_int_list
+from dnnlib.util import FiniteFloatRange, parse_int_list
 from torch_utils.misc import atomic_write
-from training.pipeline import RelayPipeline
+from training.pipeline import MAX_SEED, RelayPipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# More seeds than this is a typo for a quickstart (generate.py's own limit is 10,000,000); each
+# relay seed is a row of relay.png.
+MAX_SEEDS = 1_000_000
+MAX_RELAY_SEEDS = 64
+MAX_IMAGES = 1_000_000  # about 10 GB of PNGs
 
 # Training presets for the two tiny stages, as train.py options. Small SongUNets (DDPM++), short
 # warm-up and EMA so that a few thousand images of training already give recognisable shapes.
@@ -157,11 +163,11 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
 @click.option('--outdir', help='Where to put the dataset, models, samples and pictures', metavar='DIR', type=str,
               default='quickstart-out', show_default=True)
 @click.option('--images', 'num_images', help='Number of procedural training images', metavar='INT',
-              type=click.IntRange(min=16), default=2000, show_default=True)
+              type=click.IntRange(min=16, max=MAX_IMAGES), default=2000, show_default=True)
 @click.option('--kimg-first', help='First-stage training length in thousands of images', metavar='KIMG',
-              type=click.FloatRange(min=0, min_open=True), default=20, show_default=True)
+              type=FiniteFloatRange(min=0, min_open=True), default=20, show_default=True)
 @click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
-              type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
+              type=FiniteFloatRange(min=0, min_open=True), default=10, show_default=True)
 @click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=str, default='0-5',
               show_default=True)
@@ -176,8 +182,8 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     interrupted quickstart and never retrains what is there.
     """
     try:
-        seed_list = parse_int_list(seeds)
-        relay_list = parse_int_list(relay_seeds)
+        seed_list = parse_int_list(seeds, limit=MAX_SEEDS, max_value=MAX_SEED, what='seeds')
+        relay_list = parse_int_list(relay_seeds, limit=MAX_RELAY_SEEDS, max_value=MAX_SEED, what='seeds')
     except ValueError as err:
         raise click.UsageError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}')
     if os.path.exists(outdir) and not os.path.isdir(outdir):

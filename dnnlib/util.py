@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import importlib
+import math
 import os
 import re
 import socket
@@ -12,6 +13,8 @@ import time
 import urllib.parse
 import urllib.request
 from typing import Any
+
+import click
 
 
 class EasyDict(dict):
@@ -33,21 +36,42 @@ class EasyDict(dict):
 #----------------------------------------------------------------------------
 # Command-line lists: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (seeds, channel multipliers).
 
-def parse_int_list(s: str | list) -> list[int]:
-    """Comma-separated integers and inclusive ranges; ValueError names the bad part."""
+def parse_int_list(s: str | list, limit: int | None = None, max_value: int | None = None, what: str = 'numbers') -> list[int]:
+    """Comma-separated integers and inclusive ranges ('1,2,5-10'); ValueError names the bad part.
+
+    A range written backwards (5-3) is refused rather than read as empty, and with `limit` the
+    entries are counted before the list is built, so '0-99999999999' fails at once instead of
+    filling the memory. `max_value`: the largest number allowed; `what` names the entries in messages.
+    """
     if isinstance(s, list):
         return s
-    out = []
-    for part in s.split(','):
+    ranges, count = [], 0
+    for part in str(s).split(','):
         part = part.strip()
-        m = re.fullmatch(r'(\d+)-(\d+)', part)
-        if m:
-            out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        elif re.fullmatch(r'\d+', part):
-            out.append(int(part))
-        else:
+        m = re.fullmatch(r'(\d+)-(\d+)', part) or re.fullmatch(r'(\d+)', part)
+        if not m:
             raise ValueError(f'"{part}" is not a number or a range like 5-10')
-    return out
+        lo, hi = int(m.group(1)), int(m.groups()[-1])
+        if hi < lo:
+            raise ValueError(f'"{part}" is an empty range (write the lower number first)')
+        count += hi - lo + 1
+        if limit is not None and count > limit:
+            raise ValueError(f'"{s}" lists more than {limit:,} {what}; split it into smaller ranges')
+        if max_value is not None and hi > max_value:
+            raise ValueError(f'"{part}" goes above the largest allowed value {max_value:,}')
+        ranges.append(range(lo, hi + 1))
+    return [value for r in ranges for value in r]
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (including overflowing input like 1e309),
+    which FloatRange lets through: nan compares false with every bound."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f'{value!r} is not a finite number.', param, ctx)
+        return super().convert(number, param, ctx)
 
 
 #----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Files:
                 are those of the DINOv2 features.
 """
 
+import math
 import os
 import zipfile
 
@@ -311,10 +312,26 @@ class MetricFile:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
+    def _check_size(self, key):
+        # numpy allocates what a member's header claims before reading it: a tiny file could
+        # claim terabytes. The claim must match the bytes the member holds.
+        info = self._npz.zip.getinfo(key + '.npy')
+        with self._npz.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f'unsupported .npy format version {version}')
+            shape, _fortran, dtype = read_header(f)
+            need = math.prod(shape) * dtype.itemsize
+            if f.tell() + need != info.file_size:
+                raise ValueError(f'its header claims shape {list(shape)} of {dtype} ({need:,} bytes), but the member '
+                                 f'holds {max(info.file_size - f.tell(), 0):,} bytes (truncated or forged)')
+
     def get(self, key):
         try:
+            self._check_size(key)
             return self._npz[key]
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile, EOFError) as err:
             raise MetricFileError(f'{self.path}: cannot read {key} ({err})') from None
 
     def describe(self):

@@ -14,6 +14,8 @@ from .frechet import MetricInputError
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020
+# More subsets than this is a typo (torch-fidelity uses 100); each costs a subset_size^2 kernel.
+KID_MAX_SUBSETS = 100_000
 
 
 def polynomial_mmd2(x, y, degree=3, coef0=1):
@@ -33,8 +35,8 @@ def kernel_inception_distance(sample, ref, num_subsets=KID_SUBSETS, subset_size=
     sample, ref = np.asarray(sample), np.asarray(ref)
     if sample.ndim != 2 or ref.ndim != 2 or sample.shape[1] != ref.shape[1]:
         raise MetricInputError(f'KID needs [N, D] features of equal width; got {list(sample.shape)} and {list(ref.shape)}')
-    if subset_size < 2 or num_subsets < 1:
-        raise MetricInputError('KID needs a subset size of at least 2 and at least 1 subset')
+    if subset_size < 2 or not 1 <= num_subsets <= KID_MAX_SUBSETS:
+        raise MetricInputError(f'KID needs a subset size of at least 2 and 1..{KID_MAX_SUBSETS:,} subsets')
     if min(len(sample), len(ref)) < subset_size:
         raise MetricInputError(f'KID subset size {subset_size} exceeds the number of samples ({len(sample)} sample, '
                                f'{len(ref)} reference); pass a smaller --kid-subset-size')

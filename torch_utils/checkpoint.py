@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import struct
+import tempfile
 import zipfile
 
 import click
@@ -224,18 +225,38 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
         raise CheckpointError(f'{dst}: output name must end in .safetensors')
     json_path = _json_path(dst)
     for out in (dst, json_path):
+        if os.path.isdir(out):
+            raise CheckpointError(f'{out}: is a folder; choose a file name')
         if os.path.exists(out) and not overwrite:
             raise CheckpointError(f'{out}: already exists (pass --overwrite to replace it)')
+    check_writable_folder(dst)
     net = load_network(src, key=key)
     config = network_config(net, key='ema', source=os.path.basename(str(src)))
     config_text = json.dumps(config, indent=2)
     tensors = {name: t.detach().contiguous() for name, t in net.state_dict().items()}
     blob = safetensors.torch.save(tensors, metadata={'rdm_config': json.dumps(config)})
-    with atomic_write(dst, 'wb') as f:
-        f.write(blob)
-    with atomic_write(json_path, 'w') as f:
-        f.write(config_text + '\n')
+    try:
+        with atomic_write(dst, 'wb') as f:
+            f.write(blob)
+        with atomic_write(json_path, 'w') as f:
+            f.write(config_text + '\n')
+    except OSError as err:
+        raise CheckpointError(f'{dst}: cannot write ({err.strerror or err})') from None
     return dst, json_path
+
+
+def check_writable_folder(path):
+    """CheckpointError unless the folder of `path` exists and takes a new file (a real write:
+    permission bits say nothing for root or read-only file systems)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = 'is a file' if os.path.exists(folder) else 'does not exist'
+        raise CheckpointError(f'{path}: its folder {folder} {what}; choose a path in an existing folder')
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CheckpointError(f'{path}: cannot write in {folder} ({err.strerror or err}); choose a writable folder') from None
 
 #----------------------------------------------------------------------------
 # Command line: python -m torch_utils.checkpoint export IN OUT.safetensors

@@ -107,15 +107,37 @@ def _ordered(options, low_name, high_name, strict=True):
         raise RelayError(f'{flag(low_name)}={low} must be {"below" if strict else "at most"} {flag(high_name)}={high}')
 
 
+# More sampling steps than this is a typo (the papers use at most 256); the schedule alone would
+# take 8 bytes per step.
+MAX_STEPS = 1_000_000
+
+
+def _schedule_computable(o, s):
+    # The rho-spaced schedule goes through sigma ** (1 / rho): a tiny rho overflows it, a huge
+    # one rounds every level to 1. Its ends decide (the levels between are interpolated): they
+    # must come back as sigma_max and sigma_min.
+    want = torch.tensor([float(o['sigma_max' + s]), float(o['sigma_min' + s])], dtype=torch.float64)
+    try:
+        ends = sampling.time_steps(2, float(want[1]), float(want[0]), float(o['rho' + s]))
+        ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
+    except (OverflowError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise RelayError(f'{flag("rho" + s)}={o["rho" + s]} with {flag("sigma_min" + s)}={o["sigma_min" + s]} and '
+                         f'{flag("sigma_max" + s)}={o["sigma_max" + s]} gives a noise schedule that overflows or '
+                         f'rounds away; use a rho around 7')
+
+
 def check_options(options):
     """Range checks of every sampler option (RelayError with one line for the first bad one)."""
     for stage in ('first', 'second'):
         o = {name: options[name] for name in options if name.endswith('_' + stage)}
         s = '_' + stage
-        _number('num_steps' + s, o['num_steps' + s], low=2, integer=True)
+        _number('num_steps' + s, o['num_steps' + s], low=2, high=MAX_STEPS, integer=True)
         for name in ('sigma_min', 'sigma_max', 'rho'):
             _number(name + s, o[name + s], low=0, low_open=True)
         _ordered(o, 'sigma_min' + s, 'sigma_max' + s)
+        _schedule_computable(o, s)
         _number('cfg_scale' + s, o['cfg_scale' + s], low=0)
         for name in ('S_min', 'S_noise'):
             _number(name + s, o[name + s], low=0)
@@ -271,6 +293,19 @@ def apply_postprocess(images, postprocess):
 #----------------------------------------------------------------------------
 # Seeds.
 
+MAX_SEED = sampling.MAX_SEED
+
+
+def check_seeds(seeds):
+    """Seeds as a list of ints in 0..MAX_SEED (a larger or negative seed would silently give the
+    image of another seed, as the generators use seed % 2**32); RelayError otherwise."""
+    out = []
+    for seed in seeds:
+        if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED:
+            raise RelayError(f'seed {seed!r} is not a whole number in 0..{MAX_SEED:,} (seeds are used modulo 2**32)')
+        out.append(int(seed))
+    return out
+
 def plan_batches(seeds, max_batch_size, world_size=1):
     """The seeds split into batches as the reference's generate.py does: a multiple of
     world_size batches of at most max_batch_size; rank r takes batches[r::world_size]."""
@@ -392,7 +427,7 @@ class RelayPipeline:
         """
         stages = self._stages(stages, first_images)
         self.check_class(class_idx)
-        seeds = [int(s) for s in seeds]
+        seeds = check_seeds(seeds)
         labels = class_labels(self.label_dim, seeds, class_idx, self.device)
         rnd = sampling.StackedRandomGenerator(self.device, seeds)
         if stages in ('first', 'both'):
@@ -420,7 +455,7 @@ class RelayPipeline:
     def __call__(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', batch_size=64):
         """uint8 (N, C, H, W) images for `seeds`, post-processed as the preset says: the pixels
         generate.py writes. Runs batches of at most batch_size."""
-        seeds = [int(s) for s in seeds]
+        seeds = check_seeds(seeds)
         out = []
         for start in range(0, len(seeds), batch_size):
             part = None if first_images is None else first_images[start:start + batch_size]

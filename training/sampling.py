@@ -47,6 +47,10 @@ def _thread_pool():
     return _rng_pool
 
 
+# Seeds are taken modulo 2**32 (as in EDM and the reference): seeds above this repeat smaller ones.
+MAX_SEED = (1 << 32) - 1
+
+
 class StackedRandomGenerator:
     """One torch.Generator per seed, so that every image's random numbers depend on its seed
     only (not on the batch it lands in). Row i of each draw is exactly

@@ -1,0 +1,199 @@
+"""Regressions from probing every CLI as a hostile user: each bad input ends in one clear line
+before any work (no traceback, nothing written), and odd but valid inputs give correct output."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import evaluate
+import generate
+import quickstart
+from torch_utils import checkpoint
+from training import loss, networks, pipeline
+from training.pipeline import RelayError, RelayPipeline
+
+TINY = dict(model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('nets')
+    torch.manual_seed(0)
+    first, second = str(d / 'first.pkl'), str(d / 'second.pkl')
+    checkpoint.save_snapshot(first, dict(ema=networks.EDMPrecond(img_resolution=8, img_channels=3, **TINY)))
+    checkpoint.save_snapshot(second, dict(ema=networks.EDMPrecond(img_resolution=32, img_channels=3, **TINY),
+                                          loss_fn=loss.BlurLoss(up_scale=4, block_scale=0.15)))
+    return first, second
+
+
+def _clear_error(command, args, text):
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code != 0, (args, result.output)
+    assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
+    assert 'Traceback' not in result.output
+    assert text in result.output, (args, result.output)
+    return result
+
+#----------------------------------------------------------------------------
+# Seed lists: one parser for generate, evaluate gen and quickstart.
+
+def test_parse_int_list_bounds():
+    parse = dnnlib.util.parse_int_list
+    assert parse('1,2, 5-7') == [1, 2, 5, 6, 7]
+    assert parse('3-3') == [3]
+    for text, message in [('5-3', 'empty range'), (',,', 'is not a number'), ('', 'is not a number'), ('1e3', 'is not a number'),
+                          ('0-99999999999', 'more than 100 numbers'), ('4294967296', 'largest allowed value')]:
+        with pytest.raises(ValueError, match=message):
+            parse(text, limit=100, max_value=(1 << 32) - 1)
+    # Counted before the list is built: a 10^20-entry range fails at once.
+    with pytest.raises(ValueError, match='more than 10 seeds'):
+        parse('0-99999999999999999999', limit=10, what='seeds')
+
+
+@pytest.mark.parametrize('seeds,text', [
+    ('4294967296', 'largest allowed value 4,294,967,295'),            # would repeat seed 0's image
+    ('99999999999999999999999999', 'largest allowed value'),          # was an int64 overflow traceback
+    ('0-99999999999', 'more than 10,000,000 seeds'),
+])
+def test_generate_seed_bounds(tmp_path, seeds, text):
+    _clear_error(generate.main, ['--outdir', str(tmp_path / 'out'), f'--seeds={seeds}', '--network_first=missing.pkl',
+                                 '--network_second=missing.pkl'], text)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_pipeline_refuses_seeds_that_wrap(nets):
+    pipe = RelayPipeline(nets[0], None, device='cpu', num_steps_first=2)
+    assert pipe([0]).shape == (1, 3, 8, 8)
+    for seed in [1 << 32, -1, 2.5]:
+        with pytest.raises(RelayError, match='seed'):
+            pipe([seed])
+
+
+def test_evaluate_gen_and_quickstart_seed_bounds(tmp_path):
+    common = ['gen', '--network_first=missing.pkl', '--network_second=missing.pkl', '-m', 'is']
+    _clear_error(evaluate.main, [*common, '--seeds=9-3'], 'empty range')
+    _clear_error(evaluate.main, [*common, '--seeds=4294967296'], 'largest allowed value')
+    out = tmp_path / 'qs'
+    for args, text in [(['--seeds=0-99999999999'], 'more than 1,000,000 seeds'), (['--seeds=5-3'], 'empty range'),
+                       (['--relay-seeds=0-99'], 'more than 64 seeds'), (['--kimg-first=nan'], 'is not a finite number'),
+                       (['--kimg-second=1e309'], 'is not a finite number'), (['--images=99999999999'], 'not in the range')]:
+        _clear_error(quickstart.main, ['--outdir', str(out), *args], text)
+    assert not out.exists()
+
+#----------------------------------------------------------------------------
+# Sampler options whose schedule cannot be computed, and other refusals before any work.
+
+@pytest.mark.parametrize('option,text', [
+    ('--rho_first=1e-300', 'overflows or rounds away'),      # was an OverflowError traceback
+    ('--rho_second=0.001', 'overflows or rounds away'),
+    ('--rho_first=1e300', 'overflows or rounds away'),       # every level rounded to 1: sigma_max ignored
+    ('--num_steps_first=2000000000', 'must be <= 1000000'),  # the schedule alone would take 16 GB
+])
+def test_generate_schedule_checks(tmp_path, option, text):
+    _clear_error(generate.main, ['--outdir', str(tmp_path / 'out'), '--seeds=0', option, '--network_first=missing.pkl',
+                                 '--network_second=missing.pkl'], text)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_schedule_check_accepts_published_settings():
+    for preset in pipeline.PRESETS:
+        pipeline.resolve_options(preset)
+    pipeline.resolve_options('generate', dict(rho_second=100, rho_first=1000))
+
+
+def test_empty_or_uncreatable_outdirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _clear_error(generate.main, ['--outdir=', '--seeds=0', '--network_first=missing.pkl', '--network_second=missing.pkl'],
+                 '--outdir is empty')
+    assert os.listdir(tmp_path) == []
+    common = ['gen', '--network_first=missing.pkl', '--network_second=missing.pkl', '-m', 'is', '--seeds=0-1']
+    _clear_error(evaluate.main, [*common, '--outdir=/proc/no-such-dir'], 'cannot be created')
+    _clear_error(evaluate.main, [*common, '--outdir='], '--outdir is empty')
+
+#----------------------------------------------------------------------------
+# generate.py reads images through the one image reader.
+
+def test_generate_load_image_uses_the_data_reader(tmp_path):
+    gray16 = np.random.default_rng(0).integers(0, 65536, [6, 5]).astype(np.uint16)
+    PIL.Image.fromarray(gray16).save(tmp_path / 'g16.png')
+    rgb = np.random.default_rng(1).integers(0, 256, [6, 5, 3], dtype=np.uint8)
+    PIL.Image.fromarray(rgb).convert('P').save(tmp_path / 'pal.png')
+    # 16-bit greyscale: the top 8 bits (a plain np.array() gave uint16 values up to 65535).
+    got = generate.load_image(str(tmp_path / 'g16.png'))
+    assert got.dtype == np.uint8 and np.array_equal(got[0], (gray16 >> 8).astype(np.uint8))
+    # Palette: its RGB colours (a plain np.array() gave one channel of palette indices).
+    pal = PIL.Image.open(tmp_path / 'pal.png')
+    assert np.array_equal(generate.load_image(str(tmp_path / 'pal.png')), np.asarray(pal.convert('RGB')).transpose(2, 0, 1))
+    (tmp_path / 'junk.png').write_text('not an image')
+    with pytest.raises(ValueError, match='junk.png'):
+        generate.load_image(str(tmp_path / 'junk.png'))
+
+
+def test_relay_from_palette_and_16bit_first_stage_images(tmp_path, nets):
+    rng = np.random.default_rng(2)
+    pal, g16 = tmp_path / 'pal', tmp_path / 'g16'
+    pal.mkdir(), g16.mkdir()
+    for s in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, [8, 8, 3], dtype=np.uint8)).convert('P').save(pal / f'{s:06d}.png')
+        PIL.Image.fromarray(rng.integers(0, 65536, [8, 8]).astype(np.uint16)).save(g16 / f'{s:06d}.png')
+    args = ['--seeds=0-1', '--sampler_stages=second', f'--network_second={nets[1]}', '--num_steps_second=2']
+    result = CliRunner().invoke(generate.main, [*args, f'--indir={pal}', '--outdir', str(tmp_path / 'out')])
+    assert result.exit_code == 0, result.output
+    assert np.asarray(PIL.Image.open(tmp_path / 'out' / '000000' / '000001.png')).shape == (32, 32, 3)
+    # A 16-bit greyscale image has one channel: refused by name, not read as 3 channels of garbage.
+    _clear_error(generate.main, [*args, f'--indir={g16}', '--outdir', str(tmp_path / 'out2')], 'with 1 channels')
+
+
+def test_grid_over_a_damaged_existing_png(tmp_path, nets):
+    out = tmp_path / 'out'
+    (out / '000000').mkdir(parents=True)
+    (out / '000000' / '000000.png').write_text('junk')  # counts as done; the grid cannot read it
+    args = ['--outdir', str(out), '--seeds=0-1', '--grid=2', f'--network_first={nets[0]}', '--sampler_stages=first', '--num_steps_first=2']
+    _clear_error(generate.main, args, 'not the grid')
+    assert (out / '000000' / '000000.png').read_text() == 'junk'
+    assert (out / '000000' / '000001.png').is_file() and not os.path.exists(f'{out}-grid.png')
+
+#----------------------------------------------------------------------------
+# evaluate calc: a file cannot make us allocate what its contents do not hold.
+
+def test_npz_member_claiming_more_than_it_holds(tmp_path):
+    import zipfile
+    forged = tmp_path / 'forged.npz'
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (100000000, 2048), }".ljust(117) + b'\n'
+    with zipfile.ZipFile(forged, 'w') as z:
+        z.writestr('feat.npy', b'\x93NUMPY\x01\x00' + len(header).to_bytes(2, 'little') + header)
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, feat=np.zeros([4, 2048], np.float32))
+    # Was a MemoryError traceback (numpy allocates the claimed 819 GB before reading).
+    _clear_error(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={forged}', f'--ref={ref}'], 'truncated or forged')
+    # Honest files, stored and compressed, still read.
+    from metrics.activations import MetricFile
+    rows = np.random.default_rng(0).standard_normal([5, 7]).astype(np.float32)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / 'ok.npz', feat=rows)
+        assert np.array_equal(MetricFile(str(tmp_path / 'ok.npz')).get('feat'), rows)
+
+
+def test_kid_subsets_bounded(tmp_path):
+    a = tmp_path / 'a.npz'
+    np.savez(a, feat=np.zeros([4, 8], np.float32))
+    _clear_error(evaluate.main, ['calc', '-m', 'kid', f'--activations_sample={a}', f'--ref={a}', '--kid-subsets=100000000000',
+                                 '--kid-subset-size=2'], 'not in the range')
+
+#----------------------------------------------------------------------------
+# checkpoint export: outputs that cannot be written are refused before loading.
+
+def test_export_unwritable_outputs(tmp_path, nets):
+    from torch_utils.checkpoint import _cli
+    (tmp_path / 'dir.safetensors').mkdir()
+    (tmp_path / 'file').write_text('keep')
+    for dst, text in [(tmp_path / 'dir.safetensors', 'is a folder'), ('/proc/o.safetensors', 'cannot write in /proc'),
+                      (tmp_path / 'file' / 'o.safetensors', 'is a file')]:
+        for extra in ([], ['--overwrite']):
+            _clear_error(_cli(), ['export', nets[1], str(dst), *extra], text)
+    assert (tmp_path / 'file').read_text() == 'keep' and os.listdir(tmp_path / 'dir.safetensors') == []
