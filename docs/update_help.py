@@ -4,6 +4,7 @@
     python docs/update_help.py --check  # exit 1 if any file is out of date (used by the tests)
 """
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -37,9 +38,11 @@ def help_text(args: list[str]) -> str:
 def main() -> int:
     check = '--check' in sys.argv[1:]
     stale = []
-    for stem, args in CLIS:
+    # Each --help is a fresh interpreter that spends most of its time importing torch: run them side by side.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        texts = list(pool.map(help_text, [args for _, args in CLIS]))
+    for (stem, args), text in zip(CLIS, texts):
         path = os.path.join(ROOT, 'docs', f'{stem}-help.txt')
-        text = help_text(args)
         old = open(path, encoding='utf-8').read() if os.path.isfile(path) else None
         if old != text:
             stale.append(path)
