@@ -36,6 +36,7 @@ from metrics.inception_score import inception_score
 from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from metrics.precision_recall import precision_recall
 from torch_utils import distributed as dist
+from torch_utils import files
 from torch_utils.misc import atomic_write
 from training import pipeline
 
@@ -72,16 +73,9 @@ def _refuse_existing(path, option):
 def check_writable(path, option):
     """Refuse an output that exists or cannot be written, before any work starts."""
     _refuse_existing(path, option)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = 'is a file' if os.path.exists(folder) else 'does not exist'
-        raise click.ClickException(f'{option} {path}: {folder} {what}; choose a path in an existing folder')
-    try:  # A real write: permission bits alone say nothing for root or read-only file systems.
-        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise click.ClickException(f'{option} {path}: cannot write in {folder} ({err.strerror or err}); choose a writable folder') from None
+    problem = files.file_write_problem(path)
+    if problem:
+        raise click.ClickException(f'{option} {path}: {problem}; choose a path in an existing, writable folder')
 
 
 def _load_detectors(features, detector, dinov2, trust_detector=False):

@@ -20,7 +20,6 @@ Differences from the reference, all deliberate:
 
 import math
 import os
-import tempfile
 
 import click
 import numpy as np
@@ -29,6 +28,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import files
 from torch_utils import misc
 from training import data_files, fast_mode, pipeline
 from training.pipeline import POSTPROCESS, PRESETS, RelayError, RelayPipeline
@@ -138,19 +138,9 @@ def check_outdir(outdir):
     """--outdir must be a folder we can write into (or creatable), before any work."""
     if not str(outdir).strip():
         _fail('--outdir is empty; name the folder for the images')
-    outdir = os.path.abspath(outdir)
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        _fail(f'--outdir "{outdir}" exists and is not a folder')
-    parent = outdir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        _fail(f'--outdir "{outdir}" cannot be created: "{parent}" is a file')
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        _fail(f'--outdir "{outdir}" is not writable ({e.strerror} in "{parent}"); choose another folder')
+    problem = files.folder_write_problem(outdir)
+    if problem:
+        _fail(f'--outdir "{outdir}": {problem}; choose another folder')
 
 
 def load_pipeline(network_first, network_second, stages, preset, postprocess, device, sampler_kwargs, fast=None):

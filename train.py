@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 
@@ -24,6 +23,7 @@ from click.core import ParameterSource
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import files
 from training import loggers
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
@@ -190,21 +190,10 @@ def _check_int(opts, name, low, high=None):
 
 
 def check_outdir(outdir):
-    """--outdir must be (or be creatable as) a folder we can write in; probed with a temporary
-    folder that is removed again, so nothing the user has is touched."""
-    path = os.path.abspath(outdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        _fail(f'--outdir={outdir} is a file, not a folder; choose a folder')
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        _fail(f'--outdir={outdir} cannot be created: {existing} is a file; choose another folder')
-    try:
-        with tempfile.TemporaryDirectory(dir=existing, prefix='.train-write-test-'):
-            pass
-    except OSError as err:
-        _fail(f'--outdir={outdir} is not writable ({existing}: {err.strerror or err}); choose a writable folder')
+    """--outdir must be (or be creatable as) a folder we can write in."""
+    problem = files.folder_write_problem(outdir)
+    if problem:
+        _fail(f'--outdir={outdir}: {problem}; choose a writable folder')
 
 
 def validate_options(opts):

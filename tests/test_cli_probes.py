@@ -6,29 +6,20 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from click.testing import CliRunner
 
 import dnnlib
 import evaluate
 import generate
 import quickstart
-from torch_utils import checkpoint
-from training import loss, networks, pipeline
+from training import pipeline
 from training.pipeline import RelayError, RelayPipeline
 
-TINY = dict(model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
 
 
 @pytest.fixture(scope='module')
-def nets(tmp_path_factory):
-    d = tmp_path_factory.mktemp('nets')
-    torch.manual_seed(0)
-    first, second = str(d / 'first.pkl'), str(d / 'second.pkl')
-    checkpoint.save_snapshot(first, dict(ema=networks.EDMPrecond(img_resolution=8, img_channels=3, **TINY)))
-    checkpoint.save_snapshot(second, dict(ema=networks.EDMPrecond(img_resolution=32, img_channels=3, **TINY),
-                                          loss_fn=loss.BlurLoss(up_scale=4, block_scale=0.15)))
-    return first, second
+def nets(tiny_relay_checkpoints):
+    return tiny_relay_checkpoints
 
 
 def _clear_error(command, args, text):

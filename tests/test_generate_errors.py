@@ -9,23 +9,14 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from torch_utils import checkpoint
-from training import loss, networks
 from training.pipeline import RelayError, RelayPipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
 
 
 @pytest.fixture(scope='module')
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp('nets')
-    torch.manual_seed(0)
-    first, second = str(d / 'first.pkl'), str(d / 'second.pkl')
-    checkpoint.save_snapshot(first, dict(ema=networks.EDMPrecond(img_resolution=8, img_channels=3, **TINY)))
-    checkpoint.save_snapshot(second, dict(ema=networks.EDMPrecond(img_resolution=32, img_channels=3, **TINY),
-                                          loss_fn=loss.BlurLoss(up_scale=4, block_scale=0.15)))
-    return first, second
+def ckpts(tiny_relay_checkpoints):
+    return tiny_relay_checkpoints
 
 
 def _fails(args, text, outdir):
@@ -71,7 +62,7 @@ def test_networks_of_the_wrong_stage_are_refused(tmp_path, ckpts):
 def test_outdir_that_is_a_file_or_below_a_file(tmp_path, ckpts):
     (tmp_path / 'file').write_text('keep')
     args = ['--seeds=0', f'--network_first={ckpts[0]}', f'--network_second={ckpts[1]}']
-    _fails(args, 'exists and is not a folder', tmp_path / 'file')
+    _fails(args, 'is a file, not a folder', tmp_path / 'file')
     _fails(args, 'cannot be created', tmp_path / 'file' / 'sub')
     assert (tmp_path / 'file').read_text() == 'keep'
 

@@ -172,7 +172,7 @@ def test_outdir_unwritable(tiny_data, tmp_path):
         pytest.skip('no folder here is read-only for this user')
     result = CliRunner().invoke(train.main, ['--outdir', outdir, '--data', tiny_data] + TINY)
     assert result.exit_code != 0 and result.output.count('\n') == 1, result.output
-    assert result.output.startswith(f'Error: --outdir={outdir} is not writable') and 'choose a writable folder' in result.output
+    assert result.output.startswith(f'Error: --outdir={outdir}: cannot write in') and 'choose a writable folder' in result.output
 
 
 def test_max_levels():

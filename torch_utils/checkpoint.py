@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 
 import click
@@ -41,6 +40,7 @@ import safetensors.torch
 import torch
 
 import dnnlib
+from torch_utils import files
 from torch_utils import persistence
 from torch_utils import rebuild
 from torch_utils import safe_pickle
@@ -248,15 +248,9 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 def check_writable_folder(path):
     """CheckpointError unless the folder of `path` exists and takes a new file (a real write:
     permission bits say nothing for root or read-only file systems)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = 'is a file' if os.path.exists(folder) else 'does not exist'
-        raise CheckpointError(f'{path}: its folder {folder} {what}; choose a path in an existing folder')
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise CheckpointError(f'{path}: cannot write in {folder} ({err.strerror or err}); choose a writable folder') from None
+    problem = files.file_write_problem(path)
+    if problem:
+        raise CheckpointError(f'{path}: {problem}; choose a path in an existing, writable folder')
 
 #----------------------------------------------------------------------------
 # Command line: python -m torch_utils.checkpoint export IN OUT.safetensors

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 
 # Temporaries named by earlier versions (`.<target>.<8 random chars>.tmp`, no pid): removed once
@@ -115,3 +116,37 @@ def atomic_write(path, mode='wb', **open_kwargs):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+
+
+#----------------------------------------------------------------------------
+# Output checks before long work: a real write, since permission bits say nothing for root or
+# read-only file systems. Each returns None when fine, else the reason as a phrase for the
+# caller's one-line error.
+
+def folder_write_problem(folder):
+    """Why `folder` (existing, or to be created) cannot take new files; None if it can."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f'{folder} is a file, not a folder'
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'{folder} cannot be created: {existing} is a file'
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f'cannot write in {existing} ({err.strerror or err})'
+    return None
+
+
+def file_write_problem(path):
+    """Why the file `path` cannot be written in its (existing) folder; None if it can."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return f'{path} is a folder'
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return f'its folder {folder} ' + ('is a file' if os.path.exists(folder) else 'does not exist')
+    return folder_write_problem(folder)
