@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 import evaluate
 from metrics import refs
+from torch_utils import files as files_module
 from metrics.dinov2 import DINOv2ViT, load_dinov2
 from metrics.frechet import compute_statistics, frechet_distance_sqrtm
 from metrics.inception import InceptionV3
@@ -130,13 +131,13 @@ def test_outputs_checked_before_work(tmp_path, monkeypatch):
     _fails(['activations', '--data', str(tmp_path / 'missing'), '--dest', str(tmp_path / 'afile' / 'o.npz')], 'is a file')
     # An unwritable folder (read-only file system, or permissions for a non-root user): refused
     # before the missing --data is even looked at, i.e. before any work.
-    real_mkstemp = evaluate.tempfile.mkstemp
+    real_temporary_file = files_module.tempfile.TemporaryFile
     def read_only(*args, **kwargs):
         if kwargs.get('dir') == str(tmp_path / 'ro'):
             raise OSError(30, 'Read-only file system')
-        return real_mkstemp(*args, **kwargs)
+        return real_temporary_file(*args, **kwargs)
     (tmp_path / 'ro').mkdir()
-    monkeypatch.setattr(evaluate.tempfile, 'mkstemp', read_only)
+    monkeypatch.setattr(files_module.tempfile, 'TemporaryFile', read_only)
     _fails(['activations', '--data', str(tmp_path / 'missing'), '--dest', str(tmp_path / 'ro' / 'o.npz')], 'Read-only file system')
     _fails(calc + ['--json', str(tmp_path / 'ro' / 'r.json')], 'cannot write in')
     assert os.listdir(tmp_path / 'ro') == []
