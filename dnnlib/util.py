@@ -157,22 +157,27 @@ def _check_sha256(path: str, sha256: str | None, what: str) -> None:
         raise DownloadError(f'{what}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
 
 
-def _host_tag() -> str:
-    return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname()) or 'host'
+def host_tag() -> str:
+    """This machine's name, reduced to characters safe in a file name: temporaries carry it with
+    the writer's pid, so a later run can tell a dead writer's leftovers from a live one's."""
+    return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname())[:40] or 'host'
 
 
 def _part_prefix(cache_name: str) -> str:
     """Start of the temporary names of downloads into cache entry `cache_name` by this process:
     `.<entry>.<host>.<pid>.`; the owner of a leftover can thus be told from its name."""
-    return f'.{cache_name}.{_host_tag()}.{os.getpid()}.'
+    return f'.{cache_name}.{host_tag()}.{os.getpid()}.'
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine may still exist (when unsure: yes, keep its files)."""
+    if pid == os.getpid() or os.name == 'nt':  # On Windows os.kill(pid, 0) would end the process.
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, ValueError):
+    except (OSError, OverflowError, ValueError):
         return True  # Someone else's process (or a value we cannot ask about): leave its file.
     return True
 
@@ -181,7 +186,7 @@ def remove_stale_downloads(cache_dir: str, cache_name: str) -> list:
     """Delete the temporaries that killed downloads into cache entry `cache_name` left behind:
     only ours (named by _part_prefix), only from this host, and only when the process that
     wrote them is gone. Returns the removed paths."""
-    pattern = re.compile(re.escape(f'.{cache_name}.{_host_tag()}.') + r'(\d+)\.[^/]*\.part')
+    pattern = re.compile(re.escape(f'.{cache_name}.{host_tag()}.') + r'(\d+)\.[^/]*\.part')
     removed = []
     try:
         names = os.listdir(cache_dir)
@@ -189,7 +194,7 @@ def remove_stale_downloads(cache_dir: str, cache_name: str) -> list:
         return removed
     for name in names:
         match = pattern.fullmatch(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(cache_dir, name)
         with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):

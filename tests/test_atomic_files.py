@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import dnnlib.util
 from torch_utils import files
 from torch_utils.misc import atomic_write
 
@@ -46,7 +47,7 @@ def test_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
 
 
 def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
-    host = files._host_tag()
+    host = dnnlib.util.host_tag()
     dead, live = _dead_pid(), os.getppid()
     old = time.time() - 2 * files.LEGACY_STALE_SECONDS
     keep = {
@@ -74,4 +75,4 @@ def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
 
 def test_temp_name_carries_host_and_pid(tmp_path):
     name = os.path.basename(files.temp_name(tmp_path / 'a.json'))
-    assert name.startswith(f'.a.json.{files._host_tag()}-{os.getpid()}.') and name.endswith('.tmp')
+    assert name.startswith(f'.a.json.{dnnlib.util.host_tag()}-{os.getpid()}.') and name.endswith('.tmp')

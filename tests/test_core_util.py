@@ -222,7 +222,7 @@ def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):
     assert len(parts) == 1, 'the download never started'
     stale = parts[0]
     entry = dnnlib.util._cache_file_name(url)
-    host = dnnlib.util._host_tag()
+    host = dnnlib.util.host_tag()
     assert stale.name.startswith(f'.{entry}.{host}.{proc.pid}.'), stale.name
     live = tmp_path / f'.{entry}.{host}.{os.getpid()}.abc123.part'      # A download in progress (ours).
     other_host = tmp_path / f'.{entry}.otherhost.{proc.pid}.abc123.part'

@@ -520,13 +520,13 @@ def test_option_bounds_and_unwritable_dest_fail_before_work(tmp_path):
 def test_stale_temporaries_of_killed_runs_are_removed(tmp_path):
     import subprocess
     import sys
-    from torch_utils import files
+    import dnnlib.util
     rng = np.random.default_rng(18)
     src = tmp_path / 'src'
     save(make_image(rng, 8, 8), str(src / 'a.png'))
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
-    host = files._host_tag()
+    host = dnnlib.util.host_tag()
     stale_zip = tmp_path / f'.out.zip.{host}-{dead.pid}.00c0ffee.tmp'
     stale_zip.write_bytes(b'x' * 4096)
     stale_dir = tmp_path / f'.out.{host}-{dead.pid}.00c0ffee.tmp'

@@ -12,17 +12,14 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import time
+
+import dnnlib
 
 # Temporaries named by earlier versions (`.<target>.<8 random chars>.tmp`, no pid): removed once
 # they have not been modified for this long, since no write takes a day without touching its file.
 LEGACY_STALE_SECONDS = 24 * 3600
-
-
-def _host_tag():
-    return re.sub(r'[^A-Za-z0-9]', '-', socket.gethostname())[:40] or 'host'
 
 
 def current_umask():
@@ -35,28 +32,14 @@ def temp_name(path):
     """A fresh temporary path beside `path`, carrying our host and pid."""
     path = os.path.abspath(os.fspath(path))
     folder, base = os.path.split(path)
-    return os.path.join(folder, f'.{base}.{_host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
-
-
-def _pid_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # Exists (another user's) or cannot tell: keep it.
-    return True
+    return os.path.join(folder, f'.{base}.{dnnlib.util.host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
 
 
 def remove_stale_temporaries(path):
     """Remove temporaries of `path` left by dead processes of this host. Returns their paths."""
-    if os.name == 'nt':  # os.kill(pid, 0) would end the process there; never guess.
-        return []
     path = os.path.abspath(os.fspath(path))
     folder, base = os.path.split(path)
-    ours = re.compile(re.escape(f'.{base}.') + r'(?:(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[0-9a-f]{8}|(?P<legacy>[a-z0-9_]{8}))\.tmp')
+    ours = re.compile(re.escape(f'.{base}.') + r'(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[0-9a-f]{8}|(?P<legacy>[a-z0-9_]{8}))\.tmp')
     removed = []
     try:
         names = os.listdir(folder)
@@ -71,7 +54,7 @@ def remove_stale_temporaries(path):
             if m.group('legacy'):
                 if time.time() - os.lstat(full).st_mtime < LEGACY_STALE_SECONDS:
                     continue
-            elif m.group('host') != _host_tag() or _pid_alive(int(m.group('pid'))):
+            elif m.group('host') != dnnlib.util.host_tag() or dnnlib.util.pid_alive(int(m.group('pid'))):
                 continue
             if os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full)
