@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import evaluate
 from metrics import refs
@@ -15,25 +14,7 @@ from metrics.dinov2 import DINOv2ViT, load_dinov2
 from metrics.frechet import compute_statistics, frechet_distance_sqrtm
 from metrics.inception import InceptionV3
 from metrics.kid import kernel_inception_distance
-
-
-def _run(args):
-    return CliRunner().invoke(evaluate.main, args, catch_exceptions=True)
-
-
-def _ok(args):
-    result = _run(args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def _fails(args, match):
-    result = _run(args)
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert 'Traceback' not in result.output
-    assert match in result.output, result.output
-    return result
+from test_evaluate import _fails, _ok  # The evaluate CLI helpers: one copy.
 
 
 def _values(stdout):
