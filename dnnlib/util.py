@@ -17,6 +17,15 @@ from typing import Any
 import click
 
 
+class UserError(click.ClickException):
+    """Bad input from the user (an option, a file, a folder): the one error type of the project.
+
+    Its message is one line naming the problem and the fix. Every command line prints it as
+    `Error: <message>` and exits with status 1 (click's own handling of ClickException); library
+    callers catch it like any exception. Subclass it only where a caller branches on the kind.
+    """
+
+
 class EasyDict(dict):
     """A dict whose keys are also attributes: `d.lr` is `d['lr']`."""
 

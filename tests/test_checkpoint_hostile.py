@@ -29,7 +29,7 @@ def _peak_rss_mb_of_loads(paths):
     its peak RSS in MB over all loads (an upper bound for each)."""
     code = (
         'import resource, sys\n'
-        'import training\n'
+        'import training.augment, training.loss, training.networks\n'
         'from torch_utils import checkpoint\n'
         'base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n'
         'for path in sys.argv[1:]:\n'

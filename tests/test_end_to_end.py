@@ -19,6 +19,7 @@ import torch
 
 import quickstart
 from metrics.inception import InceptionV3
+import training
 from torch_utils import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +69,9 @@ def test_dataset_train_generate_evaluate(tmp_path):
         stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
         assert stats and all(np.isfinite(s['Loss/loss']['mean']) for s in stats)
         snapshot = single(str(run_dir / 'network-snapshot-*.pkl'))
-        state = checkpoint.load_checkpoint(single(str(run_dir / 'training-state-*.pt')))
+        state = training.load_checkpoint(single(str(run_dir / 'training-state-*.pt')))
         assert {'net', 'ema', 'optimizer_state', 'step'} <= set(state)
-        net = checkpoint.load_network(snapshot)
+        net = training.load_network(snapshot)
         assert (net.img_resolution, net.img_channels, net.label_dim) == (res, 3, 0)
         nets[name] = snapshot
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import generate
 import generate_celebahq
+import training
 from torch_utils import checkpoint
 from training import loss, networks, pipeline
 from training.pipeline import RelayError, RelayPipeline
@@ -101,8 +102,8 @@ def test_plan_batches_shards_like_generate():
 
 @pytest.mark.parametrize('which', ['second_new', 'second_old'])
 def test_checkpoint_relay_settings_become_defaults(ckpts, which):
-    data = checkpoint.load_checkpoint(ckpts[which])
-    assert pipeline.read_relay_settings(data) == dict(up_scale=4, prob_length=0.8, blur_sigma_max=2.5, block_scale=0.1)
+    data = training.load_checkpoint(ckpts[which])
+    assert loss.training_record(data).relay == dict(up_scale=4, prob_length=0.8, blur_sigma_max=2.5, block_scale=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         pipe = RelayPipeline(None, ckpts[which], device='cpu', **FAST)

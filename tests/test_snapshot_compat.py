@@ -26,9 +26,10 @@ import textwrap
 import pytest
 import torch
 
+import training
 import dnnlib
 from torch_utils import checkpoint
-from training import training_loop
+from training import loss, training_loop
 
 #----------------------------------------------------------------------------
 # Top-level names of the real trees' modules (functions, classes, assignments; not imports).
@@ -297,7 +298,7 @@ def runs(tmp_path_factory):
         snapshot = os.path.join(run_dir, 'network-snapshot-000000_008.pkl')
         state = os.path.join(run_dir, 'training-state-000000_008.pt')
         # What the project computes with the same objects, for the child to reproduce.
-        data_ = checkpoint.load_checkpoint(snapshot)
+        data_ = training.load_checkpoint(snapshot)
         g = torch.Generator().manual_seed(5)
         x, images = torch.randn([2, 3, 16, 16], generator=g), torch.rand([2, 3, 16, 16], generator=g) * 2 - 1
         sigma, labels = torch.tensor([0.3, 4.0]), torch.eye(2)
@@ -333,7 +334,7 @@ def test_snapshots_load_in_foreign_tree(runs, tmp_path, kind):
 def test_foreign_tree_refuses_project_only_names(runs, tmp_path):
     # The stand-ins are strict: the old snapshot format, which pickled the loss object (its
     # module imports training.blurring), fails in the reference tree as it did for users.
-    old = checkpoint.load_checkpoint(runs['first']['snapshot'])
+    old = training.load_checkpoint(runs['first']['snapshot'])
     import pickle
     from training import loss
     path = str(tmp_path / 'old-format.pkl')
@@ -352,6 +353,6 @@ def test_foreign_tree_refuses_project_only_names(runs, tmp_path):
 def test_relay_settings_read_back_from_a_trained_snapshot(runs):
     # The generator takes the second stage's defaults from the snapshot's loss_kwargs.
     from training import pipeline
-    data = checkpoint.load_checkpoint(runs['second']['snapshot'])
-    assert pipeline.read_relay_settings(data) == dict(up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3)
-    assert pipeline.read_relay_settings(checkpoint.load_checkpoint(runs['first']['snapshot'])) == {}
+    data = training.load_checkpoint(runs['second']['snapshot'])
+    assert loss.training_record(data).relay == dict(up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3)
+    assert loss.training_record(training.load_checkpoint(runs['first']['snapshot'])).relay == {}

@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
+import training
 import dnnlib
 from click.testing import CliRunner
 
@@ -94,7 +95,7 @@ def test_run_folder_contents(first_run):
 
 def test_snapshots_load_back(first_run):
     run_dir = first_run['run_dir']
-    snap = checkpoint.load_checkpoint(os.path.join(run_dir, 'network-snapshot-000000_032.pkl'))
+    snap = training.load_checkpoint(os.path.join(run_dir, 'network-snapshot-000000_032.pkl'))
     assert set(snap) >= {'ema', 'loss_kwargs', 'augment_pipe', 'dataset_kwargs'} and 'loss_fn' not in snap
     assert snap['loss_kwargs'] == dict(class_name='training.loss.EDMLoss')
     assert type(snap['augment_pipe']).__name__ == 'AugmentPipe'
@@ -105,7 +106,7 @@ def test_snapshots_load_back(first_run):
         out = ema(torch.randn([2, 3, 16, 16]), torch.ones([2]), torch.eye(4)[:2])
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
 
-    state = checkpoint.load_checkpoint(os.path.join(run_dir, 'training-state-000000_032.pt'))
+    state = training.load_checkpoint(os.path.join(run_dir, 'training-state-000000_032.pt'))
     assert set(state) >= {'net', 'ema', 'optimizer_state', 'step'}
     assert state['step'] == 32
     assert state['optimizer_state']['state'][0]['step'] == 4  # Four Adam steps.
@@ -124,7 +125,7 @@ def test_load_training_state_restores_weights_and_optimizer(first_run):
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     assert training_loop.find_latest_training_state(first_run['run_dir']) == path
     assert training_loop.load_training_state(path, net, ema, optimizer) == 32
-    saved = checkpoint.load_checkpoint(path)
+    saved = training.load_checkpoint(path)
     for mine, theirs in [(net, saved['net']), (ema, saved['ema'])]:
         for (name, a), (_, b) in zip(mine.named_parameters(), theirs.named_parameters()):
             assert torch.equal(a, b), name
@@ -144,8 +145,8 @@ def test_resume_from_run_folder_continues(first_run):
     # Continues from 32 images (tick 32 // 16 = 2): one more step, then done.
     assert [line['Progress/kimg']['mean'] for line in lines] == pytest.approx([0.040])
     assert [line['Progress/tick']['mean'] for line in lines] == [2]
-    old = checkpoint.load_checkpoint(os.path.join(first_run['run_dir'], 'training-state-000000_032.pt'))
-    new = checkpoint.load_checkpoint(os.path.join(new_dir, 'training-state-000000_040.pt'))
+    old = training.load_checkpoint(os.path.join(first_run['run_dir'], 'training-state-000000_032.pt'))
+    new = training.load_checkpoint(os.path.join(new_dir, 'training-state-000000_040.pt'))
     assert new['step'] == 40
     assert new['optimizer_state']['state'][0]['step'] == 5  # Adam state carried over (4 + 1).
     # One Adam step of lr 1e-4 moves each weight by about 1e-4 at most: the run went on from the
@@ -161,8 +162,8 @@ def test_transfer_starts_from_ema(first_run, tmp_path):
                    '--duration=0.000008', '--augment=0.12', '--transfer', snap] + TINY)
     assert result.exit_code == 0, result.output
     (run_name,) = os.listdir(tmp_path)
-    new = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
-    source = checkpoint.load_checkpoint(snap)['ema']
+    new = training.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
+    source = training.load_checkpoint(snap)['ema']
     # No EMA ramp-up with --transfer: a half-life of 500k images leaves the EMA where it started.
     for (name, a), (_, b) in zip(source.named_parameters(), new['ema'].named_parameters()):
         assert (a - b).abs().max() < 1e-6, name
@@ -227,7 +228,7 @@ def test_blur_precond_trains_relay_stage(first_run, tmp_path):
     assert result.exit_code == 0, result.output
     (run_name,) = os.listdir(tmp_path)
     assert run_name == '00000-tiny16-uncond-ddpmpp-blur-gpus1-batch8-fp32'
-    snap = checkpoint.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
+    snap = training.load_checkpoint(os.path.join(tmp_path, run_name, 'network-snapshot-000000_008.pkl'))
     assert type(snap['ema']).__name__ == 'EDMPrecond'
     assert snap['loss_kwargs'] == dict(class_name='training.loss.BlurLoss', up_scale=4, block_scale=0.15,
                                        prob_length=0.93, blur_sigma_max=3)

@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+import training
 from torch_utils import checkpoint
 
 TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--workers=0', '--seed=1', '--lr-rampup=0']
@@ -53,8 +54,8 @@ def test_torchrun_two_processes(tmp_path):
     assert lines[-1]['Progress/kimg']['mean'] == pytest.approx(0.016)
     # Loss statistics are summed over both processes: 8 images x 3 x 16 x 16 values per step.
     assert lines[0]['Loss/loss']['num'] == 8 * 3 * 16 * 16
-    state = checkpoint.load_checkpoint(str(run_dir / 'training-state-000000_016.pt'))
-    snap = checkpoint.load_checkpoint(str(run_dir / 'network-snapshot-000000_016.pkl'))
+    state = training.load_checkpoint(str(run_dir / 'training-state-000000_016.pt'))
+    snap = training.load_checkpoint(str(run_dir / 'network-snapshot-000000_016.pkl'))
     assert state['step'] == 16 and state['optimizer_state']['state'][0]['step'] == 2
     for a, b in zip(snap['ema'].parameters(), state['ema'].parameters()):
         assert torch.equal(a, b)

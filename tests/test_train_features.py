@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import training
 import dnnlib
 import train
 from torch_utils import checkpoint
@@ -40,7 +41,7 @@ def _latest(run_dir, prefix):
 
 
 def _weights(run_dir):
-    snap = checkpoint.load_checkpoint(_latest(run_dir, 'network-snapshot-'))
+    snap = training.load_checkpoint(_latest(run_dir, 'network-snapshot-'))
     return {name: p.detach().clone() for name, p in snap['ema'].named_parameters()}
 
 
@@ -75,7 +76,7 @@ def test_label_dropout_rate(data, tmp_path, monkeypatch, p):
         assert 0.35 < rate < 0.65, rate  # 192 draws of p = 0.5: std 0.036.
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         assert json.load(f)['network_kwargs']['label_dropout'] == p
-    ema = checkpoint.load_checkpoint(_latest(run_dir, 'network-snapshot-'))['ema']
+    ema = training.load_checkpoint(_latest(run_dir, 'network-snapshot-'))['ema']
     assert ema.model.label_dropout == p and ema.init_kwargs['label_dropout'] == p
 
     if p > 0:
@@ -100,7 +101,7 @@ def test_grids_do_not_change_training(data, tmp_path):
     with PIL.Image.open(os.path.join(on, grids[-1])) as img:
         assert img.size == (32, 32) and img.mode == 'RGB'  # 4 images of 16 px, 2 x 2.
     # Same seeds each time: the grid of the final EMA is what SampleGrid draws from it again.
-    ema = checkpoint.load_checkpoint(_latest(on, 'network-snapshot-'))['ema']
+    ema = training.load_checkpoint(_latest(on, 'network-snapshot-'))['ema']
     grid = sample_grid.SampleGrid(dnnlib.util.construct_class_by_name(class_name='training.dataset.ImageFolderDataset',
                                                                       path=data, use_labels=True),
                                   dict(class_name='training.loss.EDMLoss'), num_images=4, num_steps=3)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import training
 import dnnlib
 import train
 from torch_utils import checkpoint
@@ -106,7 +107,7 @@ def test_resuming_a_finished_run_trains_nothing(first_stage, tmp_path):
     result = _train(run_dir, first_stage['data'], total_kimg=0.008, resume_state_dump=first_stage['state'])
     assert result['cur_nimg'] == 8
     assert result['optimizer'].state_dict()['state'][0]['step'] == 2  # The two steps of the original run.
-    saved = checkpoint.load_checkpoint(first_stage['state'])
+    saved = training.load_checkpoint(first_stage['state'])
     for a, b in zip(result['net'].parameters(), saved['net'].parameters()):
         assert torch.equal(a, b)
     assert os.listdir(run_dir) == []  # No snapshot, state or stats of a step that did not happen.
@@ -124,7 +125,7 @@ def test_resume_refuses_the_other_stage(first_stage, tmp_path):
                                             r'second \(relay, --precond=blur\) stage'):
         training_loop.load_training_state(first_stage['state'], net, ema, opt, loss_kwargs=BLUR_LOSS)
     # A second-stage state resumed as a first-stage run.
-    saved = checkpoint.load_checkpoint(first_stage['state'])
+    saved = training.load_checkpoint(first_stage['state'])
     training_loop.save_training_state(str(tmp_path), 8, net=saved['net'], ema=saved['ema'], optimizer=opt,
                                       loss_kwargs=BLUR_LOSS)
     second = str(tmp_path / 'training-state-000000_008.pt')
@@ -136,7 +137,7 @@ def test_resume_refuses_the_other_stage(first_stage, tmp_path):
 
 def test_resume_reads_the_stage_of_older_states_from_the_run_options(first_stage, tmp_path):
     # States written before the loss was recorded in them: training_options.json beside them says.
-    saved = checkpoint.load_checkpoint(first_stage['state'])
+    saved = training.load_checkpoint(first_stage['state'])
     old = dict(net=saved['net'], ema=saved['ema'], optimizer_state=saved['optimizer_state'], step=8)
     path = str(tmp_path / 'training-state-000000_008.pt')
     checkpoint.save_training_state(path, old)

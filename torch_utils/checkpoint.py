@@ -300,7 +300,8 @@ if __name__ == '__main__':
     # Run as a script (python -m torch_utils.checkpoint), this file is the top of the import
     # chain: it registers the project's persistent classes like every other script does. The
     # library module itself never imports training/.
-    import training  # noqa: F401  pylint: disable=unused-import
+    import training
+    training._register()  # pylint: disable=protected-access
     _cli()()  # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------

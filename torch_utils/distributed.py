@@ -7,6 +7,7 @@ import os
 
 import torch
 
+import dnnlib
 from torch_utils import training_stats
 
 
@@ -30,11 +31,46 @@ def init() -> None:
         backend = 'nccl' if use_cuda else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://',
                                              timeout=datetime.timedelta(minutes=30))
+        # A CPU group without a practical deadline, for waiting on long work of one rank
+        # (a multi-GB download): the main group's collectives time out after 30 minutes.
+        global _patient_group
+        _patient_group = torch.distributed.new_group(backend='gloo', timeout=datetime.timedelta(days=7))
         # Without an explicit teardown, gloo's threads can abort the process at interpreter exit
         # ("terminate called without an active exception"), which torchrun reports as a failure.
         atexit.register(shutdown)
     if get_world_size() > 1:
         training_stats.init_multiprocessing(rank=get_rank(), sync_device=get_device())
+
+
+_patient_group = None
+
+
+def all_ok(ok: bool, patient: bool = False) -> bool:
+    """True on every rank iff `ok` on every rank (collective; trivial for one process).
+    patient=True waits without the main group's deadline (see init)."""
+    if not torch.distributed.is_initialized():
+        return ok
+    device = torch.device('cpu') if patient else get_device()
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=_patient_group if patient else None)
+    return bool(flag.item())
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other ranks, which wait without a deadline meanwhile: a
+    download lands in the cache once and the others read it from there. An exception of rank 0
+    is raised there; the other ranks then raise a UserError pointing to rank 0's message."""
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            error = err
+    if not all_ok(error is None, patient=True):
+        if error is not None:
+            raise error
+        raise dnnlib.UserError('rank 0 failed; see its message')
+    return fn() if get_rank() != 0 else result
 
 
 def shutdown() -> None:

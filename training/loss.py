@@ -10,8 +10,12 @@ EDMLoss: "Elucidating the Design Space of Diffusion-Based Generative Models".
 BlurLoss: the relay (second) stage's blurring-diffusion loss, built on training/blurring.py.
 """
 
+import inspect
+import math
+
 import torch
 
+import dnnlib
 from torch_utils import persistence
 
 
@@ -128,3 +132,34 @@ class BlurLoss:
         D_yn = net(y_blurred + n, sigma, labels, augment_labels=augment_labels)
         return weight * ((D_yn - y) ** 2)
 
+
+
+#----------------------------------------------------------------------------
+# What a checkpoint records about its training (one reader for the pipeline, the training
+# loop's resume check and the sample grid).
+
+RELAY_SETTINGS = ('up_scale', 'blur_sigma_max', 'block_scale', 'prob_length')  # BlurLoss arguments = train.py's relay options
+STAGES = {'BlurLoss': 'second', 'EDMLoss': 'first', 'VPLoss': 'first', 'VELoss': 'first'}
+
+
+def training_record(data):
+    """The loss class name, the stage ('first', 'second', or None when not recorded) and, for the
+    relay stage, its settings (RELAY_SETTINGS, BlurLoss's defaults where a value is missing or
+    not a finite number) of a checkpoint dict or of a loss_kwargs dict. New snapshots hold
+    `loss_kwargs`; older ones and the reference's files a `loss_fn` object."""
+    data = data if isinstance(data, dict) else {}
+    loss = data if 'class_name' in data else data.get('loss_kwargs', data.get('loss_fn'))
+    if isinstance(loss, dict):
+        name, values = str(loss.get('class_name', '')).rsplit('.', 1)[-1], loss
+    else:
+        name, values = (type(loss).__name__, vars(loss)) if loss is not None else (None, {})
+    stage = STAGES.get(name)
+    relay = {}
+    if stage == 'second':
+        defaults = inspect.signature(BlurLoss).parameters
+        for key in RELAY_SETTINGS:
+            value = values.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                value = defaults[key].default
+            relay[key] = int(value) if key == 'up_scale' else value
+    return dnnlib.EasyDict(loss=name, stage=stage, relay=relay)

@@ -556,8 +556,9 @@ class VPPrecond(torch.nn.Module):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device('cpu'):  # Host scalars, also when the checkpoint loader builds on the meta device.
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
         self.model = _construct_model(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
@@ -652,8 +653,10 @@ class iDDPMPrecond(torch.nn.Module):
         for j in range(M, 0, -1):
             u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
         self.register_buffer('u', u)
-        self.sigma_min = float(u[M - 1])
-        self.sigma_max = float(u[0])
+        # Built on the meta device (the checkpoint loader), u holds no values: the loader takes
+        # both from the file.
+        self.sigma_min = float(u[M - 1]) if not u.is_meta else None
+        self.sigma_max = float(u[0]) if not u.is_meta else None
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = _prepare_inputs(self, x, sigma, class_labels, force_fp32)

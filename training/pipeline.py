@@ -12,7 +12,7 @@ quickstart and its relay figure all sample through this class.
 Options use the generate scripts' parameter names (`num_steps_first`, `S_churn_first` for
 `--S_churn`, `cfg_scale_second`, ...). Their values come from, in this order: what the caller
 gives, the preset (`PRESETS`), the relay settings recorded in the second-stage checkpoint
-(`read_relay_settings`), and the samplers' defaults (`training.sampling.EDM_DEFAULTS`,
+(`training.loss.training_record`), and the samplers' defaults (`training.sampling.EDM_DEFAULTS`,
 `BLUR_DEFAULTS`).
 """
 
@@ -26,8 +26,9 @@ import PIL.ImageEnhance
 import torch
 import torch.nn.functional as F
 
+import training
 from torch_utils import checkpoint
-from training import fast_mode, sampling
+from training import fast_mode, loss, sampling
 
 #----------------------------------------------------------------------------
 # Presets: the reference scripts' settings, as changes to the samplers' defaults.
@@ -68,7 +69,7 @@ SAMPLER_OPTIONS = {**FIRST_OPTIONS, **SECOND_OPTIONS}
 # The command-line flag of each option where it differs from --<name> (the reference's names).
 FLAGS = {'S_churn_first': '--S_churn', 'S_min_first': '--S_min', 'S_max_first': '--S_max', 'S_noise_first': '--S_noise'}
 
-# Relay settings recorded by the training (BlurLoss arguments = train.py's --up-scale,
+# Relay settings recorded by the training (training.loss.RELAY_SETTINGS = train.py's --up-scale,
 # --blur-sigma-max, --block-scale, --prob-length) and the blur sampler option of the same meaning.
 RELAY_SETTINGS = {
     'up_scale':       'up_scale_second',       # DCT block size = upsampling factor
@@ -160,7 +161,7 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     """All sampler options (generate-script names -> values) and notes about the checkpoint.
 
     options: the caller's options (None values count as not given); relay_settings: what
-    `read_relay_settings` found in the second-stage checkpoint. Returns (options, warnings):
+    `training.loss.training_record` found in the second-stage checkpoint. Returns (options, warnings):
     warnings name a given option that contradicts the checkpoint, with both values.
     """
     if preset not in PRESETS:
@@ -198,43 +199,6 @@ def stage_kwargs(options):
     return first, second
 
 #----------------------------------------------------------------------------
-# What a checkpoint records about its stage.
-
-def _loss_record(data):
-    # New snapshots: plain `loss_kwargs` dict; old snapshots and reference files: a `loss_fn` object.
-    kwargs = data.get('loss_kwargs') if isinstance(data, dict) else None
-    if isinstance(kwargs, dict):
-        return str(kwargs.get('class_name', '')).rsplit('.', 1)[-1], kwargs
-    loss_fn = data.get('loss_fn') if isinstance(data, dict) else None
-    if loss_fn is not None:
-        return type(loss_fn).__name__, {key: getattr(loss_fn, key) for key in RELAY_SETTINGS if hasattr(loss_fn, key)}
-    return None, {}
-
-
-def read_relay_settings(data):
-    """The relay settings a second-stage checkpoint dict records (training names: up_scale,
-    blur_sigma_max, block_scale, prob_length -> value); {} when it records none."""
-    name, record = _loss_record(data)
-    if name != 'BlurLoss':
-        return {}
-    settings = {}
-    for key in RELAY_SETTINGS:
-        value = record.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            settings[key] = int(value) if key == 'up_scale' else value
-    return settings
-
-
-def checkpoint_stage(data):
-    """'first' or 'second' where the checkpoint records the loss it was trained with, else None."""
-    name, _record = _loss_record(data)
-    if name == 'BlurLoss':
-        return 'second'
-    if name in ('EDMLoss', 'VPLoss', 'VELoss'):
-        return 'first'
-    return None
-
-#----------------------------------------------------------------------------
 # Loading.
 
 def load_stage(network, stage, device):
@@ -244,17 +208,17 @@ def load_stage(network, stage, device):
     if isinstance(network, torch.nn.Module):
         return network.eval().requires_grad_(False).to(device), None
     try:
-        data = checkpoint.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+        data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
     except checkpoint.CheckpointError as e:
         raise RelayError(f'Cannot load {option} "{network}": {e}') from None
     net = data['ema']
     if not isinstance(net, torch.nn.Module):
         raise RelayError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
-    recorded = checkpoint_stage(data)
-    if recorded is not None and recorded != stage:
+    record = loss.training_record(data)
+    if record.stage is not None and record.stage != stage:
         other = 'first' if stage == 'second' else 'second'
-        raise RelayError(f'{option} "{network}" is a {recorded}-stage checkpoint (trained with '
-                         f'{_loss_record(data)[0]}); pass it as --network_{other}')
+        raise RelayError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
+                         f'{record.loss}); pass it as --network_{other}')
     return net.eval().requires_grad_(False).to(device), data
 
 #----------------------------------------------------------------------------
@@ -355,7 +319,7 @@ class RelayPipeline:
             self.net_first, _ = load_stage(network_first, 'first', self.device)
         if network_second is not None:
             self.net_second, data = load_stage(network_second, 'second', self.device)
-            self.relay_settings = read_relay_settings(data) if data is not None else {}
+            self.relay_settings = loss.training_record(data).relay
         self.options, self.warnings = resolve_options(preset, options, self.relay_settings)
         for note in self.warnings if warn else ():
             warnings.warn(note, stacklevel=2)

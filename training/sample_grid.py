@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_utils import misc
-from training import pipeline, sampling
+from training import loss, pipeline, sampling
 
 
 def to_uint8(images):
@@ -58,14 +58,13 @@ class SampleGrid:
         self.seeds = list(range(seed, seed + num_images))
         self.num_steps = num_steps
         self.label_dim = dataset.label_dim
-        self.relay = str(loss_kwargs.get('class_name', '')).endswith('BlurLoss')
+        record = loss.training_record(loss_kwargs)
+        self.relay = record.stage == 'second'
         self.inputs = None
         if self.relay:
-            # The relay's settings are the loss's (BlurLoss defaults where the options leave them out).
-            self.up_scale = int(loss_kwargs.get('up_scale', 4))
-            self.relay_kwargs = dict(up_scale=self.up_scale, blur_sigma_max=loss_kwargs.get('blur_sigma_max', 3),
-                                     truncation_t=loss_kwargs.get('prob_length', 0.93),
-                                     s_block=loss_kwargs.get('block_scale', 0))
+            self.up_scale = record.relay['up_scale']
+            self.relay_kwargs = dict(up_scale=self.up_scale, blur_sigma_max=record.relay['blur_sigma_max'],
+                                     truncation_t=record.relay['prob_length'], s_block=record.relay['block_scale'])
             # Evenly spaced images of the dataset, read once: the same inputs at every snapshot.
             indices = np.linspace(0, len(dataset) - 1, num_images).round().astype(np.int64)
             items = [dataset[int(idx)] for idx in indices]

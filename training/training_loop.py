@@ -35,7 +35,9 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+import training
 from training import loggers
+from training import loss as training_loss
 
 
 class TrainingError(RuntimeError):
@@ -123,22 +125,21 @@ def lock_run_dir(run_dir):
 #----------------------------------------------------------------------------
 # Resume helpers.
 
-def _stage(loss_class_name):
-    name = str(loss_class_name).rsplit('.', 1)[-1]
-    return 'second (relay, --precond=blur)' if name == 'BlurLoss' else f'first ({name})'
+def _stage(record):
+    return 'second (relay, --precond=blur)' if record.stage == 'second' else f'first ({record.loss})'
 
 
-def _recorded_loss_class(path, data):
-    """The loss class a training state was trained with: recorded in the state, or in the
-    training_options.json beside it; None when neither says."""
-    if isinstance(data.get('loss_kwargs'), dict):
-        return data['loss_kwargs'].get('class_name')
-    options_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')
-    try:
-        with open(options_path) as f:
-            return json.load(f)['loss_kwargs']['class_name']
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _recorded_training(path, data):
+    """training.loss.training_record of a training state: what the state records, else what the
+    training_options.json beside it says."""
+    record = training_loss.training_record(data)
+    if record.loss is None:
+        try:
+            with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')) as f:
+                record = training_loss.training_record(json.load(f)['loss_kwargs'])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return record
 
 
 def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
@@ -147,22 +148,20 @@ def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     another preconditioner or, where the state's loss is known, of the other relay stage."""
     from torch_utils import checkpoint
     try:
-        data = checkpoint.load_checkpoint(path)
+        data = training.load_checkpoint(path)
     except checkpoint.CheckpointError as err:
         raise TrainingError(str(err)) from None
     missing = [key for key in ('net', 'ema', 'optimizer_state') if key not in data]
     if missing:
         raise TrainingError(f'{path}: not a training state (no {", ".join(missing)}); '
                             f'use --transfer to start from network weights only')
-    theirs, ours = type(data['net']).__name__, type(net).__name__
-    if theirs != ours:
-        raise TrainingError(f'{path}: holds a {theirs} network and this run builds {ours}; '
+    if type(data['net']).__name__ != type(net).__name__:
+        raise TrainingError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
                             f'resume with the --precond of the original run')
-    their_loss = _recorded_loss_class(path, data)
-    our_loss = (loss_kwargs or {}).get('class_name')
-    if their_loss is not None and our_loss is not None and _stage(their_loss) != _stage(our_loss):
-        raise TrainingError(f'{path}: is a {_stage(their_loss)} stage training state and this run trains the '
-                            f'{_stage(our_loss)} stage; resume with the --precond of the original run, '
+    theirs, ours = _recorded_training(path, data), training_loss.training_record(loss_kwargs or {})
+    if theirs.stage is not None and ours.stage is not None and theirs.stage != ours.stage:
+        raise TrainingError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
+                            f'{_stage(ours)} stage; resume with the --precond of the original run, '
                             f'or start from its weights with --transfer')
     try:
         misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
@@ -180,7 +179,7 @@ def load_transfer_weights(path, net, ema):
     """Initialise net and ema from another network's EMA weights (names that match)."""
     from torch_utils import checkpoint
     try:
-        data = checkpoint.load_checkpoint(path)
+        data = training.load_checkpoint(path)
     except checkpoint.CheckpointError as err:
         raise TrainingError(str(err)) from None
     if 'ema' not in data or not isinstance(data['ema'], torch.nn.Module):
