@@ -17,6 +17,7 @@ Differences from EDM's tool, on purpose:
 """
 
 import codecs
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -37,7 +38,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from torch_utils.files import atomic_write, current_umask, make_temp
+import dnnlib
+from dnnlib.util import atomic_write
 from training import data_files
 
 #----------------------------------------------------------------------------
@@ -541,7 +543,8 @@ def choose_mode(src, settings):
     return 'L'
 
 #----------------------------------------------------------------------------
-# Destination: a temporary sibling, published by rename only when complete.
+# Destination: written under a temporary name (dnnlib.util.atomic_write), published only when
+# complete, never over something that appeared meanwhile.
 
 class Destination:
     def __init__(self, dest):
@@ -554,22 +557,23 @@ class Destination:
             raise click.ClickException(f'--dest {dest} already exists; choose a new name or remove it first')
         if os.path.lexists(self.dest + '.skipped.txt'):
             raise click.ClickException(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')
-        self.parent = os.path.dirname(os.path.abspath(self.dest))
-        self.tmp = None
+        problem = dnnlib.util.folder_write_problem(os.path.dirname(os.path.abspath(self.dest)))
+        if problem:
+            raise click.ClickException(f'cannot write --dest {dest}: {problem}; choose a writable location')
+        self.zip = None
+        self.folder = None
+        self.made = set()
 
-    def open(self):
-        """Create the temporary output beside dest (removing ones left by killed runs); this is
-        also the check that dest can be written, so it runs before any work."""
-        try:
-            self.tmp = make_temp(self.dest, directory=not self.is_zip)
+    @contextlib.contextmanager
+    def opened(self):
+        """The temporary output (atomic_write); it becomes dest when the block ends without error."""
+        with atomic_write(self.dest, 'w+b', directory=not self.is_zip, overwrite=False) as target:
             if self.is_zip:
-                self.zip = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED)
+                with zipfile.ZipFile(target, 'w', compression=zipfile.ZIP_STORED) as self.zip:
+                    yield self
             else:
-                self.made = set()
-        except OSError as err:
-            self.discard()
-            raise click.ClickException(f'cannot write --dest {self.dest}: {err.strerror or err}; '
-                                       f'choose a writable location') from None
+                self.folder = target
+                yield self
 
     def write(self, name, data):
         if self.is_zip:
@@ -579,50 +583,10 @@ class Destination:
             return
         folder = os.path.dirname(name)
         if folder not in self.made:
-            os.makedirs(os.path.join(self.tmp, folder), exist_ok=True)
+            os.makedirs(os.path.join(self.folder, folder), exist_ok=True)
             self.made.add(folder)
-        with open(os.path.join(self.tmp, name), 'wb') as f:
+        with open(os.path.join(self.folder, name), 'wb') as f:
             f.write(data)
-
-    def publish(self):
-        umask = current_umask()
-        if self.is_zip:
-            self.zip.close()
-            with open(self.tmp, 'rb+') as f:
-                os.fsync(f.fileno())
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes it private; make it a normal file.
-            try:
-                os.link(self.tmp, self.dest)    # Fails if dest appeared meanwhile: never clobber.
-            except FileExistsError:
-                raise click.ClickException(f'--dest {self.dest} appeared while converting; left it alone, wrote nothing') from None
-            except OSError:                     # No hard links on this file system.
-                if os.path.exists(self.dest):
-                    raise click.ClickException(f'--dest {self.dest} appeared while converting; left it alone, wrote nothing') from None
-                os.replace(self.tmp, self.dest)
-            else:
-                os.remove(self.tmp)
-        else:
-            os.chmod(self.tmp, 0o777 & ~umask)
-            if os.path.isdir(self.dest) and not os.listdir(self.dest):
-                os.rmdir(self.dest)
-            try:
-                os.rename(self.tmp, self.dest)  # Fails on a non-empty dest: never clobber.
-            except OSError as err:
-                raise click.ClickException(f'cannot rename the output to --dest {self.dest} ({err.strerror}; did it appear '
-                                           f'while converting?); left it alone, wrote nothing') from None
-        self.tmp = None
-
-    def discard(self):
-        if self.tmp is None:
-            return
-        if self.is_zip:
-            if getattr(self, 'zip', None) is not None:
-                self.zip.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp = None
 
 #----------------------------------------------------------------------------
 # The conversion.
@@ -667,77 +631,77 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
     if len(src.names) == 0:
         raise click.ClickException(f'--source {source}: no images found')
     out = Destination(dest)  # Checks that dest is free before any work.
-    out.open()               # Checks that it can be written, before any work.
-
     pool = None
     try:
-        settings = Settings(kind=src.kind, path=src.path, mode='RGB', transform=transform, resolution=resolution,
-                            small=small, compress_level=compress_level)
-        # The output mode is fixed before any pixel work, from headers, in this process.
-        init_worker(settings)
-        settings = dataclasses.replace(settings, mode=choose_mode(src, settings))
-        init_worker(settings)
-        if workers > 1:
-            # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
-            pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
-        n = len(src.names)
-        log(f'Found {n} images in {source} ({src.kind}); writing {settings.mode} images to {out.dest}')
-        refs = (src.refs[i] for i in range(n))
-        results = pool.imap(process_item, refs, chunksize=8) if pool is not None else map(process_item, refs)
-        written, labels, skipped, upscaled, converted = 0, [], [], 0, dict()
-        first = None
-        total = n if max_images is None else min(n, max_images)
-        with tqdm(total=total, unit='img', desc='Converting', dynamic_ncols=True, file=sys.stderr) as bar:
-            for i, res in enumerate(results):
-                name = src.names[i]
-                if res[0] == 'unreadable':
-                    if strict:
-                        raise click.ClickException(f'cannot read {name}: {res[1]} (--strict; without it such files are skipped)')
-                    skipped.append((name, res[1]))
-                elif res[0] == 'small':
-                    w, h = resolution
-                    if small == 'error':
-                        raise click.ClickException(f'{name} is {res[1]}x{res[2]}, smaller than the {w}x{h} target; '
-                                                   f'pass --small=upscale or --small=skip')
-                    skipped.append((name, f'smaller than the target: {res[1]}x{res[2]}'))
-                else:
-                    _, png, shape, source_mode, was_upscaled = res
-                    arch_name = output_name(written)
-                    if first is None:
-                        check_first(shape, name)
-                        first = (shape, name)
-                    elif shape != first[0]:
-                        raise click.ClickException(
-                            f'images differ in size: {name} comes out {shape[1]}x{shape[0]}, {first[1]} '
-                            f'{first[0][1]}x{first[0][0]}; use --resolution (and --transform) to make them equal')
-                    out.write(arch_name, png)
-                    if src.labels is not None:
-                        labels.append([arch_name, src.labels[i]])
-                    upscaled += int(was_upscaled)
-                    if source_mode != settings.mode:
-                        converted[source_mode] = converted.get(source_mode, 0) + 1
-                    written += 1
-                bar.update(1)
-                if max_images is not None and written >= max_images:
-                    break
-        if written == 0:
-            examples = '; '.join(f'{n_}: {r}' for n_, r in skipped[:3])
-            raise click.ClickException(f'no image of {source} could be converted ({examples})')
+        # Entered before any work: this is also the check that dest can be written.
+        with out.opened():
+            settings = Settings(kind=src.kind, path=src.path, mode='RGB', transform=transform, resolution=resolution,
+                                small=small, compress_level=compress_level)
+            # The output mode is fixed before any pixel work, from headers, in this process.
+            init_worker(settings)
+            settings = dataclasses.replace(settings, mode=choose_mode(src, settings))
+            init_worker(settings)
+            if workers > 1:
+                # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
+                pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
+            n = len(src.names)
+            log(f'Found {n} images in {source} ({src.kind}); writing {settings.mode} images to {out.dest}')
+            refs = (src.refs[i] for i in range(n))
+            results = pool.imap(process_item, refs, chunksize=8) if pool is not None else map(process_item, refs)
+            written, labels, skipped, upscaled, converted = 0, [], [], 0, dict()
+            first = None
+            total = n if max_images is None else min(n, max_images)
+            with tqdm(total=total, unit='img', desc='Converting', dynamic_ncols=True, file=sys.stderr) as bar:
+                for i, res in enumerate(results):
+                    name = src.names[i]
+                    if res[0] == 'unreadable':
+                        if strict:
+                            raise click.ClickException(f'cannot read {name}: {res[1]} (--strict; without it such files are skipped)')
+                        skipped.append((name, res[1]))
+                    elif res[0] == 'small':
+                        w, h = resolution
+                        if small == 'error':
+                            raise click.ClickException(f'{name} is {res[1]}x{res[2]}, smaller than the {w}x{h} target; '
+                                                       f'pass --small=upscale or --small=skip')
+                        skipped.append((name, f'smaller than the target: {res[1]}x{res[2]}'))
+                    else:
+                        _, png, shape, source_mode, was_upscaled = res
+                        arch_name = output_name(written)
+                        if first is None:
+                            check_first(shape, name)
+                            first = (shape, name)
+                        elif shape != first[0]:
+                            raise click.ClickException(
+                                f'images differ in size: {name} comes out {shape[1]}x{shape[0]}, {first[1]} '
+                                f'{first[0][1]}x{first[0][0]}; use --resolution (and --transform) to make them equal')
+                        out.write(arch_name, png)
+                        if src.labels is not None:
+                            labels.append([arch_name, src.labels[i]])
+                        upscaled += int(was_upscaled)
+                        if source_mode != settings.mode:
+                            converted[source_mode] = converted.get(source_mode, 0) + 1
+                        written += 1
+                    bar.update(1)
+                    if max_images is not None and written >= max_images:
+                        break
+            if written == 0:
+                examples = '; '.join(f'{n_}: {r}' for n_, r in skipped[:3])
+                raise click.ClickException(f'no image of {source} could be converted ({examples})')
 
-        meta = {'labels': labels if src.labels is not None else None}
-        if src.class_names is not None:
-            meta['class_names'] = src.class_names  # Extra key; readers look only at 'labels'.
-        out.write('dataset.json', json.dumps(meta).encode('utf-8'))
-        if pool is not None:
-            pool.terminate()  # Drop work queued beyond --max-images.
-            pool = None
-        out.publish()
+            meta = {'labels': labels if src.labels is not None else None}
+            if src.class_names is not None:
+                meta['class_names'] = src.class_names  # Extra key; readers look only at 'labels'.
+            out.write('dataset.json', json.dumps(meta).encode('utf-8'))
+            if pool is not None:
+                pool.terminate()  # Drop work queued beyond --max-images.
+                pool = None
+    except FileExistsError:
+        raise click.ClickException(f'--dest {out.dest} appeared while converting; left it alone, wrote nothing') from None
     except OSError as err:  # Disk full, dest folder removed meanwhile, ...: nothing is published.
-        raise click.ClickException(f'cannot write --dest {out.dest}: {err}') from None
+        raise click.ClickException(f'cannot write --dest {out.dest}: {err.strerror or err}; nothing was written') from None
     finally:
         if pool is not None:
             pool.terminate()
-        out.discard()
     if skipped:
         try:
             with atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:

@@ -36,8 +36,7 @@ from metrics.inception_score import inception_score
 from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from metrics.precision_recall import precision_recall
 from torch_utils import distributed as dist
-from torch_utils import files
-from torch_utils.misc import atomic_write
+from dnnlib.util import atomic_write
 from training import pipeline
 
 METRIC_ORDER = ['fid', 'sfid', 'is', 'pr', 'kid', 'fd_dinov2']
@@ -73,7 +72,7 @@ def _refuse_existing(path, option):
 def check_writable(path, option):
     """Refuse an output that exists or cannot be written, before any work starts."""
     _refuse_existing(path, option)
-    problem = files.file_write_problem(path)
+    problem = dnnlib.util.file_write_problem(path)
     if problem:
         raise click.ClickException(f'{option} {path}: {problem}; choose a path in an existing, writable folder')
 

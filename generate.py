@@ -28,8 +28,6 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import files
-from torch_utils import misc
 from training import data_files, fast_mode, pipeline
 from training.pipeline import POSTPROCESS, PRESETS, RelayError, RelayPipeline
 
@@ -48,7 +46,7 @@ def image_path(outdir, seed, subdirs=True):
 
 
 def save_png(img, path):
-    with misc.atomic_write(path, 'wb') as f:
+    with dnnlib.util.atomic_write(path, 'wb') as f:
         img.save(f, format='PNG')
 
 
@@ -138,7 +136,7 @@ def check_outdir(outdir):
     """--outdir must be a folder we can write into (or creatable), before any work."""
     if not str(outdir).strip():
         _fail('--outdir is empty; name the folder for the images')
-    problem = files.folder_write_problem(outdir)
+    problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
         _fail(f'--outdir "{outdir}": {problem}; choose another folder')
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import dnnlib
 from dnnlib.util import FiniteFloatRange, parse_int_list
-from torch_utils.misc import atomic_write
 from training.pipeline import MAX_SEED, RelayPipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -153,7 +153,7 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
             canvas[:, y:y + res, x:x + res] = images[row].clamp(-1, 1)
     image = (canvas * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     image = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)  # 2x, so that 64 px tiles are visible.
-    with atomic_write(path, 'wb') as f:
+    with dnnlib.util.atomic_write(path, 'wb') as f:
         Image.fromarray(image, 'RGB').save(f, format='PNG')
 
 

@@ -23,7 +23,6 @@ from click.core import ParameterSource
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import files
 from training import loggers
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
@@ -191,7 +190,7 @@ def _check_int(opts, name, low, high=None):
 
 def check_outdir(outdir):
     """--outdir must be (or be creatable as) a folder we can write in."""
-    problem = files.folder_write_problem(outdir)
+    problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
         _fail(f'--outdir={outdir}: {problem}; choose a writable folder')
 
@@ -377,8 +376,7 @@ def launch_training(c, opts, desc):
             run_lock = lock_run_dir(c.run_dir)  # One run per folder (two --nosubdir runs would mix their files).
         except TrainingError as err:
             raise click.ClickException(str(err))
-        from torch_utils.misc import atomic_write
-        with atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 

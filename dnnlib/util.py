@@ -6,6 +6,8 @@ import importlib
 import math
 import os
 import re
+import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -144,7 +146,8 @@ def _cache_file_name(url: str) -> str:
     return f'{url_md5}_{base}'
 
 
-DEFAULT_MAX_DOWNLOAD_BYTES = 32 << 30  # Above any published checkpoint or detector (training states included).
+DEFAULT_MAX_DOWNLOAD_BYTES = 4 << 30   # A URL of unknown size: more than any detector or reference set.
+DEFAULT_DOWNLOAD_SECONDS = 4 * 3600    # Overall deadline of one download (stalls end sooner: 60 s socket timeout).
 _CHUNK = 1 << 20
 
 
@@ -165,21 +168,20 @@ def _check_sha256(path: str, sha256: str | None, what: str) -> None:
     if sha256 is not None and file_sha256(path) != sha256:
         raise DownloadError(f'{what}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
 
+#----------------------------------------------------------------------------
+# Atomic writes: every output (snapshot, PNG, dataset, download, JSON) is written under a
+# temporary name beside its target and renamed onto it only when complete.
+#
+# Temporaries are named `.<target name>.<host>-<pid>.<8 hex>.tmp`. A process killed mid-write
+# leaves one behind; the next write to the same target removes it when its name is exactly of
+# that form, its host is this one and its process is gone. Nothing else is ever removed.
 
 def host_tag() -> str:
-    """This machine's name, reduced to characters safe in a file name: temporaries carry it with
-    the writer's pid, so a later run can tell a dead writer's leftovers from a live one's."""
     return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname())[:40] or 'host'
 
 
-def _part_prefix(cache_name: str) -> str:
-    """Start of the temporary names of downloads into cache entry `cache_name` by this process:
-    `.<entry>.<host>.<pid>.`; the owner of a leftover can thus be told from its name."""
-    return f'.{cache_name}.{host_tag()}.{os.getpid()}.'
-
-
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this machine may still exist (when unsure: yes, keep its files)."""
+    """Whether process `pid` of this machine may still exist (when unsure: yes)."""
     if pid == os.getpid() or os.name == 'nt':  # On Windows os.kill(pid, 0) would end the process.
         return True
     try:
@@ -187,36 +189,122 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError, ValueError):
-        return True  # Someone else's process (or a value we cannot ask about): leave its file.
+        return True
     return True
 
 
-def remove_stale_downloads(cache_dir: str, cache_name: str) -> list:
-    """Delete the temporaries that killed downloads into cache entry `cache_name` left behind:
-    only ours (named by _part_prefix), only from this host, and only when the process that
-    wrote them is gone. Returns the removed paths."""
-    pattern = re.compile(re.escape(f'.{cache_name}.{host_tag()}.') + r'(\d+)\.[^/]*\.part')
+def temp_name(path) -> str:
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f'.{base}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
+
+
+def remove_stale_temporaries(path) -> list:
+    """Remove the temporaries of `path` that dead processes of this host left; returns their paths."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'(\d+)\.[0-9a-f]{8}\.tmp')
     removed = []
     try:
-        names = os.listdir(cache_dir)
+        names = os.listdir(folder)
     except OSError:
         return removed
     for name in names:
-        match = pattern.fullmatch(name)
-        if match is None or pid_alive(int(match.group(1))):
+        m = ours.fullmatch(name)
+        if m is None or pid_alive(int(m.group(1))):
             continue
-        path = os.path.join(cache_dir, name)
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
-            os.remove(path)
-            removed.append(path)
+        full = os.path.join(folder, name)
+        try:
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            removed.append(full)
+        except OSError:
+            pass  # Gone meanwhile, or not ours to remove: leave it.
     return removed
 
 
-def _download(url: str, dst, max_bytes: int, verbose: bool) -> str:
+def current_umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: bool = True, **open_kwargs):
+    """Write `path` atomically: yields an open file (or, with directory=True, the path of a new
+    empty folder to fill) under a temporary name beside it, which becomes `path` only when the
+    block ends without an exception and is removed otherwise. overwrite=False refuses to replace
+    what appeared at `path` meanwhile (FileExistsError); an empty folder may be replaced."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temp_name(path)
+    umask = current_umask()
+    try:
+        if directory:
+            os.mkdir(tmp, 0o777 & ~umask)
+            yield tmp
+        else:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        if directory or overwrite:
+            if not overwrite and os.path.isdir(path) and os.listdir(path):
+                raise FileExistsError(f'{path} appeared meanwhile')
+            os.replace(tmp, path)  # A folder replaces only an empty folder.
+        else:
+            os.link(tmp, path)  # Fails if path exists: never clobber.
+    finally:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+#----------------------------------------------------------------------------
+# Output checks before long work: a real write, since permission bits say nothing for root or
+# read-only file systems. Each returns None when fine, else the reason as a phrase for the
+# caller's one-line error.
+
+def folder_write_problem(folder) -> str | None:
+    """Why `folder` (existing, or to be created) cannot take new files; None if it can."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f'{folder} is a file, not a folder'
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'{folder} cannot be created: {existing} is a file'
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f'cannot write in {existing} ({err.strerror or err})'
+    return None
+
+
+def file_write_problem(path) -> str | None:
+    """Why the file `path` cannot be written in its (existing) folder; None if it can."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return f'{path} is a folder'
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return f'its folder {folder} ' + ('is a file' if os.path.exists(folder) else 'does not exist')
+    return folder_write_problem(folder)
+
+#----------------------------------------------------------------------------
+# Downloads.
+
+def _download(url: str, dst, max_bytes: int, deadline_s: float, verbose: bool) -> str:
     """Stream `url` into the open binary file `dst`, at most `max_bytes`; return its SHA-256."""
     if verbose:
         print(f'Downloading {url} ...', flush=True)
     digest = hashlib.sha256()
+    give_up = time.monotonic() + deadline_s
     with urllib.request.urlopen(url, timeout=60) as response:
         declared = response.headers.get('Content-Length')
         declared = int(declared) if declared is not None and declared.strip().isdigit() else None
@@ -227,6 +315,8 @@ def _download(url: str, dst, max_bytes: int, verbose: bool) -> str:
             total += len(chunk)
             if total > max_bytes:
                 raise DownloadError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
+            if time.monotonic() > give_up:
+                raise DownloadError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
             digest.update(chunk)
             dst.write(chunk)
         if declared is not None and total != declared:
@@ -236,17 +326,17 @@ def _download(url: str, dst, max_bytes: int, verbose: bool) -> str:
 
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
              return_filename: bool = False, cache: bool = True, sha256: str | None = None,
-             max_bytes: int | None = None):
+             max_bytes: int | None = None, deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=None):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object (or its path).
 
-    http(s) URLs are streamed to disk, never held whole in memory: into the cache folder (once;
-    the download goes to a temporary name that is renamed into place only when complete and
-    verified; temporaries that a killed download of the same entry left are removed first), or
-    with cache=False into an anonymous temporary file. A download larger than
-    `max_bytes` (default DEFAULT_MAX_DOWNLOAD_BYTES) is stopped. When `sha256` (hex) is given,
-    the content must have that SHA-256, whether it is a local file, a cache hit or a fresh
-    download; a cache entry that does not match is downloaded again and replaced. Raises OSError
-    (DownloadError for a refused size or hash) with the URL in the message on failure.
+    http(s) URLs are streamed to disk, never held whole in memory: into the cache folder (once,
+    through atomic_write), or with cache=False into an anonymous temporary file. A download of
+    more than `max_bytes` (default DEFAULT_MAX_DOWNLOAD_BYTES) or longer than `deadline_s` is
+    stopped. With `sha256` (hex) the content must have that SHA-256, whether it is a local file, a
+    cache hit or a fresh download (a cache entry that does not match is downloaded again).
+    `check(path)` may raise DownloadError to refuse a download (an HTML error page instead of a
+    checkpoint): it then never enters the cache. Raises OSError (DownloadError for a refused download) with
+    the URL in the message.
     """
     if not isinstance(url, str) or not url:
         raise ValueError('open_url() needs a non-empty path or URL')
@@ -267,49 +357,40 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         raise ValueError('open_url(return_filename=True) needs cache=True for remote URLs')
 
     # Cached download?
-    cache_dir = cache_dir or make_cache_dir_path('downloads')
-    cache_path = os.path.join(cache_dir, _cache_file_name(url))
+    cache_path = os.path.join(cache_dir or make_cache_dir_path('downloads'), _cache_file_name(url))
     if cache and os.path.isfile(cache_path):
         if sha256 is None or file_sha256(cache_path) == sha256:
             return cache_path if return_filename else open(cache_path, 'rb')
         if verbose:
             print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
 
-    # Download (after removing what killed downloads of this entry left behind).
-    if cache:
-        remove_stale_downloads(cache_dir, os.path.basename(cache_path))
     for attempt in range(num_attempts):
-        tmp_path = None
         try:
-            if cache:
-                os.makedirs(cache_dir, exist_ok=True)
-                fd, tmp_path = tempfile.mkstemp(dir=cache_dir, prefix=_part_prefix(os.path.basename(cache_path)), suffix='.part')
-                dst = os.fdopen(fd, 'w+b')
-            else:
-                dst = tempfile.TemporaryFile()
-            try:
-                digest = _download(url, dst, max_bytes, verbose)
-                if sha256 is not None and digest != sha256:
-                    raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
-            except BaseException:
-                dst.close()
-                raise
             if not cache:
+                dst = tempfile.TemporaryFile()
+                try:
+                    digest = _download(url, dst, max_bytes, deadline_s, verbose)
+                    if sha256 is not None and digest != sha256:
+                        raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
+                except BaseException:
+                    dst.close()
+                    raise
                 dst.seek(0)
                 return dst
-            dst.close()
-            os.replace(tmp_path, cache_path)
+            with atomic_write(cache_path, 'w+b') as dst:
+                digest = _download(url, dst, max_bytes, deadline_s, verbose)
+                if sha256 is not None and digest != sha256:
+                    raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
+                if check is not None:
+                    dst.flush()
+                    check(dst.name)
             return cache_path if return_filename else open(cache_path, 'rb')
         except DownloadError:
-            raise  # Size and hash refusals are not transient.
+            raise  # Size, time, hash and content refusals are not transient.
         except Exception as err:  # urllib raises several unrelated exception types.
             if attempt == num_attempts - 1:
                 raise OSError(f'Cannot download {url}: {err}') from err
             time.sleep(1)
-        finally:
-            if tmp_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp_path)
     raise OSError(f'Cannot download {url}: no attempts made (num_attempts={num_attempts})')
 
 

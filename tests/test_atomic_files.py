@@ -1,16 +1,15 @@
-"""torch_utils/files.py: atomic writes, and removal of temporaries left by killed writers (only
-ours, only of the same target, only when their process is gone)."""
+"""dnnlib.util.atomic_write: atomic writes, and removal of temporaries left by killed writers
+(only ours, only of the same target, only when their process is gone)."""
 
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 import dnnlib.util
-from torch_utils import files
-from torch_utils.misc import atomic_write
+from dnnlib import util as files
+from dnnlib.util import atomic_write
 
 
 def _dead_pid():
@@ -35,7 +34,7 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
 def test_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
     # A real writer process dies (os._exit, as kill -9) in the middle of its write.
     target = tmp_path / 'snap.pkl'
-    code = ('import os, sys; from torch_utils.files import atomic_write\n'
+    code = ('import os, sys; from dnnlib.util import atomic_write\n'
             'cm = atomic_write(sys.argv[1]); f = cm.__enter__(); f.write(b"x" * 1000); f.flush(); os._exit(9)')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, '-c', code, str(target)], cwd=root, env=dict(os.environ, PYTHONPATH=root))
@@ -49,7 +48,6 @@ def test_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
 def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
     host = dnnlib.util.host_tag()
     dead, live = _dead_pid(), os.getppid()
-    old = time.time() - 2 * files.LEGACY_STALE_SECONDS
     keep = {
         f'.t.zip.{host}-{live}.0123abcd.tmp': 'writer alive',
         f'.t.zip.{host}-{os.getpid()}.0123abcd.tmp': 'this process',
@@ -57,17 +55,17 @@ def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
         f'.other.zip.{host}-{dead}.0123abcd.tmp': 'other target',
         f'.t.zip.{host}-{dead}.0123abcd.tmp.keep': 'not our pattern',
         't.zip.notes.tmp': 'not hidden, not ours',
-        '.t.zip.abcd1234.tmp': 'legacy name, recent: may be live',
+        '.t.zip.abcd1234.tmp': 'no host and pid: not provably ours',
+        '.t.zip.backup01.tmp': 'a user file of the same shape',
+        f'.t.zip.{host}-{dead}.draft123.tmp': 'not 8 hex digits',
     }
     remove = {
         f'.t.zip.{host}-{dead}.0123abcd.tmp': 'dead writer',
-        '.t.zip.a1b2c3d4.tmp': 'legacy name, two days old',
     }
     for name in list(keep) + list(remove):
         (tmp_path / name).write_text('x')
     os.mkdir(tmp_path / f'.t.zip.{host}-{dead}.feedbeef.tmp')  # A dead writer's folder output.
     (tmp_path / f'.t.zip.{host}-{dead}.feedbeef.tmp' / 'img.png').write_bytes(b'x')
-    os.utime(tmp_path / '.t.zip.a1b2c3d4.tmp', (old, old))
     removed = files.remove_stale_temporaries(tmp_path / 't.zip')
     assert sorted(os.path.basename(p) for p in removed) == sorted(list(remove) + [f'.t.zip.{host}-{dead}.feedbeef.tmp'])
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
@@ -76,3 +74,20 @@ def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
 def test_temp_name_carries_host_and_pid(tmp_path):
     name = os.path.basename(files.temp_name(tmp_path / 'a.json'))
     assert name.startswith(f'.a.json.{dnnlib.util.host_tag()}-{os.getpid()}.') and name.endswith('.tmp')
+
+
+def test_folder_output_and_no_clobber(tmp_path):
+    target = tmp_path / 'ds'
+    with atomic_write(target, directory=True) as tmp:
+        (os.path.join(tmp, 'a.png') and open(os.path.join(tmp, 'a.png'), 'wb')).write(b'png')
+        assert not target.exists()
+    assert os.listdir(target) == ['a.png']
+    # A folder that failed halfway leaves nothing; a target that appeared meanwhile is kept.
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / 'half', directory=True):
+            raise RuntimeError('boom')
+    with pytest.raises(FileExistsError):
+        with atomic_write(tmp_path / 'x.zip', overwrite=False) as f:
+            f.write(b'new')
+            (tmp_path / 'x.zip').write_bytes(b'theirs')
+    assert (tmp_path / 'x.zip').read_bytes() == b'theirs' and sorted(os.listdir(tmp_path)) == ['ds', 'x.zip']

@@ -34,13 +34,13 @@ def test_logger_tees_and_restores_streams(tmp_path, capsys):
 
 def test_atomic_write_permissions_and_failure(tmp_path):
     path = tmp_path / 'out.json'
-    with misc.atomic_write(path, 'wt') as f:
+    with dnnlib.util.atomic_write(path, 'wt') as f:
         f.write('first')
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
     with pytest.raises(RuntimeError):
-        with misc.atomic_write(path, 'wt') as f:
+        with dnnlib.util.atomic_write(path, 'wt') as f:
             f.write('partial')
             raise RuntimeError('crash')
     assert path.read_text() == 'first' and os.listdir(tmp_path) == ['out.json']
@@ -211,7 +211,7 @@ def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):
     proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     try:
         for _ in range(600):
-            parts = [p for p in tmp_path.iterdir() if p.name.endswith('.part')]
+            parts = [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
             if parts and _Handler.requests:  # Killed mid-body (the server holds back the rest).
                 break
             time.sleep(0.05)
@@ -223,10 +223,10 @@ def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):
     stale = parts[0]
     entry = dnnlib.util._cache_file_name(url)
     host = dnnlib.util.host_tag()
-    assert stale.name.startswith(f'.{entry}.{host}.{proc.pid}.'), stale.name
-    live = tmp_path / f'.{entry}.{host}.{os.getpid()}.abc123.part'      # A download in progress (ours).
-    other_host = tmp_path / f'.{entry}.otherhost.{proc.pid}.abc123.part'
-    other_entry = tmp_path / f'.{dnnlib.util._cache_file_name(url + "x")}.{host}.{proc.pid}.abc123.part'
+    assert stale.name.startswith(f'.{entry}.{host}-{proc.pid}.'), stale.name
+    live = tmp_path / f'.{entry}.{host}-{os.getpid()}.abc12345.tmp'      # A download in progress (ours).
+    other_host = tmp_path / f'.{entry}.otherhost-{proc.pid}.abc12345.tmp'
+    other_entry = tmp_path / f'.{dnnlib.util._cache_file_name(url + "x")}.{host}-{proc.pid}.abc12345.tmp'
     for path in (live, other_host, other_entry):
         path.write_bytes(b'partial')
     # The server now answers in full; the next download removes only the stale temporary.

@@ -470,16 +470,14 @@ def test_publish_never_clobbers(tmp_path):
     # A dest that appears while converting is left alone; the finished output stays in the temp file.
     for dest in [tmp_path / 'race.zip', tmp_path / 'race']:
         out = dataset_tool.Destination(str(dest))
-        out.open()
-        out.write('00000/img00000000.png', b'x')
-        if str(dest).endswith('.zip'):
-            dest.write_bytes(b'theirs')
-        else:
-            dest.mkdir()
-            (dest / 'theirs.txt').write_text('theirs')
-        with pytest.raises(dataset_tool.click.ClickException, match='race'):
-            out.publish()
-        out.discard()
+        with pytest.raises(FileExistsError):
+            with out.opened():
+                out.write('00000/img00000000.png', b'x')
+                if str(dest).endswith('.zip'):
+                    dest.write_bytes(b'theirs')
+                else:
+                    dest.mkdir()
+                    (dest / 'theirs.txt').write_text('theirs')
         assert (dest.read_bytes() if dest.is_file() else (dest / 'theirs.txt').read_bytes()) == b'theirs'
         assert leftovers(tmp_path) == []
 

@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 from metrics import refs
-from torch_utils import files as files_module
+import dnnlib.util as files_module
 from metrics.dinov2 import DINOv2ViT, load_dinov2
 from metrics.frechet import compute_statistics, frechet_distance_sqrtm
 from metrics.inception import InceptionV3

@@ -40,11 +40,10 @@ import safetensors.torch
 import torch
 
 import dnnlib
-from torch_utils import files
 from torch_utils import persistence
 from torch_utils import rebuild
 from torch_utils import safe_pickle
-from torch_utils.misc import atomic_write
+from dnnlib.util import atomic_write
 
 #----------------------------------------------------------------------------
 
@@ -248,7 +247,7 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 def check_writable_folder(path):
     """CheckpointError unless the folder of `path` exists and takes a new file (a real write:
     permission bits say nothing for root or read-only file systems)."""
-    problem = files.file_write_problem(path)
+    problem = dnnlib.util.file_write_problem(path)
     if problem:
         raise CheckpointError(f'{path}: {problem}; choose a path in an existing, writable folder')
 

@@ -8,10 +8,6 @@ import numpy as np
 import torch
 
 
-# Atomic writes live in torch_utils/files.py (no torch there); re-exported here, where callers
-# have always found them.
-from torch_utils.files import atomic_write, remove_stale_temporaries  # noqa: E402,F401
-
 
 #----------------------------------------------------------------------------
 # Constant tensors, cached per (value, shape, dtype, device) so that repeated use inside a

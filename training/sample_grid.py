@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torch_utils import misc
+import dnnlib
 from training import loss, pipeline, sampling
 
 
@@ -93,6 +93,6 @@ class SampleGrid:
     def write(self, net, path):
         """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""
         grid = self.sample(net)
-        with misc.atomic_write(path, 'wb') as f:
+        with dnnlib.util.atomic_write(path, 'wb') as f:
             pipeline.uint8_to_pil(grid.transpose(2, 0, 1)).save(f, format='PNG')
         return grid
