@@ -27,7 +27,7 @@ COMMANDS = {
     'evaluate.py activations': evaluate.main.commands['activations'],
     'evaluate.py calc': evaluate.main.commands['calc'],
     'evaluate.py gen': evaluate.main.commands['gen'],
-    'checkpoint export': checkpoint._cli().commands['export'],
+    'checkpoint export': checkpoint.main.commands['export'],
     'quickstart.py': quickstart.main,
 }
 

@@ -180,11 +180,11 @@ def test_kid_subsets_bounded(tmp_path):
 # checkpoint export: outputs that cannot be written are refused before loading.
 
 def test_export_unwritable_outputs(tmp_path, nets):
-    from torch_utils.checkpoint import _cli
+    from torch_utils.checkpoint import main as checkpoint_cli
     (tmp_path / 'dir.safetensors').mkdir()
     (tmp_path / 'file').write_text('keep')
     for dst, text in [(tmp_path / 'dir.safetensors', 'is a folder'), ('/proc/o.safetensors', 'cannot write in /proc'),
                       (tmp_path / 'file' / 'o.safetensors', 'is a file')]:
         for extra in ([], ['--overwrite']):
-            _clear_error(_cli(), ['export', nets[1], str(dst), *extra], text)
+            _clear_error(checkpoint_cli, ['export', nets[1], str(dst), *extra], text)
     assert (tmp_path / 'file').read_text() == 'keep' and os.listdir(tmp_path / 'dir.safetensors') == []
