@@ -181,10 +181,11 @@ def open_folder(path):
                     continue
                 if e.is_dir():
                     walk(e.path, f'{rel}{e.name}/')
-                elif e.is_file() and is_image_name(e.name):  # Regular files only: no FIFOs or devices.
-                    found.append(f'{rel}{e.name}')
-                elif f'{rel}{e.name}' != 'dataset.json':
-                    ignored += 1
+                elif e.is_file():  # Regular files (links followed): no FIFOs or devices.
+                    if is_image_name(e.name):
+                        found.append(f'{rel}{e.name}')
+                    elif f'{rel}{e.name}' != 'dataset.json':
+                        ignored += 1
     walk(path, '')
     src = Source(kind='folder', path=path, refs=sorted(found))
     meta = None
@@ -200,7 +201,8 @@ def open_zip(path):
     try:
         with zipfile.ZipFile(path) as z:
             visible = [i.filename for i in z.infolist() if not i.is_dir() and not is_hidden(i.filename)]
-            src = Source(kind='zip', path=path, refs=sorted(set(m for m in visible if is_image_name(m))))  # A repeated name is one image (the last).
+            # A repeated name is one image (the last).
+            src = Source(kind='zip', path=path, refs=sorted(set(m for m in visible if is_image_name(m))))
             meta = None
             if 'dataset.json' in visible:
                 with z.open('dataset.json') as f:
@@ -249,7 +251,7 @@ def open_cifar10(path):
                     raise ValueError(f'{member} is not a CIFAR-10 batch file ({info.size} bytes)')
                 batch = _ArrayUnpickler(tar.extractfile(info), encoding='latin1').load()
                 data = batch.get('data') if isinstance(batch, dict) else None
-                if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+                if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
                     raise ValueError(f'{member}: expected a dict whose "data" is a uint8 array of shape [N, 3072]')
                 images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW => NHWC
                 labels += class_labels(batch.get('labels'), len(data), f'{path}: {member}')
@@ -294,27 +296,29 @@ def open_mnist(path):
     return src
 
 class NpyMember:
-    """One C-ordered array of an .npz, read an item at a time (50k ImageNet-256 samples are 10 GB).
-    Its header must fit in the bytes the member holds (deflate expands at most about 1032 times),
-    so a small file cannot claim a billion images."""
+    """One C-ordered array of an .npz, read a few items at a time (50k ImageNet-256 samples are
+    10 GB). Its header must fit in the bytes the member holds (deflate expands at most about 1032
+    times), so a small file cannot claim a billion images."""
     def __init__(self, path, key):
-        self._zip = zipfile.ZipFile(path)
+        self._zip, self.key = zipfile.ZipFile(path), key
         try:
             info = self._zip.getinfo(f'{key}.npy')
             self._file = self._zip.open(info)
             version = np.lib.format.read_magic(self._file)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
+            if version not in [(1, 0), (2, 0)]:
                 raise ValueError(f'{key}: unsupported .npy format version {version}')
-            self.shape, fortran, self.dtype = read_header(self._file)
+            self.shape, fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(self._file)
             if fortran:
                 raise ValueError(f'{key} is stored in Fortran order; save np.ascontiguousarray(x) instead')
             self._start = self._file.tell()
-            self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-            holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
+            holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
+                min(info.file_size, 1032 * info.compress_size)
             needed = self._start + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
             if needed > holds:
-                raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {holds} bytes')
+                raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) '
+                                 f'but the file holds only {holds} bytes')
+            self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            self.names = self._zip.namelist()
         except BaseException:
             self._zip.close()
             raise
@@ -322,39 +326,31 @@ class NpyMember:
     def close(self):
         self._zip.close()
 
-    def read_all(self):
-        return np.frombuffer(self._file.read(), self.dtype).reshape(self.shape)
-
-    def __getitem__(self, i):
-        self._file.seek(self._start + i * self._item_bytes)
-        data = self._file.read(self._item_bytes)
-        if len(data) != self._item_bytes:
-            raise ValueError(f'arr_0 is truncated at image {i}')
-        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+    def read(self, first, count):
+        """Items first .. first + count - 1."""
+        self._file.seek(self._start + first * self._item_bytes)
+        data = self._file.read(count * self._item_bytes)
+        if len(data) != count * self._item_bytes:
+            raise ValueError(f'{self.key} is truncated at item {first + len(data) // max(self._item_bytes, 1)}')
+        return np.frombuffer(data, self.dtype).reshape((count,) + self.shape[1:])
 
 def open_npz(path):
     try:
         images = NpyMember(path, 'arr_0')
         images.close()  # Workers open their own.
         shape, labels = images.shape, None
-        with zipfile.ZipFile(path) as z:
-            has_labels = 'arr_1.npy' in z.namelist()
-        if has_labels:
-            member = NpyMember(path, 'arr_1')
-            try:
+        if 'arr_1.npy' in images.names:
+            with contextlib.closing(NpyMember(path, 'arr_1')) as member:
                 if member.shape != shape[:1] or member.dtype.kind not in 'iu':
                     raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
-                labels = member.read_all()
-            finally:
-                member.close()
+                labels = class_labels(member.read(0, shape[0]), shape[0], f'{path}: arr_1')
     except (KeyError, ValueError, OSError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as err:
         raise UserError(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}') from None
     if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
         raise UserError(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
                         f'got {images.dtype} {list(shape)}')
     mode = 'L' if len(shape) == 3 or shape[3] == 1 else {3: 'RGB', 4: 'RGBA'}[shape[3]]
-    return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode,
-                  labels=None if labels is None else class_labels(labels, shape[0], f'{path}: arr_1'))
+    return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 
 def open_source(path):
     PIL.Image.init()
@@ -374,10 +370,7 @@ def open_source(path):
                     f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
 
 #----------------------------------------------------------------------------
-# Transforms on uint8 HW or HWC arrays.
-
-def pil_resize(arr, size, resample):
-    return np.asarray(PIL.Image.fromarray(arr).resize(size, resample))
+# Transforms of uint8 HW or HWC arrays to a width x height target.
 
 def is_small(transform, width, height, w, h):
     """Would this w x h input need upsampling to reach the width x height target?"""
@@ -392,18 +385,15 @@ def is_small(transform, width, height, w, h):
     return min(w, h) < width  # center-crop-dhariwal
 
 def scale(arr, width, height):
-    # No transform: stretch to the target with LANCZOS, or keep the size without --resolution.
-    h, w = arr.shape[:2]
-    if width is None or (w, h) == (width, height):
-        return arr
-    return pil_resize(arr, (width, height), PIL.Image.Resampling.LANCZOS)
+    # No transform: stretch to the target with LANCZOS (a same-size resize is a copy).
+    return np.asarray(PIL.Image.fromarray(arr).resize((width, height), PIL.Image.Resampling.LANCZOS))
 
 def center_crop(arr, width, height):
     # EDM: the largest centred square, then LANCZOS to the target.
     h, w = arr.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    return pil_resize(arr[top:top + side, left:left + side], (width, height), PIL.Image.Resampling.LANCZOS)
+    return scale(arr[top:top + side, left:left + side], width, height)
 
 def center_crop_wide(arr, width, height):
     # EDM (for LSUN, e.g. 512x384): keep a centred band of rows, squeeze it to width x height,
@@ -411,13 +401,11 @@ def center_crop_wide(arr, width, height):
     h, w = arr.shape[:2]
     band = round(width * h / w)
     top = (h - band) // 2
-    arr = pil_resize(arr[top:top + band] if band <= h else arr, (width, height), PIL.Image.Resampling.LANCZOS)
     canvas = np.zeros((width, width) + arr.shape[2:], dtype=np.uint8)
-    pad = (width - height) // 2
-    canvas[pad:pad + height] = arr
+    canvas[(width - height) // 2:][:height] = scale(arr[top:top + band] if band <= h else arr, width, height)
     return canvas
 
-def center_crop_dhariwal(arr, size):
+def center_crop_dhariwal(arr, size, _height=None):
     # ADM (guided-diffusion center_crop_arr), the preprocessing of the ImageNet FID reference
     # batches: halve with BOX while the short side is at least twice the target (a cheap,
     # alias-free reduction), BICUBIC so the short side equals the target, then a centred crop.
@@ -425,20 +413,12 @@ def center_crop_dhariwal(arr, size):
     while min(img.size) >= 2 * size:
         img = img.resize((img.size[0] // 2, img.size[1] // 2), PIL.Image.Resampling.BOX)
     factor = size / min(img.size)
-    img = img.resize((round(img.size[0] * factor), round(img.size[1] * factor)), PIL.Image.Resampling.BICUBIC)
-    arr = np.asarray(img)
+    arr = np.asarray(img.resize((round(img.size[0] * factor), round(img.size[1] * factor)), PIL.Image.Resampling.BICUBIC))
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-def apply_transform(transform, resolution, arr):
-    width, height = resolution if resolution is not None else (None, None)
-    if transform == 'center-crop':
-        return center_crop(arr, width, height)
-    if transform == 'center-crop-wide':
-        return center_crop_wide(arr, width, height)
-    if transform == 'center-crop-dhariwal':
-        return center_crop_dhariwal(arr, width)
-    return scale(arr, width, height)
+TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide,
+                       'center-crop-dhariwal': center_crop_dhariwal}
 
 #----------------------------------------------------------------------------
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
@@ -476,7 +456,7 @@ def open_item(s, ref):
     if s.kind == 'npz':
         if 'npz' not in _worker:
             _worker['npz'] = NpyMember(s.path, 'arr_0')
-        ref = _worker['npz'][ref]
+        ref = _worker['npz'].read(ref, 1)[0]
     arr = np.ascontiguousarray(ref)
     return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
@@ -495,7 +475,7 @@ def process_item(ref):
     upscaled = is_small(s.transform, *(s.resolution or (None, None)), w, h)
     if upscaled and s.small != 'upscale':
         return ('small', w, h)
-    out = apply_transform(s.transform, s.resolution, arr)
+    out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
     buf = io.BytesIO()
     PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)
     return ('ok', buf.getvalue(), out.shape, img.mode, upscaled)
@@ -532,9 +512,6 @@ class Destination:
         problem = dnnlib.util.folder_write_problem(os.path.dirname(os.path.abspath(self.dest)))
         if problem:
             raise UserError(f'cannot write --dest {dest}: {problem}; choose a writable location')
-        self.zip = None
-        self.folder = None
-        self.made = set()
 
     @contextlib.contextmanager
     def opened(self):
@@ -553,10 +530,7 @@ class Destination:
             info.external_attr = 0o644 << 16
             self.zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
             return
-        folder = os.path.dirname(name)
-        if folder not in self.made:
-            os.makedirs(os.path.join(self.folder, folder), exist_ok=True)
-            self.made.add(folder)
+        os.makedirs(os.path.join(self.folder, os.path.dirname(name)), exist_ok=True)
         with open(os.path.join(self.folder, name), 'wb') as f:
             f.write(data)
 
@@ -697,8 +671,10 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.option('--source', help='Input folder or file (see above)', metavar='PATH', type=str, required=True)
-@click.option('--dest', help='Output folder, or .zip file; must not exist (an empty folder is fine)', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--dest', help='Output folder, or .zip file; must not exist (an empty folder is fine)', metavar='PATH',
+              type=str, required=True)
+@click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT',
+              type=click.IntRange(min=1))
 @click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
 @click.option('--workers', help='Decode/resize processes, at most one per CPU (more are capped); the output is the '

@@ -199,8 +199,12 @@ def _read_with_pyspng(f, name):
         return None
     w, h = struct.unpack('>II', head[16:24])
     _check_pixels(w, h, name)
-    arr = pyspng.load(_Budget(f, name, METADATA_BYTES + BYTES_PER_PIXEL * w * h, f'for {w}x{h} pixels').read())
+    budget = METADATA_BYTES + BYTES_PER_PIXEL * w * h
+    data = f.read(budget + 1)
     f.seek(0)
+    if len(data) > budget:
+        return None  # PIL decides: it stops reading at the image's end and keeps within the budget.
+    arr = pyspng.load(data)
     if arr.dtype != np.uint8:
         return None
     return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr

@@ -134,7 +134,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             if os.path.isdir(self._path):
                 # O_NONBLOCK: a FIFO with an image name reads as empty instead of waiting forever.
-                fd = os.open(os.path.join(self._path, name), os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0))
+                flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0)
+                fd = os.open(os.path.join(self._path, name), flags)
                 with os.fdopen(fd, 'rb') as f:
                     return reader(f, where)
             # A forked DataLoader worker inherits the parent's open zip, whose file position both
@@ -149,7 +150,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{where}: cannot read it ({err})') from None
 
     def _read_image(self, which):
-        image = self._read(self._images[which], lambda f, where: data_files.read_image(f, where, use_pyspng=self._use_pyspng))
+        image = self._read(self._images[which],
+                           lambda f, where: data_files.read_image(f, where, use_pyspng=self._use_pyspng))
         return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)  # HW or HWC => CHW
 
     def _check_headers(self):
