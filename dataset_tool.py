@@ -13,7 +13,7 @@ Differences from EDM's tool, on purpose:
 - Grayscale, RGBA, palette, CMYK ... become RGB, unless every input is grayscale (then L).
 - The destination appears only when complete (written under a temporary name, then renamed),
   and is never written over. Zip entries carry a fixed time stamp, so the same input gives the
-  same archive bytes, with any --workers.
+  same archive bytes, with any --workers (at most one per CPU; the workers import no torch).
 """
 
 import codecs
@@ -23,10 +23,10 @@ import gzip
 import io
 import json
 import multiprocessing
+import operator
 import os
 import pickle
 import re
-import shutil
 import struct
 import sys
 import tarfile
@@ -39,6 +39,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
+from dnnlib import UserError
 from dnnlib.util import atomic_write
 from training import data_files
 
@@ -53,27 +54,68 @@ SMALL_POLICIES = ['upscale', 'skip', 'error']
 # images with a short side under 256, and ADM's crop upsamples them with BICUBIC).
 DEFAULT_SMALL = {None: 'upscale', 'center-crop': 'upscale', 'center-crop-wide': 'skip', 'center-crop-dhariwal': 'upscale'}
 
-GRAY_MODES = data_files.GRAY_MODES | {'LA', 'La'}
 MAX_RESOLUTION = 8192  # Per side; 8192x8192x3 is 192 MiB per image, far beyond any diffusion training size.
-MAX_WORKERS = 256  # More processes than this only cost memory (each one decodes its own images).
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # Fixed zip time stamp: same input => same archive bytes.
 CIFAR10_MEMBERS = [f'cifar-10-batches-py/data_batch_{i}' for i in range(1, 6)]  # Training split, as EDM.
+MAX_CIFAR10_BATCH_BYTES = 32 << 20  # A real batch pickle has 31,035,704 bytes.
+MAX_IDX_BYTES = 1 << 30  # MNIST-format files hold tens of MB (EMNIST 550 MB); more is not such a file.
 
 #----------------------------------------------------------------------------
-# Small helpers.
+# Options.
 
 def parse_resolution(ctx, param, value):
     """'256x256' or '256,256' -> (256, 256); None stays None."""
     if value is None:
         return None
     m = re.fullmatch(r'\s*(\d+)\s*[x,]\s*(\d+)\s*', value)
-    digits = [g.lstrip('0') or '0' for g in m.groups()] if m else []
-    w, h = [int(g) if len(g) <= 12 else 10 ** 12 for g in digits] or [0, 0]  # Huge digit strings: just "too large".
-    if w == 0 or h == 0:
+    size = [int(g) if len(g.lstrip('0')) <= 6 else 10 ** 6 for g in m.groups()] if m else [0, 0]  # No 5000-digit ints.
+    if 0 in size:
         raise click.BadParameter(f'expected WxH with positive integers, e.g. 256x256, got {value!r}')
-    if max(w, h) > MAX_RESOLUTION:
-        raise click.BadParameter(f'{w}x{h} is larger than {MAX_RESOLUTION} per side; choose a training-size resolution such as 256x256')
-    return w, h
+    if max(size) > MAX_RESOLUTION:
+        raise click.BadParameter(f'{size[0]}x{size[1]} is larger than {MAX_RESOLUTION} per side; '
+                                 f'choose a training-size resolution such as 256x256')
+    return tuple(size)
+
+def check_options(transform, resolution, max_images, dest):
+    if max_images is not None and max_images < 1:
+        raise UserError('--max-images must be at least 1')
+    if not dest:
+        raise UserError('--dest must not be empty')
+    if transform is not None and resolution is None:
+        raise UserError(f'--transform={transform} needs --resolution=WxH')
+    if resolution is None:
+        return
+    w, h = resolution
+    if transform == 'center-crop-wide':
+        if h > w:
+            raise UserError(f'--transform=center-crop-wide needs H <= W in --resolution, got {w}x{h}')
+    elif w != h:
+        raise UserError(f'--resolution must be square (got {w}x{h}); only center-crop-wide takes W > H '
+                        f'and pads the result to WxW')
+    if w & (w - 1):
+        raise UserError(f'--resolution width must be a power of two (got {w}): the networks halve it at every level')
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+#----------------------------------------------------------------------------
+# Sources. Each lists its items up front in a fixed order; the pixels are read later, in the
+# workers, from `refs[i]` (a relative path, a zip member, an array or an index into the .npz),
+# so order, names and labels never depend on timing or --workers.
+
+@dataclasses.dataclass
+class Source:
+    kind: str               # 'folder', 'zip', 'cifar10', 'mnist', 'npz'
+    path: str               # The --source argument.
+    refs: object            # Per item: what the worker opens (see open_item).
+    labels: list = None     # Per item class index, or None for an unlabelled dataset.
+    class_names: list = None  # Class index -> folder name, when labels come from folders.
+    mode: str = None        # Common PIL mode of all items if known without decoding.
+    notes: list = dataclasses.field(default_factory=list)  # Lines for the final summary.
+
+    def name(self, i):
+        """The item's name in messages and the skip list."""
+        return self.refs[i] if self.kind in ('folder', 'zip') else f'{os.path.basename(self.path)}[{i}]'
 
 def is_image_name(name):
     return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
@@ -82,93 +124,75 @@ def is_hidden(relpath):
     # Dot files (.DS_Store, macOS '._x.jpg' shadows) and zips' __MACOSX folders are not data.
     return any(part.startswith('.') or part == '__MACOSX' for part in relpath.split('/'))
 
-def printable(text):
-    """One line of text: tabs, newlines and other control characters escaped."""
-    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-def output_name(idx):
-    s = f'{idx:08d}'
-    return f'{s[:5]}/img{s}.png'
-
-#----------------------------------------------------------------------------
-# Sources. Each lists its items up front in a fixed order; the pixels are read later, in the
-# workers, from `refs[i]` (a path, a zip member, an array, or an index), so order, names and
-# labels never depend on timing or --workers.
-
-@dataclasses.dataclass
-class Source:
-    kind: str               # 'folder', 'zip', 'cifar10', 'mnist', 'npz'
-    path: str               # The --source argument.
-    names: list             # Per item: a name for messages and the skip list.
-    refs: object            # Per item: what the worker opens (see open_item).
-    labels: list = None     # Per item class index, or None for an unlabelled dataset.
-    class_names: list = None  # Class index -> folder name, when labels come from folders.
-    mode: str = None        # Common PIL mode of all items if known without decoding.
-    notes: list = dataclasses.field(default_factory=list)  # Lines for the final summary.
-
-def labels_from_names(relpaths, meta, notes):
-    """Labels from a source's own dataset.json (`meta`), else from first-level folder names."""
-    if meta is not None:
-        missing = sum(1 for p in relpaths if p not in meta['labels'])
-        if missing == 0:
-            return [meta['labels'][p] for p in relpaths], meta['class_names']
-        notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
-        return None, None
-    tops = [p.split('/')[0] if '/' in p else None for p in relpaths]
-    folders = sorted(set(t for t in tops if t is not None))
-    if len(folders) < 2:
-        return None, None  # One folder or none: nothing to tell apart (as EDM).
-    if None in tops:
-        notes.append(f'{tops.count(None)} images lie beside the class folders, not in one: writing no labels')
-        return None, None
-    # Ids follow sorted folder names over ALL listed files, so they do not depend on
-    # --max-images or on which files turn out unreadable (ImageNet: n01440764 = 0, ...).
-    index = {name: i for i, name in enumerate(folders)}
-    return [index[t] for t in tops], folders
+def class_labels(values, count, where):
+    """A source's labels as class indices that training accepts, one per image."""
+    try:
+        labels = [operator.index(v) for v in values]
+    except TypeError:
+        labels = []
+    if len(labels) != count or not all(0 <= v < data_files.MAX_CLASSES for v in labels):
+        raise UserError(f'{where}: expected {count} labels, integers in 0..{data_files.MAX_CLASSES - 1}')
+    return labels
 
 def read_meta_labels(f, where, num_images):
     """A source's dataset.json, checked by the same rules as training's reader."""
     try:
         meta = data_files.read_json(f, where, num_images)
         labels = data_files.parse_labels(meta, where)
-    except data_files.DataFileError as err:
-        raise click.ClickException(f'{err}; fix or remove it') from None
-    if labels is None:
-        return None
+    except data_files.DatasetError as err:
+        raise UserError(f'{err}; fix or remove it') from None
     class_names = meta.get('class_names')
     if not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
         class_names = None
-    return dict(labels=labels, class_names=class_names)
+    return None if labels is None else dict(labels=labels, class_names=class_names)
+
+def labels_from_names(src, meta):
+    """Labels from a source's own dataset.json (`meta`), else from first-level folder names."""
+    if meta is not None:
+        missing = sum(1 for p in src.refs if p not in meta['labels'])
+        if missing == 0:
+            src.labels, src.class_names = [meta['labels'][p] for p in src.refs], meta['class_names']
+        else:
+            src.notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
+        return
+    tops = [p.split('/')[0] if '/' in p else None for p in src.refs]
+    folders = sorted(set(t for t in tops if t is not None))
+    if len(folders) < 2:
+        return  # One folder or none: nothing to tell apart (as EDM).
+    if None in tops:
+        src.notes.append(f'{tops.count(None)} images lie beside the class folders, not in one: writing no labels')
+        return
+    # Ids follow sorted folder names over ALL listed files, so they do not depend on
+    # --max-images or on which files turn out unreadable (ImageNet: n01440764 = 0, ...).
+    index = {name: i for i, name in enumerate(folders)}
+    src.labels, src.class_names = [index[t] for t in tops], folders
 
 def open_folder(path):
-    found, ignored = [], 0
-    seen = set()
+    found, ignored, seen = [], 0, set()
     def walk(folder, rel):
         nonlocal ignored
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:  # Symlink loop.
             return
         seen.add((st.st_dev, st.st_ino))
-        with os.scandir(folder) as it:
-            for e in it:
-                r = f'{rel}{e.name}'
+        with os.scandir(folder) as entries:
+            for e in entries:
                 if is_hidden(e.name):
                     continue
                 if e.is_dir():
-                    walk(e.path, r + '/')
-                elif e.is_file():
+                    walk(e.path, f'{rel}{e.name}/')
+                elif e.is_file():  # Regular files (links followed): no FIFOs or devices.
                     if is_image_name(e.name):
-                        found.append(r)
-                    elif r != 'dataset.json':
+                        found.append(f'{rel}{e.name}')
+                    elif f'{rel}{e.name}' != 'dataset.json':
                         ignored += 1
     walk(path, '')
-    found.sort()
-    src = Source(kind='folder', path=path, names=found, refs=[os.path.join(path, *p.split('/')) for p in found])
+    src = Source(kind='folder', path=path, refs=sorted(found))
     meta = None
     if os.path.isfile(os.path.join(path, 'dataset.json')):
         with open(os.path.join(path, 'dataset.json'), 'rb') as f:
             meta = read_meta_labels(f, os.path.join(path, 'dataset.json'), len(found))
-    src.labels, src.class_names = labels_from_names(found, meta, src.notes)
+    labels_from_names(src, meta)
     if ignored:
         src.notes.append(f'ignored {ignored} files without an image extension')
     return src
@@ -176,65 +200,66 @@ def open_folder(path):
 def open_zip(path):
     try:
         with zipfile.ZipFile(path) as z:
-            members = [i.filename for i in z.infolist() if not i.is_dir()]
-            visible = [m for m in members if not is_hidden(m)]
-            found = sorted(set(m for m in visible if is_image_name(m)))  # A repeated name is one image (the last).
+            visible = [i.filename for i in z.infolist() if not i.is_dir() and not is_hidden(i.filename)]
+            # A repeated name is one image (the last).
+            src = Source(kind='zip', path=path, refs=sorted(set(m for m in visible if is_image_name(m))))
             meta = None
-            if 'dataset.json' in members:
+            if 'dataset.json' in visible:
                 with z.open('dataset.json') as f:
-                    meta = read_meta_labels(f, f'{path}: dataset.json', len(found))
+                    meta = read_meta_labels(f, f'{path}: dataset.json', len(src.refs))
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
-        raise click.ClickException(f'cannot read zip file {path}: {err}') from None
-    src = Source(kind='zip', path=path, names=found, refs=found)
-    src.labels, src.class_names = labels_from_names(found, meta, src.notes)
+        raise UserError(f'cannot read zip file {path}: {err}') from None
+    labels_from_names(src, meta)
     ignored = sum(1 for m in visible if not is_image_name(m) and m != 'dataset.json')
     if ignored:
         src.notes.append(f'ignored {ignored} zip members without an image extension')
     return src
 
 try:  # numpy >= 2 moved numpy.core to numpy._core.
-    from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
 except ImportError:
-    from numpy.core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR-10 batches are pickles; allow only what numpy arrays need, so a crafted file
-    cannot run code."""
-    allowed = {
-        ('numpy.core.multiarray', '_reconstruct'): (_np_multiarray, '_reconstruct'),
-        ('numpy._core.multiarray', '_reconstruct'): (_np_multiarray, '_reconstruct'),
-        ('numpy.core.multiarray', 'scalar'): (_np_multiarray, 'scalar'),
-        ('numpy._core.multiarray', 'scalar'): (_np_multiarray, 'scalar'),
-        ('numpy.core.numeric', '_frombuffer'): (_np_numeric, '_frombuffer'),
-        ('numpy._core.numeric', '_frombuffer'): (_np_numeric, '_frombuffer'),
-        ('numpy', 'ndarray'): (np, 'ndarray'),
-        ('numpy', 'dtype'): (np, 'dtype'),
-        ('_codecs', 'encode'): (codecs, 'encode'),  # How Python 3 writes bytes in protocol 2.
-    }
+def _empty_array(subtype, shape, typecode):
+    """numpy's _reconstruct, as ndarray pickles call it (an empty array that their state then
+    fills): refused for any other shape, so a crafted batch cannot allocate by shape."""
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f'unexpected array construction {subtype}{tuple(shape)}')
+    return np.ndarray((0,), np.uint8)
+
+class _ArrayUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+    """CIFAR-10 batches are pickles: allow only what numpy arrays need, so a crafted file cannot
+    run code; the pure-Python unpickler keeps its memo in a dict (a crafted memo index cannot
+    make it allocate a table)."""
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode,
+               **{(f'numpy.{core}.{module}', name): fn for core in ('core', '_core') for module, name, fn in [
+                   ('multiarray', '_reconstruct', _empty_array), ('multiarray', 'scalar', _multiarray.scalar),
+                   ('numeric', '_frombuffer', _numeric._frombuffer)]}}  # pylint: disable=protected-access
+
     def find_class(self, module, name):
-        if (module, name) not in self.allowed:
+        if self.allowed.get((module, name)) is None:
             raise pickle.UnpicklingError(f'unexpected object {module}.{name} in a CIFAR-10 batch')
-        owner, attr = self.allowed[(module, name)]
-        return getattr(owner, attr)
+        return self.allowed[(module, name)]
 
 def open_cifar10(path):
     images, labels = [], []
     try:
         with tarfile.open(path, 'r:*') as tar:
             for member in CIFAR10_MEMBERS:
-                with tar.extractfile(member) as f:
-                    batch = _ArrayUnpickler(f, encoding='latin1').load()
-                images.append(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.extend(int(x) for x in batch['labels'])
-    except (tarfile.TarError, KeyError, OSError, pickle.UnpicklingError, ValueError, EOFError) as err:
-        raise click.ClickException(f'cannot read CIFAR-10 tarball {path}: {err}')
-    images = np.concatenate(images).transpose(0, 2, 3, 1)  # NCHW => NHWC
-    if len(labels) != len(images):
-        raise click.ClickException(f'cannot read CIFAR-10 tarball {path}: {len(images)} images but {len(labels)} labels')
-    names = ItemNames(os.path.basename(path), len(images))
-    return Source(kind='cifar10', path=path, names=names, refs=images, labels=labels, mode='RGB')
-
-MAX_IDX_BYTES = 1 << 30  # MNIST-format files hold tens of MB; more is not such a file (or a gzip bomb).
+                info = tar.getmember(member)
+                if not info.isfile() or info.size > MAX_CIFAR10_BATCH_BYTES:
+                    raise ValueError(f'{member} is not a CIFAR-10 batch file ({info.size} bytes)')
+                batch = _ArrayUnpickler(tar.extractfile(info), encoding='latin1').load()
+                data = batch.get('data') if isinstance(batch, dict) else None
+                if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
+                    raise ValueError(f'{member}: expected a dict whose "data" is a uint8 array of shape [N, 3072]')
+                images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW => NHWC
+                labels += class_labels(batch.get('labels'), len(data), f'{path}: {member}')
+    except UserError:
+        raise
+    except Exception as err:  # Damaged tar or gzip, or a pickle that is not a batch: all "not CIFAR-10".
+        raise UserError(f'cannot read CIFAR-10 tarball {path}: {type(err).__name__}: {err}') from None
+    return Source(kind='cifar10', path=path, refs=np.concatenate(images), labels=labels, mode='RGB')
 
 def read_idx(path, magic, ndim):
     """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data. Reads no more than the
@@ -248,14 +273,7 @@ def read_idx(path, magic, ndim):
         size = int(np.prod(shape, dtype=np.int64))
         if size > MAX_IDX_BYTES:
             raise ValueError(f'{path} declares {list(shape)} = {size} bytes of data, more than an MNIST-format file holds')
-        chunks, got = [], 0
-        while got <= size:  # In chunks: memory grows with the data actually there, not the claim.
-            chunk = f.read(min(size + 1 - got, 16 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        data = b''.join(chunks)
+        data = f.read(size + 1)  # gzip reads in pieces: memory follows the data that is there, not the claim.
     if len(data) != size:
         raise ValueError(f'{path} is {"truncated" if len(data) < size else "longer than its header says"}: '
                          f'expected {size} bytes of data')
@@ -266,130 +284,93 @@ def open_mnist(path):
     try:
         images = read_idx(path, 0x803, 3)
         labels = read_idx(labels_path, 0x801, 1) if os.path.isfile(labels_path) else None
-    except (OSError, ValueError, EOFError) as err:
-        raise click.ClickException(f'cannot read MNIST file: {err}')
-    notes = []
-    if labels is None:
-        notes.append(f'no {os.path.basename(labels_path)} beside the images: writing no labels')
-    elif len(labels) != len(images):
-        raise click.ClickException(f'{path}: {len(images)} images but {len(labels)} labels in {labels_path}')
+    except (OSError, ValueError, EOFError, zlib.error) as err:
+        raise UserError(f'cannot read MNIST file: {err}') from None
+    src = Source(kind='mnist', path=path, refs=images, mode='L')
     if images.shape[1:] == (28, 28):
-        images = np.pad(images, [(0, 0), (2, 2), (2, 2)])  # 28 => 32 with black borders, as EDM.
-    names = ItemNames(os.path.basename(path), len(images))
-    return Source(kind='mnist', path=path, names=names, refs=images,
-                  labels=None if labels is None else [int(x) for x in labels], mode='L', notes=notes)
-
-class ItemNames:
-    """Names of the items of an array source, made on demand ('file.npz[12]'): a header that
-    claims a billion images must not make us build a billion strings."""
-    def __init__(self, base, n):
-        self.base, self.n = base, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return f'{self.base}[{i}]'
+        src.refs = np.pad(images, [(0, 0), (2, 2), (2, 2)])  # 28 => 32 with black borders, as EDM.
+    if labels is None:
+        src.notes.append(f'no {os.path.basename(labels_path)} beside the images: writing no labels')
+    else:
+        src.labels = class_labels(labels, len(images), labels_path)
+    return src
 
 class NpyMember:
-    """Random access to the images of arr_0 inside an .npz without loading the whole array
-    (50k ImageNet-256 samples are 10 GB)."""
-    def __init__(self, path, key='arr_0'):
-        self._zip = zipfile.ZipFile(path)
+    """One C-ordered array of an .npz, read a few items at a time (50k ImageNet-256 samples are
+    10 GB). Its header must fit in the bytes the member holds (deflate expands at most about 1032
+    times), so a small file cannot claim a billion images."""
+    def __init__(self, path, key):
+        self._zip, self.key = zipfile.ZipFile(path), key
         try:
-            self._file = self._zip.open(key + '.npy')
+            info = self._zip.getinfo(f'{key}.npy')
+            self._file = self._zip.open(info)
             version = np.lib.format.read_magic(self._file)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f'unsupported .npy format version {version}')
-            self.shape, fortran, self.dtype = read_header(self._file)
+            if version not in [(1, 0), (2, 0)]:
+                raise ValueError(f'{key}: unsupported .npy format version {version}')
+            self.shape, fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(self._file)
+            if fortran:
+                raise ValueError(f'{key} is stored in Fortran order; save np.ascontiguousarray(x) instead')
+            self._start = self._file.tell()
+            holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
+                min(info.file_size, 1032 * info.compress_size)
+            needed = self._start + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+            if needed > holds:
+                raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) '
+                                 f'but the file holds only {holds} bytes')
+            self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            self.names = self._zip.namelist()
         except BaseException:
             self._zip.close()
             raise
-        self._offset = self._file.tell()
-        # The header's shape must fit in the bytes the member holds (deflate expands at most
-        # about 1032 times), so a small file cannot claim a billion images.
-        info = self._zip.getinfo(key + '.npy')
-        stored = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
-        needed = self._offset + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
-        if needed > stored:
-            self._zip.close()
-            raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {stored} bytes')
-        self._array = None
-        if fortran:  # Rare; element i is not contiguous, so read it all once.
-            with np.load(path, allow_pickle=False) as npz:
-                self._array = np.ascontiguousarray(npz[key])
-        self._item_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
 
     def close(self):
-        self._file.close()
         self._zip.close()
 
-    def __getitem__(self, i):
-        if self._array is not None:
-            return self._array[i]
-        self._file.seek(self._offset + i * self._item_bytes)
-        data = self._file.read(self._item_bytes)
-        if len(data) != self._item_bytes:
-            raise ValueError(f'arr_0 is truncated at image {i}')
-        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+    def read(self, first, count):
+        """Items first .. first + count - 1."""
+        self._file.seek(self._start + first * self._item_bytes)
+        data = self._file.read(count * self._item_bytes)
+        if len(data) != count * self._item_bytes:
+            raise ValueError(f'{self.key} is truncated at item {first + len(data) // max(self._item_bytes, 1)}')
+        return np.frombuffer(data, self.dtype).reshape((count,) + self.shape[1:])
 
 def open_npz(path):
     try:
-        arr = NpyMember(path)
-        shape, dtype = arr.shape, arr.dtype
-        arr.close()  # Workers open their own.
-        labels = None
-        with zipfile.ZipFile(path) as z:
-            has_labels = 'arr_1.npy' in z.namelist()
-        if has_labels:
-            NpyMember(path, 'arr_1').close()  # Checks its header against its size before loading it.
-            with np.load(path, allow_pickle=False) as npz:
-                labels = npz['arr_1']
-    except (KeyError, ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile, zlib.error) as err:
-        raise click.ClickException(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}')
-    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
-        raise click.ClickException(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
-                                   f'got {dtype} {list(shape)}')
-    if labels is not None:
-        if labels.shape != (shape[0],) or labels.dtype.kind not in 'iu' or (labels.size and labels.min() < 0):
-            raise click.ClickException(f'{path}: arr_1 must hold one non-negative integer label per image, '
-                                       f'got {labels.dtype} {list(labels.shape)}')
-        labels = [int(x) for x in labels]
+        images = NpyMember(path, 'arr_0')
+        images.close()  # Workers open their own.
+        shape, labels = images.shape, None
+        if 'arr_1.npy' in images.names:
+            with contextlib.closing(NpyMember(path, 'arr_1')) as member:
+                if member.shape != shape[:1] or member.dtype.kind not in 'iu':
+                    raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
+                labels = class_labels(member.read(0, shape[0]), shape[0], f'{path}: arr_1')
+    except (KeyError, ValueError, OSError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as err:
+        raise UserError(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}') from None
+    if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+        raise UserError(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
+                        f'got {images.dtype} {list(shape)}')
     mode = 'L' if len(shape) == 3 or shape[3] == 1 else {3: 'RGB', 4: 'RGBA'}[shape[3]]
-    names = ItemNames(os.path.basename(path), shape[0])
-    return Source(kind='npz', path=path, names=names, refs=range(shape[0]), labels=labels, mode=mode)
+    return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 
 def open_source(path):
-    base = os.path.basename(path.rstrip('/\\'))
+    PIL.Image.init()
     if os.path.isdir(path):
         try:
             return open_folder(path)
         except OSError as err:
-            raise click.ClickException(f'cannot list --source {path}: {err}') from None
+            raise UserError(f'cannot list --source {path}: {err}') from None
     if not os.path.isfile(path):
-        raise click.ClickException(f'--source {path}: no such file or folder')
-    lower = base.lower()
-    if lower.endswith('.zip'):
-        return open_zip(path)
-    if lower.endswith('.npz'):
-        return open_npz(path)
-    if lower.endswith('-images-idx3-ubyte.gz'):
-        return open_mnist(path)
-    if lower.endswith(('.tar.gz', '.tgz', '.tar')):
-        return open_cifar10(path)
-    raise click.ClickException(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
-                               f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
+        raise UserError(f'--source {path}: no such file or folder')
+    kinds = {'.zip': open_zip, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist,
+             '.tar.gz': open_cifar10, '.tgz': open_cifar10, '.tar': open_cifar10}
+    for ending, opener in kinds.items():
+        if path.lower().endswith(ending):
+            return opener(path)
+    raise UserError(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
+                    f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
 
 #----------------------------------------------------------------------------
-# Transforms on uint8 HW or HWC arrays. Each returns an array, or None when the image is too
-# small for the target and policy says skip.
-
-def pil_resize(arr, size, resample):
-    return np.asarray(PIL.Image.fromarray(arr).resize(size, resample))
+# Transforms of uint8 HW or HWC arrays to a width x height target.
 
 def is_small(transform, width, height, w, h):
     """Would this w x h input need upsampling to reach the width x height target?"""
@@ -404,19 +385,15 @@ def is_small(transform, width, height, w, h):
     return min(w, h) < width  # center-crop-dhariwal
 
 def scale(arr, width, height):
-    # No transform: stretch to the target with LANCZOS, or keep the size without --resolution.
-    h, w = arr.shape[:2]
-    if width is None or (w, h) == (width, height):
-        return arr
-    return pil_resize(arr, (width, height), PIL.Image.Resampling.LANCZOS)
+    # No transform: stretch to the target with LANCZOS (a same-size resize is a copy).
+    return np.asarray(PIL.Image.fromarray(arr).resize((width, height), PIL.Image.Resampling.LANCZOS))
 
 def center_crop(arr, width, height):
     # EDM: the largest centred square, then LANCZOS to the target.
     h, w = arr.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    arr = arr[top:top + side, left:left + side]
-    return pil_resize(arr, (width, height), PIL.Image.Resampling.LANCZOS)
+    return scale(arr[top:top + side, left:left + side], width, height)
 
 def center_crop_wide(arr, width, height):
     # EDM (for LSUN, e.g. 512x384): keep a centred band of rows, squeeze it to width x height,
@@ -424,14 +401,11 @@ def center_crop_wide(arr, width, height):
     h, w = arr.shape[:2]
     band = round(width * h / w)
     top = (h - band) // 2
-    arr = arr[top:top + band] if band <= h else arr
-    arr = pil_resize(arr, (width, height), PIL.Image.Resampling.LANCZOS)
     canvas = np.zeros((width, width) + arr.shape[2:], dtype=np.uint8)
-    pad = (width - height) // 2
-    canvas[pad:pad + height] = arr
+    canvas[(width - height) // 2:][:height] = scale(arr[top:top + band] if band <= h else arr, width, height)
     return canvas
 
-def center_crop_dhariwal(arr, size):
+def center_crop_dhariwal(arr, size, _height=None):
     # ADM (guided-diffusion center_crop_arr), the preprocessing of the ImageNet FID reference
     # batches: halve with BOX while the short side is at least twice the target (a cheap,
     # alias-free reduction), BICUBIC so the short side equals the target, then a centred crop.
@@ -439,22 +413,12 @@ def center_crop_dhariwal(arr, size):
     while min(img.size) >= 2 * size:
         img = img.resize((img.size[0] // 2, img.size[1] // 2), PIL.Image.Resampling.BOX)
     factor = size / min(img.size)
-    img = img.resize((round(img.size[0] * factor), round(img.size[1] * factor)), PIL.Image.Resampling.BICUBIC)
-    arr = np.asarray(img)
+    arr = np.asarray(img.resize((round(img.size[0] * factor), round(img.size[1] * factor)), PIL.Image.Resampling.BICUBIC))
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-def apply_transform(transform, resolution, arr):
-    width, height = resolution if resolution is not None else (None, None)
-    if transform is None:
-        return scale(arr, width, height)
-    if transform == 'center-crop':
-        return center_crop(arr, width, height)
-    if transform == 'center-crop-wide':
-        return center_crop_wide(arr, width, height)
-    if transform == 'center-crop-dhariwal':
-        return center_crop_dhariwal(arr, width)
-    raise ValueError(f'unknown transform {transform}')
+TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide,
+                       'center-crop-dhariwal': center_crop_dhariwal}
 
 #----------------------------------------------------------------------------
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
@@ -470,76 +434,64 @@ class Settings:
     small: str
     compress_level: int
 
-_state = dict()  # Per process: settings and open file handles.
+_worker = {}  # Per process: the settings and the open zip or .npz of the source.
 
 def init_worker(settings):
-    _state.clear()
-    _state['settings'] = settings
+    _worker.clear()
+    _worker['settings'] = settings
+
+def open_file(s, ref):
+    """Binary file of a folder or zip item."""
+    if s.kind == 'folder':
+        return open(os.path.join(s.path, *ref.split('/')), 'rb')
+    if 'zip' not in _worker:
+        _worker['zip'] = zipfile.ZipFile(s.path)
+    return _worker['zip'].open(ref)
 
 def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
-        if s.kind == 'folder':
-            f = open(ref, 'rb')
-        else:
-            if 'zip' not in _state:
-                _state['zip'] = zipfile.ZipFile(s.path)
-            f = _state['zip'].open(ref)
-        with f:
-            return data_files.decode_image(f, os.path.basename(ref))
+        with open_file(s, ref) as f:
+            return data_files.decode_image(f, ref)
     if s.kind == 'npz':
-        if 'npz' not in _state:
-            _state['npz'] = NpyMember(s.path)
-        ref = _state['npz'][ref]
+        if 'npz' not in _worker:
+            _worker['npz'] = NpyMember(s.path, 'arr_0')
+        ref = _worker['npz'].read(ref, 1)[0]
     arr = np.ascontiguousarray(ref)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    return PIL.Image.fromarray(arr)
+    return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
 def process_item(ref):
     """-> ('ok', png_bytes, shape, source_mode, upscaled) | ('unreadable', reason) | ('small', w, h)."""
-    s = _state['settings']
+    s = _worker['settings']
+    name = ref if isinstance(ref, str) else 'image'
     try:
         img = open_item(s, ref)
-        source_mode = img.mode
         # The pixel rules shared with training and evaluation (16-bit gray keeps its top 8 bits, ...).
-        img = PIL.Image.fromarray(data_files.to_array(img, 'image', s.mode), s.mode)
-    except data_files.DataFileError as err:
-        return ('unreadable', err.reason)
-    except Exception as err:  # Any decoder failure means "this file is not a usable image".
-        return ('unreadable', f'{type(err).__name__}: {err}'.replace('\n', ' ').replace('\t', ' '))
+        arr = data_files.to_array(img, name, s.mode)
+    except Exception as err:  # pylint: disable=broad-except  Any decoder failure: "not a usable image".
+        reason = f'{err}' if isinstance(err, data_files.DatasetError) else f'{type(err).__name__}: {err}'
+        return ('unreadable', reason.removeprefix(f'{name}: '))
     w, h = img.size
-    width, height = s.resolution if s.resolution is not None else (None, None)
-    upscaled = is_small(s.transform, width, height, w, h)
+    upscaled = is_small(s.transform, *(s.resolution or (None, None)), w, h)
     if upscaled and s.small != 'upscale':
         return ('small', w, h)
-    arr = apply_transform(s.transform, s.resolution, np.asarray(img))
+    out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
     buf = io.BytesIO()
-    PIL.Image.fromarray(arr).save(buf, format='png', compress_level=s.compress_level, optimize=False)
-    return ('ok', buf.getvalue(), arr.shape, source_mode, upscaled)
+    PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)
+    return ('ok', buf.getvalue(), out.shape, img.mode, upscaled)
 
-def probe_mode(s, ref):
-    """Mode of an item from its header only (cheap); None when unreadable."""
-    try:
-        if s.kind == 'folder':
-            with PIL.Image.open(ref) as img:
-                return img.mode
-        if 'zip' not in _state:
-            _state['zip'] = zipfile.ZipFile(s.path)
-        with _state['zip'].open(ref) as f, PIL.Image.open(f) as img:
-            return img.mode
-    except Exception:
-        return None
-
-def choose_mode(src, settings):
-    """'L' if every readable input is grayscale, else 'RGB'. Stops at the first colour image,
-    so for typical photo datasets this reads one header."""
+def choose_mode(src, s):
+    """'L' if every readable input is grayscale, else 'RGB'. Reads headers up to the first colour
+    image: for typical photo datasets, one."""
     if src.mode is not None:
-        return 'L' if src.mode in GRAY_MODES else 'RGB'
+        return 'L' if data_files.natural_channels(src.mode) <= 2 else 'RGB'
     for ref in src.refs:
-        m = probe_mode(settings, ref)
-        if m is not None and m not in GRAY_MODES:
-            return 'RGB'
+        try:
+            with open_file(s, ref) as f:
+                if data_files.read_header(f, ref)[2] > 2:
+                    return 'RGB'
+        except (data_files.DatasetError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            pass  # Unreadable: skipped (or refused) when converting.
     return 'L'
 
 #----------------------------------------------------------------------------
@@ -552,17 +504,14 @@ class Destination:
         self.is_zip = self.dest.lower().endswith('.zip')
         if os.path.isdir(self.dest):
             if self.is_zip or os.listdir(self.dest):
-                raise click.ClickException(f'--dest {dest} already exists and is not empty; choose a new name')
+                raise UserError(f'--dest {dest} already exists and is not empty; choose a new name')
         elif os.path.lexists(self.dest):
-            raise click.ClickException(f'--dest {dest} already exists; choose a new name or remove it first')
+            raise UserError(f'--dest {dest} already exists; choose a new name or remove it first')
         if os.path.lexists(self.dest + '.skipped.txt'):
-            raise click.ClickException(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')
+            raise UserError(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')
         problem = dnnlib.util.folder_write_problem(os.path.dirname(os.path.abspath(self.dest)))
         if problem:
-            raise click.ClickException(f'cannot write --dest {dest}: {problem}; choose a writable location')
-        self.zip = None
-        self.folder = None
-        self.made = set()
+            raise UserError(f'cannot write --dest {dest}: {problem}; choose a writable location')
 
     @contextlib.contextmanager
     def opened(self):
@@ -581,158 +530,155 @@ class Destination:
             info.external_attr = 0o644 << 16
             self.zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
             return
-        folder = os.path.dirname(name)
-        if folder not in self.made:
-            os.makedirs(os.path.join(self.folder, folder), exist_ok=True)
-            self.made.add(folder)
+        os.makedirs(os.path.join(self.folder, os.path.dirname(name)), exist_ok=True)
         with open(os.path.join(self.folder, name), 'wb') as f:
             f.write(data)
 
 #----------------------------------------------------------------------------
 # The conversion.
 
-def check_options(transform, resolution):
-    if transform is not None and resolution is None:
-        raise click.UsageError(f'--transform={transform} needs --resolution=WxH')
-    if resolution is None:
-        return
-    w, h = resolution
-    if transform == 'center-crop-wide':
-        if h > w:
-            raise click.UsageError(f'--transform=center-crop-wide needs H <= W in --resolution, got {w}x{h}')
-    elif w != h:
-        raise click.UsageError(f'--resolution must be square (got {w}x{h}); only center-crop-wide takes W > H '
-                               f'and pads the result to WxW')
-    if w & (w - 1):
-        raise click.UsageError(f'--resolution width must be a power of two (got {w}): the networks halve it at every level')
+@dataclasses.dataclass
+class Tally:
+    written: int = 0
+    labels: list = dataclasses.field(default_factory=list)   # [archive name, label] per written image.
+    skipped: list = dataclasses.field(default_factory=list)  # (item name, reason).
+    upscaled: int = 0
+    converted: dict = dataclasses.field(default_factory=dict)  # Source mode -> images converted from it.
+    first: tuple = None  # (shape, item name) of the first written image: all must be alike.
 
-def check_first(shape, source_name):
-    h, w = shape[:2]
-    if h != w:
-        raise click.ClickException(f'{source_name}: images must come out square, this one is {w}x{h}; '
-                                   f'use --transform=center-crop --resolution=NxN')
-    if w & (w - 1):
-        raise click.ClickException(f'{source_name}: images must come out with a power-of-two size, this one is '
-                                   f'{w}x{h}; use --resolution=NxN with N a power of two')
+def output_name(idx):
+    s = f'{idx:08d}'
+    return f'{s[:5]}/img{s}.png'
+
+def printable(text):
+    """One line of text: tabs, newlines and other control characters escaped."""
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+@contextlib.contextmanager
+def results_of(settings, workers):
+    """A function refs -> iterator of process_item results in order, in this process
+    (workers=1) or in spawned worker processes."""
+    init_worker(settings)
+    if workers == 1:
+        yield lambda refs: map(process_item, refs)
+        return
+    try:  # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
+        pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
+    except OSError as err:
+        raise UserError(f'cannot start {workers} worker processes ({err}); give fewer --workers') from None
+    try:
+        yield lambda refs: pool.imap(process_item, refs, chunksize=8)
+    finally:
+        pool.terminate()  # Also drops work queued beyond --max-images.
+
+def take(tally, src, i, res, out, strict, small, resolution):
+    """Write (or skip, or refuse) item i, whose worker result is `res`."""
+    name = src.name(i)
+    if res[0] == 'unreadable':
+        if strict:
+            raise UserError(f'cannot read {name}: {res[1]} (--strict; without it such files are skipped)')
+        tally.skipped.append((name, res[1]))
+        return
+    if res[0] == 'small':
+        if small == 'error':
+            raise UserError(f'{name} is {res[1]}x{res[2]}, smaller than the {resolution[0]}x{resolution[1]} target; '
+                            f'pass --small=upscale or --small=skip')
+        tally.skipped.append((name, f'smaller than the target: {res[1]}x{res[2]}'))
+        return
+    _, png, shape, source_mode, upscaled = res
+    if tally.first is None:
+        h, w = shape[:2]
+        if h != w or w & (w - 1):
+            raise UserError(f'{name}: images must come out square with a power-of-two size, this one is {w}x{h}; '
+                            f'use --transform=center-crop --resolution=NxN with N a power of two')
+        tally.first = (shape, name)
+    elif shape != tally.first[0]:
+        raise UserError(f'images differ in size: {name} comes out {shape[1]}x{shape[0]}, {tally.first[1]} '
+                        f'{tally.first[0][1]}x{tally.first[0][0]}; use --resolution (and --transform) to make them equal')
+    archive_name = output_name(tally.written)
+    out.write(archive_name, png)
+    if src.labels is not None:
+        tally.labels.append([archive_name, src.labels[i]])
+    tally.upscaled += int(upscaled)
+    if source_mode != out.mode:
+        tally.converted[source_mode] = tally.converted.get(source_mode, 0) + 1
+    tally.written += 1
+
+def report(src, out, tally, log):
+    if tally.skipped:
+        try:
+            with atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:
+                f.write(''.join(f'{printable(n)}\t{printable(r)}\n' for n, r in tally.skipped))
+        except OSError as err:
+            log(f'Warning: cannot write {out.dest}.skipped.txt ({err}); the dataset itself is complete')
+    (h, w), c = tally.first[0][:2], 1 if out.mode == 'L' else 3
+    classes = f'labels: {len(set(label for _, label in tally.labels))} classes' if src.labels is not None else 'no labels'
+    log(f'Wrote {tally.written} images ({w}x{h}x{c}, {classes}) to {out.dest}')
+    for note in src.notes:
+        log(f'Note: {note}')
+    if tally.converted:
+        log(f'Converted to {out.mode}: ' + ', '.join(f'{v} {k}' for k, v in sorted(tally.converted.items())))
+    if tally.upscaled:
+        log(f'Upscaled {tally.upscaled} images smaller than the target (--small=skip or --small=error to avoid)')
+    if tally.skipped:
+        log(f'Skipped {len(tally.skipped)} files (unreadable or too small), listed in {out.dest}.skipped.txt')
 
 def convert(source, dest, max_images=None, transform=None, resolution=None, workers=1, strict=False,
             small=None, compress_level=0, log=None):
-    """Convert `source` into `dest`; returns a summary dict. Raises click.ClickException on bad input."""
+    """Convert `source` into `dest`; returns the Tally. Raises dnnlib.UserError on bad input."""
     log = log or (lambda msg: click.echo(msg, err=True))
-    PIL.Image.init()
-    check_options(transform, resolution)
-    if max_images is not None and max_images < 1:
-        raise click.UsageError('--max-images must be at least 1')
-    if not dest:
-        raise click.UsageError('--dest must not be empty')
+    check_options(transform, resolution, max_images, dest)
     small = small or DEFAULT_SMALL[transform]
-
     src = open_source(source)
-    if len(src.names) == 0:
-        raise click.ClickException(f'--source {source}: no images found')
+    count = len(src.refs)
+    if count == 0:
+        raise UserError(f'--source {source}: no images found')
     out = Destination(dest)  # Checks that dest is free before any work.
-    pool = None
-    try:
-        # Entered before any work: this is also the check that dest can be written.
-        with out.opened():
-            settings = Settings(kind=src.kind, path=src.path, mode='RGB', transform=transform, resolution=resolution,
-                                small=small, compress_level=compress_level)
-            # The output mode is fixed before any pixel work, from headers, in this process.
-            init_worker(settings)
-            settings = dataclasses.replace(settings, mode=choose_mode(src, settings))
-            init_worker(settings)
-            if workers > 1:
-                # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
-                pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
-            n = len(src.names)
-            log(f'Found {n} images in {source} ({src.kind}); writing {settings.mode} images to {out.dest}')
-            refs = (src.refs[i] for i in range(n))
-            results = pool.imap(process_item, refs, chunksize=8) if pool is not None else map(process_item, refs)
-            written, labels, skipped, upscaled, converted = 0, [], [], 0, dict()
-            first = None
-            total = n if max_images is None else min(n, max_images)
-            with tqdm(total=total, unit='img', desc='Converting', dynamic_ncols=True, file=sys.stderr) as bar:
-                for i, res in enumerate(results):
-                    name = src.names[i]
-                    if res[0] == 'unreadable':
-                        if strict:
-                            raise click.ClickException(f'cannot read {name}: {res[1]} (--strict; without it such files are skipped)')
-                        skipped.append((name, res[1]))
-                    elif res[0] == 'small':
-                        w, h = resolution
-                        if small == 'error':
-                            raise click.ClickException(f'{name} is {res[1]}x{res[2]}, smaller than the {w}x{h} target; '
-                                                       f'pass --small=upscale or --small=skip')
-                        skipped.append((name, f'smaller than the target: {res[1]}x{res[2]}'))
-                    else:
-                        _, png, shape, source_mode, was_upscaled = res
-                        arch_name = output_name(written)
-                        if first is None:
-                            check_first(shape, name)
-                            first = (shape, name)
-                        elif shape != first[0]:
-                            raise click.ClickException(
-                                f'images differ in size: {name} comes out {shape[1]}x{shape[0]}, {first[1]} '
-                                f'{first[0][1]}x{first[0][0]}; use --resolution (and --transform) to make them equal')
-                        out.write(arch_name, png)
-                        if src.labels is not None:
-                            labels.append([arch_name, src.labels[i]])
-                        upscaled += int(was_upscaled)
-                        if source_mode != settings.mode:
-                            converted[source_mode] = converted.get(source_mode, 0) + 1
-                        written += 1
-                    bar.update(1)
-                    if max_images is not None and written >= max_images:
-                        break
-            if written == 0:
-                examples = '; '.join(f'{n_}: {r}' for n_, r in skipped[:3])
-                raise click.ClickException(f'no image of {source} could be converted ({examples})')
-
-            meta = {'labels': labels if src.labels is not None else None}
-            if src.class_names is not None:
-                meta['class_names'] = src.class_names  # Extra key; readers look only at 'labels'.
-            out.write('dataset.json', json.dumps(meta).encode('utf-8'))
-            if pool is not None:
-                pool.terminate()  # Drop work queued beyond --max-images.
-                pool = None
-    except FileExistsError:
-        raise click.ClickException(f'--dest {out.dest} appeared while converting; left it alone, wrote nothing') from None
-    except OSError as err:  # Disk full, dest folder removed meanwhile, ...: nothing is published.
-        raise click.ClickException(f'cannot write --dest {out.dest}: {err.strerror or err}; nothing was written') from None
-    finally:
-        if pool is not None:
-            pool.terminate()
-    if skipped:
+    settings = Settings(kind=src.kind, path=src.path, mode=None, transform=transform, resolution=resolution,
+                        small=small, compress_level=compress_level)
+    init_worker(settings)
+    out.mode = choose_mode(src, settings)  # Fixed before any pixel work, from headers, in this process.
+    settings = dataclasses.replace(settings, mode=out.mode)
+    if workers > usable_cpus():
+        log(f'Note: --workers={workers} capped to the {usable_cpus()} CPUs here (more processes only cost memory)')
+        workers = usable_cpus()
+    log(f'Found {count} images in {source} ({src.kind}); writing {out.mode} images to {out.dest}')
+    tally = Tally()
+    total = count if max_images is None else min(count, max_images)
+    with results_of(settings, workers) as run:
         try:
-            with atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:
-                f.write(''.join(f'{printable(n_)}\t{printable(r)}\n' for n_, r in skipped))
-        except OSError as err:
-            log(f'Warning: cannot write {out.dest}.skipped.txt ({err}); the dataset itself is complete')
-
-    c = 1 if settings.mode == 'L' else 3
-    log(f'Wrote {written} images ({first[0][1]}x{first[0][0]}x{c}, '
-        f'{"labels: " + str(len(set(x[1] for x in labels))) + " classes" if src.labels is not None else "no labels"}) to {out.dest}')
-    for note in src.notes:
-        log(f'Note: {note}')
-    if converted:
-        log(f'Converted to {settings.mode}: ' + ', '.join(f'{v} {k}' for k, v in sorted(converted.items())))
-    if upscaled:
-        log(f'Upscaled {upscaled} images smaller than the target (--small=skip or --small=error to avoid)')
-    if skipped:
-        log(f'Skipped {len(skipped)} files (unreadable or too small), listed in {out.dest}.skipped.txt')
-    return dict(written=written, skipped=skipped, upscaled=upscaled, converted=converted, mode=settings.mode,
-                labels=src.labels is not None)
+            with out.opened(), tqdm(total=total, unit='img', desc='Converting', dynamic_ncols=True, file=sys.stderr) as bar:
+                for i, res in enumerate(run(src.refs)):
+                    take(tally, src, i, res, out, strict, small, resolution)
+                    bar.update(1)
+                    if tally.written == max_images:
+                        break
+                if tally.written == 0:
+                    examples = '; '.join(f'{n}: {r}' for n, r in tally.skipped[:3])
+                    raise UserError(f'no image of {source} could be converted ({examples})')
+                meta = {'labels': tally.labels if src.labels is not None else None}
+                if src.class_names is not None:
+                    meta['class_names'] = src.class_names  # Extra key; readers look only at 'labels'.
+                out.write('dataset.json', json.dumps(meta).encode('utf-8'))
+        except FileExistsError:
+            raise UserError(f'--dest {out.dest} appeared while converting; left it alone, wrote nothing') from None
+        except OSError as err:  # Disk full, dest folder removed meanwhile, ...: nothing is published.
+            raise UserError(f'cannot write --dest {out.dest}: {err.strerror or err}; nothing was written') from None
+    report(src, out, tally, log)
+    return tally
 
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help']))
 @click.option('--source', help='Input folder or file (see above)', metavar='PATH', type=str, required=True)
-@click.option('--dest', help='Output folder, or .zip file; must not exist (an empty folder is fine)', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT', type=click.IntRange(min=1))
+@click.option('--dest', help='Output folder, or .zip file; must not exist (an empty folder is fine)', metavar='PATH',
+              type=str, required=True)
+@click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT',
+              type=click.IntRange(min=1))
 @click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
-@click.option('--workers', help='Decode/resize processes; the output is the same for any value  '
-              '[default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(1, MAX_WORKERS))
+@click.option('--workers', help='Decode/resize processes, at most one per CPU (more are capped); the output is the '
+              'same for any value  [default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--strict', help='Refuse unreadable inputs instead of skipping them', is_flag=True)
 @click.option('--small', help='Inputs smaller than the target  [default: skip for center-crop-wide, else upscale]',
               type=click.Choice(SMALL_POLICIES))
@@ -764,7 +710,7 @@ def main(source, dest, max_images, transform, resolution, workers, strict, small
     python dataset_tool.py --source=downloads/imagenet/train --dest=datasets/imagenet-256x256.zip \\
         --transform=center-crop-dhariwal --resolution=256x256
     """
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    workers = workers if workers is not None else min(8, usable_cpus())
     convert(source, dest, max_images=max_images, transform=transform, resolution=resolution, workers=workers,
             strict=strict, small=small, compress_level=compress_level)
 

@@ -57,7 +57,7 @@ def save_image(image_np, path, postprocess='none'):
 
 def load_image(path):
     """Image file -> (C, H, W) uint8 numpy, through the project's one image reader (16-bit
-    greyscale keeps its top 8 bits, palettes become RGB). DataFileError names the file."""
+    greyscale keeps its top 8 bits, palettes become RGB). DatasetError names the file."""
     with open(path, 'rb') as f:
         arr = data_files.read_image(f, path)
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -179,7 +179,7 @@ def check_indir(indir, todo, pipe):
         try:
             with open(path, 'rb') as f:
                 width, height, channels = data_files.read_header(f, path)
-        except (OSError, data_files.DataFileError) as e:
+        except (OSError, data_files.DatasetError) as e:
             _fail(f'--indir file {path} is not a readable image ({getattr(e, "reason", e)}); replace or remove it')
         shape = (channels, height, width)
         if in_shape is None:

@@ -59,3 +59,15 @@ def ref_roll_sum(g, k):
 
 def ref_block_noise(ref, randn_like, k):
     return ref_roll_sum(randn_like(ref), k)
+
+
+#----------------------------------------------------------------------------
+# EDM's dataset (training/dataset.py, Dataset.__init__): which images max_size keeps.
+
+def ref_max_size_subset(num_images, max_size, random_seed):
+    """Indices of the images EDM keeps: all of them, or a seeded shuffle's first max_size, sorted."""
+    order = np.arange(num_images, dtype=np.int64)
+    if num_images > max_size:
+        np.random.RandomState(random_seed % (1 << 31)).shuffle(order)
+        order = np.sort(order[:max_size])
+    return order

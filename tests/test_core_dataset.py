@@ -8,6 +8,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import dnnlib
+from reference_restatement import ref_max_size_subset
 from training.dataset import DatasetError, ImageFolderDataset
 
 
@@ -52,7 +54,7 @@ def test_folder_and_zip_read_same_pixels_and_labels(tmp_path):
         assert len(ds) == 10
         assert ds.name == 'mydata'
         assert ds.resolution == 8 and ds.num_channels == 3 and ds.image_shape == [3, 8, 8]
-        assert ds.has_labels and ds.label_dim == 3 and ds.has_onehot_labels
+        assert ds.has_labels and ds.label_dim == 3
         for idx in range(10):
             img, lab = ds[idx]
             assert img.dtype == np.uint8 and img.shape == (3, 8, 8)
@@ -67,7 +69,7 @@ def test_float_labels_grayscale_and_no_labels(tmp_path):
     labels = [[0.5, -1.0], [1.0, 2.0], [0.0, 0.0], [3.0, 4.5]]
     _write_folder(tmp_path / 'g', images, labels)
     ds = ImageFolderDataset(str(tmp_path / 'g'), use_labels=True)
-    assert ds.num_channels == 1 and ds.label_dim == 2 and not ds.has_onehot_labels
+    assert ds.num_channels == 1 and ds.label_dim == 2
     np.testing.assert_array_equal(ds[3][1], np.float32([3.0, 4.5]))
     np.testing.assert_array_equal(ds[1][0][0], images[1])
     # Without use_labels the label is an empty vector.
@@ -80,15 +82,32 @@ def test_xflip_max_size_cache(tmp_path):
     _write_folder(tmp_path / 'd', images)
     ds = ImageFolderDataset(str(tmp_path / 'd'), xflip=True, cache=True)
     assert len(ds) == 24
-    np.testing.assert_array_equal(ds[12][0], ds[0][0][:, :, ::-1])
-    assert ds.get_details(12).xflip and not ds.get_details(0).xflip
-    # max_size picks a sorted random subset, the same one for the same seed.
-    a = ImageFolderDataset(str(tmp_path / 'd'), max_size=5, random_seed=3)
-    b = ImageFolderDataset(str(tmp_path / 'd'), max_size=5, random_seed=3)
-    idx_a = [a.get_details(i).raw_idx for i in range(len(a))]
-    assert len(a) == 5 and idx_a == sorted(idx_a) == [b.get_details(i).raw_idx for i in range(len(b))]
-    for i in range(5):
-        np.testing.assert_array_equal(a[i][0], images[idx_a[i]].transpose(2, 0, 1))
+    for i in range(12):  # The originals in order, then their mirror images.
+        np.testing.assert_array_equal(ds[i][0], images[i].transpose(2, 0, 1))
+        np.testing.assert_array_equal(ds[12 + i][0], images[i].transpose(2, 0, 1)[:, :, ::-1])
+    # max_size keeps EDM's subset for the seed (training runs depend on it), mirrored after it.
+    for seed in [3, 2 ** 40 + 7]:
+        keep = ref_max_size_subset(12, 5, seed)
+        a = ImageFolderDataset(str(tmp_path / 'd'), max_size=5, random_seed=seed, xflip=True)
+        assert len(a) == 10
+        for i, which in enumerate(list(keep) * 2):
+            want = images[which].transpose(2, 0, 1)
+            np.testing.assert_array_equal(a[i][0], want if i < 5 else want[:, :, ::-1])
+    assert len(ImageFolderDataset(str(tmp_path / 'd'), max_size=12)) == 12
+
+
+def test_pickled_copy_reads_the_same(tmp_path):
+    # DataLoader workers get a pickled copy: it opens the zip itself and keeps the labels.
+    import pickle
+    images = _images(4)
+    _write_folder(tmp_path / 'src', images, labels=[0, 2, 1, 2])
+    _zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
+    ds = ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True)
+    copy = pickle.loads(pickle.dumps(ds))
+    for i in range(4):
+        np.testing.assert_array_equal(copy[i][0], ds[i][0])
+        np.testing.assert_array_equal(copy[i][1], ds[i][1])
+    assert copy.label_dim == 3
 
 
 def test_jpeg(tmp_path):
@@ -131,9 +150,8 @@ def test_errors(tmp_path, case):
         _write_folder(path, _images(2))
         kwargs = dict(resolution=16)
     with pytest.raises(DatasetError) as info:
-        ds = ImageFolderDataset(str(path), **kwargs)
-        ds.label_shape  # Labels load lazily.
-    assert isinstance(info.value, OSError)
+        ImageFolderDataset(str(path), **kwargs)  # Labels are read (and checked) here too.
+    assert isinstance(info.value, dnnlib.UserError)
     message = str(info.value)
     assert str(path) in message
     if case == 'mixed':
@@ -150,7 +168,7 @@ def _child_reads(index):
     # fork-started DataLoader worker): it must read through a zip handle of its own.
     ds = _INHERITED['ds']
     image, _ = ds[index]
-    return ds._get_zipfile().fp.fileno(), image
+    return ds._zip.fp.fileno(), image
 
 
 def test_forked_worker_opens_its_own_zip(tmp_path):
@@ -159,7 +177,7 @@ def test_forked_worker_opens_its_own_zip(tmp_path):
     _write_folder(tmp_path / 'src', images)
     _zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'))
-    parent_fd = ds._get_zipfile().fp.fileno()  # Open before the fork.
+    parent_fd = ds._zip.fp.fileno()  # Opened before the fork.
     _INHERITED['ds'] = ds
     try:
         with multiprocessing.get_context('fork').Pool(1) as pool:

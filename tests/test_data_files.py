@@ -6,6 +6,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 
@@ -100,7 +102,7 @@ def test_read_image_modes(tmp_path, case):
     (path,) = [p for p in tmp_path.iterdir()]
     with open(path, 'rb') as f:
         if expected is None:
-            with pytest.raises(data_files.DataFileError, match='img'):
+            with pytest.raises(data_files.DatasetError, match='img'):
                 data_files.read_image(f, path.name)
             return
         arr = data_files.read_image(f, path.name)
@@ -164,7 +166,7 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
     with pytest.raises(DatasetError, match='000001.png.*MAX_IMAGE_PIXELS'):
         ImageFolderDataset(str(tmp_path))
     with open(tmp_path / '000001.png', 'rb') as f:
-        with pytest.raises(data_files.DataFileError, match='decompression bomb'):
+        with pytest.raises(data_files.DatasetError, match='decompression bomb'):
             data_files.read_image(f, '000001.png')
 
 
@@ -212,7 +214,7 @@ def test_bad_labels_are_refused_with_file_and_entry(tmp_path, case):
     content, message = BAD_LABELS[case]
     path = _labelled(tmp_path, content)
     with pytest.raises(DatasetError) as info:
-        ImageFolderDataset(path, use_labels=True).label_shape
+        ImageFolderDataset(path, use_labels=True)
     assert 'dataset.json' in str(info.value) and message in str(info.value), str(info.value)
     # dataset_tool checks a source's dataset.json by the same rules, before writing anything.
     res = CliRunner().invoke(dataset_tool.main, ['--source', path, '--dest', str(tmp_path / 'out.zip'), '--workers', '1'])
@@ -228,7 +230,7 @@ def test_good_labels(tmp_path):
     np.testing.assert_array_equal(ds[1][1], np.float32([0, 0, 1]))
     (tmp_path / 'dataset.json').write_text(json.dumps({'labels': {'000000.png': [1, 2.5], '000001.png': [0, -1]}}))
     ds = ImageFolderDataset(str(tmp_path), use_labels=True)
-    assert ds.label_dim == 2 and not ds.has_onehot_labels
+    assert ds.label_dim == 2
     np.testing.assert_array_equal(ds[0][1], np.float32([1, 2.5]))
 
 
@@ -239,7 +241,7 @@ def test_oversized_dataset_json_is_refused_without_reading_it_whole(tmp_path, mo
     labels['labels'] += [[f'zz{i}.png', 1] for i in range(200)]  # About 4 kB for 2 images.
     path = _labelled(tmp_path, labels)
     with pytest.raises(DatasetError, match='dataset.json: larger than 1200 bytes'):
-        ImageFolderDataset(path, use_labels=True).label_shape
+        ImageFolderDataset(path, use_labels=True)
 
 
 def test_zip_bomb_dataset_json_is_refused(tmp_path, monkeypatch):
@@ -256,6 +258,104 @@ def test_zip_bomb_dataset_json_is_refused(tmp_path, monkeypatch):
             f.write(b'}')
     assert os.path.getsize(tmp_path / 'd.zip') < 1 << 20
     with pytest.raises(DatasetError, match='larger than'):
-        ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True).label_shape
+        ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True)
     res = CliRunner().invoke(dataset_tool.main, ['--source', str(tmp_path / 'd.zip'), '--dest', str(tmp_path / 'o.zip'), '--workers', '1'])
     assert res.exit_code == 1 and 'larger than' in res.output and not (tmp_path / 'o.zip').exists()
+
+#----------------------------------------------------------------------------
+# Memory follows the pixels, not what a file carries: padded PNGs in a dataset zip.
+
+MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _zero_chunk(f, kind, size):
+    """A PNG chunk of `size` zero bytes, written a MiB at a time (the test holds none of it)."""
+    f.write(struct.pack('>I', size) + kind)
+    crc, block = zlib.crc32(kind), bytes(MiB)
+    for _ in range(size // MiB):
+        f.write(block)
+        crc = zlib.crc32(block, crc)
+    f.write(struct.pack('>I', crc & 0xffffffff))
+
+def _inflating(prefix, size):
+    """prefix + a zlib stream of `size` zero bytes, compressed in pieces."""
+    z = zlib.compressobj(9)
+    return prefix + b''.join(z.compress(bytes(MiB)) for _ in range(size // MiB)) + z.flush()
+
+def padded_zip(path, before=(), after=(), trailing=0, json_pad=0):
+    """A dataset zip (deflated): 000000.png is a 16x16 PNG with extra chunks before and after its
+    pixels (kind, size of zeros or bytes) and `trailing` zero bytes after its end; 000001.png is
+    plain; dataset.json has `json_pad` spaces."""
+    rows = b''.join(b'\0' + RGB8[y % 8].tobytes() * 2 for y in range(16))
+    plain = io.BytesIO()
+    PIL.Image.fromarray(RGB8).resize((16, 16)).save(plain, format='png')
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr('000001.png', plain.getvalue())
+        with z.open('000000.png', 'w', force_zip64=True) as f:
+            f.write(b'\x89PNG\r\n\x1a\n' + png_chunk(b'IHDR', struct.pack('>IIBBBBB', 16, 16, 8, 2, 0, 0, 0)))
+            for kind, size in before:
+                _zero_chunk(f, kind, size) if isinstance(size, int) else f.write(png_chunk(kind, size))
+            f.write(png_chunk(b'IDAT', zlib.compress(rows)))
+            for kind, size in after:
+                _zero_chunk(f, kind, size)
+            f.write(png_chunk(b'IEND', b''))
+            for _ in range(trailing // MiB):
+                f.write(bytes(MiB))
+        with z.open('dataset.json', 'w', force_zip64=True) as f:
+            f.write(b'{"labels": [["000000.png", 0], ["000001.png", 1]]')
+            for _ in range(json_pad // MiB):
+                f.write(b' ' * MiB)
+            f.write(b'}')
+    return path
+
+_LOAD_THREE_WAYS = '''
+import os, resource, sys, zipfile
+import dnnlib, dataset_tool
+from training import data_files
+from training.dataset import ImageFolderDataset
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[1:]:
+    outcome = []
+    with zipfile.ZipFile(path) as z, z.open('000000.png') as f:  # The shared reader itself.
+        try:
+            outcome.append(str(data_files.read_image(f, '000000.png').shape))
+        except data_files.DatasetError:
+            outcome.append('refused')
+    try:  # train.py and evaluate.py read datasets through this.
+        ds = ImageFolderDataset(path, use_labels=True)
+        outcome.append(f'{len([ds[i] for i in range(len(ds))])} items')
+    except data_files.DatasetError:
+        outcome.append('refused')
+    try:
+        tally = dataset_tool.convert(path, path + '.out', workers=1, log=lambda msg: None)
+        outcome.append(f'wrote {tally.written} skipped {len(tally.skipped)}')
+    except dnnlib.UserError:
+        outcome.append('refused')
+    print(', '.join(outcome))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+'''
+
+def test_padded_files_cost_memory_by_their_pixels(tmp_path):
+    # Deflated zeros: each zip is 1-2 MB, each padded PNG 160-320 MiB (PIL keeps unknown chunks
+    # whole, so unbounded reading would hold them). zTXt/iCCP inflate to 256 MiB.
+    size = 160 * MiB
+    cases = {
+        'private chunk before the pixels': dict(before=[(b'prIv', size)]),
+        'two private chunks after them': dict(after=[(b'prIv', size), (b'prIv', size)]),
+        'huge tEXt': dict(before=[(b'tEXt', size)]),
+        'zTXt that inflates': dict(before=[(b'zTXt', _inflating(b'Comment\0\0', 256 * MiB))]),
+        'iCCP that inflates': dict(before=[(b'iCCP', _inflating(b'icc\0\0', 256 * MiB))]),
+    }
+    paths = [padded_zip(tmp_path / f'case{i}.zip', **kw) for i, kw in enumerate(cases.values())]
+    paths.append(padded_zip(tmp_path / 'trailing.zip', trailing=2 * size))  # Never read: the image ends first.
+    paths.append(padded_zip(tmp_path / 'json.zip', json_pad=size))
+    assert max(os.path.getsize(p) for p in paths) < 4 * MiB
+    result = subprocess.run([sys.executable, '-c', _LOAD_THREE_WAYS, *map(str, paths)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, check=False, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stderr[-3000:]
+    *outcomes, growth_mb = result.stdout.strip().splitlines()
+    assert outcomes == ['refused, refused, wrote 1 skipped 1'] * len(cases) + [
+        '(16, 16, 3), 2 items, wrote 2 skipped 0', '(16, 16, 3), refused, refused'], outcomes
+    assert int(growth_mb) < 100, f'reading the padded files grew the process by {growth_mb} MB'
+    skipped = (tmp_path / 'case1.zip.out.skipped.txt').read_text()
+    assert skipped.startswith('000000.png\tmore than ') and 'for 16x16 pixels' in skipped, skipped
