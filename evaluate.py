@@ -141,7 +141,7 @@ def activations(data_path, dest_path, detector, trust_detector, batch, workers, 
     try:
         workers = min(workers, os.cpu_count() or 1)  # More loader processes than cores only thrash.
         result = acts.compute_activations(source, det, batch_size=batch, num_workers=workers, stats_only=stats_only, keys=keys)
-    except (OSError, MetricInputError, DetectorError, DINOv2Error, RuntimeError) as err:
+    except (OSError, MetricInputError, DetectorError, DINOv2Error, RuntimeError, dnnlib.UserError) as err:
         # DataLoader workers re-raise reader errors (e.g. an unreadable image) with the worker's
         # traceback in the text: keep its last line, without the exception's type name.
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

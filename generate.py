@@ -234,8 +234,8 @@ def write_sample_grid(outdir, seeds, subdirs, grid):
         return
     try:
         write_grid([p for p in paths if os.path.isfile(p)], dest)
-    except (OSError, ValueError) as e:
-        _fail(f'the images are written, but not the grid {dest}: {e}')
+    except (OSError, ValueError, data_files.DatasetError) as e:
+        _fail(f'the images are written, but not the grid {dest}: {getattr(e, "message", e)}')
 
 #----------------------------------------------------------------------------
 # The generation loop.

@@ -12,7 +12,7 @@ import dnnlib
 import evaluate
 import generate
 import quickstart
-from training import pipeline
+from training import data_files, pipeline
 from training.pipeline import RelayError, RelayPipeline
 
 
@@ -121,7 +121,7 @@ def test_generate_load_image_uses_the_data_reader(tmp_path):
     pal = PIL.Image.open(tmp_path / 'pal.png')
     assert np.array_equal(generate.load_image(str(tmp_path / 'pal.png')), np.asarray(pal.convert('RGB')).transpose(2, 0, 1))
     (tmp_path / 'junk.png').write_text('not an image')
-    with pytest.raises(ValueError, match='junk.png'):
+    with pytest.raises(data_files.DatasetError, match='junk.png'):
         generate.load_image(str(tmp_path / 'junk.png'))
 
 
