@@ -4,44 +4,47 @@
     python docs/update_help.py --check  # exit 1 if any file is out of date (used by the tests)
 """
 
-import concurrent.futures
+import importlib
 import os
-import subprocess
 import sys
+
+import click.testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (doc file stem, command line after `python`)
+# (doc file stem, module holding the click command, program name, arguments before --help)
 CLIS = [
-    ('dataset-tool', ['dataset_tool.py']),
-    ('train', ['train.py']),
-    ('generate', ['generate.py']),
-    ('generate-imagenet', ['generate_imagenet.py']),
-    ('generate-celebahq', ['generate_celebahq.py']),
-    ('evaluate', ['evaluate.py']),
-    ('evaluate-activations', ['evaluate.py', 'activations']),
-    ('evaluate-calc', ['evaluate.py', 'calc']),
-    ('evaluate-gen', ['evaluate.py', 'gen']),
-    ('evaluate-refs', ['evaluate.py', 'refs']),
-    ('checkpoint-export', ['-m', 'torch_utils.checkpoint', 'export']),
-    ('quickstart', ['quickstart.py']),
+    ('dataset-tool', 'dataset_tool', 'dataset_tool.py', []),
+    ('train', 'train', 'train.py', []),
+    ('generate', 'generate', 'generate.py', []),
+    ('generate-imagenet', 'generate_imagenet', 'generate_imagenet.py', []),
+    ('generate-celebahq', 'generate_celebahq', 'generate_celebahq.py', []),
+    ('evaluate', 'evaluate', 'evaluate.py', []),
+    ('evaluate-activations', 'evaluate', 'evaluate.py', ['activations']),
+    ('evaluate-calc', 'evaluate', 'evaluate.py', ['calc']),
+    ('evaluate-gen', 'evaluate', 'evaluate.py', ['gen']),
+    ('evaluate-refs', 'evaluate', 'evaluate.py', ['refs']),
+    ('checkpoint-export', 'torch_utils.checkpoint', 'python -m torch_utils.checkpoint', ['export']),
+    ('quickstart', 'quickstart', 'quickstart.py', []),
 ]
 
 
-def help_text(args: list[str]) -> str:
-    env = dict(os.environ, COLUMNS='100', LINES='50')  # Fixed width: click wraps to the terminal.
-    result = subprocess.run([sys.executable, *args, '--help'], cwd=ROOT, env=env,
-                            capture_output=True, text=True, check=True)
-    return result.stdout
+def help_text(module: str, prog_name: str, args: list[str]) -> str:
+    """`--help` of one CLI, made in this process (the same text as `python script.py --help`)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    command = importlib.import_module(module).main
+    # The width click gives a wide terminal (80 - 2); it otherwise wraps to the terminal.
+    result = click.testing.CliRunner().invoke(command, [*args, '--help'], prog_name=prog_name, terminal_width=78)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
-def main() -> int:
-    check = '--check' in sys.argv[1:]
+def main(argv: list[str]) -> int:
+    check = '--check' in argv
     stale = []
-    # Each --help is a fresh interpreter that spends most of its time importing torch: run them side by side.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        texts = list(pool.map(help_text, [args for _, args in CLIS]))
-    for (stem, args), text in zip(CLIS, texts):
+    for stem, module, prog_name, args in CLIS:
+        text = help_text(module, prog_name, args)
         path = os.path.join(ROOT, 'docs', f'{stem}-help.txt')
         old = open(path, encoding='utf-8').read() if os.path.isfile(path) else None
         if old != text:
@@ -55,4 +58,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
