@@ -340,20 +340,12 @@ def choose_run_dir(opts, desc):
 
 
 def print_training_options(c, opts, world):
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:        {c.run_dir}')
-    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
-    dist.print0(f'Number of processes:     {world}')
-    dist.print0(f'Device:                  {dist.get_device()}')
-    dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Precision:               {c.precision}')
-    dist.print0()
+    summary = [('Output directory', c.run_dir), ('Dataset path', c.dataset_kwargs.path),
+               ('Class-conditional', c.dataset_kwargs.use_labels), ('Network architecture', opts.arch),
+               ('Preconditioning & loss', opts.precond), ('Number of processes', world),
+               ('Device', dist.get_device()), ('Batch size', c.batch_size), ('Precision', c.precision)]
+    dist.print0(f'\nTraining options:\n{json.dumps(c, indent=2)}\n')
+    dist.print0('\n'.join(f'{name + ":":24} {value}' for name, value in summary) + '\n')
 
 #----------------------------------------------------------------------------
 # Step 4: run folder, training_options.json, log.txt, training loop.
