@@ -1,12 +1,18 @@
 """The reference implementation's maths, re-stated plainly for tests and benchmarks (one copy):
 the stacked per-seed generators, the time steps, per-block scipy DCTs, get_alpha_t's blur
-schedule through scipy one noise level at a time, and the 16-roll block noise. Slow on purpose:
+schedule through scipy one noise level at a time, the 16-roll block noise, EDM's max_size
+subset, BlurLoss and the training loop. Slow on purpose:
 it follows the reference's operations, so the optimised code can be checked against it."""
+
+import copy
 
 import numpy as np
 import scipy.fft
 import scipy.stats
 import torch
+
+import dnnlib
+from torch_utils import misc
 
 
 class RefGenerators:
@@ -71,3 +77,84 @@ def ref_max_size_subset(num_images, max_size, random_seed):
         np.random.RandomState(random_seed % (1 << 31)).shuffle(order)
         order = np.sort(order[:max_size])
     return order
+
+#----------------------------------------------------------------------------
+# The reference's BlurLoss (training/loss.py), restated with scipy (ppf, per-block DCT) and the
+# 16-roll block noise.
+
+def ref_blur_loss(net, images, P_mean=-1.2, P_std=1.2, sigma_data=0.5, up_scale=4, prob_length=0.93,
+                  blur_sigma_max=3, min_scale=0.001, block_scale=0, truncate_sigma=7.5e-3):
+    # The reference's BlurLoss re-stated with scipy (ppf, per-block DCT) and the 16-roll block noise.
+    u = torch.rand([images.shape[0], 1, 1, 1])
+    u = torch.clamp(u, min=scipy.stats.norm.cdf((np.log(truncate_sigma) - P_mean) / P_std) * prob_length)
+    blur_sigma = blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2
+    sigma = (torch.tensor(scipy.stats.norm.ppf((u * prob_length).numpy())) * P_std + P_mean).exp()
+    weight = torch.clamp((sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2, max=100000)
+    f = np.pi * np.arange(up_scale) / up_scale
+    fsq = f[:, None] ** 2 + f[None, :] ** 2
+    n_, c_, h_, w_ = images.shape
+    factor = np.exp(-fsq[None] * (blur_sigma.numpy().reshape(-1, 1, 1) ** 2 / 2)) * (1 - min_scale) + min_scale
+    coefs = ref_block_dct_np(images.numpy().astype(np.float64), up_scale).reshape(n_, c_, h_ // up_scale, up_scale, w_ // up_scale, up_scale)
+    coefs = coefs * factor[:, None, None, :, None, :]
+    y_blurred = torch.tensor(ref_block_dct_np(coefs.reshape(n_, c_, h_, w_), up_scale, inverse=True))
+    n = torch.randn_like(images) * sigma
+    if block_scale > 0:
+        n = torch.randn_like(images) * sigma
+        n = n + ref_roll_sum(torch.randn_like(images), up_scale) * sigma * block_scale
+    return weight * ((net(y_blurred + n, sigma) - images) ** 2)
+
+
+#----------------------------------------------------------------------------
+# The reference's training loop (training/training_loop.py), restated: one process, CPU; the
+# reference's loss normalisation (loss_scaling / t, t = 32 at 64 px, else 256).
+
+def ref_training(dataset_kwargs, network_kwargs, loss_kwargs, augment_kwargs, optimizer_kwargs, num_steps,
+                 seed, batch_size, batch_gpu, ema_halflife_kimg, ema_rampup_ratio, lr_rampup_kimg, loss_scaling,
+                 divisor=None):
+    """divisor=None: the reference's rule; a number: that constant instead (EDM's rule is the
+    images per process)."""
+    np.random.seed(seed % (1 << 31))  # (seed * world + rank) with world = 1, rank = 0.
+    torch.manual_seed(np.random.randint(1 << 31))
+    rounds = batch_size // batch_gpu
+
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    sampler = misc.InfiniteSampler(dataset=dataset, rank=0, num_replicas=1, seed=seed)
+    batches = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu))
+
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net.train().requires_grad_(True)
+    initial = copy.deepcopy(net)
+    with torch.no_grad():  # The module summary's forward pass: dropout draws happen here too.
+        net(torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]),
+            torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim]))
+
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    nimg = 0
+    for _step in range(num_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for _round in range(rounds):
+            images, labels = next(batches)
+            images = images.to(torch.float32) / 127.5 - 1
+            loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=augment_pipe)
+            t = (32 if images.shape[-1] == 64 else 256) if divisor is None else divisor
+            loss.sum().mul(loss_scaling / t).backward()
+        for group in optimizer.param_groups:
+            group['lr'] = optimizer_kwargs['lr'] * min(nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        halflife = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            halflife = min(halflife, nimg * ema_rampup_ratio)
+        beta = 0.5 ** (batch_size / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        nimg += batch_size
+    return initial, net, ema

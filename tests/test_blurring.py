@@ -8,7 +8,7 @@ import scipy.fft
 import scipy.stats
 import torch
 
-from reference_restatement import ref_alpha, ref_block_dct_np, ref_roll_sum
+from reference_restatement import ref_alpha, ref_block_dct_np, ref_blur_loss, ref_roll_sum
 from training import blurring
 from training.loss import BlurLoss
 
@@ -130,35 +130,13 @@ class _RecordingNet:
         return (x * 0.5).to(torch.float32)
 
 
-def _reference_blur_loss(net, images, P_mean=-1.2, P_std=1.2, sigma_data=0.5, up_scale=4, prob_length=0.93,
-                         blur_sigma_max=3, min_scale=0.001, block_scale=0, truncate_sigma=7.5e-3):
-    # The reference's BlurLoss re-stated with scipy (ppf, per-block DCT) and the 16-roll block noise.
-    u = torch.rand([images.shape[0], 1, 1, 1])
-    u = torch.clamp(u, min=scipy.stats.norm.cdf((np.log(truncate_sigma) - P_mean) / P_std) * prob_length)
-    blur_sigma = blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2
-    sigma = (torch.tensor(scipy.stats.norm.ppf((u * prob_length).numpy())) * P_std + P_mean).exp()
-    weight = torch.clamp((sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2, max=100000)
-    f = np.pi * np.arange(up_scale) / up_scale
-    fsq = f[:, None] ** 2 + f[None, :] ** 2
-    n_, c_, h_, w_ = images.shape
-    factor = np.exp(-fsq[None] * (blur_sigma.numpy().reshape(-1, 1, 1) ** 2 / 2)) * (1 - min_scale) + min_scale
-    coefs = ref_block_dct_np(images.numpy().astype(np.float64), up_scale).reshape(n_, c_, h_ // up_scale, up_scale, w_ // up_scale, up_scale)
-    coefs = coefs * factor[:, None, None, :, None, :]
-    y_blurred = torch.tensor(ref_block_dct_np(coefs.reshape(n_, c_, h_, w_), up_scale, inverse=True))
-    n = torch.randn_like(images) * sigma
-    if block_scale > 0:
-        n = torch.randn_like(images) * sigma
-        n = n + ref_roll_sum(torch.randn_like(images), up_scale) * sigma * block_scale
-    return weight * ((net(y_blurred + n, sigma) - images) ** 2)
-
-
 @pytest.mark.parametrize('block_scale', [0, 0.15])
 def test_blur_loss_equals_reference_restatement(block_scale):
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     torch.manual_seed(123)
     ours = BlurLoss(block_scale=block_scale)(net=_RecordingNet(), images=images)
     torch.manual_seed(123)
-    ref = _reference_blur_loss(_RecordingNet(), images, block_scale=block_scale)
+    ref = ref_blur_loss(_RecordingNet(), images, block_scale=block_scale)
     assert ours.shape == images.shape and ours.dtype == torch.float64
     # Same draws, same sigmas; only the DCT arithmetic differs (float32 matrix vs scipy float64).
     assert torch.equal(_RecordingNet.last_sigma[0], _RecordingNet.last_sigma[1])

@@ -24,7 +24,6 @@ import quickstart
 import train
 from metrics.inception import InceptionV3
 import training
-from torch_utils import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOW, HIGH, UP = 8, 32, 4  # First-stage resolution, second-stage resolution, up_scale.

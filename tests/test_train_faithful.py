@@ -1,6 +1,6 @@
 """The training loop trains exactly as the reference RDM loop does.
 
-`reference_training` below restates the reference's training step on its own (read from
+`ref_training` (tests/reference_restatement.py) restates the reference's training step on its own (read from
 THUDM/RelayDiffusion training/training_loop.py): per-rank seeding, the data iterator created
 before the network, the module-summary forward pass (its dropout draws from the same stream),
 the EMA copy, then per step: gradient accumulation with the summed per-pixel loss multiplied by
@@ -12,7 +12,6 @@ stage at 64 px and at another resolution, and for the second (blurring) stage.
 Run as a script to print the distances:  python tests/test_train_faithful.py
 """
 
-import copy
 import json
 import os
 import sys
@@ -25,9 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dnnlib  # noqa: E402
-from torch_utils import misc  # noqa: E402
 from training import training_loop  # noqa: E402
+from reference_restatement import ref_training  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Tiny setups: DDPM++ with 8 channels and one block per level, three Adam steps of 4 images
@@ -74,61 +72,6 @@ def _make_dataset(folder, resolution, n=12):
                 cache=True)
 
 
-#----------------------------------------------------------------------------
-# The reference's loop, restated: one process, CPU.
-
-def reference_training(dataset_kwargs, network_kwargs, loss_kwargs, augment_kwargs, optimizer_kwargs, num_steps,
-                       seed, batch_size, batch_gpu, ema_halflife_kimg, ema_rampup_ratio, lr_rampup_kimg, loss_scaling,
-                       divisor=None):
-    """divisor=None: the reference's rule; a number: that constant instead (EDM's rule is the
-    images per process)."""
-    np.random.seed(seed % (1 << 31))  # (seed * world + rank) with world = 1, rank = 0.
-    torch.manual_seed(np.random.randint(1 << 31))
-    rounds = batch_size // batch_gpu
-
-    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    sampler = misc.InfiniteSampler(dataset=dataset, rank=0, num_replicas=1, seed=seed)
-    batches = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu))
-
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
-                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
-    net.train().requires_grad_(True)
-    initial = copy.deepcopy(net)
-    with torch.no_grad():  # The module summary's forward pass: dropout draws happen here too.
-        net(torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]),
-            torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim]))
-
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-
-    nimg = 0
-    for _step in range(num_steps):
-        optimizer.zero_grad(set_to_none=True)
-        for _round in range(rounds):
-            images, labels = next(batches)
-            images = images.to(torch.float32) / 127.5 - 1
-            loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=augment_pipe)
-            t = (32 if images.shape[-1] == 64 else 256) if divisor is None else divisor
-            loss.sum().mul(loss_scaling / t).backward()
-        for group in optimizer.param_groups:
-            group['lr'] = optimizer_kwargs['lr'] * min(nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        optimizer.step()
-        halflife = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            halflife = min(halflife, nimg * ema_rampup_ratio)
-        beta = 0.5 ** (batch_size / max(halflife, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-        nimg += batch_size
-    return initial, net, ema
-
-
 def project_training(run_dir, dataset_kwargs, network_kwargs, loss_kwargs, augment_kwargs, optimizer_kwargs,
                      num_steps, loss_norm='reference', **schedule):
     result = training_loop.training_loop(loss_norm=loss_norm,
@@ -152,7 +95,7 @@ def relative_distances(case, root, loss_norm='reference', divisor=None):
     network_kwargs = _tiny_network(9 if augment_kwargs else 0)
     common = dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
                   augment_kwargs=augment_kwargs, optimizer_kwargs=OPTIMIZER, num_steps=NUM_STEPS, **SCHEDULE)
-    initial, ref_net, ref_ema = reference_training(**common, divisor=divisor)
+    initial, ref_net, ref_ema = ref_training(**common, divisor=divisor)
     run_dir = os.path.join(root, f'run-{case}-{loss_norm}')
     os.makedirs(run_dir)
     net, ema = project_training(run_dir, **common, loss_norm=loss_norm)
