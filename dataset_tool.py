@@ -14,9 +14,10 @@ Differences from EDM's tool, on purpose:
 - The destination appears only when complete (written under a temporary name, then renamed),
   and is never written over. Zip entries carry a fixed time stamp, so the same input gives the
   same archive bytes, with any --workers (at most one per CPU; the workers import no torch).
+- Sources are read without trusting them: CIFAR-10's pickles through the checkpoint reader's
+  allow-list (nothing runs), and no source makes the tool allocate more than its bytes justify.
 """
 
-import codecs
 import contextlib
 import dataclasses
 import gzip
@@ -25,7 +26,6 @@ import json
 import multiprocessing
 import operator
 import os
-import pickle
 import re
 import struct
 import sys
@@ -77,23 +77,17 @@ def parse_resolution(ctx, param, value):
     return tuple(size)
 
 def check_options(transform, resolution, max_images, dest):
-    if max_images is not None and max_images < 1:
-        raise UserError('--max-images must be at least 1')
-    if not dest:
-        raise UserError('--dest must not be empty')
-    if transform is not None and resolution is None:
-        raise UserError(f'--transform={transform} needs --resolution=WxH')
-    if resolution is None:
-        return
-    w, h = resolution
-    if transform == 'center-crop-wide':
-        if h > w:
-            raise UserError(f'--transform=center-crop-wide needs H <= W in --resolution, got {w}x{h}')
-    elif w != h:
-        raise UserError(f'--resolution must be square (got {w}x{h}); only center-crop-wide takes W > H '
-                        f'and pads the result to WxW')
-    if w & (w - 1):
-        raise UserError(f'--resolution width must be a power of two (got {w}): the networks halve it at every level')
+    (w, h), wide = resolution or (1, 1), transform == 'center-crop-wide'
+    for bad, problem in [
+        (max_images is not None and max_images < 1, '--max-images must be at least 1'),
+        (not dest, '--dest must not be empty'),
+        (transform is not None and resolution is None, f'--transform={transform} needs --resolution=WxH'),
+        (wide and h > w, f'--transform=center-crop-wide needs H <= W in --resolution, got {w}x{h}'),
+        (not wide and w != h, f'--resolution must be square (got {w}x{h}); only center-crop-wide takes W > H '
+                              f'and pads the result to WxW'),
+        (w & (w - 1), f'--resolution width must be a power of two (got {w}): the networks halve it at every level')]:
+        if bad:
+            raise UserError(problem)
 
 def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -117,13 +111,6 @@ class Source:
         """The item's name in messages and the skip list."""
         return self.refs[i] if self.kind in ('folder', 'zip') else f'{os.path.basename(self.path)}[{i}]'
 
-def is_image_name(name):
-    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
-
-def is_hidden(relpath):
-    # Dot files (.DS_Store, macOS '._x.jpg' shadows) and zips' __MACOSX folders are not data.
-    return any(part.startswith('.') or part == '__MACOSX' for part in relpath.split('/'))
-
 def class_labels(values, count, where):
     """A source's labels as class indices that training accepts, one per image."""
     try:
@@ -134,114 +121,51 @@ def class_labels(values, count, where):
         raise UserError(f'{where}: expected {count} labels, integers in 0..{data_files.MAX_CLASSES - 1}')
     return labels
 
-def read_meta_labels(f, where, num_images):
-    """A source's dataset.json, checked by the same rules as training's reader."""
+def labels_from_json(src, f, where):
+    """Labels from the source's own dataset.json, by the rules training reads it with."""
     try:
-        meta = data_files.read_json(f, where, num_images)
-        labels = data_files.parse_labels(meta, where)
+        meta = data_files.read_json(f, where, len(src.refs))
+        table = data_files.parse_labels(meta, where)
     except data_files.DatasetError as err:
-        raise UserError(f'{err}; fix or remove it') from None
-    class_names = meta.get('class_names')
-    if not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
-        class_names = None
-    return None if labels is None else dict(labels=labels, class_names=class_names)
+        raise UserError(f'{err.message}; fix or remove it') from None
+    missing = sum(1 for n in src.refs if n not in (table or {}))
+    if table is not None and missing:
+        src.notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
+    elif table is not None:
+        names = meta.get('class_names')
+        src.labels = [table[n] for n in src.refs]
+        src.class_names = names if isinstance(names, list) and all(isinstance(c, str) for c in names) else None
 
-def labels_from_names(src, meta):
-    """Labels from a source's own dataset.json (`meta`), else from first-level folder names."""
-    if meta is not None:
-        missing = sum(1 for p in src.refs if p not in meta['labels'])
-        if missing == 0:
-            src.labels, src.class_names = [meta['labels'][p] for p in src.refs], meta['class_names']
-        else:
-            src.notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
-        return
-    tops = [p.split('/')[0] if '/' in p else None for p in src.refs]
-    folders = sorted(set(t for t in tops if t is not None))
-    if len(folders) < 2:
-        return  # One folder or none: nothing to tell apart (as EDM).
-    if None in tops:
+def labels_from_folders(src):
+    """Labels from first-level folder names, sorted, over ALL listed files: ids depend neither on
+    --max-images nor on which files turn out unreadable (ImageNet: n01440764 = 0, ...)."""
+    tops = [n.split('/')[0] if '/' in n else None for n in src.refs]
+    folders = sorted(set(tops) - {None})
+    if len(folders) >= 2 and None in tops:
         src.notes.append(f'{tops.count(None)} images lie beside the class folders, not in one: writing no labels')
-        return
-    # Ids follow sorted folder names over ALL listed files, so they do not depend on
-    # --max-images or on which files turn out unreadable (ImageNet: n01440764 = 0, ...).
-    index = {name: i for i, name in enumerate(folders)}
-    src.labels, src.class_names = [index[t] for t in tops], folders
+    elif len(folders) >= 2:  # One folder or none: nothing to tell apart (as EDM).
+        index = {name: i for i, name in enumerate(folders)}
+        src.labels, src.class_names = [index[t] for t in tops], folders
 
-def open_folder(path):
-    found, ignored, seen = [], 0, set()
-    def walk(folder, rel):
-        nonlocal ignored
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:  # Symlink loop.
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if is_hidden(e.name):
-                    continue
-                if e.is_dir():
-                    walk(e.path, f'{rel}{e.name}/')
-                elif e.is_file():  # Regular files (links followed): no FIFOs or devices.
-                    if is_image_name(e.name):
-                        found.append(f'{rel}{e.name}')
-                    elif f'{rel}{e.name}' != 'dataset.json':
-                        ignored += 1
-    walk(path, '')
-    src = Source(kind='folder', path=path, refs=sorted(found))
-    meta = None
-    if os.path.isfile(os.path.join(path, 'dataset.json')):
+def open_files(path, kind):
+    """A folder or zip of image files (hidden ones, FIFOs and devices left out)."""
+    names = data_files.list_files(path)
+    src = Source(kind=kind, path=path, refs=[n for n in names if data_files.is_image_name(n)])
+    ignored = len(names) - len(src.refs) - int('dataset.json' in names)
+    if ignored:
+        src.notes.append(f'ignored {ignored} {"files" if kind == "folder" else "zip members"} without an image extension')
+    if 'dataset.json' not in names:
+        labels_from_folders(src)
+    elif kind == 'folder':
         with open(os.path.join(path, 'dataset.json'), 'rb') as f:
-            meta = read_meta_labels(f, os.path.join(path, 'dataset.json'), len(found))
-    labels_from_names(src, meta)
-    if ignored:
-        src.notes.append(f'ignored {ignored} files without an image extension')
+            labels_from_json(src, f, os.path.join(path, 'dataset.json'))
+    else:
+        with zipfile.ZipFile(path) as z, z.open('dataset.json') as f:
+            labels_from_json(src, f, f'{path}: dataset.json')
     return src
-
-def open_zip(path):
-    try:
-        with zipfile.ZipFile(path) as z:
-            visible = [i.filename for i in z.infolist() if not i.is_dir() and not is_hidden(i.filename)]
-            # A repeated name is one image (the last).
-            src = Source(kind='zip', path=path, refs=sorted(set(m for m in visible if is_image_name(m))))
-            meta = None
-            if 'dataset.json' in visible:
-                with z.open('dataset.json') as f:
-                    meta = read_meta_labels(f, f'{path}: dataset.json', len(src.refs))
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
-        raise UserError(f'cannot read zip file {path}: {err}') from None
-    labels_from_names(src, meta)
-    ignored = sum(1 for m in visible if not is_image_name(m) and m != 'dataset.json')
-    if ignored:
-        src.notes.append(f'ignored {ignored} zip members without an image extension')
-    return src
-
-try:  # numpy >= 2 moved numpy.core to numpy._core.
-    from numpy._core import multiarray as _multiarray, numeric as _numeric
-except ImportError:
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
-
-def _empty_array(subtype, shape, typecode):
-    """numpy's _reconstruct, as ndarray pickles call it (an empty array that their state then
-    fills): refused for any other shape, so a crafted batch cannot allocate by shape."""
-    if subtype is not np.ndarray or tuple(shape) != (0,):
-        raise pickle.UnpicklingError(f'unexpected array construction {subtype}{tuple(shape)}')
-    return np.ndarray((0,), np.uint8)
-
-class _ArrayUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
-    """CIFAR-10 batches are pickles: allow only what numpy arrays need, so a crafted file cannot
-    run code; the pure-Python unpickler keeps its memo in a dict (a crafted memo index cannot
-    make it allocate a table)."""
-    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode,
-               **{(f'numpy.{core}.{module}', name): fn for core in ('core', '_core') for module, name, fn in [
-                   ('multiarray', '_reconstruct', _empty_array), ('multiarray', 'scalar', _multiarray.scalar),
-                   ('numeric', '_frombuffer', _numeric._frombuffer)]}}  # pylint: disable=protected-access
-
-    def find_class(self, module, name):
-        if self.allowed.get((module, name)) is None:
-            raise pickle.UnpicklingError(f'unexpected object {module}.{name} in a CIFAR-10 batch')
-        return self.allowed[(module, name)]
 
 def open_cifar10(path):
+    from torch_utils import checkpoint  # pylint: disable=import-outside-toplevel  Here only: workers import no torch.
     images, labels = [], []
     try:
         with tarfile.open(path, 'r:*') as tar:
@@ -249,16 +173,15 @@ def open_cifar10(path):
                 info = tar.getmember(member)
                 if not info.isfile() or info.size > MAX_CIFAR10_BATCH_BYTES:
                     raise ValueError(f'{member} is not a CIFAR-10 batch file ({info.size} bytes)')
-                batch = _ArrayUnpickler(tar.extractfile(info), encoding='latin1').load()
+                batch = checkpoint.read_pickle(io.BytesIO(tar.extractfile(info).read()), encoding='latin1')
                 data = batch.get('data') if isinstance(batch, dict) else None
                 if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
                     raise ValueError(f'{member}: expected a dict whose "data" is a uint8 array of shape [N, 3072]')
                 images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW => NHWC
-                labels += class_labels(batch.get('labels'), len(data), f'{path}: {member}')
-    except UserError:
-        raise
-    except Exception as err:  # Damaged tar or gzip, or a pickle that is not a batch: all "not CIFAR-10".
+                labels.append((batch.get('labels'), len(data), f'{path}: {member}'))
+    except Exception as err:  # pylint: disable=broad-except  Damaged tar or gzip, a pickle that is no batch: not CIFAR-10.
         raise UserError(f'cannot read CIFAR-10 tarball {path}: {type(err).__name__}: {err}') from None
+    labels = [label for args in labels for label in class_labels(*args)]
     return Source(kind='cifar10', path=path, refs=np.concatenate(images), labels=labels, mode='RGB')
 
 def read_idx(path, magic, ndim):
@@ -353,21 +276,21 @@ def open_npz(path):
     return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 
 def open_source(path):
-    PIL.Image.init()
-    if os.path.isdir(path):
-        try:
-            return open_folder(path)
-        except OSError as err:
-            raise UserError(f'cannot list --source {path}: {err}') from None
-    if not os.path.isfile(path):
+    kinds = {'.zip': None, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist, '.tar.gz': open_cifar10,
+             '.tgz': open_cifar10, '.tar': open_cifar10}
+    ending = next((e for e in kinds if path.lower().endswith(e)), None)
+    if not os.path.isdir(path) and not os.path.isfile(path):
         raise UserError(f'--source {path}: no such file or folder')
-    kinds = {'.zip': open_zip, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist,
-             '.tar.gz': open_cifar10, '.tgz': open_cifar10, '.tar': open_cifar10}
-    for ending, opener in kinds.items():
-        if path.lower().endswith(ending):
-            return opener(path)
-    raise UserError(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
-                    f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
+    if os.path.isfile(path) and ending is None:
+        raise UserError(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
+                        f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
+    if os.path.isfile(path) and kinds[ending] is not None:
+        return kinds[ending](path)
+    kind = 'folder' if os.path.isdir(path) else 'zip'
+    try:
+        return open_files(path, kind)
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise UserError(f'cannot read {"zip file" if kind == "zip" else "folder"} {path}: {err}') from None
 
 #----------------------------------------------------------------------------
 # Transforms of uint8 HW or HWC arrays to a width x height target.
@@ -471,10 +394,9 @@ def process_item(ref):
     except Exception as err:  # pylint: disable=broad-except  Any decoder failure: "not a usable image".
         reason = f'{err}' if isinstance(err, data_files.DatasetError) else f'{type(err).__name__}: {err}'
         return ('unreadable', reason.removeprefix(f'{name}: '))
-    w, h = img.size
-    upscaled = is_small(s.transform, *(s.resolution or (None, None)), w, h)
+    upscaled = is_small(s.transform, *(s.resolution or (None, None)), *img.size)
     if upscaled and s.small != 'upscale':
-        return ('small', w, h)
+        return ('small', *img.size)
     out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
     buf = io.BytesIO()
     PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import dnnlib
+from dnnlib import UserError
 from dnnlib.util import FiniteFloatRange, parse_int_list
 from training.pipeline import MAX_SEED, RelayPipeline
 
@@ -85,14 +86,11 @@ def make_shapes_image(rng: np.random.Generator, resolution: int = 64) -> np.ndar
 
 
 def write_shapes_folder(folder: str, num_images: int, resolution: int = 64, seed: int = 0) -> None:
-    """Write `num_images` PNGs into `folder` (created via a temp name, so never half written)."""
-    tmp = folder + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Write `num_images` PNGs into `folder`, which appears only when complete (atomic_write)."""
     rng = np.random.default_rng(seed)
-    for i in range(num_images):
-        Image.fromarray(make_shapes_image(rng, resolution)).save(os.path.join(tmp, f'shape{i:05d}.png'))
-    os.replace(tmp, folder)
+    with dnnlib.util.atomic_write(folder, directory=True, overwrite=False) as tmp:
+        for i in range(num_images):
+            Image.fromarray(make_shapes_image(rng, resolution)).save(os.path.join(tmp, f'shape{i:05d}.png'))
 
 
 #----------------------------------------------------------------------------
@@ -101,33 +99,28 @@ def write_shapes_folder(folder: str, num_images: int, resolution: int = 64, seed
 def run_step(args: list[str]) -> None:
     cmd = [sys.executable, *args]
     print('+ ' + ' '.join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT)
+    result = subprocess.run(cmd, cwd=ROOT, check=False)
     if result.returncode != 0:
-        raise click.ClickException(f'step failed (exit {result.returncode}): {" ".join(args[:1])}; see its output above')
-
-
-def train_args(options: dict) -> list[str]:
-    return [f'--{key}={value}' for key, value in options.items()]
+        raise UserError(f'step failed (exit {result.returncode}): {" ".join(args[:1])}; see its output above')
 
 
 def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -> str:
-    """Train one stage into outdir/name (unless done) and return its final network snapshot."""
+    """Train one stage into outdir/name (unless done; the folder appears only when complete) and
+    return its final network snapshot."""
     run_dir = os.path.join(outdir, name)
     snapshot = os.path.join(run_dir, 'network-final.pkl')
     if os.path.isfile(snapshot):
         print(f'{name}: {snapshot} exists, skipping training')
         return snapshot
-    if os.path.exists(run_dir):
-        raise click.ClickException(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
-    tmp_dir = run_dir + '.tmp'
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    run_step(['train.py', f'--outdir={tmp_dir}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
-              *train_args(options)])
-    snapshots = sorted(glob.glob(os.path.join(tmp_dir, 'network-snapshot-*.pkl')))
-    if not snapshots:
-        raise click.ClickException(f'{name}: training wrote no network snapshot in {tmp_dir}')
-    shutil.copyfile(snapshots[-1], os.path.join(tmp_dir, 'network-final.pkl'))
-    os.replace(tmp_dir, run_dir)
+    if os.path.lexists(run_dir):
+        raise UserError(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
+    with dnnlib.util.atomic_write(run_dir, directory=True, overwrite=False) as tmp:
+        run_step(['train.py', f'--outdir={tmp}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
+                  *[f'--{key}={value}' for key, value in options.items()]])
+        snapshots = sorted(glob.glob(os.path.join(glob.escape(tmp), 'network-snapshot-*.pkl')))
+        if not snapshots:
+            raise UserError(f'{name}: training wrote no network snapshot')
+        shutil.copyfile(snapshots[-1], os.path.join(tmp, 'network-final.pkl'))
     return snapshot
 
 
@@ -185,17 +178,15 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
         seed_list = parse_int_list(seeds, limit=MAX_SEEDS, max_value=MAX_SEED, what='seeds')
         relay_list = parse_int_list(relay_seeds, limit=MAX_RELAY_SEEDS, max_value=MAX_SEED, what='seeds')
     except ValueError as err:
-        raise click.UsageError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}')
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise click.UsageError(f'--outdir "{outdir}" exists and is not a folder; choose another --outdir')
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as err:
-        raise click.UsageError(f'--outdir "{outdir}" cannot be created ({err.strerror}); choose another --outdir')
+        raise UserError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}') from None
+    problem = dnnlib.util.folder_write_problem(outdir)
+    if problem:
+        raise UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
+    os.makedirs(outdir, exist_ok=True)
 
     # 1. Procedural images.
     raw = os.path.join(outdir, 'shapes-raw')
-    if not os.path.isdir(raw):
+    if not os.path.lexists(raw):
         print(f'Drawing {num_images} procedural images into {raw} ...')
         write_shapes_folder(raw, num_images)
 

@@ -477,10 +477,9 @@ def format_markdown(rows, header):
 
 
 def _write_atomic(path, text):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    import dnnlib.util  # pylint: disable=import-outside-toplevel
+    with dnnlib.util.atomic_write(path, 'w') as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

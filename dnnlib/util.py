@@ -1,4 +1,5 @@
-"""Generic helpers: attribute dicts, object lookup by dotted name, URL download with a cache."""
+"""Generic helpers: the user-error type, attribute dicts, objects by dotted name, atomic writes,
+output checks, downloads into a cache, console helpers."""
 
 import contextlib
 import hashlib
@@ -37,11 +38,8 @@ class EasyDict(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
-
-    def __delattr__(self, name: str) -> None:
-        del self[name]
+    __setattr__ = dict.__setitem__
+    __delattr__ = dict.__delitem__
 
 
 #----------------------------------------------------------------------------
@@ -89,84 +87,12 @@ class FiniteFloatRange(click.FloatRange):
 # Objects by dotted name, e.g. construct_class_by_name(class_name='training.loss.EDMLoss').
 
 def get_obj_by_name(name: str) -> Any:
-    """Import the longest importable module prefix of `name` and walk the remaining attributes."""
-    parts = name.split('.')
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = '.'.join(parts[:split])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and not module_name.startswith(err.name):
-                raise  # A real missing dependency inside an existing module.
-            continue
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f'Cannot find an object named "{name}"')
-
-
-def call_func_by_name(*args, func_name: str, **kwargs) -> Any:
-    func = get_obj_by_name(func_name)
-    if not callable(func):
-        raise TypeError(f'"{func_name}" is not callable')
-    return func(*args, **kwargs)
+    module, _, attr = name.rpartition('.')
+    return getattr(importlib.import_module(module), attr)
 
 
 def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
-    return call_func_by_name(*args, func_name=class_name, **kwargs)
-
-
-#----------------------------------------------------------------------------
-# Cache folder and URL access.
-
-def make_cache_dir_path(*paths: str) -> str:
-    """Cache root: $DNNLIB_CACHE_DIR, else $XDG_CACHE_HOME/dnnlib, else ~/.cache/dnnlib."""
-    if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'XDG_CACHE_HOME' in os.environ:
-        return os.path.join(os.environ['XDG_CACHE_HOME'], 'dnnlib', *paths)
-    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
-
-
-def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    if not isinstance(obj, str) or '://' not in obj:
-        return False
-    scheme = urllib.parse.urlparse(obj).scheme
-    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
-
-
-def _file_url_to_path(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    return urllib.request.url2pathname(parsed.netloc + parsed.path)
-
-
-def _cache_file_name(url: str) -> str:
-    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
-    base = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
-    return f'{url_md5}_{base}'
-
-
-DEFAULT_MAX_DOWNLOAD_BYTES = 4 << 30   # A URL of unknown size: more than any detector or reference set.
-DEFAULT_DOWNLOAD_SECONDS = 4 * 3600    # Overall deadline of one download (stalls end sooner: 60 s socket timeout).
-_CHUNK = 1 << 20
-
-
-class DownloadError(OSError):
-    """A download failed, was larger than allowed, or did not match its expected SHA-256."""
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha256(path: str, sha256: str | None, what: str) -> None:
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise DownloadError(f'{what}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
+    return get_obj_by_name(class_name)(*args, **kwargs)
 
 #----------------------------------------------------------------------------
 # Atomic writes: every output (snapshot, PNG, dataset, download, JSON) is written under a
@@ -189,7 +115,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError, ValueError):
-        return True
+        pass
     return True
 
 
@@ -198,35 +124,27 @@ def temp_name(path) -> str:
     return os.path.join(folder, f'.{base}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
 
 
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def remove_stale_temporaries(path) -> list:
     """Remove the temporaries of `path` that dead processes of this host left; returns their paths."""
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
     ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'(\d+)\.[0-9a-f]{8}\.tmp')
-    removed = []
     try:
         names = os.listdir(folder)
     except OSError:
-        return removed
-    for name in names:
-        m = ours.fullmatch(name)
-        if m is None or pid_alive(int(m.group(1))):
-            continue
-        full = os.path.join(folder, name)
-        try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.remove(full)
-            removed.append(full)
-        except OSError:
-            pass  # Gone meanwhile, or not ours to remove: leave it.
-    return removed
-
-
-def current_umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+        return []
+    stale = [os.path.join(folder, n) for n in names if (m := ours.fullmatch(n)) and not pid_alive(int(m.group(1)))]
+    for full in stale:
+        with contextlib.suppress(OSError):  # Gone meanwhile, or not ours to remove: leave it.
+            _remove(full)
+    return stale
 
 
 @contextlib.contextmanager
@@ -239,29 +157,23 @@ def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: boo
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temporaries(path)
     tmp = temp_name(path)
-    umask = current_umask()
     try:
         if directory:
-            os.mkdir(tmp, 0o777 & ~umask)
+            os.mkdir(tmp)
             yield tmp
         else:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
-            with open(tmp, mode, **open_kwargs) as f:
+            with open(tmp, mode.replace('w', 'x'), **open_kwargs) as f:  # 'x': never someone else's file.
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-        if directory or overwrite:
-            if not overwrite and os.path.isdir(path) and os.listdir(path):
-                raise FileExistsError(f'{path} appeared meanwhile')
-            os.replace(tmp, path)  # A folder replaces only an empty folder.
-        else:
+        if not overwrite and not directory:
             os.link(tmp, path)  # Fails if path exists: never clobber.
-    finally:
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        elif not overwrite and os.path.isdir(path) and os.listdir(path):
+            raise FileExistsError(f'{path} appeared meanwhile')
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+            os.replace(tmp, path)  # A folder replaces only an empty folder.
+    finally:
+        _remove(tmp)
 
 #----------------------------------------------------------------------------
 # Output checks before long work: a real write, since permission bits say nothing for root or
@@ -270,10 +182,9 @@ def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: boo
 
 def folder_write_problem(folder) -> str | None:
     """Why `folder` (existing, or to be created) cannot take new files; None if it can."""
-    folder = os.path.abspath(os.fspath(folder))
+    folder = existing = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
         return f'{folder} is a file, not a folder'
-    existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
@@ -289,9 +200,9 @@ def folder_write_problem(folder) -> str | None:
 def file_write_problem(path) -> str | None:
     """Why the file `path` cannot be written in its (existing) folder; None if it can."""
     path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
     if os.path.isdir(path):
         return f'{path} is a folder'
-    folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         return f'its folder {folder} ' + ('is a file' if os.path.exists(folder) else 'does not exist')
     return folder_write_problem(folder)
@@ -299,100 +210,111 @@ def file_write_problem(path) -> str | None:
 #----------------------------------------------------------------------------
 # Downloads.
 
-def _download(url: str, dst, max_bytes: int, deadline_s: float, verbose: bool) -> str:
-    """Stream `url` into the open binary file `dst`, at most `max_bytes`; return its SHA-256."""
-    if verbose:
-        print(f'Downloading {url} ...', flush=True)
+DEFAULT_MAX_DOWNLOAD_BYTES = 4 << 30   # A URL of unknown size: more than any detector or reference set.
+DEFAULT_DOWNLOAD_SECONDS = 4 * 3600    # Overall deadline of one download (a stalled read ends after 60 s).
+_CHUNK = 1 << 20
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Cache root: $DNNLIB_CACHE_DIR, else $XDG_CACHE_HOME/dnnlib, else ~/.cache/dnnlib."""
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    if 'XDG_CACHE_HOME' in os.environ:
+        return os.path.join(os.environ['XDG_CACHE_HOME'], 'dnnlib', *paths)
+    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    scheme = urllib.parse.urlparse(obj).scheme
+    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+
+
+def _cache_file_name(url: str) -> str:
+    base = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+    return f'{hashlib.md5(url.encode("utf-8")).hexdigest()}_{base}'
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    give_up = time.monotonic() + deadline_s
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, dst, max_bytes: int, deadline_s: float) -> str:
+    """Stream `url` into the binary file `dst`: at most `max_bytes`, within `deadline_s` (checked
+    after every network read, so a server dripping bytes is stopped too). Returns its SHA-256."""
+    digest, give_up, total = hashlib.sha256(), time.monotonic() + deadline_s, 0
     with urllib.request.urlopen(url, timeout=60) as response:
-        declared = response.headers.get('Content-Length')
-        declared = int(declared) if declared is not None and declared.strip().isdigit() else None
+        declared = response.headers.get('Content-Length', '').strip()
+        declared = int(declared) if declared.isdigit() else None
         if declared is not None and declared > max_bytes:
-            raise DownloadError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
-        total = 0
-        for chunk in iter(lambda: response.read(_CHUNK), b''):
+            raise UserError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
+        for chunk in iter(lambda: response.read1(_CHUNK), b''):
             total += len(chunk)
             if total > max_bytes:
-                raise DownloadError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
+                raise UserError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
             if time.monotonic() > give_up:
-                raise DownloadError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
+                raise UserError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
             digest.update(chunk)
             dst.write(chunk)
-        if declared is not None and total != declared:
-            raise OSError(f'download truncated: {total} of {declared} bytes')
+    if declared is not None and total != declared:
+        raise OSError(f'download truncated: {total} of {declared} bytes')
     return digest.hexdigest()
 
 
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True, sha256: str | None = None,
-             max_bytes: int | None = None, deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=None):
+             return_filename: bool = False, sha256: str | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+             deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=None):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object (or its path).
 
-    http(s) URLs are streamed to disk, never held whole in memory: into the cache folder (once,
-    through atomic_write), or with cache=False into an anonymous temporary file. A download of
-    more than `max_bytes` (default DEFAULT_MAX_DOWNLOAD_BYTES) or longer than `deadline_s` is
-    stopped. With `sha256` (hex) the content must have that SHA-256, whether it is a local file, a
-    cache hit or a fresh download (a cache entry that does not match is downloaded again).
-    `check(path)` may raise DownloadError to refuse a download (an HTML error page instead of a
-    checkpoint): it then never enters the cache. Raises OSError (DownloadError for a refused download) with
-    the URL in the message.
+    http(s) URLs are streamed, once, into the cache folder (through atomic_write); a download of
+    more than `max_bytes` or longer than `deadline_s` is stopped. With `sha256` (hex) the content
+    must have that SHA-256, whether it is a local file, a cache hit or a fresh download (a cache
+    entry that does not match is downloaded again). `check(path)` may raise UserError to refuse a
+    download (an HTML error page instead of a checkpoint): it then never enters the cache.
+    Refusals raise UserError, other failures OSError; both name the URL.
     """
-    if not isinstance(url, str) or not url:
-        raise ValueError('open_url() needs a non-empty path or URL')
-    if sha256 is not None:
-        if not isinstance(sha256, str) or not re.fullmatch(r'[0-9a-fA-F]{64}', sha256):
-            raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
-        sha256 = sha256.lower()
-    max_bytes = DEFAULT_MAX_DOWNLOAD_BYTES if max_bytes is None else int(max_bytes)
-
-    # Local files.
-    if not is_url(url, allow_file_urls=True) or url.startswith('file://'):
-        path = _file_url_to_path(url) if url.startswith('file://') else url
+    if sha256 is not None and not re.fullmatch(r'[0-9a-fA-F]{64}', str(sha256)):
+        raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
+    sha256 = sha256 and sha256.lower()
+    if not is_url(url):
+        path = urllib.request.url2pathname(urllib.parse.urlparse(url).netloc + urllib.parse.urlparse(url).path) \
+            if url.startswith('file://') else url
         if not os.path.isfile(path):
             raise FileNotFoundError(f'No such file: {path}' + (f' (from {url})' if path != url else ''))
-        _check_sha256(path, sha256, path)
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise UserError(f'{path}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
         return path if return_filename else open(path, 'rb')
-    if return_filename and not cache:
-        raise ValueError('open_url(return_filename=True) needs cache=True for remote URLs')
-
-    # Cached download?
     cache_path = os.path.join(cache_dir or make_cache_dir_path('downloads'), _cache_file_name(url))
-    if cache and os.path.isfile(cache_path):
+    if os.path.isfile(cache_path):
         if sha256 is None or file_sha256(cache_path) == sha256:
             return cache_path if return_filename else open(cache_path, 'rb')
         if verbose:
             print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
-
     for attempt in range(num_attempts):
         try:
-            if not cache:
-                dst = tempfile.TemporaryFile()
-                try:
-                    digest = _download(url, dst, max_bytes, deadline_s, verbose)
-                    if sha256 is not None and digest != sha256:
-                        raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
-                except BaseException:
-                    dst.close()
-                    raise
-                dst.seek(0)
-                return dst
+            if verbose:
+                print(f'Downloading {url} ...', flush=True)
             with atomic_write(cache_path, 'w+b') as dst:
-                digest = _download(url, dst, max_bytes, deadline_s, verbose)
-                if sha256 is not None and digest != sha256:
-                    raise DownloadError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
+                digest = _download(url, dst, max_bytes, deadline_s)
+                if sha256 not in (None, digest):
+                    raise UserError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
                 if check is not None:
                     dst.flush()
                     check(dst.name)
             return cache_path if return_filename else open(cache_path, 'rb')
-        except DownloadError:
+        except UserError:
             raise  # Size, time, hash and content refusals are not transient.
-        except Exception as err:  # urllib raises several unrelated exception types.
+        except Exception as err:  # pylint: disable=broad-except  urllib raises several unrelated types.
             if attempt == num_attempts - 1:
                 raise OSError(f'Cannot download {url}: {err}') from err
             time.sleep(1)
     raise OSError(f'Cannot download {url}: no attempts made (num_attempts={num_attempts})')
-
 
 #----------------------------------------------------------------------------
 # Console helpers used by the training loop.
@@ -410,19 +332,13 @@ def format_time(seconds: float) -> str:
 
 
 class Logger:
-    """Copy everything written to stdout/stderr into a log file as well.
-
-    Used as a context manager or closed explicitly; `close()` puts the original streams back so
-    that tests (and scripts that train twice in one process) do not keep writing into old files.
-    """
+    """Copies everything written to stdout and stderr into a file as well. Used as a context
+    manager or closed explicitly: close() puts the original streams back (unless replaced since)."""
 
     def __init__(self, file_name: str | None = None, file_mode: str = 'w', should_flush: bool = True):
         self.file = open(file_name, file_mode) if file_name is not None else None
-        self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.should_flush, self.stdout, self.stderr = should_flush, sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self
 
     def __enter__(self) -> 'Logger':
         return self
@@ -431,27 +347,21 @@ class Logger:
         self.close()
 
     def write(self, text: str | bytes) -> None:
-        if isinstance(text, bytes):
-            text = text.decode()
-        if len(text) == 0:
-            return
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
+        text = text.decode() if isinstance(text, bytes) else text
+        for stream in filter(None, (self.file, self.stdout)):
+            stream.write(text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for stream in filter(None, (self.file, self.stdout)):
+            stream.flush()
 
     def isatty(self) -> bool:
         return False
 
     def close(self) -> None:
         self.flush()
-        # Only restore the streams if nobody replaced us in the meantime.
         if sys.stdout is self:
             sys.stdout = self.stdout
         if sys.stderr is self:

@@ -1,12 +1,13 @@
 """The reference implementation's maths, re-stated plainly for tests and benchmarks (one copy):
 the stacked per-seed generators, the time steps, per-block scipy DCTs, get_alpha_t's blur
 schedule through scipy one noise level at a time, the 16-roll block noise, EDM's max_size
-subset, BlurLoss and the training loop. Slow on purpose:
+subset, BlurLoss, the training loop and dataset_tool's crops (EDM's, ADM's). Slow on purpose:
 it follows the reference's operations, so the optimised code can be checked against it."""
 
 import copy
 
 import numpy as np
+import PIL.Image
 import scipy.fft
 import scipy.stats
 import torch
@@ -158,3 +159,35 @@ def ref_training(dataset_kwargs, network_kwargs, loss_kwargs, augment_kwargs, op
                 p_ema.copy_(p_net.detach().lerp(p_ema, beta))
         nimg += batch_size
     return initial, net, ema
+
+#----------------------------------------------------------------------------
+# dataset_tool.py transforms: EDM's center-crop and center-crop-wide, ADM's center_crop_arr
+# (center-crop-dhariwal), on PIL images.
+
+def lanczos(img, size):
+    return img.resize(size, PIL.Image.Resampling.LANCZOS)
+
+
+def ref_center_crop(img, w, h):
+    s = min(img.size)
+    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+    return lanczos(img.crop((left, top, left + s, top + s)), (w, h))
+
+
+def ref_center_crop_wide(img, w, h):
+    band = int(np.round(w * img.size[1] / img.size[0]))
+    top = (img.size[1] - band) // 2
+    img = lanczos(img.crop((0, top, img.size[0], top + band)), (w, h))
+    canvas = PIL.Image.new(img.mode, (w, w), 0)
+    canvas.paste(img, (0, (w - h) // 2))
+    return canvas
+
+
+def ref_dhariwal(img, size):
+    # guided-diffusion center_crop_arr, restated.
+    while img.size[0] >= 2 * size and img.size[1] >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), PIL.Image.BOX)
+    f = size / min(img.size)
+    img = img.resize((int(round(img.size[0] * f)), int(round(img.size[1] * f))), PIL.Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))

@@ -1,14 +1,13 @@
 """training.dataset.ImageFolderDataset: folders, zips, labels, xflip, max_size, errors."""
 
 import json
-import os
-import zipfile
 
 import numpy as np
 import PIL.Image
 import pytest
 
 import dnnlib
+from conftest import write_images, zip_folder
 from reference_restatement import ref_max_size_subset
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -19,35 +18,12 @@ def _images(n, size=8, channels=3, seed=0):
     return rng.randint(0, 256, size=shape, dtype=np.uint8)
 
 
-def _write_folder(folder, images, labels=None, ext='png'):
-    os.makedirs(folder, exist_ok=True)
-    names = []
-    for idx, img in enumerate(images):
-        # Nested folders, as dataset_tool writes them (00000/img00000000.png).
-        name = f'{idx // 4:05d}/img{idx:08d}.{ext}'
-        os.makedirs(os.path.join(folder, os.path.dirname(name)), exist_ok=True)
-        PIL.Image.fromarray(img).save(os.path.join(folder, name))
-        names.append(name)
-    if labels is not None:
-        with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-            json.dump({'labels': [[n, lab] for n, lab in zip(names, labels)]}, f)
-    return names
-
-
-def _zip_folder(folder, zip_path):
-    with zipfile.ZipFile(zip_path, 'w') as zf:
-        for root, _dirs, files in os.walk(folder):
-            for fname in files:
-                full = os.path.join(root, fname)
-                zf.write(full, os.path.relpath(full, folder).replace(os.sep, '/'))
-
-
 def test_folder_and_zip_read_same_pixels_and_labels(tmp_path):
     images = _images(10)
     labels = [i % 3 for i in range(10)]
     folder = tmp_path / 'mydata'
-    _write_folder(folder, images, labels)
-    _zip_folder(folder, tmp_path / 'mydata.zip')
+    write_images(folder, images, labels)
+    zip_folder(folder, tmp_path / 'mydata.zip')
 
     for path in [folder, tmp_path / 'mydata.zip']:
         ds = ImageFolderDataset(str(path), use_labels=True)
@@ -67,7 +43,7 @@ def test_folder_and_zip_read_same_pixels_and_labels(tmp_path):
 def test_float_labels_grayscale_and_no_labels(tmp_path):
     images = _images(4, channels=1)
     labels = [[0.5, -1.0], [1.0, 2.0], [0.0, 0.0], [3.0, 4.5]]
-    _write_folder(tmp_path / 'g', images, labels)
+    write_images(tmp_path / 'g', images, labels)
     ds = ImageFolderDataset(str(tmp_path / 'g'), use_labels=True)
     assert ds.num_channels == 1 and ds.label_dim == 2
     np.testing.assert_array_equal(ds[3][1], np.float32([3.0, 4.5]))
@@ -79,7 +55,7 @@ def test_float_labels_grayscale_and_no_labels(tmp_path):
 
 def test_xflip_max_size_cache(tmp_path):
     images = _images(12)
-    _write_folder(tmp_path / 'd', images)
+    write_images(tmp_path / 'd', images)
     ds = ImageFolderDataset(str(tmp_path / 'd'), xflip=True, cache=True)
     assert len(ds) == 24
     for i in range(12):  # The originals in order, then their mirror images.
@@ -100,8 +76,8 @@ def test_pickled_copy_reads_the_same(tmp_path):
     # DataLoader workers get a pickled copy: it opens the zip itself and keeps the labels.
     import pickle
     images = _images(4)
-    _write_folder(tmp_path / 'src', images, labels=[0, 2, 1, 2])
-    _zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
+    write_images(tmp_path / 'src', images, labels=[0, 2, 1, 2])
+    zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True)
     copy = pickle.loads(pickle.dumps(ds))
     for i in range(4):
@@ -111,7 +87,7 @@ def test_pickled_copy_reads_the_same(tmp_path):
 
 
 def test_jpeg(tmp_path):
-    _write_folder(tmp_path / 'j', _images(3), ext='jpg')
+    write_images(tmp_path / 'j', _images(3), ext='jpg')
     ds = ImageFolderDataset(str(tmp_path / 'j'))
     assert len(ds) == 3 and ds[0][0].shape == (3, 8, 8)
 
@@ -133,21 +109,21 @@ def test_errors(tmp_path, case):
         path.write_bytes(b'not a zip at all')
     elif case == 'mixed':
         path = tmp_path / 'mixed'
-        _write_folder(path, _images(3))
+        write_images(path, _images(3))
         PIL.Image.fromarray(_images(1, size=16)[0]).save(path / 'zz_big.png')
     elif case == 'corrupt':
         path = tmp_path / 'corrupt'
-        _write_folder(path, _images(3))
+        write_images(path, _images(3))
         (path / 'zz_broken.png').write_bytes(b'\x89PNG broken')
     elif case == 'label_missing':
         path = tmp_path / 'lab'
-        names = _write_folder(path, _images(3), labels=[0, 1, 2])
+        names = write_images(path, _images(3), labels=[0, 1, 2])
         with open(path / 'dataset.json', 'w') as f:
             json.dump({'labels': [[names[0], 0], [names[1], 1]]}, f)
         kwargs = dict(use_labels=True)
     elif case == 'resolution':
         path = tmp_path / 'res'
-        _write_folder(path, _images(2))
+        write_images(path, _images(2))
         kwargs = dict(resolution=16)
     with pytest.raises(DatasetError) as info:
         ImageFolderDataset(str(path), **kwargs)  # Labels are read (and checked) here too.
@@ -174,8 +150,8 @@ def _child_reads(index):
 def test_forked_worker_opens_its_own_zip(tmp_path):
     import multiprocessing
     images = _images(4)
-    _write_folder(tmp_path / 'src', images)
-    _zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
+    write_images(tmp_path / 'src', images)
+    zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'))
     parent_fd = ds._zip.fp.fileno()  # Opened before the fork.
     _INHERITED['ds'] = ds

@@ -71,7 +71,6 @@ def test_print_module_summary(capsys):
 #----------------------------------------------------------------------------
 # open_url: streamed downloads with a size cap and SHA-256 checks, against a local server.
 
-import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import http.server  # noqa: E402
 import subprocess  # noqa: E402
@@ -138,7 +137,7 @@ def test_open_url_downloads_verifies_and_caches(tmp_path, server):
 
 def test_open_url_refuses_hash_mismatch(tmp_path, server):
     _Handler.files['/a.pkl'] = b'tampered content'
-    with pytest.raises(dnnlib.util.DownloadError, match=r'a\.pkl but its SHA-256 [0-9a-f]{64} does not match the expected 0{64}'):
+    with pytest.raises(dnnlib.UserError, match=r'a\.pkl but its SHA-256 [0-9a-f]{64} does not match the expected 0{64}'):
         dnnlib.util.open_url(f'{server}/a.pkl', cache_dir=str(tmp_path), verbose=False, sha256='0' * 64)
     assert os.listdir(tmp_path) == []  # Nothing cached, no temporary left behind.
     assert _Handler.requests == ['/a.pkl']  # A wrong hash is not retried.
@@ -158,7 +157,7 @@ def test_open_url_replaces_planted_cache_entry(tmp_path, server):
     # A planted entry that the server cannot correct is refused, and left as it is.
     planted.write_bytes(b'planted again')
     _Handler.files['/det.pkl'] = b'server compromised too'
-    with pytest.raises(dnnlib.util.DownloadError, match='does not match'):
+    with pytest.raises(dnnlib.UserError, match='does not match'):
         dnnlib.util.open_url(url, cache_dir=str(tmp_path), verbose=False, sha256=_sha(good))
     assert sorted(os.listdir(tmp_path)) == [planted.name]
 
@@ -168,10 +167,10 @@ def test_open_url_size_cap(tmp_path, server):
     _Handler.files['/big.pt'] = data
     _Handler.files['/nolength/big.pt'] = data
     # Refused from the declared length, before reading the body.
-    with pytest.raises(dnnlib.util.DownloadError, match=rf'big\.pt: it has {len(data)} bytes, more than the limit of 1000'):
+    with pytest.raises(dnnlib.UserError, match=rf'big\.pt: it has {len(data)} bytes, more than the limit of 1000'):
         dnnlib.util.open_url(f'{server}/big.pt', cache_dir=str(tmp_path), verbose=False, max_bytes=1000)
     # No declared length: stopped while streaming once the limit is passed.
-    with pytest.raises(dnnlib.util.DownloadError, match='more than the limit of 1000 bytes'):
+    with pytest.raises(dnnlib.UserError, match='more than the limit of 1000 bytes'):
         dnnlib.util.open_url(f'{server}/nolength/big.pt', cache_dir=str(tmp_path), verbose=False, max_bytes=1000)
     assert os.listdir(tmp_path) == []
     # Within the limit, with and without a declared length.
@@ -180,24 +179,15 @@ def test_open_url_size_cap(tmp_path, server):
             assert f.read() == data
 
 
-def test_open_url_without_cache_streams_to_a_temporary_file(tmp_path, server, monkeypatch):
-    data = os.urandom(2**20)
-    _Handler.files['/x.pth'] = data
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    with contextlib.closing(dnnlib.util.open_url(f'{server}/x.pth', cache=False, verbose=False, sha256=_sha(data))) as f:
-        assert not isinstance(f, __import__('io').BytesIO) and f.read() == data
-    assert not (tmp_path / 'cache').exists()
-    with pytest.raises(ValueError, match='64 hex digits'):
-        dnnlib.util.open_url(f'{server}/x.pth', cache=False, verbose=False, sha256='abc')
-
-
 def test_open_url_checks_local_files_too(tmp_path):
     path = tmp_path / 'local.pkl'
     path.write_bytes(b'local')
     assert dnnlib.util.open_url(str(path), return_filename=True, sha256=_sha(b'local')) == str(path)
     assert dnnlib.util.open_url(path.as_uri(), return_filename=True, sha256=_sha(b'local')) == str(path)
-    with pytest.raises(dnnlib.util.DownloadError, match='local.pkl: SHA-256 .* does not match'):
+    with pytest.raises(dnnlib.UserError, match='local.pkl: SHA-256 .* does not match'):
         dnnlib.util.open_url(str(path), sha256='1' * 64)
+    with pytest.raises(ValueError, match='64 hex digits'):
+        dnnlib.util.open_url(str(path), sha256='abc')
 
 
 def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):

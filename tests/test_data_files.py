@@ -14,9 +14,9 @@ import zlib
 import numpy as np
 import PIL.Image
 import pytest
-from click.testing import CliRunner
 
 import dataset_tool
+from conftest import run_cli
 from training import data_files
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -130,7 +130,7 @@ def test_16bit_gray_same_pixels_in_training_evaluation_and_dataset_tool(tmp_path
     first = np.asarray(images[0][0] if isinstance(images[0], tuple) else images[0])
     np.testing.assert_array_equal(first.reshape(8, 8), expected[0])
 
-    res = CliRunner().invoke(dataset_tool.main, ['--source', str(src), '--dest', str(tmp_path / 'out'), '--workers', '1'])
+    res = run_cli(dataset_tool.main, '--source', str(src), '--dest', str(tmp_path / 'out'), '--workers', '1')
     assert res.exit_code == 0, res.output
     out = ImageFolderDataset(str(tmp_path / 'out'))
     for i in range(2):
@@ -217,7 +217,7 @@ def test_bad_labels_are_refused_with_file_and_entry(tmp_path, case):
         ImageFolderDataset(path, use_labels=True)
     assert 'dataset.json' in str(info.value) and message in str(info.value), str(info.value)
     # dataset_tool checks a source's dataset.json by the same rules, before writing anything.
-    res = CliRunner().invoke(dataset_tool.main, ['--source', path, '--dest', str(tmp_path / 'out.zip'), '--workers', '1'])
+    res = run_cli(dataset_tool.main, '--source', path, '--dest', str(tmp_path / 'out.zip'), '--workers', '1')
     if case != 'missing':  # The tool writes no labels then (documented), instead of failing.
         assert res.exit_code == 1 and message in res.output and 'Traceback' not in res.output, res.output
         assert not (tmp_path / 'out.zip').exists()
@@ -259,7 +259,7 @@ def test_zip_bomb_dataset_json_is_refused(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / 'd.zip') < 1 << 20
     with pytest.raises(DatasetError, match='larger than'):
         ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True)
-    res = CliRunner().invoke(dataset_tool.main, ['--source', str(tmp_path / 'd.zip'), '--dest', str(tmp_path / 'o.zip'), '--workers', '1'])
+    res = run_cli(dataset_tool.main, '--source', str(tmp_path / 'd.zip'), '--dest', str(tmp_path / 'o.zip'), '--workers', '1')
     assert res.exit_code == 1 and 'larger than' in res.output and not (tmp_path / 'o.zip').exists()
 
 #----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 
 import training
 import dnnlib
+from conftest import write_images
 from torch_utils import checkpoint
 from training import loss, training_loop
 
@@ -256,15 +257,10 @@ print('loaded', len(cases))
 def _dataset(folder):
     import numpy as np
     import PIL.Image
-    os.makedirs(folder)
     rng = np.random.RandomState(0)
-    labels = []
-    for idx in range(8):
-        img = PIL.Image.fromarray(rng.randint(0, 256, size=[4, 4, 3]).astype(np.uint8)).resize([16, 16])
-        img.save(os.path.join(folder, f'{idx}.png'))
-        labels.append([f'{idx}.png', idx % 2])
-    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-        json.dump(dict(labels=labels), f)
+    images = [np.asarray(PIL.Image.fromarray(rng.randint(0, 256, size=[4, 4, 3]).astype(np.uint8)).resize([16, 16]))
+              for _ in range(8)]
+    write_images(folder, images, labels=[idx % 2 for idx in range(8)])
     return folder
 
 

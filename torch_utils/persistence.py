@@ -82,12 +82,15 @@ def is_persistent(obj):
 
 
 def get_registered_class(class_name):
-    """The decorated class for a pickled `class_name`; KeyError saying why not."""
+    """The decorated class for a pickled `class_name`; pickle.UnpicklingError saying why not."""
     cls = _registry.get(class_name, False)
     if cls is None:
-        raise KeyError(f'class name "{class_name}" is ambiguous: it is defined in two modules')
+        raise pickle.UnpicklingError(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        raise KeyError(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"})')
+        raise pickle.UnpicklingError(
+            f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); the module '
+            f'source stored in a file is never executed: load files with training.load_checkpoint / training.load_network, '
+            f'which know the project\'s classes')
     return cls
 
 
@@ -111,12 +114,7 @@ def _reconstruct_persistent_obj(meta):
     if module is not None and isinstance(getattr(module, meta.get('class_name', ''), None), type):
         # copy.deepcopy of an object load_trusted_pickle made: reuse its module, run nothing new.
         return _restore(persistent_class(getattr(module, meta['class_name'])), meta['state'])
-    try:
-        cls = get_registered_class(meta['class_name'])
-    except KeyError as err:
-        raise pickle.UnpicklingError(f'{err.args[0]}; the module source stored in the pickle is never executed: '
-                                     f'load files with training.load_checkpoint / training.load_network') from None
-    return _restore(cls, meta['state'])
+    return _restore(get_registered_class(meta['class_name']), meta['state'])
 
 #----------------------------------------------------------------------------
 # Trusted path: EDM's behaviour, executing the module source stored in the pickle. ONLY for

@@ -18,11 +18,14 @@ METADATA_BYTES before its pixels and METADATA_BYTES + BYTES_PER_PIXEL per pixel 
 PNG chunks it does not know whole: a 16x16 PNG in a zip can carry gigabytes of deflated padding).
 """
 
+import contextlib
 import io
 import json
 import math
+import os
 import struct
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -56,6 +59,37 @@ BYTES_PER_PIXEL = 16
 # dataset.json may be at most 1 MiB plus 64 KiB per image (room for long float label vectors).
 JSON_BASE_BYTES = 1 << 20
 JSON_BYTES_PER_IMAGE = 64 << 10
+
+#----------------------------------------------------------------------------
+# Listing.
+
+def list_files(path):
+    """Sorted relative names ('a/b.png') of the files in folder or zip `path`: regular files only
+    (links followed, loops cut; no FIFOs or devices, which would block or never end), no hidden
+    names (.DS_Store, macOS '._x.jpg' shadows, __MACOSX). A repeated zip member is one file."""
+    def visible(rel):
+        return not any(part.startswith('.') or part == '__MACOSX' for part in rel.split('/'))
+    if not os.path.isdir(path):
+        with zipfile.ZipFile(path) as z:
+            return sorted({i.filename for i in z.infolist() if not i.is_dir() and visible(i.filename)})
+    found, seen = [], set()
+    def walk(folder, rel):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if visible(e.name) and e.is_dir():
+                        walk(e.path, f'{rel}{e.name}/')
+                    elif visible(e.name) and e.is_file():
+                        found.append(f'{rel}{e.name}')
+    walk(path, '')
+    return sorted(found)
+
+
+def is_image_name(name):
+    PIL.Image.init()
+    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
 
 #----------------------------------------------------------------------------
 # Images.
@@ -147,46 +181,40 @@ def to_array(img, name, mode=None):
     return np.asarray(img)
 
 
-def _decode_error(name, err):
-    """DatasetError for an exception raised while opening or decoding an image."""
-    if isinstance(err, DatasetError):
-        return err
-    if isinstance(err, PIL.Image.DecompressionBombError):
-        return DatasetError(f'{name}: more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb?); shrink it first')
-    if isinstance(err, PIL.UnidentifiedImageError):
-        return DatasetError(f'{name}: not an image file that PIL can read')
-    if isinstance(err, MemoryError):
-        return DatasetError(f'{name}: out of memory while decoding it')
-    reason = f'{err}'.replace('\n', ' ').replace('\t', ' ') or type(err).__name__
-    return DatasetError(f'{name}: cannot decode it ({reason})')
-
 # What PIL's decoders raise on damaged files.
 _DECODE_ERRORS = (DatasetError, PIL.Image.DecompressionBombError, MemoryError, OSError, ValueError, EOFError,
                   SyntaxError, IndexError, TypeError, KeyError, struct.error, zlib.error)
+_DECODE_REASONS = {PIL.Image.DecompressionBombError: 'more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb?); shrink it first',
+                   PIL.UnidentifiedImageError: 'not an image file that PIL can read', MemoryError: 'out of memory while decoding it'}
+
+
+@contextlib.contextmanager
+def _decoding(name):
+    """Whatever opening or decoding image `name` raises becomes one DatasetError line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # We refuse those ourselves.
+        try:
+            yield
+        except DatasetError:
+            raise
+        except _DECODE_ERRORS as err:
+            reason = _DECODE_REASONS.get(type(err)) or f'cannot decode it ({" ".join(str(err).split()) or type(err).__name__})'
+            raise DatasetError(f'{name}: {reason}') from None
 
 
 def decode_image(f, name):
     """Open and fully decode the image in binary file object `f` with PIL (errors surface here,
     not later), within the budget of its size."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # We refuse those ourselves.
-        try:
-            img = _open(f, name)
-            img.load()
-            return img
-        except _DECODE_ERRORS as err:
-            raise _decode_error(name, err) from None
+    with _decoding(name):
+        img = _open(f, name)
+        img.load()
+        return img
 
 
 def read_header(f, name):
     """(width, height, natural channels) from the header only (cheap)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)
-        try:
-            with _open(f, name) as img:
-                return img.size[0], img.size[1], natural_channels(img.mode)
-        except _DECODE_ERRORS as err:
-            raise _decode_error(name, err) from None
+    with _decoding(name), _open(f, name) as img:
+        return img.size[0], img.size[1], natural_channels(img.mode)
 
 
 def _read_with_pyspng(f, name):
@@ -213,15 +241,12 @@ def _read_with_pyspng(f, name):
 def read_image(f, name, mode=None, use_pyspng=True):
     """Decode the image in binary file object `f` (named `name` in messages) into a uint8 array
     (see to_array). Any failure raises DatasetError with one line naming the file."""
-    try:
-        if use_pyspng and pyspng is not None and mode is None:
-            arr = _read_with_pyspng(f, name)
-            if arr is not None:
-                return arr
+    with _decoding(name):
+        arr = _read_with_pyspng(f, name) if use_pyspng and pyspng is not None and mode is None else None
+        if arr is not None:
+            return arr
         with decode_image(f, name) as img:
             return to_array(img, name, mode)
-    except _DECODE_ERRORS as err:
-        raise _decode_error(name, err) from None
 
 #----------------------------------------------------------------------------
 # dataset.json.

@@ -13,7 +13,6 @@ import os
 import zipfile
 
 import numpy as np
-import PIL.Image
 import torch
 
 from training import data_files
@@ -43,9 +42,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._zip = None
         self._zip_pid = None
         self._cache = {} if cache else None
-        self._names = self._list_files()
-        PIL.Image.init()
-        self._images = sorted(n for n in self._names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION)
+        if not os.path.isdir(path) and not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
+            raise DatasetError(f'{path}: ' + ('must be a folder or a .zip file' if os.path.exists(path) else 'no such folder or zip file'))
+        try:
+            self._names = data_files.list_files(path)  # Regular, visible files only: no FIFO can block a read.
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            raise DatasetError(f'{path}: cannot read it ({err})') from None
+        self._images = [n for n in self._names if data_files.is_image_name(n)]
         if not self._images:
             raise DatasetError(f'{path}: no image files found')
         self.name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
@@ -113,37 +116,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     # Files.
 
-    def _list_files(self):
-        path = self._path
-        if os.path.isdir(path):
-            return {os.path.relpath(os.path.join(folder, f), path).replace(os.sep, '/')
-                    for folder, _, files in os.walk(path) for f in files}
-        if not os.path.exists(path):
-            raise DatasetError(f'{path}: no such folder or zip file')
-        if not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
-            raise DatasetError(f'{path}: must be a folder or a .zip file')
-        return set(self._read(None, lambda z, where: z.namelist()))
-
     def __getstate__(self):
         return dict(self.__dict__, _zip=None)  # DataLoader workers open the zip themselves.
 
     def _read(self, name, reader):
-        """reader(open file of member `name`, or the ZipFile itself for name=None, message prefix);
-        read errors become one DatasetError line."""
-        where = f'{self._path}: {name}' if name is not None else str(self._path)
+        """reader(open binary file of `name`, message prefix); read errors become one DatasetError."""
+        where = f'{self._path}: {name}'
         try:
             if os.path.isdir(self._path):
-                # O_NONBLOCK: a FIFO with an image name reads as empty instead of waiting forever.
-                flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0)
-                fd = os.open(os.path.join(self._path, name), flags)
-                with os.fdopen(fd, 'rb') as f:
+                with open(os.path.join(self._path, name), 'rb') as f:
                     return reader(f, where)
             # A forked DataLoader worker inherits the parent's open zip, whose file position both
             # processes would move (corrupt reads, "Bad CRC-32"): each process opens its own.
             if self._zip is None or self._zip_pid != os.getpid():
                 self._zip, self._zip_pid = zipfile.ZipFile(self._path), os.getpid()
-            if name is None:
-                return reader(self._zip, where)
             with self._zip.open(name) as f:
                 return reader(f, where)
         except (OSError, zipfile.BadZipFile, EOFError) as err:
