@@ -556,6 +556,10 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
     if count == 0:
         raise UserError(f'--source {source}: no images found')
     out = Destination(dest)  # Checks that dest is free before any work.
+    inside = os.path.realpath(os.path.dirname(os.path.abspath(out.dest)))
+    if src.kind == 'folder' and not out.is_zip and os.path.commonpath([inside, os.path.realpath(source)]) == os.path.realpath(source):
+        raise UserError(f'--dest {out.dest} is inside --source {source}: the next conversion of --source would take the '
+                        f'dataset for input images; choose a --dest outside it')
     settings = Settings(kind=src.kind, path=src.path, mode=None, transform=transform, resolution=resolution,
                         small=small, compress_level=compress_level)
     init_worker(settings)

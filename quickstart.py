@@ -101,7 +101,7 @@ def run_step(args: list[str]) -> None:
     print('+ ' + ' '.join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT, check=False)
     if result.returncode != 0:
-        raise UserError(f'step failed (exit {result.returncode}): {" ".join(args[:1])}; see its output above')
+        sys.exit(result.returncode)  # The step printed its own Error line.
 
 
 def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -> str:
@@ -186,7 +186,9 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
 
     # 1. Procedural images.
     raw = os.path.join(outdir, 'shapes-raw')
-    if not os.path.lexists(raw):
+    if os.path.lexists(raw) and not os.path.isdir(raw):
+        raise UserError(f'{raw} exists and is not a folder of images; move it away or choose another --outdir')
+    if not os.path.isdir(raw):
         print(f'Drawing {num_images} procedural images into {raw} ...')
         write_shapes_folder(raw, num_images)
 

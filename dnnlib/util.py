@@ -275,8 +275,9 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
     http(s) URLs are streamed, once, into the cache folder (through atomic_write); a download of
     more than `max_bytes` or longer than `deadline_s` is stopped. With `sha256` (hex) the content
     must have that SHA-256, whether it is a local file, a cache hit or a fresh download (a cache
-    entry that does not match is downloaded again). `check(path)` may raise UserError to refuse a
-    download (an HTML error page instead of a checkpoint): it then never enters the cache.
+    entry that does not match is downloaded again). An HTML page (a login or quota page served
+    with status 200) is refused, and so is whatever `check(path)` refuses by raising UserError: a
+    refused download never enters the cache.
     Refusals raise UserError, other failures OSError; both name the URL.
     """
     if sha256 is not None and not re.fullmatch(r'[0-9a-fA-F]{64}', str(sha256)):
@@ -304,6 +305,9 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
                 digest = _download(url, dst, max_bytes, deadline_s)
                 if sha256 not in (None, digest):
                     raise UserError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
+                dst.seek(0)
+                if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
+                    raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
                 if check is not None:
                     dst.flush()
                     check(dst.name)

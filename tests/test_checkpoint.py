@@ -315,6 +315,10 @@ def test_safetensors_bad_input(tmp_path, net):
     (tmp_path / 'net.json').write_text(json.dumps(config))
     with pytest.raises(checkpoint.CheckpointError, match='unknown persistent class "os.system"'):
         checkpoint.load_checkpoint(str(out))
+    # A config is a few kB: a padded one is refused without being read whole (it was json.load'ed).
+    (tmp_path / 'net.json').write_text(json.dumps(config) + ' ' * (2 << 20))
+    with pytest.raises(checkpoint.CheckpointError, match=r'net\.json has more than 1048576 bytes; a config is a few kB'):
+        checkpoint.load_checkpoint(str(out))
 
 
 #----------------------------------------------------------------------------

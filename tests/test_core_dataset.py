@@ -1,6 +1,7 @@
 """training.dataset.ImageFolderDataset: folders, zips, labels, xflip, max_size, errors."""
 
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -162,3 +163,17 @@ def test_forked_worker_opens_its_own_zip(tmp_path):
         _INHERITED.clear()
     assert child_fd != parent_fd
     np.testing.assert_array_equal(child_image, images[1].transpose(2, 0, 1))
+
+
+def test_hidden_files_fifos_and_devices_are_not_images(tmp_path):
+    # macOS copies leave '._x.png' shadows and .DS_Store beside the images; none is an image.
+    images = _images(3)
+    write_images(tmp_path / 'd', images)
+    (tmp_path / 'd' / '00000' / '._img00000000.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    (tmp_path / 'd' / '.DS_Store').write_bytes(b'Bud1')
+    (tmp_path / 'd' / '__MACOSX').mkdir()
+    (tmp_path / 'd' / '__MACOSX' / 'x.png').write_bytes(b'junk')
+    os.mkfifo(tmp_path / 'd' / 'pipe.png')
+    ds = ImageFolderDataset(str(tmp_path / 'd'))
+    assert len(ds) == 3 and all(np.array_equal(ds[i][0], images[i].transpose(2, 0, 1)) for i in range(3))
+

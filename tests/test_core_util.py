@@ -93,6 +93,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self.path.startswith('/nolength/'):
             self.send_header('Content-Length', str(len(body)))
         self.end_headers()
+        if self.path.startswith('/drip/'):  # One byte every 0.1 s: no read ever times out.
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.release.wait(timeout=0.1):
+                    return
+            return
         if self.path.startswith('/stall/') and not self.release.is_set():  # Half the body, then wait.
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
@@ -227,3 +234,26 @@ def test_open_url_removes_temporaries_of_killed_downloads(tmp_path, server):
     _Handler.files['/stall/net.pklx'] = data
     dnnlib.util.open_url(url + 'x', cache_dir=str(tmp_path), return_filename=True, verbose=False)
     assert not other_entry.exists() and live.exists() and other_host.exists()
+
+
+def test_open_url_deadline_stops_a_dripping_server(tmp_path, server):
+    # The deadline is checked after every network read, not after every 1 MiB: a server that
+    # sends a byte at a time within the socket timeout cannot hold a download forever.
+    _Handler.files['/drip/net.pkl'] = bytes(100)  # 10 s in all, less than one chunk.
+    start = time.monotonic()
+    with pytest.raises(dnnlib.UserError, match=r'net\.pkl: not done after 1 s'):
+        dnnlib.util.open_url(f'{server}/drip/net.pkl', cache_dir=str(tmp_path), verbose=False, deadline_s=1)
+    assert time.monotonic() - start < 5 and os.listdir(tmp_path) == []
+
+
+def test_open_url_never_caches_an_html_page(tmp_path, server):
+    # A login or quota page served with status 200 instead of a detector: refused, not cached,
+    # so the next run downloads again instead of failing on the cached page forever.
+    _Handler.files['/pt_inception.pth'] = b'\n  <!DOCTYPE html><html><body>Quota exceeded</body></html>'
+    for _ in range(2):
+        with pytest.raises(dnnlib.UserError, match=r'pt_inception\.pth sent an HTML page instead of the file'):
+            dnnlib.util.open_url(f'{server}/pt_inception.pth', cache_dir=str(tmp_path), verbose=False)
+    assert os.listdir(tmp_path) == [] and _Handler.requests == ['/pt_inception.pth'] * 2
+    _Handler.files['/notes.pth'] = b'<h1>not an html document, just bytes that start with a tag</h1>'
+    assert dnnlib.util.open_url(f'{server}/notes.pth', cache_dir=str(tmp_path), verbose=False).read().startswith(b'<h1>')
+

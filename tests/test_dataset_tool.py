@@ -805,3 +805,26 @@ def test_fifo_and_device_names_neither_hang_nor_count(tmp_path):
     result = subprocess.run([sys.executable, '-c', code, str(src)], cwd=repo, capture_output=True, text=True,
                             timeout=60, check=False, env=dict(os.environ, PYTHONPATH=repo))
     assert result.returncode == 0 and result.stdout.strip() == '2', (result.stdout, result.stderr[-2000:])
+
+def test_folder_dest_inside_the_source_is_refused(tmp_path):
+    # The next conversion of the source would take the dataset for input images.
+    rng = np.random.default_rng(27)
+    src = tmp_path / 'src'
+    for i in range(2):
+        save(make_image(rng, 8, 8), str(src / f'{i}.png'))
+    for dest in (src / 'out', src / 'sub' / 'out'):
+        line = _one_error_line(run('--source', src, '--dest', dest, '--workers', 1).output)
+        assert 'is inside --source' in line and not dest.exists()
+    ok('--source', src, '--dest', src / 'out.zip', '--workers', 1)  # A zip there is no image: harmless.
+    assert sorted(os.listdir(src)) == ['0.png', '1.png', 'out.zip']
+
+def test_symlink_loops_in_the_source_are_skipped(tmp_path):
+    rng = np.random.default_rng(28)
+    src = tmp_path / 'src'
+    for i in range(2):
+        save(make_image(rng, 8, 8), str(src / f'{i}.png'))
+    os.symlink(src / 'a.png', src / 'b.png')
+    os.symlink(src / 'b.png', src / 'a.png')
+    ok('--source', src, '--dest', tmp_path / 'out.zip', '--workers', 1)
+    assert len(images_of(tmp_path / 'out.zip')[0]) == 2
+    assert len(ImageFolderDataset(str(src))) == 2

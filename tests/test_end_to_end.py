@@ -150,3 +150,45 @@ def test_shapes_are_deterministic_and_have_fine_texture():
     x = a.astype(np.float64)
     low = x.reshape(16, 4, 16, 4, 3).mean(axis=(1, 3)).repeat(4, 0).repeat(4, 1)
     assert np.abs(x - low).mean() > 5
+
+
+def _quickstart_until_training(tmp_path, plant):
+    """quickstart.py with the user's files planted in its --outdir; first-stage/ holding a file of
+    theirs stops it, with one Error line, right after the datasets are made."""
+    out = tmp_path / 'q'
+    (out / 'first-stage').mkdir(parents=True)
+    (out / 'first-stage' / 'keep.txt').write_text('theirs')
+    theirs = plant(out)
+    before = {p: p.read_bytes() for p in theirs}
+    result = subprocess.run([sys.executable, 'quickstart.py', f'--outdir={out}', '--images=16'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+    assert result.returncode == 1 and len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert {p: p.read_bytes() for p in theirs} == before
+    return out, errors[0]
+
+
+def test_quickstart_leaves_the_users_tmp_folders_alone(tmp_path):
+    # OUT/shapes-raw.tmp and OUT/<stage>.tmp are the user's: the quickstart's temporaries have
+    # names of their own (dnnlib.util.atomic_write), so nothing there is removed or followed.
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    (photos / 'holiday.jpg').write_bytes(b'mine')
+
+    def plant(out):
+        (out / 'shapes-raw.tmp').mkdir()
+        (out / 'shapes-raw.tmp' / 'notes.txt').write_bytes(b'mine')
+        (out / 'second-stage.tmp').symlink_to(photos)
+        return [out / 'shapes-raw.tmp' / 'notes.txt', photos / 'holiday.jpg']
+    out, error = _quickstart_until_training(tmp_path, plant)
+    assert 'first-stage exists but holds no network-final.pkl' in error
+    assert len(os.listdir(out / 'shapes-raw')) == 16 and (out / 'shapes-16x16.zip').is_file()
+    assert (out / 'second-stage.tmp').is_symlink() and sorted(os.listdir(photos)) == ['holiday.jpg']
+
+
+def test_quickstart_raw_folder_that_is_a_file(tmp_path):
+    def plant(out):
+        (out / 'shapes-raw').write_bytes(b'my file')
+        return [out / 'shapes-raw']
+    _, error = _quickstart_until_training(tmp_path, plant)
+    assert 'shapes-raw exists and is not a folder of images' in error

@@ -41,7 +41,7 @@ import torch
 import dnnlib
 from torch_utils import persistence
 
-MAX_DOWNLOAD_BYTES = 64 << 30   # A checkpoint URL: training states of the largest published networks fit.
+MAX_DOWNLOAD_BYTES = 16 << 30   # A checkpoint URL: an ADM-256 training state (net, EMA, Adam: 9 GB) fits.
 LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)[:-1]  # How a pre-zip torch.save file starts.
 MAX_CONFIG_BYTES = 1 << 20      # The JSON config beside a .safetensors file.
 
@@ -394,7 +394,10 @@ def _load_safetensors(path, what, config_path):
         tensors = {k: sf.get_tensor(k) for k in sf.keys()}
     if config_path is not None and os.path.isfile(config_path):
         with open(config_path, 'rb') as f:
-            config = json.loads(f.read(MAX_CONFIG_BYTES))
+            config = f.read(MAX_CONFIG_BYTES + 1)
+        if len(config) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f'{what}: its config {config_path} has more than {MAX_CONFIG_BYTES} bytes; a config is a few kB')
+        config = json.loads(config)
     elif 'rdm_config' in metadata:
         config = json.loads(metadata['rdm_config'])
     else:

@@ -78,10 +78,14 @@ def list_files(path):
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as entries:
-                for e in entries:
-                    if visible(e.name) and e.is_dir():
+                for e in (e for e in entries if visible(e.name)):
+                    try:
+                        kind = 'dir' if e.is_dir() else 'file' if e.is_file() else None
+                    except OSError:  # A symlink loop, a vanished file: not an image.
+                        continue
+                    if kind == 'dir':
                         walk(e.path, f'{rel}{e.name}/')
-                    elif visible(e.name) and e.is_file():
+                    elif kind == 'file':
                         found.append(f'{rel}{e.name}')
     walk(path, '')
     return sorted(found)
