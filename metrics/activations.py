@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
 
 from .frechet import StatsAccumulator
@@ -51,10 +52,6 @@ def spatial_stats_to_hwc(mu, sigma):
 #----------------------------------------------------------------------------
 # Image sources.
 
-class ImageSourceError(OSError):
-    """The images cannot be listed or read."""
-
-
 def _npy_header_by_loading(path):
     with np.load(path, allow_pickle=False, mmap_mode=None) as data:
         arr = data['arr_0']
@@ -67,7 +64,7 @@ class _NpzImages(torch.utils.data.Dataset):
         try:
             with zipfile.ZipFile(path) as z:
                 if 'arr_0.npy' not in z.namelist():
-                    raise ImageSourceError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
+                    raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
                 info = z.getinfo('arr_0.npy')
                 stored = info.compress_type == zipfile.ZIP_STORED
                 with z.open(info) as f:
@@ -81,11 +78,9 @@ class _NpzImages(torch.utils.data.Dataset):
                         stored = False
                     header_len = f.tell()
         except (zipfile.BadZipFile, OSError, ValueError) as err:
-            if isinstance(err, ImageSourceError):
-                raise
-            raise ImageSourceError(f'{path}: cannot read .npz ({err})') from None
+            raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
         if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
-            raise ImageSourceError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
+            raise dnnlib.UserError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
         self.shape = shape
         try:
             if stored and not fortran:
@@ -101,7 +96,7 @@ class _NpzImages(torch.utils.data.Dataset):
                 with np.load(path, allow_pickle=False) as data:
                     self.images = data['arr_0']
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise ImageSourceError(f'{path}: cannot read arr_0 ({err}); is the file complete?') from None
+            raise dnnlib.UserError(f'{path}: cannot read arr_0 ({err}); is the file complete?') from None
 
     def __len__(self):
         return self.shape[0]
@@ -124,7 +119,7 @@ class _FolderImages(torch.utils.data.Dataset):
         try:
             self.dataset = ImageFolderDataset(path=path)
         except DatasetError as err:
-            raise ImageSourceError(str(err)) from None
+            raise dnnlib.UserError(str(err)) from None
         self.shape = [len(self.dataset)] + self.dataset.image_shape[1:] + self.dataset.image_shape[:1]
 
     def __len__(self):
@@ -141,22 +136,15 @@ def open_images(path):
     elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
         source = _FolderImages(path)
     elif not os.path.exists(path):
-        raise ImageSourceError(f'{path}: no such file or folder')
+        raise dnnlib.UserError(f'{path}: no such file or folder')
     else:
-        raise ImageSourceError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
+        raise dnnlib.UserError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
     if source.shape[3] not in (1, 3):
-        raise ImageSourceError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
+        raise dnnlib.UserError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
     return source
 
 #----------------------------------------------------------------------------
 # Sharded extraction.
-
-def rank_batches(num_items, batch_size, world_size):
-    """The reference's split: batches of near-equal size, dealt round-robin to ranks."""
-    num_batches = ((num_items - 1) // (batch_size * world_size) + 1) * world_size
-    batches = torch.arange(num_items).tensor_split(num_batches)
-    return [[b for b in batches[r::world_size] if len(b)] for r in range(world_size)], batches
-
 
 class Detectors:
     """Several detectors on the same batches (Inception and DINOv2): their outputs merged."""
@@ -175,15 +163,6 @@ class Detectors:
         return out
 
 
-def all_ranks_ok(ok, device):
-    """True on every rank iff `ok` on every rank (collective; trivial for one process)."""
-    if not torch.distributed.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def compute_activations(source, detector, batch_size=64, num_workers=3, stats_only=False,
                         progress=True, keys=INCEPTION_KEYS):
     """Run the detector over `source` sharded across the torchrun processes.
@@ -194,12 +173,9 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
     """
     num_items = len(source)
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank, all_batches = rank_batches(num_items, batch_size, world)
-    my_batches = per_rank[rank]
-    loader = torch.utils.data.DataLoader(source, batch_sampler=my_batches, num_workers=num_workers,
-                                         prefetch_factor=(2 if num_workers > 0 else None),
-                                         persistent_workers=False)
-    step_images = [sum(len(b) for b in all_batches[s * world:(s + 1) * world]) for s in range(len(all_batches) // world)]
+    batches = dist.split_batches(num_items, batch_size, world)
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[b.tolist() for b in batches[rank::world] if len(b)],
+                                         num_workers=num_workers, prefetch_factor=(2 if num_workers > 0 else None))
     bar = tqdm.tqdm(total=num_items, unit='img', disable=(not progress or rank != 0), dynamic_ncols=True)
 
     device = detector.device
@@ -220,18 +196,18 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
             else:
                 for k in keys:
                     outputs[k].append(out[k].cpu())
-            bar.update(step_images[step] if step < len(step_images) else len(images))
+            bar.update(sum(map(len, batches[:(step + 1) * world])) - bar.n)
         bar.update(num_items - bar.n)
     except Exception as err:  # pylint: disable=broad-exception-caught
         error = err  # Re-raised below, after telling the other processes not to wait for us.
     finally:
         bar.close()
-    if not all_ranks_ok(error is None, device):
-        raise error if error is not None else RuntimeError('another process failed; see its message')
-
+    if not dist.all_ok(error is None):
+        raise error if error is not None else dnnlib.UserError('another process failed; see its message')
     if stats_only:
         return _finalize_stats(accs, detector, keys)
-    return gather_rows(outputs, per_rank, num_items, device)
+    mine = [b for b in batches[rank::world] if len(b)]
+    return gather_rows(outputs, torch.cat(mine) if mine else torch.zeros([0], dtype=torch.int64), num_items, device)
 
 
 def _stats_accumulators(out, keys, device):
@@ -250,64 +226,65 @@ def _finalize_stats(accs, detector, keys):
     return result if dist.get_rank() == 0 else None
 
 
-def gather_rows(outputs, per_rank, num_items, device, chunk_rows=4096):
-    """Collect every rank's rows on rank 0 and put them in dataset order: outputs[key] is a
-    list of [rows, D] tensors whose rows are the dataset positions in per_rank[rank]."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    keys = list(outputs.keys())
-    local = {k: (torch.cat(v) if v else None) for k, v in outputs.items()}
-    if world == 1:
-        return {k: local[k].numpy() for k in keys}
+def _gather0(tensor):
+    """The tensors of all ranks, concatenated, on rank 0 (None elsewhere); collective."""
+    if dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    torch.distributed.gather(tensor, gather_list=parts, dst=0)
+    return torch.cat(parts).cpu() if parts is not None else None
 
-    # Feature widths from any rank that has rows (all ranks have rows unless N < world).
-    widths = torch.tensor([local[k].shape[1] if local[k] is not None else 0 for k in keys], device=device)
-    torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
-    widths = widths.tolist()
-    counts = [sum(len(b) for b in per_rank[r]) for r in range(world)]
-    indices = [torch.cat(per_rank[r]) if per_rank[r] else torch.zeros([0], dtype=torch.int64) for r in range(world)]
-    max_rows = max(counts)
-    mine = torch.zeros([max_rows, sum(widths)], dtype=torch.float32)
-    if counts[rank]:
-        mine[:counts[rank]] = torch.cat([local[k].to(torch.float32) for k in keys], dim=1)
 
-    result = np.zeros([num_items, sum(widths)], dtype=np.float32) if rank == 0 else None
-    for r0 in range(0, max_rows, chunk_rows):
-        r1 = min(r0 + chunk_rows, max_rows)
-        piece = mine[r0:r1].to(device)
-        parts = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
-        torch.distributed.gather(piece, gather_list=parts, dst=0)
-        if rank == 0:
-            for r in range(world):
-                n = max(0, min(r1, counts[r]) - r0)
-                if n:
-                    result[indices[r][r0:r0 + n].numpy()] = parts[r][:n].cpu().numpy()
-    if rank != 0:
+def gather_rows(outputs, indices, num_items, device, chunk_rows=4096):
+    """Every rank's rows on rank 0, in item order: outputs[key] is a list of this rank's [rows, D]
+    tensors for the items `indices` (in that order). Returns {key: float32 [num_items, D]} on
+    rank 0, None elsewhere. Collective."""
+    keys = list(outputs)
+    local = [torch.cat(outputs[k]).to(torch.float32) if outputs[k] else None for k in keys]
+    widths = torch.tensor([x.shape[1] if x is not None else 0 for x in local], device=device)
+    counts = torch.tensor([len(indices)], device=device)
+    if dist.get_world_size() > 1:  # Widths from a rank that has rows, and the largest row count.
+        torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    rows = torch.zeros([int(counts), int(widths.sum())], dtype=torch.float32)
+    where = torch.full([int(counts)], -1, dtype=torch.int64)  # -1: padding.
+    if len(indices):
+        rows[:len(indices)], where[:len(indices)] = torch.cat(local, dim=1), indices
+    where = _gather0(where.to(device))
+    result = np.zeros([num_items, int(widths.sum())], dtype=np.float32)
+    for r0 in range(0, len(rows), chunk_rows):
+        part = _gather0(rows[r0:r0 + chunk_rows].to(device))
+        if part is not None:
+            idx = where.reshape(dist.get_world_size(), -1)[:, r0:r0 + chunk_rows].reshape(-1)
+            result[idx[idx >= 0].numpy()] = part.cpu()[idx >= 0].numpy()
+    if dist.get_rank() != 0:
         return None
-    splits = np.cumsum(widths)[:-1]
-    return dict(zip(keys, np.split(result, splits, axis=1)))
+    return dict(zip(keys, np.split(result, np.cumsum(widths.tolist())[:-1], axis=1)))
 
 #----------------------------------------------------------------------------
-# Reading activation / statistics files for calc.
+# Feature sets for the metrics: an .npz file, or arrays in memory.
 
-class MetricFileError(OSError):
-    """An activations/statistics file is missing, unreadable or lacks what a metric needs."""
+class FeatureSet:
+    """Named arrays of one set of images, as the metrics read them: per-image activations
+    (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
+    (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
+    members are read when asked for."""
 
-
-class MetricFile:
-    """Lazy view of an .npz: activations (feat/s_feat/logits), statistics (mu/sigma/mu_s/
-    sigma_s) or an ADM reference batch (statistics + arr_0 images)."""
-
-    def __init__(self, path):
-        import dnnlib
-        self.path = path
+    def __init__(self, source, name='the samples'):
+        self.path, self._npz = name, None
+        if isinstance(source, dict):
+            self.arrays = source
+            self.keys = set(source)
+            return
+        self.path = source
         try:
-            local = dnnlib.util.open_url(path, return_filename=True, verbose=False)
+            local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
             if not zipfile.is_zipfile(local):
                 raise ValueError('not an .npz (zip) archive')
             self._npz = np.load(local, allow_pickle=False)
             self.keys = set(self._npz.files)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise MetricFileError(f'{path}: cannot read as .npz ({err})') from None
+            raise dnnlib.UserError(f'{source}: cannot read as .npz ({err})') from None
 
     def has(self, *keys):
         return all(k in self.keys for k in keys)
@@ -328,16 +305,28 @@ class MetricFile:
                                  f'holds {max(info.file_size - f.tell(), 0):,} bytes (truncated or forged)')
 
     def get(self, key):
+        if self._npz is None:
+            return self.arrays[key]
         try:
             self._check_size(key)
             return self._npz[key]
         except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile, EOFError) as err:
-            raise MetricFileError(f'{self.path}: cannot read {key} ({err})') from None
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def features(self, key):
+        """Per-image features [N, D], finite."""
+        x = self.get(key)
+        if x.ndim != 2:
+            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(x.shape)}; expected [N, D]')
+        if not np.isfinite(x).all():
+            raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
+        return x
 
     def describe(self):
         return ', '.join(sorted(self.keys)) or 'nothing'
 
     def close(self):
-        self._npz.close()
+        if self._npz is not None:
+            self._npz.close()
 
 #----------------------------------------------------------------------------

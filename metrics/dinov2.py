@@ -35,9 +35,6 @@ POS_EMBED_OFFSET = 0.1              # DINOv2's interpolate_offset.
 FEATURE_KEY = 'dinov2'              # Key of the features in activation files.
 
 
-class DINOv2Error(ValueError):
-    """The DINOv2 weights are missing, unreadable or do not fit the architecture."""
-
 #----------------------------------------------------------------------------
 # Architecture.
 
@@ -139,7 +136,7 @@ def vit_l14():
     return DINOv2ViT(dim=1024, depth=24, num_heads=16, patch_size=14, img_size=518)
 
 
-def config_from_state_dict(state):
+def config_from_state_dict(state, spec='the state dict'):
     """Constructor arguments of DINOv2ViT that fit a state dict with the official key names."""
     try:
         dim = state['cls_token'].shape[-1]
@@ -148,9 +145,9 @@ def config_from_state_dict(state):
         depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
         hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
     except (KeyError, IndexError, AttributeError) as err:
-        raise DINOv2Error(f'not a DINOv2 ViT state dict (missing or malformed {err})') from None
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (missing or malformed {err})') from None
     if dim % HEAD_DIM != 0 or hidden % dim != 0 or depth == 0:
-        raise DINOv2Error(f'not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
     return dict(dim=dim, depth=depth, num_heads=dim // HEAD_DIM, patch_size=patch_size,
                 img_size=grid * patch_size, mlp_ratio=hidden // dim)
 
@@ -173,7 +170,7 @@ class DINOv2Detector:
     def preprocess(self, images):
         x = images.to(self.device)
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise DINOv2Error(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
+            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
         if x.shape[1] == 1:
             x = x.repeat([1, 3, 1, 1])
         x = torch.nn.functional.interpolate(x.to(torch.float32), size=(self.resolution, self.resolution),
@@ -192,19 +189,14 @@ def load_dinov2(spec=DINOV2_VITL14_URL, device=torch.device('cpu'), verbose=True
     try:
         path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True, max_bytes=DINOV2_MAX_BYTES)
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError) as err:
-        raise DINOv2Error(f'cannot load DINOv2 weights {spec}: {err}') from None
     except Exception as err:  # pylint: disable=broad-exception-caught  # torch.load raises many kinds.
-        raise DINOv2Error(f'cannot load DINOv2 weights {spec}: {type(err).__name__}: {err}') from None
+        raise dnnlib.UserError(f'cannot load DINOv2 weights {spec}: {err}') from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DINOv2Error(f'{spec}: not a DINOv2 state dict (expected a dict of tensors)')
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 state dict (expected a dict of tensors)')
+    with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
+        net = DINOv2ViT(**config_from_state_dict(state, spec))
     try:
-        with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
-            net = DINOv2ViT(**config_from_state_dict(state))
         net.load_state_dict(state, strict=True, assign=True)
-    except DINOv2Error as err:
-        raise DINOv2Error(f'{spec}: {err}') from None
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise DINOv2Error(f'{spec}: does not fit the DINOv2 ViT architecture ({" ".join(first[:2])})') from None
+        raise dnnlib.UserError(f'{spec}: does not fit the DINOv2 ViT architecture ({" ".join(str(err).split()[:40])})') from None
     return DINOv2Detector(net.to(device=device, dtype=torch.float32))

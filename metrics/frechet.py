@@ -10,28 +10,24 @@ computation give the same number in a fraction of the time, with no spurious ima
 """
 
 import numpy as np
-import scipy.linalg
 import torch
 
+import dnnlib
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
-
-class MetricInputError(ValueError):
-    """Activations or statistics that cannot give a metric (shape, count, NaN/inf)."""
-
 
 def _check_stats(mu, sigma, what):
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricInputError(f'{what}: mean has shape {list(mu.shape)} and covariance {list(sigma.shape)}; '
+        raise dnnlib.UserError(f'{what}: mean has shape {list(mu.shape)} and covariance {list(sigma.shape)}; '
                                f'expected [D] and [D, D]')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise MetricInputError(f'{what}: statistics contain NaN or inf')
+        raise dnnlib.UserError(f'{what}: statistics contain NaN or inf')
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if float(np.abs(sigma - sigma.T).max(initial=0.0)) > SYMMETRY_TOL * scale:
-        raise MetricInputError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
+        raise dnnlib.UserError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
     return mu, sigma
 
 
@@ -42,7 +38,7 @@ PSD_TOL = 1e-6       # Most negative eigenvalue allowed, relative to the sum of 
 
 
 def _not_psd(what):
-    return MetricInputError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
+    return dnnlib.UserError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
 
 
 def _check_psd_eigenvalues(w, what):
@@ -63,11 +59,11 @@ def _check_psd(sigma, what):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, via eigenvalues.
-    Raises MetricInputError for covariances that are not symmetric PSD (within rounding)."""
+    Raises dnnlib.UserError for covariances that are not symmetric PSD (within rounding)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, what[0])
     mu2, sigma2 = _check_stats(mu2, sigma2, what[1])
     if mu1.shape != mu2.shape:
-        raise MetricInputError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
+        raise dnnlib.UserError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
                                f'{what[1]} has {mu2.shape[0]}')
 
     # Symmetrize: covariances from files can be off by rounding, eigh reads one triangle only.
@@ -98,21 +94,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
-    """The ADM evaluator's formulation (scipy.linalg.sqrtm of the product), kept for tests and
-    benchmarks as the value to agree with."""
-    mu1, sigma1 = _check_stats(mu1, sigma1, 'sample')
-    mu2, sigma2 = _check_stats(mu2, sigma2, 'reference')
-    _check_psd(sigma1, 'sample')
-    _check_psd(sigma2, 'reference')
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 #----------------------------------------------------------------------------
 
@@ -160,7 +141,7 @@ class StatsAccumulator:
             torch.distributed.all_reduce(n_total)
             torch.distributed.all_reduce(weighted_mean)
         if n_total.item() < 2:
-            raise MetricInputError(f'{int(n_total.item())} samples: need at least 2 for a covariance')
+            raise dnnlib.UserError(f'{int(n_total.item())} samples: need at least 2 for a covariance')
         mu = weighted_mean / n_total
         delta = mean - mu
         m2 = m2 + torch.outer(delta, delta) * n
@@ -174,9 +155,9 @@ def compute_statistics(features, batch_size=8192, device=None):
     """Mean and covariance (np.cov convention) of an [N, D] array, batched, float64."""
     features = np.asarray(features)
     if features.ndim != 2:
-        raise MetricInputError(f'activations have shape {list(features.shape)}; expected [N, D]')
+        raise dnnlib.UserError(f'activations have shape {list(features.shape)}; expected [N, D]')
     if features.shape[0] < 2:
-        raise MetricInputError(f'{features.shape[0]} samples: need at least 2 for a covariance')
+        raise dnnlib.UserError(f'{features.shape[0]} samples: need at least 2 for a covariance')
     device = torch.device(device) if device is not None else dist.get_device()
     acc = StatsAccumulator(features.shape[1], device=device)
     for begin in range(0, features.shape[0], batch_size):

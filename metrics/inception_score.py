@@ -10,15 +10,15 @@ the bias; `include_bias` in metrics.detector reproduces that if ever needed.)
 import numpy as np
 import torch
 
-from .frechet import MetricInputError
+import dnnlib
 
 
 def inception_score(logits, split_size=5000):
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[0] < 1:
-        raise MetricInputError(f'logits have shape {list(logits.shape)}; expected [N, classes] with N >= 1')
+        raise dnnlib.UserError(f'logits have shape {list(logits.shape)}; expected [N, classes] with N >= 1')
     if not np.isfinite(logits).all():
-        raise MetricInputError('logits contain NaN or inf')
+        raise dnnlib.UserError('logits contain NaN or inf')
     scores = []
     for begin in range(0, logits.shape[0], split_size):
         part = torch.from_numpy(np.asarray(logits[begin:begin + split_size], dtype=np.float64))

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import evaluate
 from metrics import activations as acts
 from metrics.detector import load_detector
-from metrics.frechet import compute_statistics, frechet_distance_sqrtm
+from metrics.frechet import compute_statistics
+from reference_restatement import ref_frechet_distance
 from metrics.inception import InceptionV3
 from metrics.inception_score import inception_score
 from metrics.precision_recall import precision_recall
@@ -263,8 +264,8 @@ def test_calc_values_and_input_kinds(tmp_dir, metric_files, pkl_detector):
 
     # Independent values: ADM's sqrtm Frechet distance, sFID on (C,H,W) stats (permutation
     # invariant), IS of the stored logits, precision/recall of the features.
-    exp_fid = frechet_distance_sqrtm(*compute_statistics(smp[0]), *compute_statistics(ref[0]))
-    exp_sfid = frechet_distance_sqrtm(*compute_statistics(smp[1]), *compute_statistics(ref[1]))
+    exp_fid = ref_frechet_distance(*compute_statistics(smp[0]), *compute_statistics(ref[0]))
+    exp_sfid = ref_frechet_distance(*compute_statistics(smp[1]), *compute_statistics(ref[1]))
     assert res['FID'] == pytest.approx(exp_fid, rel=1e-6)
     assert res['sFID'] == pytest.approx(exp_sfid, rel=1e-6)
     assert res['Inception Score'] == pytest.approx(inception_score(smp[2]), rel=1e-12)

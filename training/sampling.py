@@ -10,25 +10,63 @@ every step.
 Both equal the reference implementation (THUDM/RelayDiffusion generate*.py) bit for bit on the
 same weights, seeds and options: the noise levels and the updates are computed in float64 in the
 reference's order of operations, and every seed's generator makes the reference's draws in its
-order, including draws that end up multiplied by zero. The keyword defaults of the two samplers
-are those of the reference's generate.py.
+order, including draws that end up multiplied by zero.
+
+Each sampler option is declared once, in the sampler's signature: its default (the reference
+generate.py's) and, as the annotation, its range and help text. training.pipeline makes the
+options of the generate scripts and of evaluate.py gen, and the checks of the Python API, from
+these declarations: a new option is one new parameter.
 """
 
 import concurrent.futures
 import functools
-import inspect
+import math
+import numbers
 import os
 
+import click
 import numpy as np
 import torch
 
 from training import blurring, fast_mode
 
 #----------------------------------------------------------------------------
-# Noise.
+# The range of a sampler option.
 
-# Seeds are taken modulo 2**32 (as in EDM and the reference): seeds above this repeat smaller ones.
-MAX_SEED = (1 << 32) - 1
+class Number(click.ParamType):
+    """A number >= low (> low with low_open) and <= high; never NaN, infinite only with
+    allow_inf, whole with integer. Command-line text and Python numbers are checked alike."""
+
+    def __init__(self, low=0, high=None, low_open=False, integer=False, allow_inf=False):
+        self.low, self.high, self.low_open, self.integer, self.allow_inf = low, high, low_open, integer, allow_inf
+        self.name = 'INT' if integer else 'FLOAT'
+        self.bounds = f'{">" if low_open else ">="} {low}' + (f' and <= {high}' if high is not None else '')
+
+    def convert(self, value, param, ctx):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                self.fail(f'{value!r} is not a number', param, ctx)
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            self.fail(f'{value!r} is not a number', param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f'{value} must be a finite number', param, ctx)
+        if self.integer and number != int(number):
+            self.fail(f'{value} must be a whole number', param, ctx)
+        if number < self.low or (self.low_open and number == self.low) or (self.high is not None and number > self.high):
+            self.fail(f'{value} must be {self.bounds}', param, ctx)
+        return int(number) if self.integer else number
+
+
+# More steps than this is a typo (the papers use at most 256); the schedule alone takes 8 bytes a step.
+MAX_STEPS = 1_000_000
+STEPS, POSITIVE, NONNEG, FRACTION = Number(2, MAX_STEPS, integer=True), Number(0, low_open=True), Number(0), Number(0, 1)
+LEVEL = Number(0, allow_inf=True)
+
+#----------------------------------------------------------------------------
+# Noise.
 
 @functools.cache
 def _fill_pool():
@@ -124,8 +162,19 @@ def _heun(d, slope, move, t_next, correct, mean=lambda a, b: (a + b) / 2):
 #----------------------------------------------------------------------------
 # The two stages.
 
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002, sigma_max=80,
-                rho=7, cfg_scale=1, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, sde_scale=None):
+def edm_sampler(
+    net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps:  (STEPS, 'Number of sampling steps for first stage') = 18,
+    sigma_min:  (POSITIVE, 'Lowest noise level') = 0.002,
+    sigma_max:  (POSITIVE, 'Highest noise level') = 80,
+    rho:        (POSITIVE, 'Time step exponent') = 7,
+    cfg_scale:  (NONNEG, 'Scale of classifier-free guidance (> 1 enables it)') = 1,
+    S_churn:    (NONNEG, 'Stochasticity strength') = 0,
+    S_min:      (NONNEG, 'Stoch. min noise level') = 0,
+    S_max:      (LEVEL, 'Stoch. max noise level') = float('inf'),
+    S_noise:    (NONNEG, 'Stoch. noise inflation') = 1,
+    sde_scale:  (FRACTION, 'Stochastic Heun variant of the CelebA-HQ script: fresh noise of std sde_scale*t per step') = None,
+):
     """First stage: images (float64, about [-1, 1]) from standard normal `latents` (N, C, H, W).
 
     sde_scale=None: the deterministic steps of the reference's generate.py and
@@ -149,9 +198,25 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x
 
 
-def blur_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.008, sigma_max=80,
-                 rho=7, cfg_scale=1, truncation_sigma=0.9, truncation_t=0.93, up_scale=4, s_block=0.15, s_noise=0.2,
-                 blur_sigma_max=3, S_churn=None, S_min=0, S_max=float('inf'), S_noise=1, trace=None):
+def blur_sampler(
+    net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps:  (STEPS, 'Number of sampling steps for second stage (before truncation)') = 18,
+    sigma_min:  (POSITIVE, 'Lowest noise level') = 0.008,
+    sigma_max:  (POSITIVE, 'Highest noise level') = 80,
+    rho:        (POSITIVE, 'Time step exponent') = 7,
+    cfg_scale:  (NONNEG, 'Scale of classifier-free guidance (> 1 enables it)') = 1,
+    truncation_sigma: (POSITIVE, 'Truncation point of noise schedule') = 0.9,
+    truncation_t:     (POSITIVE, 'Truncation point of time schedule (prob_length)') = 0.93,
+    up_scale:   (Number(1, integer=True), 'Scale of upsampling = DCT block size (second res / first res)') = 4,
+    s_block:    (NONNEG, 'Strength of block noise addition') = 0.15,
+    s_noise:    (FRACTION, 'Strength of stochasticity') = 0.2,
+    blur_sigma_max: (NONNEG, 'Maximum sigma of blurring schedule') = 3,
+    S_churn:    (NONNEG, 'Churn step of the CelebA-HQ script\'s blur sampler (a number enables it)') = None,
+    S_min:      (NONNEG, 'Churn min noise level (with --S_churn_second)') = 0,
+    S_max:      (LEVEL, 'Churn max noise level (with --S_churn_second)') = float('inf'),
+    S_noise:    (NONNEG, 'Churn noise inflation (with --S_churn_second)') = 1,
+    trace=None,
+):
     """Second stage: images (float64) from upsampled first-stage images `latents` (N, C, H, W).
 
     Only the levels below truncation_sigma are visited; the start is the latents plus noise of
@@ -195,12 +260,5 @@ def blur_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, n
         x = _heun(blurring.block_dct(x - denoised, k) / t_hat, slope, move, t_next, correct=True)
     return x
 
-
-def _keyword_defaults(sampler):
-    return {name: p.default for name, p in inspect.signature(sampler).parameters.items()
-            if name not in ('net', 'latents', 'class_labels', 'randn_like', 'trace')}
-
-
-EDM_DEFAULTS, BLUR_DEFAULTS = _keyword_defaults(edm_sampler), _keyword_defaults(blur_sampler)
 
 #----------------------------------------------------------------------------
