@@ -190,12 +190,17 @@ def test_sharded_equals_single_process(tmp_dir, sources, pth_detector, pkl_detec
         single, sharded = tmp_dir / f'single-{i}.npz', tmp_dir / f'sharded-{i}.npz'
         _ok([*common, '--dest', str(single)])
         jobs.append('|'.join([*common, '--dest', str(sharded)]))
+    # calc under torchrun, first (before any command joins the process group): rank 0 alone computes,
+    # prints and writes --json; the others wait. Every rank ran it before.
+    jobs.insert(0, '|'.join(['calc', '-m', 'fid', '--activations_sample', str(tmp_dir / 'single-1.npz'), '--ref', str(tmp_dir / 'single-2.npz'),
+                          '--json', str(tmp_dir / 'sharded-calc.json')]))
     driver = tmp_dir / 'sharded_driver.py'
     driver.write_text(SHARDED_DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver), *jobs]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('FID: ') == 1 and abs(json.loads((tmp_dir / 'sharded-calc.json').read_text())['FID']) < 1e-6
     for i, (fmt, _det, extra) in enumerate(runs):
         with np.load(tmp_dir / f'single-{i}.npz') as a, np.load(tmp_dir / f'sharded-{i}.npz') as b:
             assert set(a.files) == set(b.files)
