@@ -193,7 +193,7 @@ def _is_logits(detector, is_bias, trust_detector, batch):
     evaluate.py does."""
     def logits(sample):
         if sample.has('logits') and not is_bias:
-            return sample.features('logits')
+            return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
         what = 'Adding the classifier bias of' if sample.has('logits') else f'No logits in {sample.path}: computing them from feat with'
         click.echo(f'{what} {detector} ...', err=True)
         det = load_detector(detector, device=dist.get_device(), include_bias=is_bias, trust_pickle=trust_detector)

@@ -23,6 +23,7 @@ import os
 
 import click
 import numpy as np
+import PIL.Image
 import torch
 import tqdm
 
@@ -80,6 +81,23 @@ def read_indir(indir, seeds):
         raise dnnlib.UserError(f'--indir: cannot read the first-stage images of seeds {seeds[0]}..{seeds[-1]} ({e}); replace or remove them') from None
 
 
+def is_done(path, shape):
+    """Whether `path` holds a finished output: a complete PNG of `shape` (C, H, W). Anything else
+    there is refused rather than replaced: it is not known to be ours."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        with PIL.Image.open(path) as img:
+            found = f'{img.format} {img.size[0]}x{img.size[1]} {img.mode}'
+            img.verify()  # Every chunk to the end, with its checksum: a cut file fails.
+    except (OSError, SyntaxError, ValueError) as err:
+        found = f'not a complete image ({err})'
+    if found == f'PNG {shape[2]}x{shape[1]} {"L" if shape[0] == 1 else "RGB"}':
+        return True
+    raise dnnlib.UserError(f'--outdir holds {path}, which is {found}, not a {shape[2]}x{shape[1]} output of this run; '
+                           f'remove it, or choose another --outdir')
+
+
 def grid_path(outdir):
     return os.path.normpath(outdir) + '-grid.png'
 
@@ -110,7 +128,7 @@ def _check_paths(outdir, indir, stages):
     pipeline.check_outdir(outdir)
     if stages == 'second' and not os.path.isdir(indir):
         raise dnnlib.UserError(f'--indir "{indir}" is not a folder')
-    if stages == 'second' and os.path.abspath(indir) == os.path.abspath(outdir):
+    if stages == 'second' and os.path.realpath(indir) == os.path.realpath(outdir):  # Symbolic links resolved.
         raise dnnlib.UserError('--outdir must differ from --indir (the relay would replace the first-stage images)')
 
 
@@ -152,7 +170,8 @@ def generate_images(
     pipe.check_class(class_idx)
 
     # Resume: seeds whose image exists are done. Every rank scans before anyone writes.
-    todo = [s for s in seeds if not os.path.isfile(image_path(outdir, s, subdirs))]
+    res = pipe.net_second.img_resolution if stages != 'first' else pipe.first_shape[1]
+    todo = [s for s in seeds if not is_done(image_path(outdir, s, subdirs), (pipe.first_shape[0], res, res))]
     dist.barrier()
     if stages == 'second':
         check_indir(indir, todo, pipe)

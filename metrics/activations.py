@@ -50,67 +50,98 @@ def spatial_stats_to_hwc(mu, sigma):
     return mu[idx], sigma[idx][:, idx]
 
 #----------------------------------------------------------------------------
+# Arrays in .npz files, read row by row.
+
+class NpyMember:
+    """One array of an .npz, read by rows without the rest. Its header must claim exactly the
+    bytes the member holds (a tiny file cannot make us allocate terabytes); a stored member is
+    memory-mapped, a deflated one decompressed only as far as the rows read (a 3 MB file of
+    zeros cannot fill the memory with gigabytes). Rows come back in native byte order."""
+
+    def __init__(self, path, key):
+        self.path, self.key, self._data = path, key, None
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(key + '.npy')
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f'unsupported .npy format version {version}')
+                self.shape, self.fortran, self.dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0(f)
+                self.offset = f.tell()
+        if self.dtype.hasobject or self.dtype.itemsize == 0:
+            raise ValueError(f'{key} holds {self.dtype}, not numbers')
+        need = math.prod(self.shape) * self.dtype.itemsize
+        if self.offset + need != info.file_size:
+            raise ValueError(f'its header claims shape {list(self.shape)} of {self.dtype} ({need:,} bytes), but the member '
+                             f'holds {max(info.file_size - self.offset, 0):,} bytes (truncated or forged)')
+        self.stored = info.compress_type == zipfile.ZIP_STORED and math.prod(self.shape) > 0 and len(self.shape) > 0
+        self.header_offset = info.header_offset
+
+    def __len__(self):
+        return self.shape[0] if self.shape else 1
+
+    def _open(self):
+        if self.stored:  # The bytes sit unchanged in the file: map them.
+            with open(self.path, 'rb') as f:
+                f.seek(self.header_offset)
+                local = f.read(30)  # The member's local header, then its name and extra field.
+            start = self.header_offset + 30 + int.from_bytes(local[26:28], 'little') + int.from_bytes(local[28:30], 'little')
+            return np.memmap(self.path, dtype=self.dtype, mode='r', offset=start + self.offset, shape=self.shape,
+                             order='F' if self.fortran else 'C')
+        self._zip = zipfile.ZipFile(self.path)
+        return self._zip.open(self.key + '.npy')
+
+    def rows(self, start=0, stop=None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        if math.prod(self.shape) == 0:
+            return np.zeros([max(stop - start, 0), *self.shape[1:]] if self.shape else [], dtype=self.dtype.newbyteorder('='))
+        if self._data is None:
+            self._data = self._open()
+        if isinstance(self._data, np.ndarray):
+            out = self._data[start:stop] if self.shape else self._data
+        elif self.fortran or not self.shape:  # Rows are not contiguous: the whole array, once.
+            self._data.seek(0)
+            self._data = np.lib.format.read_array(self._data, allow_pickle=False)
+            return self.rows(start, stop)
+        else:
+            row = math.prod(self.shape[1:]) * self.dtype.itemsize
+            self._data.seek(self.offset + start * row)
+            out = np.frombuffer(self._data.read((stop - start) * row), dtype=self.dtype).reshape(-1, *self.shape[1:])
+        return np.array(out, dtype=self.dtype.newbyteorder('='))  # A writable copy in native byte order.
+
+    def __getstate__(self):  # DataLoader workers open the file again.
+        return dict(self.__dict__, _data=None, _zip=None)
+
+    def close(self):
+        for handle in (self._data, getattr(self, '_zip', None)):
+            if hasattr(handle, 'close'):
+                handle.close()
+        self._data = None
+
+#----------------------------------------------------------------------------
 # Image sources.
-
-def _npy_header_by_loading(path):
-    with np.load(path, allow_pickle=False, mmap_mode=None) as data:
-        arr = data['arr_0']
-        return arr.shape, False, arr.dtype
-
 
 class _NpzImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        self.path = path
         try:
-            with zipfile.ZipFile(path) as z:
-                if 'arr_0.npy' not in z.namelist():
-                    raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
-                info = z.getinfo('arr_0.npy')
-                stored = info.compress_type == zipfile.ZIP_STORED
-                with z.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                    else:  # Newer .npy versions: no mapping, plain load below.
-                        shape, fortran, dtype = _npy_header_by_loading(path)
-                        stored = False
-                    header_len = f.tell()
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            self.member = NpyMember(path, 'arr_0')
+        except KeyError:
+            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
             raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
-        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
-            raise dnnlib.UserError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
-        self.shape = shape
-        try:
-            if stored and not fortran:
-                # The member's bytes sit unmodified in the zip: map them instead of loading GBs.
-                with open(path, 'rb') as f:
-                    f.seek(info.header_offset)
-                    local = f.read(30)
-                    name_len = int.from_bytes(local[26:28], 'little')
-                    extra_len = int.from_bytes(local[28:30], 'little')
-                offset = info.header_offset + 30 + name_len + extra_len + header_len
-                self.images = np.memmap(path, dtype=np.uint8, mode='r', offset=offset, shape=tuple(shape))
-            else:
-                with np.load(path, allow_pickle=False) as data:
-                    self.images = data['arr_0']
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{path}: cannot read arr_0 ({err}); is the file complete?') from None
+        self.shape = self.member.shape
+        if len(self.shape) != 4 or self.shape[3] not in (1, 3) or self.member.dtype != np.uint8:
+            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(self.shape)}; expected uint8 [N, H, W, 1 or 3]')
 
     def __len__(self):
         return self.shape[0]
 
     def __getitem__(self, idx):
-        return np.ascontiguousarray(self.images[idx].transpose(2, 0, 1))
-
-    def __getstate__(self):  # DataLoader workers re-map the file.
-        return dict(self.__dict__, images=None) if isinstance(self.images, np.memmap) else self.__dict__
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.images is None:
-            self.__init__(self.path)
+        try:
+            return np.ascontiguousarray(self.member.rows(idx, idx + 1)[0].transpose(2, 0, 1))
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -268,65 +299,67 @@ class FeatureSet:
     """Named arrays of one set of images, as the metrics read them: per-image activations
     (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
     (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
-    members are read when asked for."""
+    members are read when asked for, in chunks where the work allows (NpyMember)."""
 
     def __init__(self, source, name='the samples'):
-        self.path, self._npz = name, None
+        self.path, self.arrays, self.members = name, None, {}
         if isinstance(source, dict):
-            self.arrays = source
-            self.keys = set(source)
+            self.arrays, self.keys = source, set(source)
             return
         self.path = source
         try:
-            local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
-            if not zipfile.is_zipfile(local):
-                raise ValueError('not an .npz (zip) archive')
-            self._npz = np.load(local, allow_pickle=False)
-            self.keys = set(self._npz.files)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
+            with zipfile.ZipFile(self.local) as z:
+                self.keys = {name[:-4] for name in z.namelist() if name.endswith('.npy')}
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{source}: cannot read as .npz ({err})') from None
 
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _check_size(self, key):
-        # numpy allocates what a member's header claims before reading it: a tiny file could
-        # claim terabytes. The claim must match the bytes the member holds.
-        info = self._npz.zip.getinfo(key + '.npy')
-        with self._npz.zip.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f'unsupported .npy format version {version}')
-            shape, _fortran, dtype = read_header(f)
-            need = math.prod(shape) * dtype.itemsize
-            if f.tell() + need != info.file_size:
-                raise ValueError(f'its header claims shape {list(shape)} of {dtype} ({need:,} bytes), but the member '
-                                 f'holds {max(info.file_size - f.tell(), 0):,} bytes (truncated or forged)')
-
-    def get(self, key):
-        if self._npz is None:
-            return self.arrays[key]
-        try:
-            self._check_size(key)
-            return self._npz[key]
-        except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
-
-    def features(self, key):
-        """Per-image features [N, D], finite."""
-        x = self.get(key)
-        if x.ndim != 2:
-            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(x.shape)}; expected [N, D]')
-        if not np.isfinite(x).all():
-            raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
-        return x
-
     def describe(self):
         return ', '.join(sorted(self.keys)) or 'nothing'
 
+    def _member(self, key):
+        try:
+            if key not in self.members:
+                self.members[key] = NpyMember(self.local, key)
+            return self.members[key]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def _read(self, key, start=0, stop=None):
+        if self.arrays is not None:
+            return np.asarray(self.arrays[key])[start:stop]
+        try:
+            return self._member(key).rows(start, stop)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def shape(self, key):
+        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else tuple(self._member(key).shape)
+
+    def get(self, key):
+        """The whole array."""
+        return self._read(key)
+
+    def features(self, key, chunk=None):
+        """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator
+        over blocks of that many rows (the file is then never held whole)."""
+        shape = self.shape(key)
+        if len(shape) != 2 or shape[1] == 0:
+            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(shape)}; expected [N, D] with D >= 1')
+        blocks = (self._read(key, i, i + chunk) for i in range(0, shape[0], chunk)) if chunk else [self._read(key)]
+        checked = (self._finite(key, block) for block in blocks)
+        return checked if chunk else next(checked)
+
+    def _finite(self, key, block):
+        if not np.isfinite(block).all():
+            raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
+        return block
+
     def close(self):
-        if self._npz is not None:
-            self._npz.close()
+        for member in self.members.values():
+            member.close()
 
 #----------------------------------------------------------------------------

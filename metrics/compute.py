@@ -55,9 +55,12 @@ def _statistics(fs, metric, batch):
     _name, key, mu, sigma = FRECHET[metric]
     if fs.has(mu, sigma):
         return fs.get(mu), fs.get(sigma), None
-    feat = fs.features(key)
-    stats = compute_statistics(feat, batch_size=batch)
-    return *(activations.spatial_stats_to_hwc(*stats) if metric == 'sfid' else stats), len(feat)
+    width = fs.shape(key)[-1]
+    if metric == 'sfid' and width % activations.SPATIAL_CHANNELS:
+        raise dnnlib.UserError(f'{fs.path}: s_feat has {width} values per image, not a multiple of the '
+                               f'{activations.SPATIAL_CHANNELS} channels of mixed_6/conv; was it made by another detector?')
+    stats = compute_statistics(fs.features(key, chunk=batch))  # In blocks: the file is never held whole.
+    return *(activations.spatial_stats_to_hwc(*stats) if metric == 'sfid' else stats), fs.shape(key)[0]
 
 
 def compute_metrics(metrics, sample, ref=None, is_logits=None, batch=8192, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE):
@@ -73,9 +76,8 @@ def compute_metrics(metrics, sample, ref=None, is_logits=None, batch=8192, kid_s
             counts.update({fs.path: n for fs, n in ((sample, n1), (ref, n2)) if n is not None})
             results[FRECHET[metric][0]] = frechet_distance(mu1, sigma1, mu2, sigma2, what=(sample.path, ref.path))
         elif metric == 'is':
-            logits = is_logits(sample) if is_logits is not None else sample.features('logits')
-            counts[sample.path] = len(logits)
-            results['Inception Score'] = inception_score(logits)
+            counts[sample.path] = sample.shape('logits' if sample.has('logits') else 'feat')[0]
+            results['Inception Score'] = inception_score(is_logits(sample) if is_logits else sample.features('logits', chunk=5000))
         else:
             smp, rf = sample.features('feat'), ref.features('feat')
             counts.update({sample.path: len(smp), ref.path: len(rf)})

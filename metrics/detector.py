@@ -115,9 +115,11 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
                     state = state['state_dict']
                 if not isinstance(state, dict) or 'fc.weight' not in state:
                     raise ValueError('not an Inception-v3 state dict (pytorch-fid format)')
-                # Optional 0-d 'resolution' entry: a smaller resize target for test-only detectors.
-                resolution = int(state.pop('resolution').item()) if 'resolution' in state else 299
-                net = load_inception_state_dict(state, resolution=resolution)
+                # Optional 'resolution' entry: a smaller resize target for test-only detectors.
+                resolution = state.pop('resolution', torch.tensor(299))
+                if not (torch.is_tensor(resolution) and resolution.numel() == 1 and float(resolution) in range(75, 300)):
+                    raise ValueError(f'its "resolution" entry {resolution!r} is not a whole number of pixels in 75..299')
+                net = load_inception_state_dict(state, resolution=int(resolution))
     except Exception as err:  # pylint: disable=broad-exception-caught  # Foreign files raise anything.
         raise dnnlib.UserError(f'cannot load detector {spec}: {err}') from None
     if not isinstance(net, torch.nn.Module):

@@ -19,6 +19,7 @@ Memory stays bounded by the block size. The float32 copies are shifted by the re
 """
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -249,6 +250,13 @@ def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, retu
     if ref_feats.shape[1] != sample_feats.shape[1]:
         raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
                                f'reference has {ref_feats.shape[1]}')
+    # Scaling both sets by a power of two changes no decision and, in floating point, no rounding.
+    # Far from 1 (features x 1e20, or x 1e-20), one that brings the largest magnitude near 1 keeps
+    # every squared distance within float32's range (the reference's float32 radii would overflow).
+    top = max(float(np.abs(ref_feats).max()), float(np.abs(sample_feats).max()))
+    if not 2.0 ** -32 <= top <= 2.0 ** 32 and top > 0:
+        scale = 2.0 ** -math.floor(math.log2(top))
+        ref_feats, sample_feats = ref_feats * scale, sample_feats * scale
     device = torch.device(device) if device is not None else _default_device()
     shift = ref_feats.mean(axis=0, dtype=np.float64)
     with torch.no_grad(), _exact_fp32_matmul():

@@ -144,14 +144,14 @@ def test_relay_from_palette_and_16bit_first_stage_images(tmp_path, nets):
     _clear_error(generate.main, [*args, f'--indir={g16}', '--outdir', str(tmp_path / 'out2')], 'with 1 channels')
 
 
-def test_grid_over_a_damaged_existing_png(tmp_path, nets):
+def test_damaged_existing_png_is_refused_not_counted(tmp_path, nets):
     out = tmp_path / 'out'
     (out / '000000').mkdir(parents=True)
-    (out / '000000' / '000000.png').write_text('junk')  # counts as done; the grid cannot read it
+    (out / '000000' / '000000.png').write_text('junk')  # Was counted as done; then the grid could not read it.
     args = ['--outdir', str(out), '--seeds=0-1', '--grid=2', f'--network_first={nets[0]}', '--sampler_stages=first', '--num_steps_first=2']
-    _clear_error(generate.main, args, 'not the grid')
+    _clear_error(generate.main, args, 'which is not a complete image')
     assert (out / '000000' / '000000.png').read_text() == 'junk'
-    assert (out / '000000' / '000001.png').is_file() and not os.path.exists(f'{out}-grid.png')
+    assert not (out / '000000' / '000001.png').exists() and not os.path.exists(f'{out}-grid.png')
 
 #----------------------------------------------------------------------------
 # evaluate calc: a file cannot make us allocate what its contents do not hold.
@@ -192,3 +192,149 @@ def test_export_unwritable_outputs(tmp_path, nets):
         for extra in ([], ['--overwrite']):
             _clear_error(checkpoint_cli, ['export', nets[1], str(dst), *extra], text)
     assert (tmp_path / 'file').read_text() == 'keep' and os.listdir(tmp_path / 'dir.safetensors') == []
+
+#----------------------------------------------------------------------------
+# Second campaign: outputs trusted on resume, aliases, full disks, guidance that cannot guide,
+# activation files, deflated members, detector sizes, late errors. Each failed before.
+
+def _pngs_of(folder):
+    return {name: open(os.path.join(root, name), 'rb').read() for root, _d, files in os.walk(folder) for name in files}
+
+
+@pytest.mark.parametrize('plant', ['8px', 'truncated', 'grey', 'text'])
+def test_resume_refuses_what_is_not_this_runs_output(tmp_path, nets, plant):
+    out = tmp_path / 'out'
+    (out / '000000').mkdir(parents=True)
+    path = out / '000000' / '000001.png'
+    pixels = np.random.default_rng(0).integers(0, 256, [32, 32, 3], dtype=np.uint8)
+    if plant == '8px':  # First-stage output in the folder of a run of both stages: was counted as done.
+        PIL.Image.fromarray(pixels[:8, :8]).save(path)
+    elif plant == 'truncated':
+        PIL.Image.fromarray(pixels).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif plant == 'grey':
+        PIL.Image.fromarray(pixels[:, :, 0]).save(path)
+    else:
+        path.write_text('not an image')
+    before = _pngs_of(out)
+    _clear_error(generate.main, ['--outdir', str(out), '--seeds=0-2', f'--network_first={nets[0]}', f'--network_second={nets[1]}',
+                                 '--num_steps_first=2', '--num_steps_second=2'], 'not a 32x32 output of this run')
+    assert _pngs_of(out) == before  # Refused before any work, the file left as it was.
+
+
+def test_resume_keeps_complete_outputs(tmp_path, nets):
+    args = ['--outdir', str(tmp_path / 'out'), f'--network_first={nets[0]}', '--sampler_stages=first', '--num_steps_first=2']
+    assert CliRunner().invoke(generate.main, [*args, '--seeds=0']).exit_code == 0
+    kept = tmp_path / 'out' / '000000' / '000000.png'
+    stamp = os.stat(kept).st_mtime_ns
+    result = CliRunner().invoke(generate.main, [*args, '--seeds=0-1'])
+    assert result.exit_code == 0 and '1 of 2 already there' in result.output and os.stat(kept).st_mtime_ns == stamp
+
+
+def test_outdir_that_aliases_indir(tmp_path, nets):
+    low = tmp_path / 'low'
+    assert CliRunner().invoke(generate.main, ['--outdir', str(low), '--seeds=0', f'--network_first={nets[0]}', '--sampler_stages=first',
+                                              '--num_steps_first=2']).exit_code == 0
+    before = _pngs_of(low)
+    (tmp_path / 'link').symlink_to(low)  # Passed the outdir-differs-from-indir check before.
+    for outdir, indir in [(tmp_path / 'link', low), (low, tmp_path / 'link')]:
+        _clear_error(generate.main, ['--outdir', str(outdir), f'--indir={indir}', '--seeds=0', '--sampler_stages=second',
+                                     f'--network_second={nets[1]}', '--num_steps_second=2'], '--outdir must differ from --indir')
+    assert _pngs_of(low) == before
+
+
+def _disk_full_after(monkeypatch, count):
+    calls = []
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > count:
+            raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', fsync)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, nets, monkeypatch):
+    np.savez(tmp_path / 'a.npz', feat=np.random.default_rng(0).standard_normal([6, 4]).astype(np.float32))
+    _disk_full_after(monkeypatch, 1)
+    out = tmp_path / 'out'
+    _clear_error(generate.main, ['--outdir', str(out), '--seeds=0-2', f'--network_first={nets[0]}', '--sampler_stages=first',
+                                 '--num_steps_first=2'], 'No space left on device')
+    assert sorted(_pngs_of(out)) == ['000000.png']  # The first image, whole; no temporary left.
+    _disk_full_after(monkeypatch, 0)
+    (tmp_path / 'j').mkdir()
+    _clear_error(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={tmp_path / "a.npz"}', f'--ref={tmp_path / "a.npz"}',
+                                 f'--json={tmp_path / "j" / "out.json"}'], f'cannot write {tmp_path / "j" / "out.json"} (No space left on device)')
+    assert os.listdir(tmp_path / 'j') == []
+
+
+def test_guidance_on_an_unconditional_network_warns_once(tmp_path, nets):
+    with pytest.warns(UserWarning, match='unconditional network') as record:
+        pipe = RelayPipeline(nets[0], nets[1], device='cpu', cfg_scale_second=2, num_steps_first=2, num_steps_second=2)
+        pipe([0])
+    assert len(record) == 1
+    result = CliRunner().invoke(generate.main, ['--outdir', str(tmp_path / 'o'), '--seeds=0-1', '--batch=1', f'--network_first={nets[0]}',
+                                                f'--network_second={nets[1]}', '--num_steps_first=2', '--num_steps_second=2', '--cfg_scale_first=3'])
+    assert result.exit_code == 0 and result.output.count('--cfg_scale_first=3.0 on an unconditional network') == 1
+
+
+def test_activation_files_odd_but_valid_or_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    feat, ref = np.abs(rng.standard_normal([30, 16])).astype(np.float32), np.abs(rng.standard_normal([40, 16])).astype(np.float32)
+    np.savez(tmp_path / 'le.npz', feat=feat)
+    np.savez(tmp_path / 'ref.npz', feat=ref, s_feat=rng.standard_normal([40, 2024]).astype(np.float32))
+    np.savez(tmp_path / 'be.npz', feat=feat.astype('>f4'))  # Valid big-endian: was a traceback.
+    np.savez_compressed(tmp_path / 'be-deflated.npz', feat=feat.astype('>f4'))
+    calc = lambda sample, *m: CliRunner().invoke(evaluate.main, ['calc', *m, f'--activations_sample={sample}', f'--ref={tmp_path / "ref.npz"}'])  # noqa: E731
+    expect = calc(tmp_path / 'le.npz', '-m', 'fid', '-m', 'pr').stdout
+    for name in ('be.npz', 'be-deflated.npz'):
+        assert calc(tmp_path / name, '-m', 'fid', '-m', 'pr').stdout == expect
+    np.savez(tmp_path / 'wide.npz', s_feat=rng.standard_normal([30, 2024]).astype(np.float32))
+    _clear_error(evaluate.main, ['calc', '-m', 'sfid', f'--activations_sample={tmp_path / "wide.npz"}', f'--ref={tmp_path / "ref.npz"}'],
+                 'not a multiple of the 7 channels')
+    np.savez(tmp_path / 'empty.npz', feat=np.zeros([30, 0], np.float32))
+    for metric in ('fid', 'pr', 'kid'):
+        _clear_error(evaluate.main, ['calc', '-m', metric, f'--activations_sample={tmp_path / "empty.npz"}', f'--ref={tmp_path / "ref.npz"}'],
+                     'feat has shape [30, 0]')
+
+
+def test_deflated_members_are_read_in_pieces(tmp_path):
+    # 64 MB of (mostly) zeros in a few hundred KB: the metrics and the image reader hold pieces, not the whole.
+    import tracemalloc
+    from metrics.activations import open_images
+    feat = np.zeros([250_000, 64], np.float32)
+    feat[::997, ::3] = 1  # Not constant, still compressible.
+    np.savez_compressed(tmp_path / 'zeros.npz', feat=feat)
+    np.savez(tmp_path / 'ref.npz', feat=np.random.default_rng(2).standard_normal([50, 64]).astype(np.float32))
+    np.savez_compressed(tmp_path / 'images.npz', arr_0=np.zeros([16_000, 32, 32, 3], np.uint8))
+    assert os.path.getsize(tmp_path / 'zeros.npz') < 1 << 20
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={tmp_path / "zeros.npz"}',
+                                                    f'--ref={tmp_path / "ref.npz"}', '--batch=4096'])
+        images = open_images(str(tmp_path / 'images.npz'))
+        assert len(images) == 16_000 and images[7].shape == (3, 32, 32) and images[15_999].sum() == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0 and 'FID: ' in result.stdout, result.output
+    assert peak < 40 << 20, f"peak {peak >> 20} MB"  # Seeking in a deflated member reads 16 MB at a time.
+
+
+def test_pth_detector_resolution_is_checked(tmp_path):
+    import torch
+    from metrics.detector import load_detector
+    from metrics.inception import InceptionV3
+    with torch.device('meta'):
+        names = list(InceptionV3().state_dict())
+    state = {name: torch.zeros([1]) for name in names}  # Shapes do not matter: the entry is refused first.
+    for value in (float('nan'), 1e9, 20000, -5, 75.5, [75, 80]):
+        torch.save(dict(state, resolution=torch.tensor(value)), tmp_path / 'det.pth')
+        with pytest.raises(UserError, match='"resolution" entry .* is not a whole number of pixels in 75..299'):
+            load_detector(str(tmp_path / 'det.pth'), verbose=False)
+
+
+def test_evaluate_gen_checks_the_reference_before_sampling(tmp_path, nets, monkeypatch):
+    monkeypatch.setattr(RelayPipeline, 'batches', lambda *args, **kwargs: pytest.fail('sampled before checking --ref'))
+    np.savez(tmp_path / 'stats.npz', mu=np.zeros(4), sigma=np.eye(4))
+    common = ['gen', f'--network_first={nets[0]}', f'--network_second={nets[1]}', '--seeds=0-1', '--detector=unused.pth']
+    _clear_error(evaluate.main, [*common, '-m', 'fid', f'--ref={tmp_path / "missing.npz"}'], 'missing.npz: cannot read as .npz')
+    _clear_error(evaluate.main, [*common, '-m', 'pr', f'--ref={tmp_path / "stats.npz"}'], 'Precision/recall needs per-image feat')

@@ -1,6 +1,8 @@
 """Numerics of metrics/: Frechet distance, statistics, precision/recall, Inception Score,
 the Inception module's pieces. Independent computations in plain numpy/scipy."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -267,3 +269,38 @@ def test_kid_against_pairwise_definition():
         kernel_inception_distance(smp, ref, subset_size=60)
     with pytest.raises(UserError, match='equal width'):
         kernel_inception_distance(smp, ref[:, :4], subset_size=5)
+
+
+#----------------------------------------------------------------------------
+# Inputs far from the usual range: constant features, huge and tiny magnitudes.
+
+def test_fid_of_constant_features_is_defined():
+    # A collapsed generator (every sample the same) has a zero covariance: valid, and FID is
+    # |mu1 - mu2|^2 + tr(S2). It was refused as "not positive semi-definite".
+    rng = np.random.default_rng(8)
+    ref = rng.standard_normal([60, 12]).astype(np.float32)
+    const = np.tile(rng.standard_normal([1, 12]).astype(np.float32), [50, 1])
+    mu_c, sigma_c = compute_statistics(const)
+    mu_r, sigma_r = compute_statistics(ref)
+    expected = float(((mu_c - mu_r) ** 2).sum() + np.trace(sigma_r))
+    assert frechet_distance(mu_c, sigma_c, mu_r, sigma_r) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu_r, sigma_r, mu_c, np.zeros([12, 12])) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu_c, np.zeros([12, 12]), mu_r * 0, np.zeros([12, 12])) == pytest.approx(float((mu_c ** 2).sum()), rel=1e-12)
+    with pytest.raises(UserError, match='not positive semi-definite'):
+        frechet_distance(mu_c, np.zeros([12, 12]), mu_r, -np.eye(12))
+
+
+@pytest.mark.parametrize('scale', [2.0 ** 70, 2.0 ** -90, 1e20])
+def test_precision_recall_of_huge_or_tiny_features(scale):
+    # Squared distances of features x 1e20 overflow float32: P = R = 0 was printed.
+    rng = np.random.default_rng(9)
+    ref = np.abs(rng.standard_normal([80, 16])).astype(np.float32)
+    smp = (np.abs(rng.standard_normal([70, 16])) * 1.2).astype(np.float32)
+    expected = precision_recall(ref, smp)
+    assert 0.1 < expected[0] < 0.9 and 0.1 < expected[1] < 0.99
+    assert precision_recall(ref * scale, ref * scale) == (1.0, 1.0)
+    got = precision_recall(ref * scale, smp * scale)
+    if math.log2(scale).is_integer():  # A power of two: exactly the same decisions.
+        assert got == expected
+    else:
+        assert got == pytest.approx(expected, abs=0.03)

@@ -322,6 +322,11 @@ class RelayPipeline:
         self.options, self.warnings = resolve_options(preset, options, loss.training_record(data).relay)
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
+        for stage, net in (('first', self.net_first), ('second', self.net_second)):
+            if net is not None and not net.label_dim and self.options[f'cfg_scale_{stage}'] > 1:
+                self.warnings.append(f'--cfg_scale_{stage}={self.options[f"cfg_scale_{stage}"]} on an unconditional network: '
+                                     f'guidance compares the network with itself, which doubles the cost and changes no '
+                                     f'image; pass --cfg_scale_{stage}=1')
         for note in self.warnings if warn else ():
             warnings.warn(note, stacklevel=2)
         self.fast = fast if fast is not None else fast_mode.EXACT
