@@ -48,30 +48,23 @@ def find_input_image(indir, seed):
 
 
 def check_indir(indir, todo, pipe):
-    """Every first-stage image of `todo` is in --indir, readable and of the size the relay
-    needs, before starting."""
-    missing = [s for s in todo if find_input_image(indir, s) is None]
-    if missing:
-        raise dnnlib.UserError(f'{len(missing)} of {len(todo)} first-stage images are missing in --indir "{indir}", '
-                               f'e.g. {image_path(indir, missing[0])}')
-    in_shape = None
-    for s in todo:
-        path = find_input_image(indir, s)
+    """Every first-stage image of `todo` is in --indir, readable and of the size the relay needs,
+    before starting."""
+    need = pipe.first_shape
+    for seed in todo:
+        path = find_input_image(indir, seed)
+        if path is None:
+            raise dnnlib.UserError(f'--indir "{indir}" lacks the first-stage image of seed {seed} ({image_path(indir, seed)}); '
+                                   f'run the first stage for every seed, or leave that seed out')
         try:
             with open(path, 'rb') as f:
                 width, height, channels = data_files.read_header(f, path)
         except (OSError, data_files.DatasetError) as e:
             raise dnnlib.UserError(f'--indir file {path} is not a readable image ({getattr(e, "reason", e)}); replace or remove it') from None
-        shape = (channels, height, width)
-        in_shape = in_shape or shape
-        if shape != in_shape or shape[1] != shape[2]:
-            raise dnnlib.UserError(f'--indir image {path} is {shape[2]}x{shape[1]} with {shape[0]} channels, '
-                                   f'expected square {in_shape[2]}x{in_shape[1]} with {in_shape[0]} like the first one')
-    need = pipe.first_shape
-    if todo and in_shape != need:
-        raise dnnlib.UserError(f'--indir images are {in_shape[1]}x{in_shape[2]} with {in_shape[0]} channels, but the second '
-                               f'stage needs {need[1]}x{need[2]} with {need[0]} channels ({pipe.net_second.img_resolution} px '
-                               f'/ --up_scale_second={pipe.second_kwargs["up_scale"]})')
+        if (channels, height, width) != need:
+            raise dnnlib.UserError(f'--indir image {path} is {width}x{height} with {channels} channels, but the second stage needs '
+                                   f'{need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
+                                   f'--up_scale_second={pipe.second_kwargs["up_scale"]})')
 
 
 def read_indir(indir, seeds):

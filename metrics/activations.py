@@ -146,11 +146,8 @@ class _NpzImages(torch.utils.data.Dataset):
 
 class _FolderImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        from training.dataset import ImageFolderDataset, DatasetError
-        try:
-            self.dataset = ImageFolderDataset(path=path)
-        except DatasetError as err:
-            raise dnnlib.UserError(str(err)) from None
+        from training.dataset import ImageFolderDataset  # pylint: disable=import-outside-toplevel
+        self.dataset = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
         self.shape = [len(self.dataset)] + self.dataset.image_shape[1:] + self.dataset.image_shape[:1]
 
     def __len__(self):

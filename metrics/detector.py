@@ -18,7 +18,6 @@ Formats, chosen by file name:
          nothing runs.
 """
 
-import hashlib
 import os
 import urllib.parse
 
@@ -35,14 +34,6 @@ SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (ADM).
 
 def _file_name(spec):
     return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
-
-
-def _sha256_of(f):
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-        digest.update(chunk)
-    f.seek(0)
-    return digest.hexdigest()
 
 
 class Detector:
@@ -104,22 +95,23 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
         raise dnnlib.UserError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
                             f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
     try:
-        with dnnlib.util.open_url(spec, verbose=verbose) as f:
-            if is_pickle:
-                if verbose:
-                    print(f'Running the code in trusted detector pickle {spec} (SHA-256 {_sha256_of(f)})', flush=True)
+        path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True)
+        if is_pickle:
+            if verbose:
+                print(f'Running the code in trusted detector pickle {spec} (SHA-256 {dnnlib.util.file_sha256(path)})', flush=True)
+            with open(path, 'rb') as f:
                 net = persistence.load_trusted_pickle(f)
-            else:
-                state = torch.load(f, map_location='cpu', weights_only=True)
-                if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
-                    state = state['state_dict']
-                if not isinstance(state, dict) or 'fc.weight' not in state:
-                    raise ValueError('not an Inception-v3 state dict (pytorch-fid format)')
-                # Optional 'resolution' entry: a smaller resize target for test-only detectors.
-                resolution = state.pop('resolution', torch.tensor(299))
-                if not (torch.is_tensor(resolution) and resolution.numel() == 1 and float(resolution) in range(75, 300)):
-                    raise ValueError(f'its "resolution" entry {resolution!r} is not a whole number of pixels in 75..299')
-                net = load_inception_state_dict(state, resolution=int(resolution))
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+                state = state['state_dict']
+            if not isinstance(state, dict) or 'fc.weight' not in state:
+                raise ValueError('not an Inception-v3 state dict (pytorch-fid format)')
+            # Optional 'resolution' entry: a smaller resize target for test-only detectors.
+            resolution = state.pop('resolution', torch.tensor(299))
+            if not (torch.is_tensor(resolution) and resolution.numel() == 1 and float(resolution) in range(75, 300)):
+                raise ValueError(f'its "resolution" entry {resolution!r} is not a whole number of pixels in 75..299')
+            net = load_inception_state_dict(state, resolution=int(resolution))
     except Exception as err:  # pylint: disable=broad-exception-caught  # Foreign files raise anything.
         raise dnnlib.UserError(f'cannot load detector {spec}: {err}') from None
     if not isinstance(net, torch.nn.Module):

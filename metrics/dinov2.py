@@ -19,6 +19,7 @@ the 37x37 grid of position embeddings is resampled to 16x16 the way DINOv2 does 
 without antialiasing, with the scale factor (16 + 0.1) / 37 rather than a target size.
 """
 
+import collections
 import math
 
 import torch
@@ -38,15 +39,6 @@ FEATURE_KEY = 'dinov2'              # Key of the features in activation files.
 #----------------------------------------------------------------------------
 # Architecture.
 
-class PatchEmbed(torch.nn.Module):
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # [N, tokens, D], row-major patches.
-
-
 class Attention(torch.nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -61,23 +53,12 @@ class Attention(torch.nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
-class Mlp(torch.nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(dim, hidden)
-        self.fc2 = torch.nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-
-class LayerScale(torch.nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = torch.nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
+def _holder(**children):
+    """A module that only holds named parameters or submodules (for the release's names: ls1.gamma, patch_embed.proj)."""
+    module = torch.nn.Module()
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module
 
 
 class Block(torch.nn.Module):
@@ -85,14 +66,15 @@ class Block(torch.nn.Module):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
+        self.ls1 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        self.mlp = torch.nn.Sequential(collections.OrderedDict(
+            fc1=torch.nn.Linear(dim, int(dim * mlp_ratio)), act=torch.nn.GELU(), fc2=torch.nn.Linear(int(dim * mlp_ratio), dim)))
+        self.ls2 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x)) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DINOv2ViT(torch.nn.Module):
@@ -102,7 +84,7 @@ class DINOv2ViT(torch.nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
+        self.patch_embed = _holder(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size))
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
         self.mask_token = torch.nn.Parameter(torch.zeros(1, dim))  # Training only; kept so the release loads strictly.
@@ -123,17 +105,12 @@ class DINOv2ViT(torch.nn.Module):
         return torch.cat([pos[:, :1], grid], dim=1).to(self.pos_embed.dtype)
 
     def forward(self, x):
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [N, tokens, D], row-major patches.
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embeddings(x.shape[2], x.shape[3])
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)[:, 0]
-
-
-def vit_l14():
-    """ViT-L/14 as released (dinov2_vitl14): 1024 wide, 24 blocks, 16 heads, 518 px grid."""
-    return DINOv2ViT(dim=1024, depth=24, num_heads=16, patch_size=14, img_size=518)
 
 
 def config_from_state_dict(state, spec='the state dict'):

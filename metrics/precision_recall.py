@@ -37,16 +37,14 @@ def _error_bound_coef(dim):
 
 @contextlib.contextmanager
 def _exact_fp32_matmul():
-    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32.
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32 ('highest'
+    # also turns torch.backends.cuda.matmul.allow_tf32 off; restoring the mode restores it).
     old_precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision('highest')
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(old_precision)
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
 def check_features(x, what, min_count=2):

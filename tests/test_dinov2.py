@@ -138,7 +138,7 @@ def _release_shapes():
 
 def test_vitl14_parameters_equal_the_release():
     with torch.device('meta'):
-        net = dinov2.vit_l14()
+        net = dinov2.DINOv2ViT(dim=1024, depth=24, num_heads=16, patch_size=14, img_size=518)  # ViT-L/14 as released.
     got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert got == _release_shapes()
     assert dinov2.config_from_state_dict({k: torch.empty(s, device='meta') for k, s in _release_shapes().items()}) == \

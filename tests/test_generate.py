@@ -278,10 +278,11 @@ def test_bad_input_errors(tmp_path):
     # --indir problems.
     indir = tmp_path / 'low'
     generate.generate_images(indir, seeds=[0, 1], sampler_stages='first', network_first=TinyNet(16), **FAST)
-    assert 'missing' in _error(tmp_path, seeds=[0, 1, 2], sampler_stages='second', indir=indir, network_second=net2)
-    assert '16x16' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
-    PIL.Image.new('RGB', (8, 8)).save(indir / '000000' / '000001.png')
-    assert 'expected square 16x16' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
+    assert 'lacks the first-stage image of seed 2' in _error(tmp_path, seeds=[2], sampler_stages='second', indir=indir, network_second=net2)
+    assert 'is 16x16 with 3 channels, but the second stage needs 8x8' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
+    PIL.Image.new('RGB', (8, 8)).save(indir / '000000' / '000000.png')
+    PIL.Image.new('RGB', (8, 6)).save(indir / '000000' / '000001.png')
+    assert '000001.png is 8x6 with 3 channels' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
     with pytest.raises(Exception, match='must differ'):
         generate.generate_images(indir, seeds=[0], sampler_stages='second', indir=indir, network_second=net2, **FAST)
 

@@ -169,9 +169,7 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
 
 def stage_kwargs(options):
     """Resolved options -> (edm_sampler keywords, blur_sampler keywords)."""
-    first = {o.key: options[name] for name, o in SAMPLER_OPTIONS.items() if o.stage == 'first'}
-    second = {o.key: options[name] for name, o in SAMPLER_OPTIONS.items() if o.stage == 'second'}
-    return first, second
+    return tuple({o.key: options[name] for name, o in SAMPLER_OPTIONS.items() if o.stage == stage} for stage in ('first', 'second'))
 
 
 def check_seeds(seeds, limit=MAX_SEEDS):

@@ -43,12 +43,10 @@ class Number(click.ParamType):
         self.bounds = f'{">" if low_open else ">="} {low}' + (f' and <= {high}' if high is not None else '')
 
     def convert(self, value, param, ctx):
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                self.fail(f'{value!r} is not a number', param, ctx)
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
         if isinstance(number, bool) or not isinstance(number, numbers.Real):
             self.fail(f'{value!r} is not a number', param, ctx)
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
