@@ -208,22 +208,18 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
 
     device = detector.device
     outputs = {k: [] for k in keys}
-    accs = dict()
-    hwc_index = None
+    if stats_only:  # Every rank, even one without images, reduces statistics of the detector's widths.
+        widths = {k: v.shape[1] for k, v in detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
+        accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in keys}
+        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
     error = None
     try:
         for step, images in enumerate(loader):
             out = detector(torch.as_tensor(images))
-            if stats_only:
-                if not accs:
-                    accs = _stats_accumulators(out, keys, device)
-                    if 's_feat' in accs:
-                        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(out['s_feat'].shape[1])).to(device)
-                for k, acc in accs.items():
-                    acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
-            else:
-                for k in keys:
-                    outputs[k].append(out[k].cpu())
+            for k in keys if not stats_only else ():
+                outputs[k].append(out[k].cpu())
+            for k, acc in accs.items() if stats_only else ():
+                acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
             bar.update(sum(map(len, batches[:(step + 1) * world])) - bar.n)
         bar.update(num_items - bar.n)
     except Exception as err:  # pylint: disable=broad-exception-caught
@@ -233,25 +229,10 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
     if not dist.all_ok(error is None):
         raise error if error is not None else dnnlib.UserError('another process failed; see its message')
     if stats_only:
-        return _finalize_stats(accs, detector, keys)
+        stats = {STATS_KEYS[k][i]: value for k, acc in accs.items() for i, value in enumerate(acc.finalize())}
+        return stats if dist.get_rank() == 0 else None
     mine = [b for b in batches[rank::world] if len(b)]
     return gather_rows(outputs, torch.cat(mine) if mine else torch.zeros([0], dtype=torch.int64), num_items, device)
-
-
-def _stats_accumulators(out, keys, device):
-    return {k: StatsAccumulator(out[k].shape[1], device) for k in STATS_KEYS if k in keys}
-
-
-def _finalize_stats(accs, detector, keys):
-    # A rank without images still takes part in the reductions (with zero counts).
-    if not accs:
-        probe = detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8))
-        accs = _stats_accumulators(probe, keys, detector.device)
-    result = dict()
-    for k, acc in accs.items():
-        mu_key, sigma_key = STATS_KEYS[k]
-        result[mu_key], result[sigma_key] = acc.finalize()
-    return result if dist.get_rank() == 0 else None
 
 
 def _gather0(tensor):

@@ -271,23 +271,23 @@ def class_labels(label_dim, seeds, class_idx, device):
 # Loading.
 
 def load_stage(network, stage, device):
-    """(network, checkpoint dict or None) for a path, URL or nn.Module; UserError names the
-    option and the problem, including a checkpoint trained for the other stage."""
+    """(network, its training record: training.loss.training_record) for a path, URL or
+    nn.Module; UserError names the option and the problem, including a checkpoint trained for the
+    other stage."""
     option = f'--network_{stage}'
     if isinstance(network, torch.nn.Module):
-        return network.eval().requires_grad_(False).to(device), None
+        return network.eval().requires_grad_(False).to(device), loss.training_record(None)
     try:
         data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
     except (dnnlib.UserError, OSError) as err:
         raise dnnlib.UserError(f'Cannot load {option} "{network}": {getattr(err, "message", err)}') from None
-    net = data['ema']
+    net, record = data['ema'], loss.training_record(data)
     if not isinstance(net, torch.nn.Module):
         raise dnnlib.UserError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
-    record = loss.training_record(data)
     if record.stage is not None and record.stage != stage:
         raise dnnlib.UserError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
                                f'{record.loss}); pass it as --network_{record.stage}')
-    return net.eval().requires_grad_(False).to(device), data
+    return net.eval().requires_grad_(False).to(device), record
 
 #----------------------------------------------------------------------------
 # The pipeline.
@@ -312,12 +312,14 @@ class RelayPipeline:
         if network_first is None and network_second is None:
             raise dnnlib.UserError('give --network_first, --network_second or both')
         self.device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        self.net_first = self.net_second = data = None
+        self.net_first = self.net_second = None
+        relay = {}  # The relay settings recorded in the second stage's checkpoint.
         if network_first is not None:
             self.net_first, _ = load_stage(network_first, 'first', self.device)
         if network_second is not None:
-            self.net_second, data = load_stage(network_second, 'second', self.device)
-        self.options, self.warnings = resolve_options(preset, options, loss.training_record(data).relay)
+            self.net_second, record = load_stage(network_second, 'second', self.device)
+            relay = record.relay
+        self.options, self.warnings = resolve_options(preset, options, relay)
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
         for stage, net in (('first', self.net_first), ('second', self.net_second)):
