@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw
 
 import dnnlib
 from dnnlib import UserError
-from dnnlib.util import FiniteFloatRange, parse_int_list
-from training.pipeline import MAX_SEED, RelayPipeline
+from dnnlib.util import FiniteFloatRange, seeds as seed_list_type
+from training.pipeline import RelayPipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -175,10 +175,10 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     interrupted quickstart and never retrains what is there.
     """
     try:
-        seed_list = parse_int_list(seeds, limit=MAX_SEEDS, max_value=MAX_SEED, what='seeds')
-        relay_list = parse_int_list(relay_seeds, limit=MAX_RELAY_SEEDS, max_value=MAX_SEED, what='seeds')
-    except ValueError as err:
-        raise UserError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err}') from None
+        seed_list = seed_list_type(MAX_SEEDS).convert(seeds, None, None)
+        relay_list = seed_list_type(MAX_RELAY_SEEDS).convert(relay_seeds, None, None)
+    except click.BadParameter as err:
+        raise UserError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
     problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
         raise UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')

@@ -6,7 +6,7 @@
 Frechet distance: our eigenvalue form vs scipy.linalg.sqrtm of the product (ADM / reference),
 on covariances of synthetic Inception-like features (non-negative, correlated).
 Precision/recall: metrics.precision_recall (torch, float32 with exact float64 settlement; CUDA
-when present) vs metrics.precision_recall.precision_recall_numpy (numpy float64 distance blocks
+when present) vs tests/reference_restatement.ref_precision_recall (numpy float64 distance blocks
 and per-chunk np.partition, as the reference). Both must give identical numbers.
 """
 
@@ -20,8 +20,11 @@ import click
 import numpy as np
 import torch
 
-from metrics.frechet import compute_statistics, frechet_distance, frechet_distance_sqrtm
-from metrics.precision_recall import precision_recall, precision_recall_numpy
+from metrics.frechet import compute_statistics, frechet_distance
+from metrics.precision_recall import precision_recall
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
+from reference_restatement import ref_frechet_distance, ref_precision_recall  # noqa: E402
 
 
 def fake_inception_features(n, dim, seed, rank=64):
@@ -70,7 +73,7 @@ def bench_fid(fid_dim, repeat):
     b = fake_inception_features(max(2 * fid_dim, 4096), fid_dim, seed=2) * 1.05
     (mu1, s1), (mu2, s2) = compute_statistics(a), compute_statistics(b)
     ours, t_ours = timed(lambda: frechet_distance(mu1, s1, mu2, s2), repeat)
-    ref, t_ref = timed(lambda: frechet_distance_sqrtm(mu1, s1, mu2, s2), repeat)
+    ref, t_ref = timed(lambda: ref_frechet_distance(mu1, s1, mu2, s2), repeat)
     print(f'Frechet distance {fid_dim}-d: eigen {t_ours:.2f} s, sqrtm {t_ref:.2f} s, speed-up {t_ref / t_ours:.1f}x, '
           f'values {ours:.10g} vs {ref:.10g}, rel diff {abs(ours - ref) / abs(ref):.2e}')
 
@@ -81,7 +84,7 @@ def bench_pr(samples, refs, dim, device, pr_repeat, skip_reference_pr):
     (p, r, info), t_ours = timed(lambda: precision_recall(ref_feats, smp_feats, device=device, return_info=True), pr_repeat)
     print(f'Precision/recall {samples} x {refs} x {dim}: ours {t_ours:.1f} s -> P {p:.6f} R {r:.6f} ({info})')
     if not skip_reference_pr:
-        (p2, r2), t_ref = timed(lambda: precision_recall_numpy(ref_feats, smp_feats), pr_repeat)
+        (p2, r2), t_ref = timed(lambda: ref_precision_recall(ref_feats, smp_feats), pr_repeat)
         print(f'Precision/recall reference-style numpy float64: {t_ref:.1f} s -> P {p2:.6f} R {r2:.6f}; '
               f'speed-up {t_ref / t_ours:.1f}x, identical: {(p, r) == (p2, r2)}')
 

@@ -2,9 +2,10 @@
 
 1. The blur sampler's own work per step outside the network (block DCTs, blur schedule, noise),
    ours vs the reference's way of doing it, side by side in one run: 256 px, batch 8, float64,
-   with a network stand-in that costs nothing. The reference's way (re-stated below): FFT-based
-   DCTs on rearranged blocks, get_alpha_t through scipy on the host twice a step, the 16-roll
-   block noise, and per-seed draws stacked with torch.stack.
+   with a network stand-in that costs nothing. The reference's way is the one restatement of
+   tests/reference_restatement.py: DCTs block by block (scipy; the reference uses an FFT-based
+   torch DCT, of a similar cost), get_alpha_t through scipy on the host twice a step, the
+   16-roll block noise, and per-seed draws stacked with torch.stack.
 2. Images/s and peak memory of each stage with a small EDMPrecond network.
 
     python benchmarks/bench_sampler.py                    # CPU (or CUDA when present)
@@ -20,96 +21,14 @@ import time
 
 import click
 import numpy as np
-import scipy.stats
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import sampling  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
-from reference_restatement import RefGenerators, ref_alpha, ref_block_noise  # noqa: E402
+from reference_restatement import RefGenerators, ref_alpha, ref_block_noise, ref_blur, ref_dct  # noqa: E402
 from training import blurring  # noqa: E402
-
-#----------------------------------------------------------------------------
-# The reference's per-step machinery, re-stated (same operations, same costs).
-
-def ref_dct_1d(x):
-    # Orthonormal DCT-II along the last axis through an FFT of the even/odd-reordered signal.
-    shape, n = x.shape, x.shape[-1]
-    x = x.contiguous().view(-1, n)
-    v = torch.cat([x[:, ::2], x[:, 1::2].flip([1])], dim=1)
-    spec = torch.view_as_real(torch.fft.fft(v, dim=1))
-    k = -torch.arange(n, dtype=x.dtype, device=x.device)[None, :] * np.pi / (2 * n)
-    out = spec[:, :, 0] * torch.cos(k) - spec[:, :, 1] * torch.sin(k)
-    out[:, 0] /= np.sqrt(n) * 2
-    out[:, 1:] /= np.sqrt(n / 2) * 2
-    return 2 * out.view(*shape)
-
-
-def ref_idct_1d(X):
-    shape, n = X.shape, X.shape[-1]
-    Xv = X.contiguous().view(-1, n) / 2
-    Xv[:, 0] *= np.sqrt(n) * 2
-    Xv[:, 1:] *= np.sqrt(n / 2) * 2
-    k = torch.arange(n, dtype=X.dtype, device=X.device)[None, :] * np.pi / (2 * n)
-    wr, wi = torch.cos(k), torch.sin(k)
-    vi = torch.cat([Xv[:, :1] * 0, -Xv.flip([1])[:, :-1]], dim=1)
-    spec = torch.cat([(Xv * wr - vi * wi).unsqueeze(2), (Xv * wi + vi * wr).unsqueeze(2)], dim=2)
-    v = torch.fft.irfft(torch.view_as_complex(spec), n=n, dim=1)
-    x = v.new_zeros(v.shape)
-    x[:, ::2] += v[:, :n - n // 2]
-    x[:, 1::2] += v.flip([1])[:, :n // 2]
-    return x.view(*shape)
-
-
-def _to_blocks(x, k):
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, k, k)
-
-
-def _from_blocks(x, size):
-    _, c, _, k = x.shape
-    return x.reshape(-1, size // k, size // k, c, k, k).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, size, size)
-
-
-def ref_dct_2d(x, k):
-    size = x.shape[-1]
-    y = ref_dct_1d(ref_dct_1d(_to_blocks(x, k)).transpose(-1, -2)).transpose(-1, -2)
-    return _from_blocks(y, size)
-
-
-def ref_idct_2d(X, k):
-    size = X.shape[-1]
-    y = ref_idct_1d(ref_idct_1d(_to_blocks(X, k)).transpose(-1, -2)).transpose(-1, -2)
-    return _from_blocks(y, size)
-
-
-def ref_blur_sampler(net, latents, randn_like, num_steps, truncation_sigma=0.9, truncation_t=0.93, up_scale=4,
-                     s_block=0.15, s_noise=0.2, blur_sigma_max=3, sigma_min=0.008, sigma_max=80, rho=7):
-    k, size, dev = up_scale, latents.shape[-1], latents.device
-    t = sampling.time_steps(num_steps, sigma_min, sigma_max, rho, dev)
-    t = t[int((t < truncation_sigma).nonzero()[0]):]
-    n = len(t)
-    t = torch.cat([t, torch.zeros_like(t[:1])])
-    x = latents.to(torch.float64)
-    x = x + randn_like(x) * t[0] + s_block * ref_block_noise(latents, randn_like, k) * t[0]
-    for i in range(n):
-        t_cur, t_next = t[i], t[i + 1]
-        den = net(x, t_cur).to(torch.float64)
-        if i == n - 1:
-            return den
-        a_next = ref_alpha(t_next, k, size, truncation_t, blur_sigma_max, device=dev)
-        a_cur = ref_alpha(t_cur, k, size, truncation_t, blur_sigma_max, device=dev)
-        u_cur = ref_dct_2d(x, k)
-        d_cur = (u_cur - ref_dct_2d(den, k)) / t_cur
-        gamma = (1 - s_noise ** 2) ** 0.5 * t_next / t_cur
-        x_e = ref_idct_2d((a_next + gamma - gamma * a_cur) * u_cur + t_cur * (gamma * a_cur - a_next) * d_cur, k) \
-            + s_noise * t_next * (randn_like(x) + s_block * ref_block_noise(latents, randn_like, k))
-        den = net(x_e, t_next).to(torch.float64)
-        d_prime = (ref_dct_2d(x_e, k) - ref_dct_2d(den, k)) / t_next
-        x = ref_idct_2d((a_next + gamma - gamma * a_cur) * u_cur + t_cur * (gamma * a_cur - a_next) * (d_cur + d_prime) / 2, k) \
-            + s_noise * t_next * (randn_like(x_e) + s_block * ref_block_noise(latents, randn_like, k))
-    return x
 
 #----------------------------------------------------------------------------
 
@@ -151,13 +70,13 @@ def bench_overhead(device, batch, resolution, num_steps, repeats):
     n_eff = int((sampling.time_steps(num_steps, 0.008, 80, 7, 'cpu') < 0.9).sum()) # steps after truncation
 
     # Correctness first: both ways give the same samples.
-    x_ref = ref_blur_sampler(net, latents, RefGenerators(seeds, device).randn_like, num_steps)
+    x_ref = ref_blur(net, latents, None, RefGenerators(seeds, device).randn_like, num_steps=num_steps)
     x_ours = sampling.blur_sampler(net, latents, None, sampling.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps)
     max_diff = (x_ref - x_ours).abs().max().item()
 
     t_ours, t_ref = _time_pair(
         lambda: sampling.blur_sampler(net, latents, None, sampling.StackedRandomGenerator(device, seeds).randn_like, num_steps=num_steps),
-        lambda: ref_blur_sampler(net, latents, RefGenerators(seeds, device).randn_like, num_steps), device, repeats)
+        lambda: ref_blur(net, latents, None, RefGenerators(seeds, device).randn_like, num_steps=num_steps), device, repeats)
     per_ref, per_ours = t_ref / (n_eff - 1), t_ours / (n_eff - 1)
 
     # Where the time goes (one step's worth of each piece, ours vs reference).
@@ -167,7 +86,7 @@ def bench_overhead(device, batch, resolution, num_steps, repeats):
     ref_rnd = RefGenerators(seeds, device)
     pieces = [
         ('4 DCT + 2 IDCT', lambda: [blurring.block_dct(x, k) for _ in range(4)] + [blurring.block_idct(x, k) for _ in range(2)],
-                           lambda: [ref_dct_2d(x, k) for _ in range(4)] + [ref_idct_2d(x, k) for _ in range(2)]),
+                           lambda: [ref_dct(x, k) for _ in range(4)] + [ref_dct(x, k, inverse=True) for _ in range(2)]),
         ('schedule (2 alphas)', lambda: blurring.alpha_schedule(torch.stack([t0, t0]), k),
                                 lambda: [ref_alpha(t0, k, resolution, device=device) for _ in range(2)]),
         ('noise (2 plain + 2 block)', lambda: [rnd.randn_like(x) for _ in range(2)] + [blurring.block_noise(x, rnd.randn_like, k) for _ in range(2)],

@@ -29,7 +29,7 @@ import train  # noqa: E402
 @click.option('--res', type=click.IntRange(min=8), default=32, show_default=True, help='Image resolution')
 @click.option('--batch', type=click.IntRange(min=1), default=16, show_default=True, help='Batch size')
 @click.option('--cbase', type=click.IntRange(min=1), default=None, help='Channel multiplier  [default: preset]')
-@click.option('--cres', type=dnnlib.util.parse_int_list, default=None, help='Channels per resolution  [default: preset]')
+@click.option('--cres', type=dnnlib.util.IntList(), default=None, help='Channels per resolution  [default: preset]')
 @click.option('--blocks', type=click.IntRange(min=1), default=None, help='Residual blocks per resolution  [default: preset]')
 @click.option('--label-dim', type=click.IntRange(min=0), default=0, show_default=True, help='Class count (0 = unconditional)')
 @click.option('--augment', type=click.FloatRange(min=0, max=1), default=0.12, show_default=True, help='Augment probability')

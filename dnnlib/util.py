@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import importlib
 import math
+import numbers
 import os
 import re
 import secrets
@@ -45,31 +46,55 @@ class EasyDict(dict):
 #----------------------------------------------------------------------------
 # Command-line lists: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (seeds, channel multipliers).
 
-def parse_int_list(s: str | list, limit: int | None = None, max_value: int | None = None, what: str = 'numbers') -> list[int]:
-    """Comma-separated integers and inclusive ranges ('1,2,5-10'); ValueError names the bad part.
+# Every generator of the project is seeded with seed % 2**32 (as in EDM and the reference): a
+# larger seed would silently repeat the image of a smaller one.
+MAX_SEED = (1 << 32) - 1
 
-    A range written backwards (5-3) is refused rather than read as empty, and with `limit` the
+
+class IntList(click.ParamType):
+    """Click type of comma-separated integers and inclusive ranges ('1,2,5-10').
+
+    A range written backwards (5-3) is refused rather than read as empty; with `limit` the
     entries are counted before the list is built, so '0-99999999999' fails at once instead of
-    filling the memory. `max_value`: the largest number allowed; `what` names the entries in messages.
+    filling the memory; `max_value` caps every entry. A list or range given from Python is
+    checked the same way. `seeds(limit)` is the type of every --seeds option.
     """
-    if isinstance(s, list):
-        return s
-    ranges, count = [], 0
-    for part in str(s).split(','):
-        part = part.strip()
-        m = re.fullmatch(r'(\d+)-(\d+)', part) or re.fullmatch(r'(\d+)', part)
-        if not m:
-            raise ValueError(f'"{part}" is not a number or a range like 5-10')
-        lo, hi = int(m.group(1)), int(m.groups()[-1])
-        if hi < lo:
-            raise ValueError(f'"{part}" is an empty range (write the lower number first)')
-        count += hi - lo + 1
-        if limit is not None and count > limit:
-            raise ValueError(f'"{s}" lists more than {limit:,} {what}; split it into smaller ranges')
-        if max_value is not None and hi > max_value:
-            raise ValueError(f'"{part}" goes above the largest allowed value {max_value:,}')
-        ranges.append(range(lo, hi + 1))
-    return [value for r in ranges for value in r]
+    name = 'list'
+
+    def __init__(self, limit: int | None = None, max_value: int | None = None, what: str = 'numbers'):
+        self.limit, self.max_value, self.what = limit, max_value, what
+
+    def convert(self, value, param, ctx) -> list[int]:
+        if isinstance(value, str):
+            parts = [(part.strip(), re.fullmatch(r'(\d+)(?:-(\d+))?', part.strip())) for part in value.split(',')]
+            for text, m in parts:
+                if m is None:
+                    self.fail(f'"{text}" is not a number or a range like 5-10', param, ctx)
+            ranges = [(text, int(m.group(1)), int(m.group(2) or m.group(1))) for text, m in parts]
+        elif isinstance(value, range) and value.step == 1:
+            ranges = [(f'{value.start}-{value.stop - 1}', value.start, value.stop - 1)] if value.stop > value.start else []
+        elif isinstance(value, (list, tuple, range)):
+            wrong = [v for v in value if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+            if wrong:
+                self.fail(f'{wrong[0]!r} is not a whole number', param, ctx)
+            ranges = [(str(v), int(v), int(v)) for v in value]
+        else:
+            self.fail(f'{value!r} is not a list of whole numbers', param, ctx)
+        count = 0
+        for text, lo, hi in ranges:
+            if lo < 0 or hi < lo:
+                self.fail(f'"{text}" is negative or an empty range (write the lower number first)', param, ctx)
+            count += hi - lo + 1
+            if self.limit is not None and count > self.limit:
+                self.fail(f'{repr(value) if isinstance(value, str) else "the list"} lists more than {self.limit:,} {self.what}; split it into smaller ranges', param, ctx)
+            if self.max_value is not None and hi > self.max_value:
+                self.fail(f'"{text}" goes above the largest allowed value {self.max_value:,}', param, ctx)
+        return [v for _text, lo, hi in ranges for v in range(lo, hi + 1)]
+
+
+def seeds(limit: int | None = None) -> IntList:
+    """The type of a --seeds option: at most `limit` seeds, each in 0..MAX_SEED."""
+    return IntList(limit, MAX_SEED, 'seeds')
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -10,4 +10,5 @@ Modules:
     kid.py                Kernel Inception Distance (torch-fidelity's subsets and polynomial kernel).
     dinov2.py             DINOv2 ViT-L/14 detector for FD-DINOv2 (EDM2's preprocessing).
     refs.py               named published reference sets, downloaded once into the cache.
+    compute.py            the metrics of two feature sets (files or arrays), as evaluate.py prints them.
 """

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
 
 from .frechet import StatsAccumulator
@@ -49,82 +50,104 @@ def spatial_stats_to_hwc(mu, sigma):
     return mu[idx], sigma[idx][:, idx]
 
 #----------------------------------------------------------------------------
+# Arrays in .npz files, read row by row.
+
+class NpyMember:
+    """One array of an .npz, read by rows without the rest. Its header must claim exactly the
+    bytes the member holds (a tiny file cannot make us allocate terabytes); a stored member is
+    memory-mapped, a deflated one decompressed only as far as the rows read (a 3 MB file of
+    zeros cannot fill the memory with gigabytes). Rows come back in native byte order."""
+
+    def __init__(self, path, key):
+        self.path, self.key, self._data = path, key, None
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(key + '.npy')
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f'unsupported .npy format version {version}')
+                self.shape, self.fortran, self.dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0(f)
+                self.offset = f.tell()
+        if self.dtype.hasobject or self.dtype.itemsize == 0:
+            raise ValueError(f'{key} holds {self.dtype}, not numbers')
+        need = math.prod(self.shape) * self.dtype.itemsize
+        if self.offset + need != info.file_size:
+            raise ValueError(f'its header claims shape {list(self.shape)} of {self.dtype} ({need:,} bytes), but the member '
+                             f'holds {max(info.file_size - self.offset, 0):,} bytes (truncated or forged)')
+        self.stored = info.compress_type == zipfile.ZIP_STORED and math.prod(self.shape) > 0 and len(self.shape) > 0
+        self.header_offset = info.header_offset
+
+    def __len__(self):
+        return self.shape[0] if self.shape else 1
+
+    def _open(self):
+        if self.stored:  # The bytes sit unchanged in the file: map them.
+            with open(self.path, 'rb') as f:
+                f.seek(self.header_offset)
+                local = f.read(30)  # The member's local header, then its name and extra field.
+            start = self.header_offset + 30 + int.from_bytes(local[26:28], 'little') + int.from_bytes(local[28:30], 'little')
+            return np.memmap(self.path, dtype=self.dtype, mode='r', offset=start + self.offset, shape=self.shape,
+                             order='F' if self.fortran else 'C')
+        self._zip = zipfile.ZipFile(self.path)
+        return self._zip.open(self.key + '.npy')
+
+    def rows(self, start=0, stop=None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        if math.prod(self.shape) == 0:
+            return np.zeros([max(stop - start, 0), *self.shape[1:]] if self.shape else [], dtype=self.dtype.newbyteorder('='))
+        if self._data is None:
+            self._data = self._open()
+        if isinstance(self._data, np.ndarray):
+            out = self._data[start:stop] if self.shape else self._data
+        elif self.fortran or not self.shape:  # Rows are not contiguous: the whole array, once.
+            self._data.seek(0)
+            self._data = np.lib.format.read_array(self._data, allow_pickle=False)
+            return self.rows(start, stop)
+        else:
+            row = math.prod(self.shape[1:]) * self.dtype.itemsize
+            self._data.seek(self.offset + start * row)
+            out = np.frombuffer(self._data.read((stop - start) * row), dtype=self.dtype).reshape(-1, *self.shape[1:])
+        return np.array(out, dtype=self.dtype.newbyteorder('='))  # A writable copy in native byte order.
+
+    def __getstate__(self):  # DataLoader workers open the file again.
+        return dict(self.__dict__, _data=None, _zip=None)
+
+    def close(self):
+        for handle in (self._data, getattr(self, '_zip', None)):
+            if hasattr(handle, 'close'):
+                handle.close()
+        self._data = None
+
+#----------------------------------------------------------------------------
 # Image sources.
-
-class ImageSourceError(OSError):
-    """The images cannot be listed or read."""
-
-
-def _npy_header_by_loading(path):
-    with np.load(path, allow_pickle=False, mmap_mode=None) as data:
-        arr = data['arr_0']
-        return arr.shape, False, arr.dtype
-
 
 class _NpzImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        self.path = path
         try:
-            with zipfile.ZipFile(path) as z:
-                if 'arr_0.npy' not in z.namelist():
-                    raise ImageSourceError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
-                info = z.getinfo('arr_0.npy')
-                stored = info.compress_type == zipfile.ZIP_STORED
-                with z.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                    else:  # Newer .npy versions: no mapping, plain load below.
-                        shape, fortran, dtype = _npy_header_by_loading(path)
-                        stored = False
-                    header_len = f.tell()
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
-            if isinstance(err, ImageSourceError):
-                raise
-            raise ImageSourceError(f'{path}: cannot read .npz ({err})') from None
-        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
-            raise ImageSourceError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
-        self.shape = shape
-        try:
-            if stored and not fortran:
-                # The member's bytes sit unmodified in the zip: map them instead of loading GBs.
-                with open(path, 'rb') as f:
-                    f.seek(info.header_offset)
-                    local = f.read(30)
-                    name_len = int.from_bytes(local[26:28], 'little')
-                    extra_len = int.from_bytes(local[28:30], 'little')
-                offset = info.header_offset + 30 + name_len + extra_len + header_len
-                self.images = np.memmap(path, dtype=np.uint8, mode='r', offset=offset, shape=tuple(shape))
-            else:
-                with np.load(path, allow_pickle=False) as data:
-                    self.images = data['arr_0']
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise ImageSourceError(f'{path}: cannot read arr_0 ({err}); is the file complete?') from None
+            self.member = NpyMember(path, 'arr_0')
+        except KeyError:
+            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
+        self.shape = self.member.shape
+        if len(self.shape) != 4 or self.shape[3] not in (1, 3) or self.member.dtype != np.uint8:
+            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(self.shape)}; expected uint8 [N, H, W, 1 or 3]')
 
     def __len__(self):
         return self.shape[0]
 
     def __getitem__(self, idx):
-        return np.ascontiguousarray(self.images[idx].transpose(2, 0, 1))
-
-    def __getstate__(self):  # DataLoader workers re-map the file.
-        return dict(self.__dict__, images=None) if isinstance(self.images, np.memmap) else self.__dict__
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.images is None:
-            self.__init__(self.path)
+        try:
+            return np.ascontiguousarray(self.member.rows(idx, idx + 1)[0].transpose(2, 0, 1))
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
 
 
 class _FolderImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        from training.dataset import ImageFolderDataset, DatasetError
-        try:
-            self.dataset = ImageFolderDataset(path=path)
-        except DatasetError as err:
-            raise ImageSourceError(str(err)) from None
+        from training.dataset import ImageFolderDataset  # pylint: disable=import-outside-toplevel
+        self.dataset = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
         self.shape = [len(self.dataset)] + self.dataset.image_shape[1:] + self.dataset.image_shape[:1]
 
     def __len__(self):
@@ -141,22 +164,15 @@ def open_images(path):
     elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
         source = _FolderImages(path)
     elif not os.path.exists(path):
-        raise ImageSourceError(f'{path}: no such file or folder')
+        raise dnnlib.UserError(f'{path}: no such file or folder')
     else:
-        raise ImageSourceError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
+        raise dnnlib.UserError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
     if source.shape[3] not in (1, 3):
-        raise ImageSourceError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
+        raise dnnlib.UserError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
     return source
 
 #----------------------------------------------------------------------------
 # Sharded extraction.
-
-def rank_batches(num_items, batch_size, world_size):
-    """The reference's split: batches of near-equal size, dealt round-robin to ranks."""
-    num_batches = ((num_items - 1) // (batch_size * world_size) + 1) * world_size
-    batches = torch.arange(num_items).tensor_split(num_batches)
-    return [[b for b in batches[r::world_size] if len(b)] for r in range(world_size)], batches
-
 
 class Detectors:
     """Several detectors on the same batches (Inception and DINOv2): their outputs merged."""
@@ -175,15 +191,6 @@ class Detectors:
         return out
 
 
-def all_ranks_ok(ok, device):
-    """True on every rank iff `ok` on every rank (collective; trivial for one process)."""
-    if not torch.distributed.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def compute_activations(source, detector, batch_size=64, num_workers=3, stats_only=False,
                         progress=True, keys=INCEPTION_KEYS):
     """Run the detector over `source` sharded across the torchrun processes.
@@ -194,150 +201,143 @@ def compute_activations(source, detector, batch_size=64, num_workers=3, stats_on
     """
     num_items = len(source)
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank, all_batches = rank_batches(num_items, batch_size, world)
-    my_batches = per_rank[rank]
-    loader = torch.utils.data.DataLoader(source, batch_sampler=my_batches, num_workers=num_workers,
-                                         prefetch_factor=(2 if num_workers > 0 else None),
-                                         persistent_workers=False)
-    step_images = [sum(len(b) for b in all_batches[s * world:(s + 1) * world]) for s in range(len(all_batches) // world)]
+    batches = dist.split_batches(num_items, batch_size, world)
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[b.tolist() for b in batches[rank::world] if len(b)],
+                                         num_workers=num_workers, prefetch_factor=(2 if num_workers > 0 else None))
     bar = tqdm.tqdm(total=num_items, unit='img', disable=(not progress or rank != 0), dynamic_ncols=True)
 
     device = detector.device
     outputs = {k: [] for k in keys}
-    accs = dict()
-    hwc_index = None
+    if stats_only:  # Every rank, even one without images, reduces statistics of the detector's widths.
+        widths = {k: v.shape[1] for k, v in detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
+        accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in keys}
+        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
     error = None
     try:
         for step, images in enumerate(loader):
             out = detector(torch.as_tensor(images))
-            if stats_only:
-                if not accs:
-                    accs = _stats_accumulators(out, keys, device)
-                    if 's_feat' in accs:
-                        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(out['s_feat'].shape[1])).to(device)
-                for k, acc in accs.items():
-                    acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
-            else:
-                for k in keys:
-                    outputs[k].append(out[k].cpu())
-            bar.update(step_images[step] if step < len(step_images) else len(images))
+            for k in keys if not stats_only else ():
+                outputs[k].append(out[k].cpu())
+            for k, acc in accs.items() if stats_only else ():
+                acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
+            bar.update(sum(map(len, batches[:(step + 1) * world])) - bar.n)
         bar.update(num_items - bar.n)
     except Exception as err:  # pylint: disable=broad-exception-caught
         error = err  # Re-raised below, after telling the other processes not to wait for us.
     finally:
         bar.close()
-    if not all_ranks_ok(error is None, device):
-        raise error if error is not None else RuntimeError('another process failed; see its message')
-
+    if not dist.all_ok(error is None):
+        raise error if error is not None else dnnlib.UserError('another process failed; see its message')
     if stats_only:
-        return _finalize_stats(accs, detector, keys)
-    return gather_rows(outputs, per_rank, num_items, device)
+        stats = {STATS_KEYS[k][i]: value for k, acc in accs.items() for i, value in enumerate(acc.finalize())}
+        return stats if dist.get_rank() == 0 else None
+    mine = [b for b in batches[rank::world] if len(b)]
+    return gather_rows(outputs, torch.cat(mine) if mine else torch.zeros([0], dtype=torch.int64), num_items, device)
 
 
-def _stats_accumulators(out, keys, device):
-    return {k: StatsAccumulator(out[k].shape[1], device) for k in STATS_KEYS if k in keys}
+def _gather0(tensor):
+    """The tensors of all ranks, concatenated, on rank 0 (None elsewhere); collective."""
+    if dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    torch.distributed.gather(tensor, gather_list=parts, dst=0)
+    return torch.cat(parts).cpu() if parts is not None else None
 
 
-def _finalize_stats(accs, detector, keys):
-    # A rank without images still takes part in the reductions (with zero counts).
-    if not accs:
-        probe = detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8))
-        accs = _stats_accumulators(probe, keys, detector.device)
-    result = dict()
-    for k, acc in accs.items():
-        mu_key, sigma_key = STATS_KEYS[k]
-        result[mu_key], result[sigma_key] = acc.finalize()
-    return result if dist.get_rank() == 0 else None
-
-
-def gather_rows(outputs, per_rank, num_items, device, chunk_rows=4096):
-    """Collect every rank's rows on rank 0 and put them in dataset order: outputs[key] is a
-    list of [rows, D] tensors whose rows are the dataset positions in per_rank[rank]."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    keys = list(outputs.keys())
-    local = {k: (torch.cat(v) if v else None) for k, v in outputs.items()}
-    if world == 1:
-        return {k: local[k].numpy() for k in keys}
-
-    # Feature widths from any rank that has rows (all ranks have rows unless N < world).
-    widths = torch.tensor([local[k].shape[1] if local[k] is not None else 0 for k in keys], device=device)
-    torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
-    widths = widths.tolist()
-    counts = [sum(len(b) for b in per_rank[r]) for r in range(world)]
-    indices = [torch.cat(per_rank[r]) if per_rank[r] else torch.zeros([0], dtype=torch.int64) for r in range(world)]
-    max_rows = max(counts)
-    mine = torch.zeros([max_rows, sum(widths)], dtype=torch.float32)
-    if counts[rank]:
-        mine[:counts[rank]] = torch.cat([local[k].to(torch.float32) for k in keys], dim=1)
-
-    result = np.zeros([num_items, sum(widths)], dtype=np.float32) if rank == 0 else None
-    for r0 in range(0, max_rows, chunk_rows):
-        r1 = min(r0 + chunk_rows, max_rows)
-        piece = mine[r0:r1].to(device)
-        parts = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
-        torch.distributed.gather(piece, gather_list=parts, dst=0)
-        if rank == 0:
-            for r in range(world):
-                n = max(0, min(r1, counts[r]) - r0)
-                if n:
-                    result[indices[r][r0:r0 + n].numpy()] = parts[r][:n].cpu().numpy()
-    if rank != 0:
+def gather_rows(outputs, indices, num_items, device, chunk_rows=4096):
+    """Every rank's rows on rank 0, in item order: outputs[key] is a list of this rank's [rows, D]
+    tensors for the items `indices` (in that order). Returns {key: float32 [num_items, D]} on
+    rank 0, None elsewhere. Collective."""
+    keys = list(outputs)
+    local = [torch.cat(outputs[k]).to(torch.float32) if outputs[k] else None for k in keys]
+    widths = torch.tensor([x.shape[1] if x is not None else 0 for x in local], device=device)
+    counts = torch.tensor([len(indices)], device=device)
+    if dist.get_world_size() > 1:  # Widths from a rank that has rows, and the largest row count.
+        torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    rows = torch.zeros([int(counts), int(widths.sum())], dtype=torch.float32)
+    where = torch.full([int(counts)], -1, dtype=torch.int64)  # -1: padding.
+    if len(indices):
+        rows[:len(indices)], where[:len(indices)] = torch.cat(local, dim=1), indices
+    where = _gather0(where.to(device))
+    result = np.zeros([num_items, int(widths.sum())], dtype=np.float32)
+    for r0 in range(0, len(rows), chunk_rows):
+        part = _gather0(rows[r0:r0 + chunk_rows].to(device))
+        if part is not None:
+            idx = where.reshape(dist.get_world_size(), -1)[:, r0:r0 + chunk_rows].reshape(-1)
+            result[idx[idx >= 0].numpy()] = part.cpu()[idx >= 0].numpy()
+    if dist.get_rank() != 0:
         return None
-    splits = np.cumsum(widths)[:-1]
-    return dict(zip(keys, np.split(result, splits, axis=1)))
+    return dict(zip(keys, np.split(result, np.cumsum(widths.tolist())[:-1], axis=1)))
 
 #----------------------------------------------------------------------------
-# Reading activation / statistics files for calc.
+# Feature sets for the metrics: an .npz file, or arrays in memory.
 
-class MetricFileError(OSError):
-    """An activations/statistics file is missing, unreadable or lacks what a metric needs."""
+class FeatureSet:
+    """Named arrays of one set of images, as the metrics read them: per-image activations
+    (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
+    (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
+    members are read when asked for, in chunks where the work allows (NpyMember)."""
 
-
-class MetricFile:
-    """Lazy view of an .npz: activations (feat/s_feat/logits), statistics (mu/sigma/mu_s/
-    sigma_s) or an ADM reference batch (statistics + arr_0 images)."""
-
-    def __init__(self, path):
-        import dnnlib
-        self.path = path
+    def __init__(self, source, name='the samples'):
+        self.path, self.arrays, self.members = name, None, {}
+        if isinstance(source, dict):
+            self.arrays, self.keys = source, set(source)
+            return
+        self.path = source
         try:
-            local = dnnlib.util.open_url(path, return_filename=True, verbose=False)
-            if not zipfile.is_zipfile(local):
-                raise ValueError('not an .npz (zip) archive')
-            self._npz = np.load(local, allow_pickle=False)
-            self.keys = set(self._npz.files)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise MetricFileError(f'{path}: cannot read as .npz ({err})') from None
+            self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
+            with zipfile.ZipFile(self.local) as z:
+                self.keys = {name[:-4] for name in z.namelist() if name.endswith('.npy')}
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{source}: cannot read as .npz ({err})') from None
 
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _check_size(self, key):
-        # numpy allocates what a member's header claims before reading it: a tiny file could
-        # claim terabytes. The claim must match the bytes the member holds.
-        info = self._npz.zip.getinfo(key + '.npy')
-        with self._npz.zip.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f'unsupported .npy format version {version}')
-            shape, _fortran, dtype = read_header(f)
-            need = math.prod(shape) * dtype.itemsize
-            if f.tell() + need != info.file_size:
-                raise ValueError(f'its header claims shape {list(shape)} of {dtype} ({need:,} bytes), but the member '
-                                 f'holds {max(info.file_size - f.tell(), 0):,} bytes (truncated or forged)')
-
-    def get(self, key):
-        try:
-            self._check_size(key)
-            return self._npz[key]
-        except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile, EOFError) as err:
-            raise MetricFileError(f'{self.path}: cannot read {key} ({err})') from None
-
     def describe(self):
         return ', '.join(sorted(self.keys)) or 'nothing'
 
+    def _member(self, key):
+        try:
+            if key not in self.members:
+                self.members[key] = NpyMember(self.local, key)
+            return self.members[key]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def _read(self, key, start=0, stop=None):
+        if self.arrays is not None:
+            return np.asarray(self.arrays[key])[start:stop]
+        try:
+            return self._member(key).rows(start, stop)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+
+    def shape(self, key):
+        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else tuple(self._member(key).shape)
+
+    def get(self, key):
+        """The whole array."""
+        return self._read(key)
+
+    def features(self, key, chunk=None):
+        """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator
+        over blocks of that many rows (the file is then never held whole)."""
+        shape = self.shape(key)
+        if len(shape) != 2 or shape[1] == 0:
+            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(shape)}; expected [N, D] with D >= 1')
+        blocks = (self._read(key, i, i + chunk) for i in range(0, shape[0], chunk)) if chunk else [self._read(key)]
+        checked = (self._finite(key, block) for block in blocks)
+        return checked if chunk else next(checked)
+
+    def _finite(self, key, block):
+        if not np.isfinite(block).all():
+            raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
+        return block
+
     def close(self):
-        self._npz.close()
+        for member in self.members.values():
+            member.close()
 
 #----------------------------------------------------------------------------

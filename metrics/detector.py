@@ -18,7 +18,6 @@ Formats, chosen by file name:
          nothing runs.
 """
 
-import hashlib
 import os
 import urllib.parse
 
@@ -33,20 +32,8 @@ DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/sty
 SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (ADM).
 
 
-class DetectorError(ValueError):
-    """The detector file is missing, unreadable or of an unknown kind."""
-
-
 def _file_name(spec):
     return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
-
-
-def _sha256_of(f):
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-        digest.update(chunk)
-    f.seek(0)
-    return digest.hexdigest()
 
 
 class Detector:
@@ -61,7 +48,7 @@ class Detector:
                 self.out_weight = net.output.weight
                 self.out_bias = getattr(net.output, 'bias', None)
             except AttributeError as err:
-                raise DetectorError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
+                raise dnnlib.UserError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
             layer.register_forward_hook(lambda _mod, _inp, out: self._spatial.append(out))
         else:
             self.out_weight = net.fc.weight
@@ -75,7 +62,7 @@ class Detector:
         """Softmax inputs for the Inception Score from pool3 features ([N, 2048] tensor)."""
         feat = torch.as_tensor(feat, device=self.device).to(torch.float32)
         if feat.ndim != 2 or feat.shape[1] != self.out_weight.shape[1]:
-            raise DetectorError(f'feat has shape {list(feat.shape)}; the detector\'s classifier takes '
+            raise dnnlib.UserError(f'feat has shape {list(feat.shape)}; the detector\'s classifier takes '
                                 f'[N, {self.out_weight.shape[1]}] (was feat made with another detector?)')
         out = feat @ self.out_weight.to(torch.float32).T
         if self.include_bias and self.out_bias is not None:
@@ -85,7 +72,7 @@ class Detector:
     @torch.no_grad()
     def __call__(self, images):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise DetectorError(f'images must be [N, 1 or 3, H, W], got {list(images.shape)}')
+            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(images.shape)}')
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])
         images = images.to(self.device)
@@ -105,37 +92,32 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
     with trust_pickle=True; anything else is read as a pytorch-fid state dict (weights only)."""
     is_pickle = _file_name(spec).lower().endswith('.pkl')
     if is_pickle and not trust_pickle:
-        raise DetectorError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
+        raise dnnlib.UserError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
                             f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
     try:
-        with dnnlib.util.open_url(spec, verbose=verbose) as f:
-            if is_pickle:
-                if verbose:
-                    print(f'Running the code in trusted detector pickle {spec} (SHA-256 {_sha256_of(f)})', flush=True)
+        path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True)
+        if is_pickle:
+            if verbose:
+                print(f'Running the code in trusted detector pickle {spec} (SHA-256 {dnnlib.util.file_sha256(path)})', flush=True)
+            with open(path, 'rb') as f:
                 net = persistence.load_trusted_pickle(f)
-                kind = 'nvidia-pickle'
-            else:
-                state = torch.load(f, map_location='cpu', weights_only=True)
-                kind = 'state-dict'
-    except (OSError, EOFError, RuntimeError, ValueError, AttributeError, KeyError, ImportError) as err:
-        raise DetectorError(f'cannot load detector {spec}: {err}') from None
-    except Exception as err:  # Unpickling foreign files raises anything.
-        raise DetectorError(f'cannot load detector {spec}: {type(err).__name__}: {err}') from None
-    if kind == 'state-dict':
-        if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
-            state = state['state_dict']
-        if not isinstance(state, dict) or 'fc.weight' not in state:
-            raise DetectorError(f'{spec}: not an Inception-v3 state dict (pytorch-fid format)')
-        # Optional 0-d 'resolution' entry: a smaller resize target for test-only detectors.
-        resolution = int(state.pop('resolution').item()) if 'resolution' in state else 299
-        try:
-            net = load_inception_state_dict(state, resolution=resolution)
-        except (ValueError, RuntimeError) as err:
-            raise DetectorError(f'{spec}: {err}') from None
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+                state = state['state_dict']
+            if not isinstance(state, dict) or 'fc.weight' not in state:
+                raise ValueError('not an Inception-v3 state dict (pytorch-fid format)')
+            # Optional 'resolution' entry: a smaller resize target for test-only detectors.
+            resolution = state.pop('resolution', torch.tensor(299))
+            if not (torch.is_tensor(resolution) and resolution.numel() == 1 and float(resolution) in range(75, 300)):
+                raise ValueError(f'its "resolution" entry {resolution!r} is not a whole number of pixels in 75..299')
+            net = load_inception_state_dict(state, resolution=int(resolution))
+    except Exception as err:  # pylint: disable=broad-exception-caught  # Foreign files raise anything.
+        raise dnnlib.UserError(f'cannot load detector {spec}: {err}') from None
     if not isinstance(net, torch.nn.Module):
-        raise DetectorError(f'{spec}: unpickled a {type(net).__name__}, not a torch module')
+        raise dnnlib.UserError(f'{spec}: unpickled a {type(net).__name__}, not a torch module')
     try:
         net = net.eval().requires_grad_(False).to(device)
     except (AttributeError, RuntimeError, TypeError) as err:
-        raise DetectorError(f'{spec}: the detector module is unusable ({type(err).__name__}: {err})') from None
-    return Detector(net, kind, include_bias=include_bias)
+        raise dnnlib.UserError(f'{spec}: the detector module is unusable ({type(err).__name__}: {err})') from None
+    return Detector(net, 'nvidia-pickle' if is_pickle else 'state-dict', include_bias=include_bias)

@@ -19,6 +19,7 @@ the 37x37 grid of position embeddings is resampled to 16x16 the way DINOv2 does 
 without antialiasing, with the scale factor (16 + 0.1) / 37 rather than a target size.
 """
 
+import collections
 import math
 
 import torch
@@ -35,20 +36,8 @@ POS_EMBED_OFFSET = 0.1              # DINOv2's interpolate_offset.
 FEATURE_KEY = 'dinov2'              # Key of the features in activation files.
 
 
-class DINOv2Error(ValueError):
-    """The DINOv2 weights are missing, unreadable or do not fit the architecture."""
-
 #----------------------------------------------------------------------------
 # Architecture.
-
-class PatchEmbed(torch.nn.Module):
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # [N, tokens, D], row-major patches.
-
 
 class Attention(torch.nn.Module):
     def __init__(self, dim, num_heads):
@@ -64,23 +53,12 @@ class Attention(torch.nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
-class Mlp(torch.nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(dim, hidden)
-        self.fc2 = torch.nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-
-class LayerScale(torch.nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = torch.nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
+def _holder(**children):
+    """A module that only holds named parameters or submodules (for the release's names: ls1.gamma, patch_embed.proj)."""
+    module = torch.nn.Module()
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module
 
 
 class Block(torch.nn.Module):
@@ -88,14 +66,15 @@ class Block(torch.nn.Module):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
+        self.ls1 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        self.mlp = torch.nn.Sequential(collections.OrderedDict(
+            fc1=torch.nn.Linear(dim, int(dim * mlp_ratio)), act=torch.nn.GELU(), fc2=torch.nn.Linear(int(dim * mlp_ratio), dim)))
+        self.ls2 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x)) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DINOv2ViT(torch.nn.Module):
@@ -105,7 +84,7 @@ class DINOv2ViT(torch.nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
+        self.patch_embed = _holder(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size))
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
         self.mask_token = torch.nn.Parameter(torch.zeros(1, dim))  # Training only; kept so the release loads strictly.
@@ -126,7 +105,7 @@ class DINOv2ViT(torch.nn.Module):
         return torch.cat([pos[:, :1], grid], dim=1).to(self.pos_embed.dtype)
 
     def forward(self, x):
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [N, tokens, D], row-major patches.
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embeddings(x.shape[2], x.shape[3])
         for block in self.blocks:
@@ -134,12 +113,7 @@ class DINOv2ViT(torch.nn.Module):
         return self.norm(tokens)[:, 0]
 
 
-def vit_l14():
-    """ViT-L/14 as released (dinov2_vitl14): 1024 wide, 24 blocks, 16 heads, 518 px grid."""
-    return DINOv2ViT(dim=1024, depth=24, num_heads=16, patch_size=14, img_size=518)
-
-
-def config_from_state_dict(state):
+def config_from_state_dict(state, spec='the state dict'):
     """Constructor arguments of DINOv2ViT that fit a state dict with the official key names."""
     try:
         dim = state['cls_token'].shape[-1]
@@ -148,9 +122,9 @@ def config_from_state_dict(state):
         depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
         hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
     except (KeyError, IndexError, AttributeError) as err:
-        raise DINOv2Error(f'not a DINOv2 ViT state dict (missing or malformed {err})') from None
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (missing or malformed {err})') from None
     if dim % HEAD_DIM != 0 or hidden % dim != 0 or depth == 0:
-        raise DINOv2Error(f'not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
     return dict(dim=dim, depth=depth, num_heads=dim // HEAD_DIM, patch_size=patch_size,
                 img_size=grid * patch_size, mlp_ratio=hidden // dim)
 
@@ -173,7 +147,7 @@ class DINOv2Detector:
     def preprocess(self, images):
         x = images.to(self.device)
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise DINOv2Error(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
+            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
         if x.shape[1] == 1:
             x = x.repeat([1, 3, 1, 1])
         x = torch.nn.functional.interpolate(x.to(torch.float32), size=(self.resolution, self.resolution),
@@ -192,19 +166,14 @@ def load_dinov2(spec=DINOV2_VITL14_URL, device=torch.device('cpu'), verbose=True
     try:
         path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True, max_bytes=DINOV2_MAX_BYTES)
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError) as err:
-        raise DINOv2Error(f'cannot load DINOv2 weights {spec}: {err}') from None
     except Exception as err:  # pylint: disable=broad-exception-caught  # torch.load raises many kinds.
-        raise DINOv2Error(f'cannot load DINOv2 weights {spec}: {type(err).__name__}: {err}') from None
+        raise dnnlib.UserError(f'cannot load DINOv2 weights {spec}: {err}') from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DINOv2Error(f'{spec}: not a DINOv2 state dict (expected a dict of tensors)')
+        raise dnnlib.UserError(f'{spec}: not a DINOv2 state dict (expected a dict of tensors)')
+    with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
+        net = DINOv2ViT(**config_from_state_dict(state, spec))
     try:
-        with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
-            net = DINOv2ViT(**config_from_state_dict(state))
         net.load_state_dict(state, strict=True, assign=True)
-    except DINOv2Error as err:
-        raise DINOv2Error(f'{spec}: {err}') from None
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise DINOv2Error(f'{spec}: does not fit the DINOv2 ViT architecture ({" ".join(first[:2])})') from None
+        raise dnnlib.UserError(f'{spec}: does not fit the DINOv2 ViT architecture ({" ".join(str(err).split()[:40])})') from None
     return DINOv2Detector(net.to(device=device, dtype=torch.float32))

@@ -10,64 +10,57 @@ computation give the same number in a fraction of the time, with no spurious ima
 """
 
 import numpy as np
-import scipy.linalg
 import torch
 
+import dnnlib
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
-
-class MetricInputError(ValueError):
-    """Activations or statistics that cannot give a metric (shape, count, NaN/inf)."""
-
 
 def _check_stats(mu, sigma, what):
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricInputError(f'{what}: mean has shape {list(mu.shape)} and covariance {list(sigma.shape)}; '
+        raise dnnlib.UserError(f'{what}: mean has shape {list(mu.shape)} and covariance {list(sigma.shape)}; '
                                f'expected [D] and [D, D]')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise MetricInputError(f'{what}: statistics contain NaN or inf')
+        raise dnnlib.UserError(f'{what}: statistics contain NaN or inf')
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if float(np.abs(sigma - sigma.T).max(initial=0.0)) > SYMMETRY_TOL * scale:
-        raise MetricInputError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
+        raise dnnlib.UserError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
     return mu, sigma
 
 
 # A covariance from a file must be symmetric positive semi-definite up to rounding: the square
 # root in the distance would otherwise silently clip what is wrong (a bad file gave FID 0).
 SYMMETRY_TOL = 1e-6  # Largest |S - S^T|, relative to the largest entry: float32 rounding passes.
-PSD_TOL = 1e-6       # Most negative eigenvalue allowed, relative to the sum of |eigenvalues|.
+PSD_TOL = 1e-6       # Most negative eigenvalue allowed, relative to the trace...
+DATA_TOL = 1e-12     # ... plus this much of the largest squared mean (rounding of a near-zero covariance).
 
 
-def _not_psd(what):
-    return MetricInputError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
-
-
-def _check_psd_eigenvalues(w, what):
-    if w.size and (float(w.min()) < -PSD_TOL * float(np.abs(w).sum()) or float(w.sum()) <= 0):
-        raise _not_psd(what)
-
-
-def _check_psd(sigma, what):
-    """Explicit check: a Cholesky factorization of S + eps I exists iff no eigenvalue is below -eps."""
-    trace = float(np.trace(sigma))
-    if trace <= 0:
-        raise _not_psd(what)
-    try:
-        np.linalg.cholesky(sigma + PSD_TOL * trace * np.eye(sigma.shape[0]))
-    except np.linalg.LinAlgError:
-        raise _not_psd(what) from None
+def _refuse_non_psd(sigma, mu, what, eigenvalues=None):
+    """Refuse a covariance with an eigenvalue below minus its rounding (eigenvalues given, or
+    through a Cholesky factor of S + slack I, which exists iff none is). A zero covariance, of
+    constant features, is valid."""
+    slack = PSD_TOL * float(np.abs(np.diag(sigma)).sum()) + DATA_TOL * float(np.max(mu ** 2, initial=0))
+    if eigenvalues is not None:
+        ok = eigenvalues.size == 0 or float(eigenvalues.min()) >= -slack
+    else:
+        try:
+            ok = np.linalg.cholesky(sigma + slack * np.eye(sigma.shape[0])) is not None
+        except np.linalg.LinAlgError:
+            ok = False
+    if not ok and sigma.any():
+        raise dnnlib.UserError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, via eigenvalues.
-    Raises MetricInputError for covariances that are not symmetric PSD (within rounding)."""
+    Raises dnnlib.UserError for covariances that are not symmetric PSD (within rounding)."""
     mu1, sigma1 = _check_stats(mu1, sigma1, what[0])
     mu2, sigma2 = _check_stats(mu2, sigma2, what[1])
     if mu1.shape != mu2.shape:
-        raise MetricInputError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
+        raise dnnlib.UserError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
                                f'{what[1]} has {mu2.shape[0]}')
 
     # Symmetrize: covariances from files can be off by rounding, eigh reads one triangle only.
@@ -85,34 +78,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
         f_invertible = True
     except np.linalg.LinAlgError:
         w, v = np.linalg.eigh(sigma1)
-        _check_psd_eigenvalues(w, what[0])
+        _refuse_non_psd(sigma1, mu1, what[0], w)
         f = v * np.sqrt(np.maximum(w, 0))  # Tiny negative eigenvalues are rounding noise.
         f_invertible = False
-        _check_psd(sigma2, what[1])  # F^T S2 F sees S2 only on the range of S1.
+        _refuse_non_psd(sigma2, mu2, what[1])  # F^T S2 F sees S2 only on the range of S1.
     a = f.T @ sigma2 @ f
     ev = np.linalg.eigvalsh((a + a.T) / 2)
-    if f_invertible:
-        _check_psd_eigenvalues(ev, what[1])
+    if f_invertible and ev.size and float(ev.min()) < -PSD_TOL * float(np.abs(ev).sum()):
+        _refuse_non_psd(sigma2, mu2, what[1])  # Negative, or S2's rounding: S2's own check decides.
     tr_covmean = np.sqrt(np.maximum(ev, 0)).sum()
 
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
-    """The ADM evaluator's formulation (scipy.linalg.sqrtm of the product), kept for tests and
-    benchmarks as the value to agree with."""
-    mu1, sigma1 = _check_stats(mu1, sigma1, 'sample')
-    mu2, sigma2 = _check_stats(mu2, sigma2, 'reference')
-    _check_psd(sigma1, 'sample')
-    _check_psd(sigma2, 'reference')
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 #----------------------------------------------------------------------------
 
@@ -160,7 +138,7 @@ class StatsAccumulator:
             torch.distributed.all_reduce(n_total)
             torch.distributed.all_reduce(weighted_mean)
         if n_total.item() < 2:
-            raise MetricInputError(f'{int(n_total.item())} samples: need at least 2 for a covariance')
+            raise dnnlib.UserError(f'{int(n_total.item())} samples: need at least 2 for a covariance')
         mu = weighted_mean / n_total
         delta = mean - mu
         m2 = m2 + torch.outer(delta, delta) * n
@@ -171,16 +149,19 @@ class StatsAccumulator:
 
 
 def compute_statistics(features, batch_size=8192, device=None):
-    """Mean and covariance (np.cov convention) of an [N, D] array, batched, float64."""
-    features = np.asarray(features)
-    if features.ndim != 2:
-        raise MetricInputError(f'activations have shape {list(features.shape)}; expected [N, D]')
-    if features.shape[0] < 2:
-        raise MetricInputError(f'{features.shape[0]} samples: need at least 2 for a covariance')
-    device = torch.device(device) if device is not None else dist.get_device()
-    acc = StatsAccumulator(features.shape[1], device=device)
-    for begin in range(0, features.shape[0], batch_size):
-        acc.update(torch.from_numpy(np.ascontiguousarray(features[begin:begin + batch_size])))
+    """Mean and covariance (np.cov convention), float64, of an [N, D] array or of an iterable of
+    its [n, D] blocks (then never held whole)."""
+    blocks = features
+    if isinstance(features, np.ndarray):
+        if features.ndim != 2:
+            raise dnnlib.UserError(f'activations have shape {list(features.shape)}; expected [N, D]')
+        blocks = (features[i:i + batch_size] for i in range(0, len(features), batch_size))
+    acc = None
+    for block in blocks:
+        acc = acc or StatsAccumulator(block.shape[1], device=torch.device(device) if device is not None else dist.get_device())
+        acc.update(torch.from_numpy(np.ascontiguousarray(block)))
+    if acc is None or acc.n < 2:
+        raise dnnlib.UserError(f'{acc.n if acc else 0} samples: need at least 2 for a covariance')
     return acc.finalize(distributed=False)
 
 #----------------------------------------------------------------------------

@@ -45,113 +45,79 @@ class BasicConv2d(torch.nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _avg_pool_same(x):
-    # TF 'SAME' 3x3 average pool: padded positions do not count in the mean.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+# Pooling steps of the mixed blocks: TF's 'SAME' 3x3 average (padded positions not counted), the
+# 3x3 stride-2 max pool of the grid reductions, and mixed_10's padded stride-1 max pool (a TF quirk).
+POOLS = {
+    'avg': lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False),
+    'max': lambda x: F.max_pool2d(x, kernel_size=3, stride=2),
+    'max1': lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1),
+}
 
 
-class InceptionA(torch.nn.Module):  # mixed, mixed_1, mixed_2 (35x35)
-    def __init__(self, in_channels, pool_features):
+class Mixed(torch.nn.Module):
+    """A mixed block: parallel branches, concatenated. `convs`: name -> (in, out, kernel, stride,
+    padding) of each BasicConv2d, in torchvision's names; `branches`: the steps of each branch, a
+    conv name, a pool of POOLS, or a tuple of conv names applied side by side and concatenated."""
+
+    def __init__(self, convs, branches):
         super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+        for name, (cin, cout, kernel, stride, padding) in convs.items():
+            setattr(self, name, BasicConv2d(cin, cout, kernel_size=kernel, stride=stride, padding=padding))
+        self.branches = branches
+
+    def step(self, x, step):
+        if isinstance(step, tuple):
+            return torch.cat([getattr(self, name)(x) for name in step], dim=1)
+        return POOLS[step](x) if step in POOLS else getattr(self, step)(x)
 
     def forward(self, x):
-        a = self.branch1x1(x)
-        b = self.branch5x5_2(self.branch5x5_1(x))
-        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        d = self.branch_pool(_avg_pool_same(x))
-        return torch.cat([a, b, c, d], dim=1)
+        outs = []
+        for branch in self.branches:
+            y = x
+            for step in branch:
+                y = self.step(y, step)
+            outs.append(y)
+        return torch.cat(outs, dim=1)
 
 
-class InceptionB(torch.nn.Module):  # mixed_3 (35x35 -> 17x17)
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        a = self.branch3x3(x)
-        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        c = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([a, b, c], dim=1)
+K17, K71, P17, P71 = (1, 7), (7, 1), (0, 3), (3, 0)  # The factorised 7x7 convolutions and their padding.
 
 
-class InceptionC(torch.nn.Module):  # mixed_4 .. mixed_7 (17x17)
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        a = self.branch1x1(x)  # For mixed_6 this is mixed_6/conv, the sFID layer.
-        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        c = self.branch7x7dbl_1(x)
-        for layer in [self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5]:
-            c = layer(c)
-        d = self.branch_pool(_avg_pool_same(x))
-        return torch.cat([a, b, c, d], dim=1)
+def mixed_a(c, pool):  # mixed, mixed_1, mixed_2 (35x35)
+    return Mixed(dict(branch1x1=(c, 64, 1, 1, 0), branch5x5_1=(c, 48, 1, 1, 0), branch5x5_2=(48, 64, 5, 1, 2),
+                      branch3x3dbl_1=(c, 64, 1, 1, 0), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
+                      branch_pool=(c, pool, 1, 1, 0)),
+                 [['branch1x1'], ['branch5x5_1', 'branch5x5_2'], ['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3'], ['avg', 'branch_pool']])
 
 
-class InceptionD(torch.nn.Module):  # mixed_8 (17x17 -> 8x8)
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        a = self.branch3x3_2(self.branch3x3_1(x))
-        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        c = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([a, b, c], dim=1)
+def mixed_b(c):  # mixed_3 (35x35 -> 17x17)
+    return Mixed(dict(branch3x3=(c, 384, 3, 2, 0), branch3x3dbl_1=(c, 64, 1, 1, 0), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                      branch3x3dbl_3=(96, 96, 3, 2, 0)),
+                 [['branch3x3'], ['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3'], ['max']])
 
 
-class InceptionE(torch.nn.Module):  # mixed_9 (avg pool), mixed_10 (max pool) (8x8)
-    def __init__(self, in_channels, max_pool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+def mixed_c(c, c7):  # mixed_4 .. mixed_7 (17x17); branch1x1 of mixed_6 is mixed_6/conv, the sFID layer.
+    return Mixed(dict(branch1x1=(c, 192, 1, 1, 0), branch7x7_1=(c, c7, 1, 1, 0), branch7x7_2=(c7, c7, K17, 1, P17),
+                      branch7x7_3=(c7, 192, K71, 1, P71), branch7x7dbl_1=(c, c7, 1, 1, 0), branch7x7dbl_2=(c7, c7, K71, 1, P71),
+                      branch7x7dbl_3=(c7, c7, K17, 1, P17), branch7x7dbl_4=(c7, c7, K71, 1, P71), branch7x7dbl_5=(c7, 192, K17, 1, P17),
+                      branch_pool=(c, 192, 1, 1, 0)),
+                 [['branch1x1'], ['branch7x7_1', 'branch7x7_2', 'branch7x7_3'],
+                  ['branch7x7dbl_1', 'branch7x7dbl_2', 'branch7x7dbl_3', 'branch7x7dbl_4', 'branch7x7dbl_5'], ['avg', 'branch_pool']])
 
-    def forward(self, x):
-        a = self.branch1x1(x)
-        b = self.branch3x3_1(x)
-        b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], dim=1)
-        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], dim=1)
-        if self.max_pool:  # TF graph quirk in mixed_10.
-            d = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            d = _avg_pool_same(x)
-        d = self.branch_pool(d)
-        return torch.cat([a, b, c, d], dim=1)
+
+def mixed_d(c):  # mixed_8 (17x17 -> 8x8)
+    return Mixed(dict(branch3x3_1=(c, 192, 1, 1, 0), branch3x3_2=(192, 320, 3, 2, 0), branch7x7x3_1=(c, 192, 1, 1, 0),
+                      branch7x7x3_2=(192, 192, K17, 1, P17), branch7x7x3_3=(192, 192, K71, 1, P71), branch7x7x3_4=(192, 192, 3, 2, 0)),
+                 [['branch3x3_1', 'branch3x3_2'], ['branch7x7x3_1', 'branch7x7x3_2', 'branch7x7x3_3', 'branch7x7x3_4'], ['max']])
+
+
+def mixed_e(c, pool):  # mixed_9 ('avg'), mixed_10 ('max1') (8x8)
+    return Mixed(dict(branch1x1=(c, 320, 1, 1, 0), branch3x3_1=(c, 384, 1, 1, 0), branch3x3_2a=(384, 384, (1, 3), 1, (0, 1)),
+                      branch3x3_2b=(384, 384, (3, 1), 1, (1, 0)), branch3x3dbl_1=(c, 448, 1, 1, 0), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                      branch3x3dbl_3a=(384, 384, (1, 3), 1, (0, 1)), branch3x3dbl_3b=(384, 384, (3, 1), 1, (1, 0)),
+                      branch_pool=(c, 192, 1, 1, 0)),
+                 [['branch1x1'], ['branch3x3_1', ('branch3x3_2a', 'branch3x3_2b')],
+                  ['branch3x3dbl_1', 'branch3x3dbl_2', ('branch3x3dbl_3a', 'branch3x3dbl_3b')], [pool, 'branch_pool']])
 
 #----------------------------------------------------------------------------
 
@@ -198,17 +164,11 @@ class InceptionV3(torch.nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = mixed_a(192, 32), mixed_a(256, 64), mixed_a(288, 64)
+        self.Mixed_6a = mixed_b(288)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (mixed_c(768, c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_7a = mixed_d(768)
+        self.Mixed_7b, self.Mixed_7c = mixed_e(1280, 'avg'), mixed_e(2048, 'max1')
         self.fc = torch.nn.Linear(2048, num_classes)
 
     def forward(self, images):
@@ -218,9 +178,9 @@ class InceptionV3(torch.nn.Module):
         x = tf_resize_bilinear(x, self.resolution, self.resolution)
         x = (x - 128) * 0.0078125
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = POOLS['max'](x)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = POOLS['max'](x)
         for block in [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c]:
             x = block(x)
         spatial = self.Mixed_6d.branch1x1(x)  # mixed_6/conv (computed twice; cheap next to the rest).

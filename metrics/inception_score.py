@@ -10,20 +10,22 @@ the bias; `include_bias` in metrics.detector reproduces that if ever needed.)
 import numpy as np
 import torch
 
-from .frechet import MetricInputError
+import dnnlib
 
 
 def inception_score(logits, split_size=5000):
-    logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[0] < 1:
-        raise MetricInputError(f'logits have shape {list(logits.shape)}; expected [N, classes] with N >= 1')
-    if not np.isfinite(logits).all():
-        raise MetricInputError('logits contain NaN or inf')
+    """IS of [N, classes] logits, or of an iterable of its splits (read one at a time)."""
+    splits = logits
+    if isinstance(logits, np.ndarray) or torch.is_tensor(logits):
+        array = np.asarray(logits)
+        if array.ndim != 2 or array.shape[0] < 1:
+            raise dnnlib.UserError(f'logits have shape {list(array.shape)}; expected [N, classes] with N >= 1')
+        splits = (array[i:i + split_size] for i in range(0, len(array), split_size))
     scores = []
-    for begin in range(0, logits.shape[0], split_size):
-        part = torch.from_numpy(np.asarray(logits[begin:begin + split_size], dtype=np.float64))
-        log_p = torch.log_softmax(part, dim=1)
-        log_mean = torch.logsumexp(log_p, dim=0) - np.log(part.shape[0])  # log of mean p over the split
-        kl = (log_p.exp() * (log_p - log_mean[None, :])).sum(dim=1).mean()
-        scores.append(float(torch.exp(kl)))
+    for split in splits:
+        if not np.isfinite(split).all():
+            raise dnnlib.UserError('logits contain NaN or inf')
+        log_p = torch.log_softmax(torch.from_numpy(np.asarray(split, dtype=np.float64)), dim=1)
+        log_mean = torch.logsumexp(log_p, dim=0) - np.log(len(split))  # log of mean p over the split
+        scores.append(float(torch.exp((log_p.exp() * (log_p - log_mean[None, :])).sum(dim=1).mean())))
     return float(np.mean(scores))

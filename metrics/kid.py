@@ -9,7 +9,7 @@ float64; returns (mean, std) over the subsets (np.std, ddof=0).
 
 import numpy as np
 
-from .frechet import MetricInputError
+import dnnlib
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -34,11 +34,11 @@ def kernel_inception_distance(sample, ref, num_subsets=KID_SUBSETS, subset_size=
     """(KID mean, KID std) of sample features [N, D] against reference features [M, D]."""
     sample, ref = np.asarray(sample), np.asarray(ref)
     if sample.ndim != 2 or ref.ndim != 2 or sample.shape[1] != ref.shape[1]:
-        raise MetricInputError(f'KID needs [N, D] features of equal width; got {list(sample.shape)} and {list(ref.shape)}')
+        raise dnnlib.UserError(f'KID needs [N, D] features of equal width; got {list(sample.shape)} and {list(ref.shape)}')
     if subset_size < 2 or not 1 <= num_subsets <= KID_MAX_SUBSETS:
-        raise MetricInputError(f'KID needs a subset size of at least 2 and 1..{KID_MAX_SUBSETS:,} subsets')
+        raise dnnlib.UserError(f'KID needs a subset size of at least 2 and 1..{KID_MAX_SUBSETS:,} subsets')
     if min(len(sample), len(ref)) < subset_size:
-        raise MetricInputError(f'KID subset size {subset_size} exceeds the number of samples ({len(sample)} sample, '
+        raise dnnlib.UserError(f'KID subset size {subset_size} exceeds the number of samples ({len(sample)} sample, '
                                f'{len(ref)} reference); pass a smaller --kid-subset-size')
     rng = np.random.RandomState(seed)
     mmds = np.zeros(num_subsets)

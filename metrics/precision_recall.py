@@ -19,11 +19,12 @@ Memory stays bounded by the block size. The float32 copies are shifted by the re
 """
 
 import contextlib
+import math
 
 import numpy as np
 import torch
 
-from .frechet import MetricInputError
+import dnnlib
 
 #----------------------------------------------------------------------------
 
@@ -36,28 +37,26 @@ def _error_bound_coef(dim):
 
 @contextlib.contextmanager
 def _exact_fp32_matmul():
-    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32.
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32 ('highest'
+    # also turns torch.backends.cuda.matmul.allow_tf32 off; restoring the mode restores it).
     old_precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision('highest')
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(old_precision)
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
 def check_features(x, what, min_count=2):
     x = np.asarray(x)
     if x.ndim != 2:
-        raise MetricInputError(f'{what}: activations have shape {list(x.shape)}; expected [N, D]')
+        raise dnnlib.UserError(f'{what}: activations have shape {list(x.shape)}; expected [N, D]')
     if x.shape[0] < min_count:
-        raise MetricInputError(f'{what}: {x.shape[0]} samples; need at least {min_count}')
+        raise dnnlib.UserError(f'{what}: {x.shape[0]} samples; need at least {min_count}')
     if not np.issubdtype(x.dtype, np.floating):
-        raise MetricInputError(f'{what}: activations have dtype {x.dtype}; expected floating point')
+        raise dnnlib.UserError(f'{what}: activations have dtype {x.dtype}; expected floating point')
     if not np.isfinite(x).all():
-        raise MetricInputError(f'{what}: activations contain NaN or inf')
+        raise dnnlib.UserError(f'{what}: activations contain NaN or inf')
     return x
 
 
@@ -247,8 +246,15 @@ def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, retu
     ref_feats = check_features(ref_feats, 'reference', min_count=k + 1)
     sample_feats = check_features(sample_feats, 'sample', min_count=k + 1)
     if ref_feats.shape[1] != sample_feats.shape[1]:
-        raise MetricInputError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
+        raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
                                f'reference has {ref_feats.shape[1]}')
+    # Scaling both sets by a power of two changes no decision and, in floating point, no rounding.
+    # Far from 1 (features x 1e20, or x 1e-20), one that brings the largest magnitude near 1 keeps
+    # every squared distance within float32's range (the reference's float32 radii would overflow).
+    top = max(float(np.abs(ref_feats).max()), float(np.abs(sample_feats).max()))
+    if not 2.0 ** -32 <= top <= 2.0 ** 32 and top > 0:
+        scale = 2.0 ** -math.floor(math.log2(top))
+        ref_feats, sample_feats = ref_feats * scale, sample_feats * scale
     device = torch.device(device) if device is not None else _default_device()
     shift = ref_feats.mean(axis=0, dtype=np.float64)
     with torch.no_grad(), _exact_fp32_matmul():
@@ -258,48 +264,5 @@ def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, retu
         radii_smp = _Radii(smp, k, block)
         precision, recall, info = _evaluate_pr(ref, radii_ref, smp, radii_smp, block)
     return (precision, recall, info) if return_info else (precision, recall)
-
-#----------------------------------------------------------------------------
-# Reference-style computation, step for step as RDM's evaluate.py does it (numpy float64
-# distance blocks of 10000 rows, clamping through np.max over a stacked zero array, radii in a
-# float32 [rows, N] buffer selected by np.partition over 4 chunks, membership through
-# broadcast comparisons). Written for tests and benchmarks as the value and the time to beat;
-# calc never uses it.
-
-def _np_pairwise(u, v):
-    norm_u = np.square(u).sum(axis=1).reshape(-1, 1)
-    norm_v = np.square(v).sum(axis=1).reshape(1, -1)
-    d = norm_u - 2 * np.matmul(u, v.T) + norm_v
-    return np.max([d, np.zeros_like(d)], axis=0)
-
-
-def _np_radii(x, k, batch, num_chunks):
-    n = len(x)
-    radii = np.zeros([n, 1], dtype=np.float32)
-    rows = np.zeros([batch, n], dtype=np.float32)
-    kth = np.arange(k + 1)
-    for b0 in range(0, n, batch):
-        b1 = min(b0 + batch, n)
-        for c0 in range(0, n, batch):
-            c1 = min(c0 + batch, n)
-            rows[0:b1 - b0, c0:c1] = _np_pairwise(x[b0:b1], x[c0:c1])
-        chunks = np.array_split(rows[0:b1 - b0], num_chunks)
-        radii[b0:b1] = np.concatenate([np.partition(c, kth, axis=1)[:, [k]] for c in chunks if len(c)], axis=0)
-    return radii
-
-
-def precision_recall_numpy(ref_feats, sample_feats, k=3, batch=10000, num_chunks=4):
-    ref_feats = np.asarray(ref_feats, dtype=np.float64)
-    sample_feats = np.asarray(sample_feats, dtype=np.float64)
-    r_ref = _np_radii(ref_feats, k, batch, num_chunks)
-    r_smp = _np_radii(sample_feats, k, batch, num_chunks)
-    ref_in = np.zeros([len(ref_feats), 1], dtype=bool)
-    smp_in = np.zeros([len(sample_feats), 1], dtype=bool)
-    for b0 in range(0, len(ref_feats), batch):
-        for c0 in range(0, len(sample_feats), batch):
-            d = _np_pairwise(ref_feats[b0:b0 + batch], sample_feats[c0:c0 + batch])[..., None]
-            ref_in[b0:b0 + batch] |= np.any(d <= r_smp[c0:c0 + batch], axis=1)
-            smp_in[c0:c0 + batch] |= np.any(d <= r_ref[b0:b0 + batch][:, None], axis=0)
-    return float(np.mean(smp_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
 
 #----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ PROTOCOL_SAMPLES = 50000
 
 def resolve(spec, verbose=True):
     """Local file name for a reference: a name from REFERENCES (downloaded once, checked), or a
-    path / URL (returned as it is; MetricFile opens it). Returns (spec_or_path, Reference or None)."""
+    path / URL (returned as it is; activations.FeatureSet opens it). Returns (spec_or_path, Reference or None)."""
     ref = REFERENCES.get(spec)
     if ref is None:
         return spec, None

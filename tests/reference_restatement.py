@@ -1,14 +1,16 @@
 """The reference implementation's maths, re-stated plainly for tests and benchmarks (one copy):
 the stacked per-seed generators, the time steps, per-block scipy DCTs, get_alpha_t's blur
-schedule through scipy one noise level at a time, the 16-roll block noise, EDM's max_size
-subset, BlurLoss, the training loop and dataset_tool's crops (EDM's, ADM's). Slow on purpose:
-it follows the reference's operations, so the optimised code can be checked against it."""
+schedule through scipy one noise level at a time, the 16-roll block noise, both samplers, EDM's
+max_size subset, BlurLoss, the training loop, dataset_tool's crops (EDM's, ADM's), and the ADM
+evaluator's Frechet distance (sqrtm) and precision/recall (numpy float64). Slow on purpose: it
+follows the reference's operations, so the optimised code can be checked against it."""
 
 import copy
 
 import numpy as np
 import PIL.Image
 import scipy.fft
+import scipy.linalg
 import scipy.stats
 import torch
 
@@ -42,7 +44,7 @@ def ref_block_dct_np(x, k, inverse=False):
 
 
 def ref_dct(x, k, inverse=False):
-    return torch.tensor(ref_block_dct_np(x.numpy(), k, inverse))
+    return torch.tensor(ref_block_dct_np(x.cpu().numpy(), k, inverse), device=x.device)
 
 
 def ref_alpha(t, k, size, prob_length=0.93, blur_sigma_max=3, min_scale=0.001, device=None):
@@ -66,6 +68,88 @@ def ref_roll_sum(g, k):
 
 def ref_block_noise(ref, randn_like, k):
     return ref_roll_sum(randn_like(ref), k)
+
+#----------------------------------------------------------------------------
+# The reference's samplers (generate*.py): float64, the reference's order of operations.
+
+def ref_guided(net, x, t, labels, cfg_scale):
+    if cfg_scale > 1:
+        return cfg_scale * net(x, t, labels).to(torch.float64) - (cfg_scale - 1) * net(x, t, None).to(torch.float64)
+    return net(x, t, labels).to(torch.float64)
+
+
+def ref_edm(net, latents, labels, randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
+            S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, cfg_scale=1, sde_scale=None):
+    t = ref_steps(num_steps, sigma_min, sigma_max, rho)
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x = latents.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        t_cur, t_next = t[i], t[i + 1]
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+        d = (x_hat - ref_guided(net, x_hat, t_hat, labels, cfg_scale)) / t_hat
+        if sde_scale is None:
+            x_e = x_hat + (t_next - t_hat) * d
+            if i < num_steps - 1:
+                d2 = (x_e - ref_guided(net, x_e, t_next, labels, cfg_scale)) / t_next
+                x_e = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
+        else:
+            g = sde_scale * t_next
+            a = ((t_next ** 2 - g ** 2) / t_hat ** 2) ** 0.5
+            x_e = x_hat + (a - 1) * t_hat * d + g * randn_like(x)
+            if i < num_steps - 1:
+                d2 = (x_e - ref_guided(net, x_e, t_next, labels, cfg_scale)) / t_next
+                x_e = x_hat + (a - 1) * t_hat * (0.5 * d + 0.5 * d2) + g * randn_like(x_e)
+        x = x_e
+    return x
+
+
+def ref_blur(net, latents, labels, randn_like, num_steps=18, sigma_min=0.008, sigma_max=80, rho=7,
+             truncation_sigma=0.9, truncation_t=0.93, up_scale=4, cfg_scale=1, s_block=0.15, s_noise=0.2,
+             blur_sigma_max=3, S_churn=None, S_min=0, S_max=float('inf'), S_noise=1):
+    k, size = up_scale, latents.shape[-1]
+    t = ref_steps(num_steps, sigma_min, sigma_max, rho)
+    start = 0
+    while t[start] >= truncation_sigma:
+        start += 1
+    t = t[start:]
+    n = len(t)
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+    def noise(like):
+        if s_block > 0:
+            return randn_like(like) + s_block * ref_block_noise(latents, randn_like, k)
+        return randn_like(like)
+
+    x = latents.to(torch.float64)
+    for i in range(n):
+        t_cur, t_next = t[i], t[i + 1]
+        if i == 0:
+            if s_block > 0:
+                x = x + randn_like(x) * t_cur + s_block * ref_block_noise(latents, randn_like, k) * t_cur
+            else:
+                x = x + randn_like(x) * t_cur
+        t_hat, x_hat = t_cur, x
+        if S_churn is not None:
+            gamma = min(S_churn / n, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+            t_hat = t_cur + gamma * t_cur
+            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+        den = ref_guided(net, x_hat, t_hat, labels, cfg_scale)
+        if i == n - 1:
+            return den
+        a_next = ref_alpha(t_next, k, size, truncation_t, blur_sigma_max)
+        a_cur = ref_alpha(t_hat, k, size, truncation_t, blur_sigma_max)
+        u_cur = ref_dct(x, k)
+        d_cur = (u_cur - ref_dct(den, k)) / t_hat
+        gamma = (1 - s_noise ** 2) ** 0.5 * t_next / t_hat
+        coef_u = a_next + gamma - gamma * a_cur  # float32, as in the reference
+        coef_d = t_hat * (gamma * a_cur - a_next)
+        x_e = ref_dct(coef_u * u_cur + coef_d * d_cur, k, inverse=True) + s_noise * t_next * noise(x)
+        den = ref_guided(net, x_e, t_next, labels, cfg_scale)
+        d_prime = (ref_dct(x_e, k) - ref_dct(den, k)) / t_next
+        x = ref_dct(coef_u * u_cur + coef_d * (d_cur + d_prime) / 2, k, inverse=True) + s_noise * t_next * noise(x_e)
+    return x
 
 
 #----------------------------------------------------------------------------
@@ -191,3 +275,56 @@ def ref_dhariwal(img, size):
     img = img.resize((int(round(img.size[0] * f)), int(round(img.size[1] * f))), PIL.Image.BICUBIC)
     left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+#----------------------------------------------------------------------------
+# The ADM evaluator's Frechet distance: scipy.linalg.sqrtm of the product.
+
+def ref_frechet_distance(mu1, sigma1, mu2, sigma2):
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(np.real(covmean)))
+
+#----------------------------------------------------------------------------
+# Reference-style computation, step for step as RDM's evaluate.py does it (numpy float64
+# distance blocks of 10000 rows, clamping through np.max over a stacked zero array, radii in a
+# float32 [rows, N] buffer selected by np.partition over 4 chunks, membership through
+# broadcast comparisons): the value and the time to beat for metrics.precision_recall.
+
+def _np_pairwise(u, v):
+    norm_u = np.square(u).sum(axis=1).reshape(-1, 1)
+    norm_v = np.square(v).sum(axis=1).reshape(1, -1)
+    d = norm_u - 2 * np.matmul(u, v.T) + norm_v
+    return np.max([d, np.zeros_like(d)], axis=0)
+
+
+def _np_radii(x, k, batch, num_chunks):
+    n = len(x)
+    radii = np.zeros([n, 1], dtype=np.float32)
+    rows = np.zeros([batch, n], dtype=np.float32)
+    kth = np.arange(k + 1)
+    for b0 in range(0, n, batch):
+        b1 = min(b0 + batch, n)
+        for c0 in range(0, n, batch):
+            c1 = min(c0 + batch, n)
+            rows[0:b1 - b0, c0:c1] = _np_pairwise(x[b0:b1], x[c0:c1])
+        chunks = np.array_split(rows[0:b1 - b0], num_chunks)
+        radii[b0:b1] = np.concatenate([np.partition(c, kth, axis=1)[:, [k]] for c in chunks if len(c)], axis=0)
+    return radii
+
+
+def ref_precision_recall(ref_feats, sample_feats, k=3, batch=10000, num_chunks=4):
+    ref_feats = np.asarray(ref_feats, dtype=np.float64)
+    sample_feats = np.asarray(sample_feats, dtype=np.float64)
+    r_ref = _np_radii(ref_feats, k, batch, num_chunks)
+    r_smp = _np_radii(sample_feats, k, batch, num_chunks)
+    ref_in = np.zeros([len(ref_feats), 1], dtype=bool)
+    smp_in = np.zeros([len(sample_feats), 1], dtype=bool)
+    for b0 in range(0, len(ref_feats), batch):
+        for c0 in range(0, len(sample_feats), batch):
+            d = _np_pairwise(ref_feats[b0:b0 + batch], sample_feats[c0:c0 + batch])[..., None]
+            ref_in[b0:b0 + batch] |= np.any(d <= r_smp[c0:c0 + batch], axis=1)
+            smp_in[c0:c0 + batch] |= np.any(d <= r_ref[b0:b0 + batch][:, None], axis=0)
+    return float(np.mean(smp_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))

@@ -3,6 +3,7 @@ before any work (no traceback, nothing written), and odd but valid inputs give c
 
 import os
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,7 +14,8 @@ import evaluate
 import generate
 import quickstart
 from training import data_files, pipeline
-from training.pipeline import RelayError, RelayPipeline
+from training.pipeline import RelayPipeline
+from dnnlib import UserError
 
 
 
@@ -33,17 +35,19 @@ def _clear_error(command, args, text):
 #----------------------------------------------------------------------------
 # Seed lists: one parser for generate, evaluate gen and quickstart.
 
-def test_parse_int_list_bounds():
-    parse = dnnlib.util.parse_int_list
+def test_seed_list_type_bounds():
+    parse = lambda value, limit=100: dnnlib.util.seeds(limit).convert(value, None, None)  # noqa: E731
     assert parse('1,2, 5-7') == [1, 2, 5, 6, 7]
-    assert parse('3-3') == [3]
-    for text, message in [('5-3', 'empty range'), (',,', 'is not a number'), ('', 'is not a number'), ('1e3', 'is not a number'),
-                          ('0-99999999999', 'more than 100 numbers'), ('4294967296', 'largest allowed value')]:
-        with pytest.raises(ValueError, match=message):
-            parse(text, limit=100, max_value=(1 << 32) - 1)
-    # Counted before the list is built: a 10^20-entry range fails at once.
-    with pytest.raises(ValueError, match='more than 10 seeds'):
-        parse('0-99999999999999999999', limit=10, what='seeds')
+    assert parse('3-3') == [3] and parse(range(2, 4)) == [2, 3] and parse([5, 1]) == [5, 1]
+    for value, message in [('5-3', 'empty range'), (',,', 'is not a number'), ('', 'is not a number'), ('1e3', 'is not a number'),
+                           ('0-99999999999', 'more than 100 seeds'), ('4294967296', 'largest allowed value'),
+                           ([-1], 'negative'), ([2.5], 'not a whole number'), ([1 << 32], 'largest allowed value')]:
+        with pytest.raises(click.BadParameter, match=message):
+            parse(value)
+    # Counted before the list is built: a 10^20-entry range fails at once, from text or from Python.
+    for value in ('0-99999999999999999999', range(10 ** 20)):
+        with pytest.raises(click.BadParameter, match='more than 10 seeds'):
+            parse(value, limit=10)
 
 
 @pytest.mark.parametrize('seeds,text', [
@@ -61,7 +65,7 @@ def test_pipeline_refuses_seeds_that_wrap(nets):
     pipe = RelayPipeline(nets[0], None, device='cpu', num_steps_first=2)
     assert pipe([0]).shape == (1, 3, 8, 8)
     for seed in [1 << 32, -1, 2.5]:
-        with pytest.raises(RelayError, match='seed'):
+        with pytest.raises(UserError, match='seed'):
             pipe([seed])
 
 
@@ -83,7 +87,7 @@ def test_evaluate_gen_and_quickstart_seed_bounds(tmp_path):
     ('--rho_first=1e-300', 'overflows or rounds away'),      # was an OverflowError traceback
     ('--rho_second=0.001', 'overflows or rounds away'),
     ('--rho_first=1e300', 'overflows or rounds away'),       # every level rounded to 1: sigma_max ignored
-    ('--num_steps_first=2000000000', 'must be <= 1000000'),  # the schedule alone would take 16 GB
+    ('--num_steps_first=2000000000', 'and <= 1000000'),  # the schedule alone would take 16 GB
 ])
 def test_generate_schedule_checks(tmp_path, option, text):
     _clear_error(generate.main, ['--outdir', str(tmp_path / 'out'), '--seeds=0', option, '--network_first=missing.pkl',
@@ -103,7 +107,7 @@ def test_empty_or_uncreatable_outdirs(tmp_path, monkeypatch):
                  '--outdir is empty')
     assert os.listdir(tmp_path) == []
     common = ['gen', '--network_first=missing.pkl', '--network_second=missing.pkl', '-m', 'is', '--seeds=0-1']
-    _clear_error(evaluate.main, [*common, '--outdir=/proc/no-such-dir'], 'cannot be created')
+    _clear_error(evaluate.main, [*common, '--outdir=/proc/no-such-dir'], 'cannot write in /proc')
     _clear_error(evaluate.main, [*common, '--outdir='], '--outdir is empty')
 
 #----------------------------------------------------------------------------
@@ -140,14 +144,14 @@ def test_relay_from_palette_and_16bit_first_stage_images(tmp_path, nets):
     _clear_error(generate.main, [*args, f'--indir={g16}', '--outdir', str(tmp_path / 'out2')], 'with 1 channels')
 
 
-def test_grid_over_a_damaged_existing_png(tmp_path, nets):
+def test_damaged_existing_png_is_refused_not_counted(tmp_path, nets):
     out = tmp_path / 'out'
     (out / '000000').mkdir(parents=True)
-    (out / '000000' / '000000.png').write_text('junk')  # counts as done; the grid cannot read it
+    (out / '000000' / '000000.png').write_text('junk')  # Was counted as done; then the grid could not read it.
     args = ['--outdir', str(out), '--seeds=0-1', '--grid=2', f'--network_first={nets[0]}', '--sampler_stages=first', '--num_steps_first=2']
-    _clear_error(generate.main, args, 'not the grid')
+    _clear_error(generate.main, args, 'which is not a complete image')
     assert (out / '000000' / '000000.png').read_text() == 'junk'
-    assert (out / '000000' / '000001.png').is_file() and not os.path.exists(f'{out}-grid.png')
+    assert not (out / '000000' / '000001.png').exists() and not os.path.exists(f'{out}-grid.png')
 
 #----------------------------------------------------------------------------
 # evaluate calc: a file cannot make us allocate what its contents do not hold.
@@ -163,11 +167,11 @@ def test_npz_member_claiming_more_than_it_holds(tmp_path):
     # Was a MemoryError traceback (numpy allocates the claimed 819 GB before reading).
     _clear_error(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={forged}', f'--ref={ref}'], 'truncated or forged')
     # Honest files, stored and compressed, still read.
-    from metrics.activations import MetricFile
+    from metrics.activations import FeatureSet
     rows = np.random.default_rng(0).standard_normal([5, 7]).astype(np.float32)
     for save in (np.savez, np.savez_compressed):
         save(tmp_path / 'ok.npz', feat=rows)
-        assert np.array_equal(MetricFile(str(tmp_path / 'ok.npz')).get('feat'), rows)
+        assert np.array_equal(FeatureSet(str(tmp_path / 'ok.npz')).get('feat'), rows)
 
 
 def test_kid_subsets_bounded(tmp_path):
@@ -188,3 +192,149 @@ def test_export_unwritable_outputs(tmp_path, nets):
         for extra in ([], ['--overwrite']):
             _clear_error(checkpoint_cli, ['export', nets[1], str(dst), *extra], text)
     assert (tmp_path / 'file').read_text() == 'keep' and os.listdir(tmp_path / 'dir.safetensors') == []
+
+#----------------------------------------------------------------------------
+# Second campaign: outputs trusted on resume, aliases, full disks, guidance that cannot guide,
+# activation files, deflated members, detector sizes, late errors. Each failed before.
+
+def _pngs_of(folder):
+    return {name: open(os.path.join(root, name), 'rb').read() for root, _d, files in os.walk(folder) for name in files}
+
+
+@pytest.mark.parametrize('plant', ['8px', 'truncated', 'grey', 'text'])
+def test_resume_refuses_what_is_not_this_runs_output(tmp_path, nets, plant):
+    out = tmp_path / 'out'
+    (out / '000000').mkdir(parents=True)
+    path = out / '000000' / '000001.png'
+    pixels = np.random.default_rng(0).integers(0, 256, [32, 32, 3], dtype=np.uint8)
+    if plant == '8px':  # First-stage output in the folder of a run of both stages: was counted as done.
+        PIL.Image.fromarray(pixels[:8, :8]).save(path)
+    elif plant == 'truncated':
+        PIL.Image.fromarray(pixels).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif plant == 'grey':
+        PIL.Image.fromarray(pixels[:, :, 0]).save(path)
+    else:
+        path.write_text('not an image')
+    before = _pngs_of(out)
+    _clear_error(generate.main, ['--outdir', str(out), '--seeds=0-2', f'--network_first={nets[0]}', f'--network_second={nets[1]}',
+                                 '--num_steps_first=2', '--num_steps_second=2'], 'not a 32x32 output of this run')
+    assert _pngs_of(out) == before  # Refused before any work, the file left as it was.
+
+
+def test_resume_keeps_complete_outputs(tmp_path, nets):
+    args = ['--outdir', str(tmp_path / 'out'), f'--network_first={nets[0]}', '--sampler_stages=first', '--num_steps_first=2']
+    assert CliRunner().invoke(generate.main, [*args, '--seeds=0']).exit_code == 0
+    kept = tmp_path / 'out' / '000000' / '000000.png'
+    stamp = os.stat(kept).st_mtime_ns
+    result = CliRunner().invoke(generate.main, [*args, '--seeds=0-1'])
+    assert result.exit_code == 0 and '1 of 2 already there' in result.output and os.stat(kept).st_mtime_ns == stamp
+
+
+def test_outdir_that_aliases_indir(tmp_path, nets):
+    low = tmp_path / 'low'
+    assert CliRunner().invoke(generate.main, ['--outdir', str(low), '--seeds=0', f'--network_first={nets[0]}', '--sampler_stages=first',
+                                              '--num_steps_first=2']).exit_code == 0
+    before = _pngs_of(low)
+    (tmp_path / 'link').symlink_to(low)  # Passed the outdir-differs-from-indir check before.
+    for outdir, indir in [(tmp_path / 'link', low), (low, tmp_path / 'link')]:
+        _clear_error(generate.main, ['--outdir', str(outdir), f'--indir={indir}', '--seeds=0', '--sampler_stages=second',
+                                     f'--network_second={nets[1]}', '--num_steps_second=2'], '--outdir must differ from --indir')
+    assert _pngs_of(low) == before
+
+
+def _disk_full_after(monkeypatch, count):
+    calls = []
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > count:
+            raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', fsync)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, nets, monkeypatch):
+    np.savez(tmp_path / 'a.npz', feat=np.random.default_rng(0).standard_normal([6, 4]).astype(np.float32))
+    _disk_full_after(monkeypatch, 1)
+    out = tmp_path / 'out'
+    _clear_error(generate.main, ['--outdir', str(out), '--seeds=0-2', f'--network_first={nets[0]}', '--sampler_stages=first',
+                                 '--num_steps_first=2'], 'No space left on device')
+    assert sorted(_pngs_of(out)) == ['000000.png']  # The first image, whole; no temporary left.
+    _disk_full_after(monkeypatch, 0)
+    (tmp_path / 'j').mkdir()
+    _clear_error(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={tmp_path / "a.npz"}', f'--ref={tmp_path / "a.npz"}',
+                                 f'--json={tmp_path / "j" / "out.json"}'], f'cannot write {tmp_path / "j" / "out.json"} (No space left on device)')
+    assert os.listdir(tmp_path / 'j') == []
+
+
+def test_guidance_on_an_unconditional_network_warns_once(tmp_path, nets):
+    with pytest.warns(UserWarning, match='unconditional network') as record:
+        pipe = RelayPipeline(nets[0], nets[1], device='cpu', cfg_scale_second=2, num_steps_first=2, num_steps_second=2)
+        pipe([0])
+    assert len(record) == 1
+    result = CliRunner().invoke(generate.main, ['--outdir', str(tmp_path / 'o'), '--seeds=0-1', '--batch=1', f'--network_first={nets[0]}',
+                                                f'--network_second={nets[1]}', '--num_steps_first=2', '--num_steps_second=2', '--cfg_scale_first=3'])
+    assert result.exit_code == 0 and result.output.count('--cfg_scale_first=3.0 on an unconditional network') == 1
+
+
+def test_activation_files_odd_but_valid_or_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    feat, ref = np.abs(rng.standard_normal([30, 16])).astype(np.float32), np.abs(rng.standard_normal([40, 16])).astype(np.float32)
+    np.savez(tmp_path / 'le.npz', feat=feat)
+    np.savez(tmp_path / 'ref.npz', feat=ref, s_feat=rng.standard_normal([40, 2024]).astype(np.float32))
+    np.savez(tmp_path / 'be.npz', feat=feat.astype('>f4'))  # Valid big-endian: was a traceback.
+    np.savez_compressed(tmp_path / 'be-deflated.npz', feat=feat.astype('>f4'))
+    calc = lambda sample, *m: CliRunner().invoke(evaluate.main, ['calc', *m, f'--activations_sample={sample}', f'--ref={tmp_path / "ref.npz"}'])  # noqa: E731
+    expect = calc(tmp_path / 'le.npz', '-m', 'fid', '-m', 'pr').stdout
+    for name in ('be.npz', 'be-deflated.npz'):
+        assert calc(tmp_path / name, '-m', 'fid', '-m', 'pr').stdout == expect
+    np.savez(tmp_path / 'wide.npz', s_feat=rng.standard_normal([30, 2024]).astype(np.float32))
+    _clear_error(evaluate.main, ['calc', '-m', 'sfid', f'--activations_sample={tmp_path / "wide.npz"}', f'--ref={tmp_path / "ref.npz"}'],
+                 'not a multiple of the 7 channels')
+    np.savez(tmp_path / 'empty.npz', feat=np.zeros([30, 0], np.float32))
+    for metric in ('fid', 'pr', 'kid'):
+        _clear_error(evaluate.main, ['calc', '-m', metric, f'--activations_sample={tmp_path / "empty.npz"}', f'--ref={tmp_path / "ref.npz"}'],
+                     'feat has shape [30, 0]')
+
+
+def test_deflated_members_are_read_in_pieces(tmp_path):
+    # 64 MB of (mostly) zeros in a few hundred KB: the metrics and the image reader hold pieces, not the whole.
+    import tracemalloc
+    from metrics.activations import open_images
+    feat = np.zeros([250_000, 64], np.float32)
+    feat[::997, ::3] = 1  # Not constant, still compressible.
+    np.savez_compressed(tmp_path / 'zeros.npz', feat=feat)
+    np.savez(tmp_path / 'ref.npz', feat=np.random.default_rng(2).standard_normal([50, 64]).astype(np.float32))
+    np.savez_compressed(tmp_path / 'images.npz', arr_0=np.zeros([16_000, 32, 32, 3], np.uint8))
+    assert os.path.getsize(tmp_path / 'zeros.npz') < 1 << 20
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(evaluate.main, ['calc', '-m', 'fid', f'--activations_sample={tmp_path / "zeros.npz"}',
+                                                    f'--ref={tmp_path / "ref.npz"}', '--batch=4096'])
+        images = open_images(str(tmp_path / 'images.npz'))
+        assert len(images) == 16_000 and images[7].shape == (3, 32, 32) and images[15_999].sum() == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0 and 'FID: ' in result.stdout, result.output
+    assert peak < 40 << 20, f"peak {peak >> 20} MB"  # Seeking in a deflated member reads 16 MB at a time.
+
+
+def test_pth_detector_resolution_is_checked(tmp_path):
+    import torch
+    from metrics.detector import load_detector
+    from metrics.inception import InceptionV3
+    with torch.device('meta'):
+        names = list(InceptionV3().state_dict())
+    state = {name: torch.zeros([1]) for name in names}  # Shapes do not matter: the entry is refused first.
+    for value in (float('nan'), 1e9, 20000, -5, 75.5, [75, 80]):
+        torch.save(dict(state, resolution=torch.tensor(value)), tmp_path / 'det.pth')
+        with pytest.raises(UserError, match='"resolution" entry .* is not a whole number of pixels in 75..299'):
+            load_detector(str(tmp_path / 'det.pth'), verbose=False)
+
+
+def test_evaluate_gen_checks_the_reference_before_sampling(tmp_path, nets, monkeypatch):
+    monkeypatch.setattr(RelayPipeline, 'batches', lambda *args, **kwargs: pytest.fail('sampled before checking --ref'))
+    np.savez(tmp_path / 'stats.npz', mu=np.zeros(4), sigma=np.eye(4))
+    common = ['gen', f'--network_first={nets[0]}', f'--network_second={nets[1]}', '--seeds=0-1', '--detector=unused.pth']
+    _clear_error(evaluate.main, [*common, '-m', 'fid', f'--ref={tmp_path / "missing.npz"}'], 'missing.npz: cannot read as .npz')
+    _clear_error(evaluate.main, [*common, '-m', 'pr', f'--ref={tmp_path / "stats.npz"}'], 'Precision/recall needs per-image feat')

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 import dnnlib
 import evaluate
 from metrics import detector as detector_mod
-from metrics.detector import DEFAULT_DETECTOR_URL, DetectorError, load_detector
+from dnnlib import UserError
+from metrics.detector import DEFAULT_DETECTOR_URL, load_detector
 from torch_utils import persistence
 
 MODULE_SRC = '''import torch
@@ -46,12 +47,12 @@ def evil(tmp_path):
 def test_pickle_detector_needs_trust(evil):
     path, marker = evil
     for spec in (str(path), path.as_uri()):
-        with pytest.raises(DetectorError, match=r'evil-inception\.pkl: a \.pkl detector runs the code stored in it when loaded; pass --trust-detector'):
+        with pytest.raises(UserError, match=r'evil-inception\.pkl: a \.pkl detector runs the code stored in it when loaded; pass --trust-detector'):
             load_detector(spec, verbose=False)
         assert not marker.exists()
     # With explicit trust the code does run (this is what the flag allows), proving the file
     # above was live and that only the missing flag kept it from running.
-    with pytest.raises(DetectorError, match='evil-inception.pkl: the detector module is unusable'):
+    with pytest.raises(UserError, match='evil-inception.pkl: the detector module is unusable'):
         load_detector(str(path), verbose=False, trust_pickle=True)
     assert marker.read_text() == 'detector code ran'
 
@@ -64,7 +65,7 @@ def test_planted_default_detector_is_not_run(evil, tmp_path, monkeypatch):
     planted = cache / 'downloads' / dnnlib.util._cache_file_name(DEFAULT_DETECTOR_URL)
     planted.parent.mkdir(parents=True)
     planted.write_bytes(path.read_bytes())
-    with pytest.raises(DetectorError, match='pass --trust-detector'):
+    with pytest.raises(UserError, match='pass --trust-detector'):
         load_detector(verbose=False)
     assert not marker.exists()
 
@@ -97,7 +98,7 @@ def test_pth_detector_is_a_weights_only_load(tmp_path):
             return (os.system, (f'touch {marker}',))
     path = tmp_path / 'pt_inception.pth'
     torch.save({'fc.weight': torch.zeros(2, 2), 'x': Payload()}, path)
-    with pytest.raises(DetectorError, match=r'pt_inception\.pth'):
+    with pytest.raises(UserError, match=r'pt_inception\.pth'):
         load_detector(str(path), verbose=False, trust_pickle=True)  # Trust is about .pkl only.
     assert not marker.exists()
     assert detector_mod._file_name(path.as_uri()) == 'pt_inception.pth'

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
 from metrics import dinov2
 
 transformers = pytest.importorskip('transformers')
@@ -137,7 +138,7 @@ def _release_shapes():
 
 def test_vitl14_parameters_equal_the_release():
     with torch.device('meta'):
-        net = dinov2.vit_l14()
+        net = dinov2.DINOv2ViT(dim=1024, depth=24, num_heads=16, patch_size=14, img_size=518)  # ViT-L/14 as released.
     got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert got == _release_shapes()
     assert dinov2.config_from_state_dict({k: torch.empty(s, device='meta') for k, s in _release_shapes().items()}) == \
@@ -152,17 +153,17 @@ def test_bad_weights_files(tmp_path):
             return (open, (str(marker), 'w'))
     bad = tmp_path / 'evil.pth'
     torch.save({'x': Evil()}, bad)
-    with pytest.raises(dinov2.DINOv2Error, match='cannot load DINOv2 weights'):
+    with pytest.raises(dnnlib.UserError, match='cannot load DINOv2 weights'):
         dinov2.load_dinov2(str(bad), verbose=False)
     assert not marker.exists()
     wrong = tmp_path / 'wrong.pth'
     torch.save({'fc.weight': torch.zeros(3, 3)}, wrong)
-    with pytest.raises(dinov2.DINOv2Error, match='not a DINOv2'):
+    with pytest.raises(dnnlib.UserError, match='not a DINOv2'):
         dinov2.load_dinov2(str(wrong), verbose=False)
     state = _official_state_dict(_hf_model(layers=1))
     state['blocks.0.attn.qkv.weight'] = state['blocks.0.attn.qkv.weight'][:10]
     torch.save(state, tmp_path / 'short.pth')
-    with pytest.raises(dinov2.DINOv2Error, match='does not fit'):
+    with pytest.raises(dnnlib.UserError, match='does not fit'):
         dinov2.load_dinov2(str(tmp_path / 'short.pth'), verbose=False)
-    with pytest.raises(dinov2.DINOv2Error, match='cannot load'):
+    with pytest.raises(dnnlib.UserError, match='cannot load'):
         dinov2.load_dinov2(str(tmp_path / 'missing.pth'), verbose=False)

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import evaluate
 from metrics import activations as acts
 from metrics.detector import load_detector
-from metrics.frechet import compute_statistics, frechet_distance_sqrtm
+from metrics.frechet import compute_statistics
+from reference_restatement import ref_frechet_distance
 from metrics.inception import InceptionV3
 from metrics.inception_score import inception_score
 from metrics.precision_recall import precision_recall
@@ -189,12 +190,17 @@ def test_sharded_equals_single_process(tmp_dir, sources, pth_detector, pkl_detec
         single, sharded = tmp_dir / f'single-{i}.npz', tmp_dir / f'sharded-{i}.npz'
         _ok([*common, '--dest', str(single)])
         jobs.append('|'.join([*common, '--dest', str(sharded)]))
+    # calc under torchrun, first (before any command joins the process group): rank 0 alone computes,
+    # prints and writes --json; the others wait. Every rank ran it before.
+    jobs.insert(0, '|'.join(['calc', '-m', 'fid', '--activations_sample', str(tmp_dir / 'single-1.npz'), '--ref', str(tmp_dir / 'single-2.npz'),
+                          '--json', str(tmp_dir / 'sharded-calc.json')]))
     driver = tmp_dir / 'sharded_driver.py'
     driver.write_text(SHARDED_DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver), *jobs]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('FID: ') == 1 and abs(json.loads((tmp_dir / 'sharded-calc.json').read_text())['FID']) < 1e-6
     for i, (fmt, _det, extra) in enumerate(runs):
         with np.load(tmp_dir / f'single-{i}.npz') as a, np.load(tmp_dir / f'sharded-{i}.npz') as b:
             assert set(a.files) == set(b.files)
@@ -263,8 +269,8 @@ def test_calc_values_and_input_kinds(tmp_dir, metric_files, pkl_detector):
 
     # Independent values: ADM's sqrtm Frechet distance, sFID on (C,H,W) stats (permutation
     # invariant), IS of the stored logits, precision/recall of the features.
-    exp_fid = frechet_distance_sqrtm(*compute_statistics(smp[0]), *compute_statistics(ref[0]))
-    exp_sfid = frechet_distance_sqrtm(*compute_statistics(smp[1]), *compute_statistics(ref[1]))
+    exp_fid = ref_frechet_distance(*compute_statistics(smp[0]), *compute_statistics(ref[0]))
+    exp_sfid = ref_frechet_distance(*compute_statistics(smp[1]), *compute_statistics(ref[1]))
     assert res['FID'] == pytest.approx(exp_fid, rel=1e-6)
     assert res['sFID'] == pytest.approx(exp_sfid, rel=1e-6)
     assert res['Inception Score'] == pytest.approx(inception_score(smp[2]), rel=1e-12)

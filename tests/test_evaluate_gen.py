@@ -15,6 +15,7 @@ import evaluate
 import generate_celebahq
 from metrics.inception import InceptionV3
 from torch_utils import checkpoint
+from torch_utils import distributed as dist
 from training import networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,3 +99,20 @@ def test_gen_independent_of_process_count(setup):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)  # Batch round-off only.
     line = lambda out: [l for l in out.splitlines() if l.startswith('Inception Score: ')][0]
     assert float(line(proc.stdout).split(': ')[1]) == pytest.approx(float(line(one.stdout).split(': ')[1]), rel=1e-5)
+
+
+def test_loads_go_through_rank0_first(setup, tmp_path, monkeypatch):
+    # Under torchrun a network, detector or reference is loaded by rank 0 first (a download lands in
+    # the cache once) while the others wait on the group without the NCCL deadline. Before, generate.py
+    # waited in a barrier of the main group (30 minutes) and evaluate.py gen loaded on every rank at once.
+    s, calls = setup, []
+    real = dist.rank0_first
+    monkeypatch.setattr(dist, 'rank0_first', lambda fn: calls.append(fn) or real(fn))
+    res = CliRunner().invoke(generate_celebahq.main, [f'--outdir={tmp_path / "out"}', '--seeds=0', f'--network_first={s["first"]}',
+                                                      f'--network_second={s["second"]}', *FAST])
+    assert res.exit_code == 0 and len(calls) == 1, res.output
+    res = CliRunner().invoke(evaluate.main, _gen_args(s, '--seeds=0-1'))
+    assert res.exit_code == 0 and len(calls) == 1 + 3, res.output  # The reference, the networks, the detector.
+    res = CliRunner().invoke(evaluate.main, ['activations', '--data', str(tmp_path / 'out'), '--dest', str(tmp_path / 'a.npz'),
+                                             '--detector', s['det'], '--workers', '0'])
+    assert res.exit_code == 1 and 'need at least 2' in res.output and len(calls) == 4  # Refused before loading.

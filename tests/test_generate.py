@@ -22,7 +22,8 @@ from click.testing import CliRunner
 import generate
 import generate_celebahq
 import generate_imagenet
-from reference_restatement import RefGenerators, ref_alpha, ref_block_noise, ref_dct, ref_steps
+from reference_restatement import RefGenerators, ref_blur, ref_edm
+from training import pipeline
 from training.pipeline import RelayPipeline
 from training.sampling import StackedRandomGenerator, blur_sampler, edm_sampler
 
@@ -61,89 +62,6 @@ class TinyNet(torch.nn.Module):
         if self.bounded:
             return 0.8 * torch.tanh(h + x)
         return c_skip * x + c_out * torch.tanh(h)
-
-#----------------------------------------------------------------------------
-# The reference's sampling, re-stated plainly (float64, reference operation order).
-
-def ref_guided(net, x, t, labels, cfg_scale):
-    if cfg_scale > 1:
-        return cfg_scale * net(x, t, labels).to(torch.float64) - (cfg_scale - 1) * net(x, t, None).to(torch.float64)
-    return net(x, t, labels).to(torch.float64)
-
-
-def ref_edm(net, latents, labels, randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-            S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, cfg_scale=1, sde_scale=None):
-    t = ref_steps(num_steps, sigma_min, sigma_max, rho)
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-    x = latents.to(torch.float64) * t[0]
-    for i in range(num_steps):
-        t_cur, t_next = t[i], t[i + 1]
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
-        d = (x_hat - ref_guided(net, x_hat, t_hat, labels, cfg_scale)) / t_hat
-        if sde_scale is None:
-            x_e = x_hat + (t_next - t_hat) * d
-            if i < num_steps - 1:
-                d2 = (x_e - ref_guided(net, x_e, t_next, labels, cfg_scale)) / t_next
-                x_e = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
-        else:
-            g = sde_scale * t_next
-            a = ((t_next ** 2 - g ** 2) / t_hat ** 2) ** 0.5
-            x_e = x_hat + (a - 1) * t_hat * d + g * randn_like(x)
-            if i < num_steps - 1:
-                d2 = (x_e - ref_guided(net, x_e, t_next, labels, cfg_scale)) / t_next
-                x_e = x_hat + (a - 1) * t_hat * (0.5 * d + 0.5 * d2) + g * randn_like(x_e)
-        x = x_e
-    return x
-
-
-def ref_blur(net, latents, labels, randn_like, num_steps=18, sigma_min=0.008, sigma_max=80, rho=7,
-             truncation_sigma=0.9, truncation_t=0.93, up_scale=4, cfg_scale=1, s_block=0.15, s_noise=0.2,
-             blur_sigma_max=3, S_churn=None, S_min=0, S_max=float('inf'), S_noise=1):
-    k, size = up_scale, latents.shape[-1]
-    t = ref_steps(num_steps, sigma_min, sigma_max, rho)
-    start = 0
-    while t[start] >= truncation_sigma:
-        start += 1
-    t = t[start:]
-    n = len(t)
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-
-    def noise(like):
-        if s_block > 0:
-            return randn_like(like) + s_block * ref_block_noise(latents, randn_like, k)
-        return randn_like(like)
-
-    x = latents.to(torch.float64)
-    for i in range(n):
-        t_cur, t_next = t[i], t[i + 1]
-        if i == 0:
-            if s_block > 0:
-                x = x + randn_like(x) * t_cur + s_block * ref_block_noise(latents, randn_like, k) * t_cur
-            else:
-                x = x + randn_like(x) * t_cur
-        t_hat, x_hat = t_cur, x
-        if S_churn is not None:
-            gamma = min(S_churn / n, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-            t_hat = t_cur + gamma * t_cur
-            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
-        den = ref_guided(net, x_hat, t_hat, labels, cfg_scale)
-        if i == n - 1:
-            return den
-        a_next = ref_alpha(t_next, k, size, truncation_t, blur_sigma_max)
-        a_cur = ref_alpha(t_hat, k, size, truncation_t, blur_sigma_max)
-        u_cur = ref_dct(x, k)
-        d_cur = (u_cur - ref_dct(den, k)) / t_hat
-        gamma = (1 - s_noise ** 2) ** 0.5 * t_next / t_hat
-        coef_u = a_next + gamma - gamma * a_cur  # float32, as in the reference
-        coef_d = t_hat * (gamma * a_cur - a_next)
-        x_e = ref_dct(coef_u * u_cur + coef_d * d_cur, k, inverse=True) + s_noise * t_next * noise(x)
-        den = ref_guided(net, x_e, t_next, labels, cfg_scale)
-        d_prime = (ref_dct(x_e, k) - ref_dct(den, k)) / t_next
-        x = ref_dct(coef_u * u_cur + coef_d * (d_cur + d_prime) / 2, k, inverse=True) + s_noise * t_next * noise(x_e)
-    return x
-
 
 def _labels(seeds, label_dim):
     return torch.eye(label_dim)[torch.as_tensor(seeds) % label_dim] if label_dim else None
@@ -360,10 +278,11 @@ def test_bad_input_errors(tmp_path):
     # --indir problems.
     indir = tmp_path / 'low'
     generate.generate_images(indir, seeds=[0, 1], sampler_stages='first', network_first=TinyNet(16), **FAST)
-    assert 'missing' in _error(tmp_path, seeds=[0, 1, 2], sampler_stages='second', indir=indir, network_second=net2)
-    assert '16x16' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
-    PIL.Image.new('RGB', (8, 8)).save(indir / '000000' / '000001.png')
-    assert 'expected square 16x16' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
+    assert 'lacks the first-stage image of seed 2' in _error(tmp_path, seeds=[2], sampler_stages='second', indir=indir, network_second=net2)
+    assert 'is 16x16 with 3 channels, but the second stage needs 8x8' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
+    PIL.Image.new('RGB', (8, 8)).save(indir / '000000' / '000000.png')
+    PIL.Image.new('RGB', (8, 6)).save(indir / '000000' / '000001.png')
+    assert '000001.png is 8x6 with 3 channels' in _error(tmp_path, seeds=[0, 1], sampler_stages='second', indir=indir, network_second=net2)
     with pytest.raises(Exception, match='must differ'):
         generate.generate_images(indir, seeds=[0], sampler_stages='second', indir=indir, network_second=net2, **FAST)
 
@@ -419,14 +338,13 @@ def test_presets_hold_the_reference_settings():
 
 def test_postprocess_matches_pil_enhance_chain(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-    generate.save_image(rgb, tmp_path / 'c.png', 'celebahq')
-    generate.save_image(rgb, tmp_path / 'i.png', 'imagenet')
-    generate.save_image(rgb, tmp_path / 'n.png', 'none')
+    for name in ('celebahq', 'imagenet', 'none'):
+        pipeline.save_png(pipeline.apply_postprocess(torch.from_numpy(rgb).permute(2, 0, 1)[None], name)[0], tmp_path / f'{name}.png')
     img = PIL.Image.fromarray(rgb)
     expect_c = PIL.ImageEnhance.Color(PIL.ImageEnhance.Brightness(PIL.ImageEnhance.Contrast(img).enhance(0.9)).enhance(1.05)).enhance(0.99)
-    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'c.png')), np.array(expect_c))
-    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'i.png')), np.array(PIL.ImageEnhance.Brightness(img).enhance(1.06)))
-    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'n.png')), rgb)
+    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'celebahq.png')), np.array(expect_c))
+    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'imagenet.png')), np.array(PIL.ImageEnhance.Brightness(img).enhance(1.06)))
+    assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'none.png')), rgb)
 
 
 def test_preset_cli_help_and_postprocess_off(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from training.pipeline import RelayError, RelayPipeline
+from training.pipeline import RelayPipeline
+from dnnlib import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,16 +29,16 @@ def _fails(args, text, outdir):
 
 
 @pytest.mark.parametrize('option,text', [
-    ('--rho_first=nan', '--rho_first=nan must be a finite number'),
-    ('--sigma_max_first=inf', '--sigma_max_first=inf must be a finite number'),
+    ('--rho_first=nan', "'--rho_first': nan must be a finite number"),
+    ('--sigma_max_first=inf', "'--sigma_max_first': inf must be a finite number"),
     ('--sigma_min_first=100', '--sigma_min_first=100.0 must be below --sigma_max_first=80'),
     ('--sigma_min_second=80', '--sigma_min_second=80.0 must be below --sigma_max_second=80'),
-    ('--cfg_scale_second=nan', '--cfg_scale_second=nan must be a finite number'),
-    ('--S_noise=nan', '--S_noise=nan must be a finite number'),
-    ('--S_max=nan', '--S_max=nan must be a finite number'),
+    ('--cfg_scale_second=nan', "'--cfg_scale_second': nan must be a finite number"),
+    ('--S_noise=nan', "'--S_noise': nan must be a finite number"),
+    ('--S_max=nan', "'--S_max': nan must be a finite number"),
     ('--S_min=10', '--S_min=10.0 must be at most --S_max=5.0'),
-    ('--truncation_t_second=nan', '--truncation_t_second=nan'),
-    ('--S_churn_second=inf', '--S_churn_second=inf must be a finite number'),
+    ('--truncation_t_second=nan', "'--truncation_t_second': nan must be"),
+    ('--S_churn_second=inf', "'--S_churn_second': inf must be a finite number"),
     ('--seeds=0-99999999999', 'more than 10,000,000 seeds'),
     ('--seeds=9-3', 'empty range'),
 ])
@@ -96,7 +97,7 @@ class NanNet(torch.nn.Module):
 
 
 def test_non_finite_samples_are_not_written(tmp_path):
-    with pytest.raises(RelayError, match='non-finite'):
+    with pytest.raises(UserError, match='non-finite'):
         RelayPipeline(NanNet(), None, device='cpu', num_steps_first=2)([0, 1])
     with pytest.raises(Exception, match='non-finite') as info:
         generate.generate_images(tmp_path / 'out', seeds=[0], sampler_stages='first', network_first=NanNet(),
@@ -106,11 +107,11 @@ def test_non_finite_samples_are_not_written(tmp_path):
 
 
 def test_api_rejects_bad_options_before_loading():
-    with pytest.raises(RelayError, match='--num_steps_second=1.5 must be a whole number'):
+    with pytest.raises(UserError, match='--num_steps_second: 1.5 must be a whole number'):
         RelayPipeline('missing.pkl', None, num_steps_second=1.5)
-    with pytest.raises(RelayError, match='unknown sampler option'):
+    with pytest.raises(UserError, match='unknown sampler option'):
         RelayPipeline('missing.pkl', None, num_step_first=4)
-    with pytest.raises(RelayError, match='Cannot load --network_first "missing.pkl"'):
+    with pytest.raises(UserError, match='Cannot load --network_first "missing.pkl"'):
         RelayPipeline('missing.pkl', None)
 
 

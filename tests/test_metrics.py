@@ -1,16 +1,20 @@
 """Numerics of metrics/: Frechet distance, statistics, precision/recall, Inception Score,
 the Inception module's pieces. Independent computations in plain numpy/scipy."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from metrics import activations as acts
-from metrics.frechet import MetricInputError, StatsAccumulator, compute_statistics, frechet_distance, frechet_distance_sqrtm
+from dnnlib import UserError
+from metrics.frechet import StatsAccumulator, compute_statistics, frechet_distance
 from metrics.inception import InceptionV3, load_inception_state_dict, tf_resize_bilinear
 from metrics.inception_score import inception_score
-from metrics.precision_recall import manifold_radii, precision_recall, precision_recall_numpy
+from metrics.precision_recall import manifold_radii, precision_recall
+from reference_restatement import ref_frechet_distance, ref_precision_recall
 
 #----------------------------------------------------------------------------
 # Frechet distance and statistics.
@@ -41,7 +45,7 @@ def test_fid_matches_scipy_sqrtm(d, rank):
     covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
-    assert frechet_distance_sqrtm(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert ref_frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
 def test_statistics_match_numpy_and_merge():
@@ -66,13 +70,13 @@ def test_statistics_match_numpy_and_merge():
 def test_fid_bad_input():
     rng = np.random.default_rng(2)
     s = _random_spd(rng, 8)
-    with pytest.raises(MetricInputError, match='dimensions differ'):
+    with pytest.raises(UserError, match='dimensions differ'):
         frechet_distance(np.zeros(8), s, np.zeros(9), _random_spd(rng, 9))
     bad = s.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(MetricInputError, match='NaN'):
+    with pytest.raises(UserError, match='NaN'):
         frechet_distance(np.zeros(8), bad, np.zeros(8), s)
-    with pytest.raises(MetricInputError, match='at least 2'):
+    with pytest.raises(UserError, match='at least 2'):
         compute_statistics(np.zeros([1, 8]))
 
 #----------------------------------------------------------------------------
@@ -99,7 +103,7 @@ def test_precision_recall_brute_force():
     p, r = precision_recall(ref, smp, block=64)
     assert (p, r) == (p_exp, r_exp)
     np.testing.assert_array_equal(manifold_radii(ref, block=37).numpy(), radii_exp)
-    assert precision_recall_numpy(ref, smp, batch=100) == (p_exp, r_exp)
+    assert ref_precision_recall(ref, smp, batch=100) == (p_exp, r_exp)
 
 
 def test_precision_recall_float64_settlement():
@@ -112,7 +116,7 @@ def test_precision_recall_float64_settlement():
     smp = centers[rng.integers(0, 12, 350)] + rng.standard_normal([350, 32]) * 0.012
     p, r, info = precision_recall(ref, smp, block=128, return_info=True)
     assert info['ambiguous_samples'] > 0 and info['ambiguous_refs'] > 0 and info['exact_radii'] > 0
-    expected = precision_recall_numpy(ref, smp, batch=128)
+    expected = ref_precision_recall(ref, smp, batch=128)
     assert 0.05 < expected[0] < 0.99 and 0.05 < expected[1] < 0.99
     assert (p, r) == expected
     _, _, radii_exp = _brute_force_pr(ref, smp)
@@ -123,13 +127,13 @@ def test_precision_recall_float64_settlement():
 def test_precision_recall_bad_input():
     rng = np.random.default_rng(5)
     a = rng.standard_normal([20, 6]).astype(np.float32)
-    with pytest.raises(MetricInputError, match='dimensions differ'):
+    with pytest.raises(UserError, match='dimensions differ'):
         precision_recall(a, rng.standard_normal([20, 7]))
-    with pytest.raises(MetricInputError, match='at least 4'):
+    with pytest.raises(UserError, match='at least 4'):
         precision_recall(a, a[:3])
     b = a.copy()
     b[3, 2] = np.inf
-    with pytest.raises(MetricInputError, match='NaN or inf'):
+    with pytest.raises(UserError, match='NaN or inf'):
         precision_recall(a, b)
 
 #----------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def test_inception_score_by_hand():
     # Identical predictions everywhere: IS = 1; one-hot-like distinct classes: IS ~ classes.
     assert inception_score(np.zeros([8, 4]), split_size=5000) == pytest.approx(1.0)
     assert inception_score(np.eye(4) * 60, split_size=5000) == pytest.approx(4.0, rel=1e-6)
-    with pytest.raises(MetricInputError):
+    with pytest.raises(UserError):
         inception_score(np.full([3, 4], np.nan))
 
 #----------------------------------------------------------------------------
@@ -217,15 +221,15 @@ def test_fid_refuses_covariances_that_are_not_symmetric_psd():
     assert np.isfinite(frechet_distance(mu, singular, mu, s))
     w, v = np.linalg.eigh(s)
     indefinite = (v * np.where(np.arange(6) == 0, -w.max(), w)) @ v.T  # One eigenvalue clearly negative.
-    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+    with pytest.raises(UserError, match='not positive semi-definite'):
         frechet_distance(mu, indefinite, mu, s)
-    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+    with pytest.raises(UserError, match='not positive semi-definite'):
         frechet_distance(mu, s, mu, -s)
-    with pytest.raises(MetricInputError, match='not positive semi-definite'):
+    with pytest.raises(UserError, match='not positive semi-definite'):
         frechet_distance(mu, singular, mu, indefinite)  # Singular S1: S2 is checked on its own.
     asym = s.copy()
     asym[0, 1] += 0.1 * np.abs(s).max()
-    with pytest.raises(MetricInputError, match='not symmetric'):
+    with pytest.raises(UserError, match='not symmetric'):
         frechet_distance(mu, s, mu, asym)
     rounded = s.astype(np.float32).astype(np.float64)  # float32 rounding of a file: accepted.
     assert abs(frechet_distance(mu, rounded, mu, s)) < 1e-4
@@ -261,7 +265,42 @@ def test_kid_against_pairwise_definition():
     same, _ = kernel_inception_distance(ref, ref, num_subsets=5, subset_size=20)
     far, _ = kernel_inception_distance(ref + 2, ref, num_subsets=5, subset_size=20)
     assert abs(same) < far
-    with pytest.raises(MetricInputError, match='subset size 60 exceeds'):
+    with pytest.raises(UserError, match='subset size 60 exceeds'):
         kernel_inception_distance(smp, ref, subset_size=60)
-    with pytest.raises(MetricInputError, match='equal width'):
+    with pytest.raises(UserError, match='equal width'):
         kernel_inception_distance(smp, ref[:, :4], subset_size=5)
+
+
+#----------------------------------------------------------------------------
+# Inputs far from the usual range: constant features, huge and tiny magnitudes.
+
+def test_fid_of_constant_features_is_defined():
+    # A collapsed generator (every sample the same) has a zero covariance: valid, and FID is
+    # |mu1 - mu2|^2 + tr(S2). It was refused as "not positive semi-definite".
+    rng = np.random.default_rng(8)
+    ref = rng.standard_normal([60, 12]).astype(np.float32)
+    const = np.tile(rng.standard_normal([1, 12]).astype(np.float32), [50, 1])
+    mu_c, sigma_c = compute_statistics(const)
+    mu_r, sigma_r = compute_statistics(ref)
+    expected = float(((mu_c - mu_r) ** 2).sum() + np.trace(sigma_r))
+    assert frechet_distance(mu_c, sigma_c, mu_r, sigma_r) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu_r, sigma_r, mu_c, np.zeros([12, 12])) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu_c, np.zeros([12, 12]), mu_r * 0, np.zeros([12, 12])) == pytest.approx(float((mu_c ** 2).sum()), rel=1e-12)
+    with pytest.raises(UserError, match='not positive semi-definite'):
+        frechet_distance(mu_c, np.zeros([12, 12]), mu_r, -np.eye(12))
+
+
+@pytest.mark.parametrize('scale', [2.0 ** 70, 2.0 ** -90, 1e20])
+def test_precision_recall_of_huge_or_tiny_features(scale):
+    # Squared distances of features x 1e20 overflow float32: P = R = 0 was printed.
+    rng = np.random.default_rng(9)
+    ref = np.abs(rng.standard_normal([80, 16])).astype(np.float32)
+    smp = (np.abs(rng.standard_normal([70, 16])) * 1.2).astype(np.float32)
+    expected = precision_recall(ref, smp)
+    assert 0.1 < expected[0] < 0.9 and 0.1 < expected[1] < 0.99
+    assert precision_recall(ref * scale, ref * scale) == (1.0, 1.0)
+    got = precision_recall(ref * scale, smp * scale)
+    if math.log2(scale).is_integer():  # A power of two: exactly the same decisions.
+        assert got == expected
+    else:
+        assert got == pytest.approx(expected, abs=0.03)

@@ -14,8 +14,10 @@ import generate
 import generate_celebahq
 import training
 from torch_utils import checkpoint
+from torch_utils import distributed as dist
 from training import loss, networks, pipeline
-from training.pipeline import RelayError, RelayPipeline
+from training.pipeline import RelayPipeline
+from dnnlib import UserError
 
 TINY = dict(model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
 
@@ -90,12 +92,11 @@ def test_first_only_and_second_from_images_equal_generate(tmp_path, ckpts):
     assert [np.array_equal(img.permute(1, 2, 0).numpy(), high[s]) for s, img in zip(seeds, high_images)] == [True, True]
 
 
-def test_plan_batches_shards_like_generate():
-    seeds = list(range(10))
-    batches = pipeline.plan_batches(seeds, max_batch_size=3, world_size=2)
-    assert len(batches) % 2 == 0 and all(len(b) <= 3 for b in batches)
-    assert sorted(s for b in batches for s in b) == seeds
-    assert [s for b in batches for s in b] == seeds # contiguous, in order
+def test_split_batches_shards_like_generate():
+    batches = dist.split_batches(10, 3, world_size=2)
+    assert len(batches) == 4 and [len(b) for b in batches] == [3, 3, 2, 2]  # Near-equal, as the reference's tensor_split.
+    assert torch.equal(torch.cat(batches), torch.arange(10))  # Contiguous, in order.
+    assert [len(b) for b in dist.split_batches(0, 3, world_size=2)] == [0, 0]
 
 #----------------------------------------------------------------------------
 # Relay settings recorded by the training.
@@ -132,9 +133,9 @@ def test_cli_warns_on_contradicting_option(tmp_path, ckpts):
 
 
 def test_stage_mismatch_is_refused(ckpts):
-    with pytest.raises(RelayError, match='second-stage checkpoint.*--network_second'):
+    with pytest.raises(UserError, match='second-stage checkpoint.*--network_second'):
         RelayPipeline(ckpts['second_new'], None, device='cpu')
-    with pytest.raises(RelayError, match='first-stage checkpoint.*--network_first'):
+    with pytest.raises(UserError, match='first-stage checkpoint.*--network_first'):
         RelayPipeline(None, ckpts['first'], device='cpu')
 
 #----------------------------------------------------------------------------

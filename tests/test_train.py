@@ -183,7 +183,7 @@ def test_adm_preset_at_256():
     assert (kw.model_type, kw.model_channels, kw.channel_mult, kw.num_blocks) == ('DhariwalUNet', 256, [1, 1, 2, 2, 4, 4], 2)
     kw = train.network_kwargs_for('adm', 64)
     assert (kw.model_channels, kw.channel_mult) == (192, [1, 2, 3, 4]) and 'num_blocks' not in kw
-    assert dnnlib.util.parse_int_list('1,2,5-7') == [1, 2, 5, 6, 7]
+    assert dnnlib.util.IntList().convert('1,2,5-7', None, None) == [1, 2, 5, 6, 7]
 
 
 @pytest.mark.parametrize('case', ['missing', 'mixed', 'cond_without_labels', 'batch_gpu', 'resume_missing',

@@ -73,6 +73,14 @@ def rank0_first(fn):
     return fn() if get_rank() != 0 else result
 
 
+def split_batches(num_items: int, batch_size: int, world_size: int) -> list:
+    """Indices 0..num_items-1 in the reference generate.py's batches: contiguous, of near-equal
+    size (at most batch_size), and a multiple of world_size of them; rank r takes
+    batches[r::world_size], so step s of every rank ends with batches[:(s + 1) * world_size]."""
+    num_batches = max((num_items - 1) // (batch_size * world_size) + 1, 1) * world_size
+    return list(torch.arange(num_items).tensor_split(num_batches))
+
+
 def shutdown() -> None:
     """Leave the process group (registered at exit by init(); safe to call twice)."""
     if torch.distributed.is_initialized():

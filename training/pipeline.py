@@ -6,28 +6,33 @@
     pils = pipe.to_pil(images)         # PIL images
 
 The images equal generate.py's PNGs for the same networks, seeds, class and options (every image
-depends on its seed only, so any batching gives the same pixels). The generate scripts, the
-quickstart and its relay figure all sample through this class.
+depends on its seed only, so any batching gives the same pixels). generate.py, evaluate.py gen,
+the quickstart and its relay figure all sample through this class, and `batches` is the one loop
+over seeds that the scripts share.
 
 Options use the generate scripts' parameter names (`num_steps_first`, `S_churn_first` for
-`--S_churn`, `cfg_scale_second`, ...). Their values come from, in this order: what the caller
-gives, the preset (`PRESETS`), the relay settings recorded in the second-stage checkpoint
-(`training.loss.training_record`), and the samplers' defaults (`training.sampling.EDM_DEFAULTS`,
-`BLUR_DEFAULTS`).
+`--S_churn`, `cfg_scale_second`, ...): every option that edm_sampler and blur_sampler declare
+(training.sampling), with `_first` or `_second` appended. Their values come from, in this order:
+what the caller gives, the preset (`PRESETS`), the relay settings recorded in the second-stage
+checkpoint (`training.loss.training_record`), and the samplers' defaults. Bad input raises
+dnnlib.UserError with one line.
 """
 
-import math
+import collections
+import inspect
 import os
 import warnings
 
+import click
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
 import torch
 import torch.nn.functional as F
 
+import dnnlib
 import training
-from torch_utils import checkpoint
+from torch_utils import distributed as dist
 from training import fast_mode, loss, sampling
 
 #----------------------------------------------------------------------------
@@ -61,14 +66,6 @@ POSTPROCESS = {
     'celebahq': [('Contrast', 0.9), ('Brightness', 1.05), ('Color', 0.99)],
 }
 
-# Every sampler option as the generate scripts name it: <sampler keyword>_first / _second.
-FIRST_OPTIONS = {f'{name}_first': name for name in sampling.EDM_DEFAULTS}
-SECOND_OPTIONS = {f'{name}_second': name for name in sampling.BLUR_DEFAULTS}
-SAMPLER_OPTIONS = {**FIRST_OPTIONS, **SECOND_OPTIONS}
-
-# The command-line flag of each option where it differs from --<name> (the reference's names).
-FLAGS = {'S_churn_first': '--S_churn', 'S_min_first': '--S_min', 'S_max_first': '--S_max', 'S_noise_first': '--S_noise'}
-
 # Relay settings recorded by the training (training.loss.RELAY_SETTINGS = train.py's --up-scale,
 # --blur-sigma-max, --block-scale, --prob-length) and the blur sampler option of the same meaning.
 RELAY_SETTINGS = {
@@ -78,159 +75,142 @@ RELAY_SETTINGS = {
     'prob_length':    'truncation_t_second',   # the blur schedule's time scaling (get_alpha_t's prob_length)
 }
 
-
-class RelayError(ValueError):
-    """Bad input to the relay (options, networks, images); the message is one line."""
-
-
-def flag(name):
-    return FLAGS.get(name, f'--{name}')
+STAGES = ('first', 'second', 'both')
+MAX_SEEDS = 10_000_000  # More seeds in one run is almost surely a typo (e.g. 0-99999999999).
 
 #----------------------------------------------------------------------------
-# Options: range checks and resolution.
+# Sampler options, made from the samplers' declarations.
 
-def _number(name, value, low=None, high=None, low_open=False, allow_inf=False, integer=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RelayError(f'{flag(name)}={value!r} is not a number')
-    if integer and int(value) != value:
-        raise RelayError(f'{flag(name)}={value} must be a whole number')
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise RelayError(f'{flag(name)}={value} must be a finite number')
-    if low is not None and (value <= low if low_open else value < low):
-        raise RelayError(f'{flag(name)}={value} must be {">" if low_open else ">="} {low}')
-    if high is not None and value > high:
-        raise RelayError(f'{flag(name)}={value} must be <= {high}')
+Option = collections.namedtuple('Option', 'stage key flag type help default')
+
+# The reference's flags for the first stage's churn; every other option is --<key>_<stage>.
+_REFERENCE_FLAGS = {'S_churn_first': '--S_churn', 'S_min_first': '--S_min', 'S_max_first': '--S_max', 'S_noise_first': '--S_noise'}
 
 
-def _ordered(options, low_name, high_name, strict=True):
-    low, high = options[low_name], options[high_name]
-    if low > high or (strict and low == high):
-        raise RelayError(f'{flag(low_name)}={low} must be {"below" if strict else "at most"} {flag(high_name)}={high}')
+def _declared(stage, sampler):
+    for key, param in inspect.signature(sampler).parameters.items():
+        if param.annotation is not param.empty:
+            name = f'{key}_{stage}'
+            yield name, Option(stage, key, _REFERENCE_FLAGS.get(name, f'--{name}'), *param.annotation, param.default)
 
 
-# More sampling steps than this is a typo (the papers use at most 256); the schedule alone would
-# take 8 bytes per step.
-MAX_STEPS = 1_000_000
+SAMPLER_OPTIONS = dict([*_declared('first', sampling.edm_sampler), *_declared('second', sampling.blur_sampler)])
 
 
-def _schedule_computable(o, s):
-    # The rho-spaced schedule goes through sigma ** (1 / rho): a tiny rho overflows it, a huge
-    # one rounds every level to 1. Its ends decide (the levels between are interpolated): they
-    # must come back as sigma_max and sigma_min.
-    want = torch.tensor([float(o['sigma_max' + s]), float(o['sigma_min' + s])], dtype=torch.float64)
+def sampler_click_options(defaults=None):
+    """Decorator adding every sampler option to a click command (generate.py, the preset scripts,
+    evaluate.py gen), with `defaults` shown in --help; None: all resolved later (None values)."""
+    def decorate(fn):
+        for name, o in reversed(SAMPLER_OPTIONS.items()):
+            setting = [key for key, option in RELAY_SETTINGS.items() if option == name]
+            default = 'preset / checkpoint' if defaults is None else 'off' if defaults[name] is None else defaults[name]
+            text = f'{o.help}  [{o.type.bounds}]' + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')
+            fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, default=None if defaults is None else defaults[name],
+                              help=f'{text}  [default: {default}]')(fn)
+        return fn
+    return decorate
+
+
+def _convert(type_, value, what):
     try:
-        ends = sampling.time_steps(2, float(want[1]), float(want[0]), float(o['rho' + s]))
+        return type_.convert(value, None, None)
+    except click.BadParameter as err:
+        raise dnnlib.UserError(f'{what}: {err.message}') from None
+
+
+def _check_schedule(o, stage):
+    # Rules between the fields of one stage; the rho-spaced schedule goes through sigma ** (1 / rho):
+    # a tiny rho overflows it, a huge one rounds every level to 1. Its ends must come back.
+    show = lambda key: f'{SAMPLER_OPTIONS[f"{key}_{stage}"].flag}={o[key]}'
+    if o['sigma_min'] >= o['sigma_max']:
+        raise dnnlib.UserError(f'{show("sigma_min")} must be below {show("sigma_max")}')
+    if o['S_min'] > o['S_max']:
+        raise dnnlib.UserError(f'{show("S_min")} must be at most {show("S_max")}')
+    want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
+    try:
+        ends = sampling.time_steps(2, float(want[1]), float(want[0]), float(o['rho']))
         ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
     except (OverflowError, ZeroDivisionError):
         ok = False
     if not ok:
-        raise RelayError(f'{flag("rho" + s)}={o["rho" + s]} with {flag("sigma_min" + s)}={o["sigma_min" + s]} and '
-                         f'{flag("sigma_max" + s)}={o["sigma_max" + s]} gives a noise schedule that overflows or '
-                         f'rounds away; use a rho around 7')
-
-
-def check_options(options):
-    """Range checks of every sampler option (RelayError with one line for the first bad one)."""
-    for stage in ('first', 'second'):
-        o = {name: options[name] for name in options if name.endswith('_' + stage)}
-        s = '_' + stage
-        _number('num_steps' + s, o['num_steps' + s], low=2, high=MAX_STEPS, integer=True)
-        for name in ('sigma_min', 'sigma_max', 'rho'):
-            _number(name + s, o[name + s], low=0, low_open=True)
-        _ordered(o, 'sigma_min' + s, 'sigma_max' + s)
-        _schedule_computable(o, s)
-        _number('cfg_scale' + s, o['cfg_scale' + s], low=0)
-        for name in ('S_min', 'S_noise'):
-            _number(name + s, o[name + s], low=0)
-        _number('S_max' + s, o['S_max' + s], low=0, allow_inf=True)
-        _ordered(o, 'S_min' + s, 'S_max' + s, strict=False)
-    _number('S_churn_first', options['S_churn_first'], low=0)
-    if options['sde_scale_first'] is not None:
-        _number('sde_scale_first', options['sde_scale_first'], low=0, high=1)
-    if options['S_churn_second'] is not None:
-        _number('S_churn_second', options['S_churn_second'], low=0)
-    _number('truncation_sigma_second', options['truncation_sigma_second'], low=0, low_open=True)
-    _number('truncation_t_second', options['truncation_t_second'], low=0, low_open=True)
-    _number('up_scale_second', options['up_scale_second'], low=1, integer=True)
-    _number('s_block_second', options['s_block_second'], low=0)
-    _number('s_noise_second', options['s_noise_second'], low=0, high=1)
-    _number('blur_sigma_max_second', options['blur_sigma_max_second'], low=0)
+        raise dnnlib.UserError(f'{show("rho")} with {show("sigma_min")} and {show("sigma_max")} gives a noise schedule '
+                               f'that overflows or rounds away; use a rho around 7')
 
 
 def resolve_options(preset='generate', options=None, relay_settings=None):
-    """All sampler options (generate-script names -> values) and notes about the checkpoint.
+    """All sampler options (generate-script names -> values), checked, and notes about the checkpoint.
 
     options: the caller's options (None values count as not given); relay_settings: what
-    `training.loss.training_record` found in the second-stage checkpoint. Returns (options, warnings):
-    warnings name a given option that contradicts the checkpoint, with both values.
+    `training.loss.training_record` found in the second-stage checkpoint. Returns (options, notes):
+    notes name a given option that contradicts the checkpoint, with both values.
     """
     if preset not in PRESETS:
-        raise RelayError(f'unknown preset "{preset}"; choose one of {", ".join(PRESETS)}')
+        raise dnnlib.UserError(f'unknown preset "{preset}"; choose one of {", ".join(PRESETS)}')
     given = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(given) - set(SAMPLER_OPTIONS))
     if unknown:
-        raise RelayError(f'unknown sampler option {unknown[0]}; the options are {", ".join(SAMPLER_OPTIONS)}')
-    preset_values = {k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS}
-    independent = PRESETS[preset].get('independent_of_checkpoint', ())
-
-    resolved = {name: sampling.EDM_DEFAULTS[key] for name, key in FIRST_OPTIONS.items()}
-    resolved.update({name: sampling.BLUR_DEFAULTS[key] for name, key in SECOND_OPTIONS.items()})
+        raise dnnlib.UserError(f'unknown sampler option {unknown[0]}; the options are {", ".join(SAMPLER_OPTIONS)}')
     recorded = {RELAY_SETTINGS[key]: (key, value) for key, value in (relay_settings or {}).items()}
+    resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()}
     resolved.update({name: value for name, (_key, value) in recorded.items()})
-    resolved.update(preset_values)
+    resolved.update({k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS})
     resolved.update(given)
+    resolved = {name: value if value is None else _convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
+                for name, value in resolved.items()}
+    for stage in ('first', 'second'):
+        _check_schedule(stage_kwargs(resolved)[stage == 'second'], stage)
 
-    notes = []
-    for name, (key, value) in recorded.items():
-        if resolved[name] != value and name not in (set(independent) - set(given)):
-            source = 'given' if name in given else f'set by the {preset} preset'
-            notes.append(f'{flag(name)}={resolved[name]} ({source}) differs from the second-stage checkpoint\'s '
-                         f'training setting {key}={value} (train.py --{key.replace("_", "-")}); using {resolved[name]}')
-    check_options(resolved)
+    independent = set(PRESETS[preset].get('independent_of_checkpoint', ())) - set(given)
+    notes = [f'{SAMPLER_OPTIONS[name].flag}={resolved[name]} ({"given" if name in given else f"set by the {preset} preset"}) '
+             f'differs from the second-stage checkpoint\'s training setting {key}={value} (train.py --{key.replace("_", "-")}); '
+             f'using {resolved[name]}' for name, (key, value) in recorded.items() if resolved[name] != value and name not in independent]
     return resolved, notes
 
 
 def stage_kwargs(options):
-    """Split resolved options into (edm_sampler kwargs, blur_sampler kwargs)."""
-    first = {key: options[name] for name, key in FIRST_OPTIONS.items()}
-    second = {key: options[name] for name, key in SECOND_OPTIONS.items()}
-    second['up_scale'] = int(second['up_scale'])
-    first['num_steps'], second['num_steps'] = int(first['num_steps']), int(second['num_steps'])
-    return first, second
+    """Resolved options -> (edm_sampler keywords, blur_sampler keywords)."""
+    return tuple({o.key: options[name] for name, o in SAMPLER_OPTIONS.items() if o.stage == stage} for stage in ('first', 'second'))
 
-#----------------------------------------------------------------------------
-# Loading.
 
-def load_stage(network, stage, device):
-    """(network, checkpoint dict or None) for a path, URL or nn.Module; RelayError names the
-    option and the problem, including a checkpoint trained for the other stage."""
-    option = f'--network_{stage}'
-    if isinstance(network, torch.nn.Module):
-        return network.eval().requires_grad_(False).to(device), None
-    try:
-        data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
-    except checkpoint.CheckpointError as e:
-        raise RelayError(f'Cannot load {option} "{network}": {e}') from None
-    net = data['ema']
-    if not isinstance(net, torch.nn.Module):
-        raise RelayError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
-    record = loss.training_record(data)
-    if record.stage is not None and record.stage != stage:
-        other = 'first' if stage == 'second' else 'second'
-        raise RelayError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
-                         f'{record.loss}); pass it as --network_{other}')
-    return net.eval().requires_grad_(False).to(device), data
+def check_seeds(seeds, limit=MAX_SEEDS):
+    """Seeds as a list of ints in 0..dnnlib.util.MAX_SEED (generators use seed % 2**32, so a larger
+    or negative seed would silently give the image of another seed)."""
+    return _convert(dnnlib.util.seeds(limit), seeds, 'seeds')
+
+
+def check_outdir(outdir):
+    """--outdir is named, and a folder this process can write in (or create), before any work."""
+    if not str(outdir).strip():
+        raise dnnlib.UserError('--outdir is empty; name the folder for the images')
+    problem = dnnlib.util.folder_write_problem(outdir)
+    if problem:
+        raise dnnlib.UserError(f'--outdir "{outdir}": {problem}; choose another folder')
+
+
+def choose_stages(stages, has_first, has_second, has_images):
+    """The stages to run: `stages` (None: what the networks and first-stage images allow),
+    checked against them."""
+    if stages is None:
+        stages = 'second' if has_images else 'both' if has_first and has_second else 'first' if has_first else 'second'
+    if stages not in STAGES:
+        raise dnnlib.UserError(f'--sampler_stages must be first, second or both, not "{stages}"')
+    for name, has in (('first', has_first), ('second', has_second)):
+        if stages in (name, 'both') and not has:
+            raise dnnlib.UserError(f'--sampler_stages={stages} needs --network_{name}')
+    if stages == 'second' and not has_images:
+        raise dnnlib.UserError('--sampler_stages=second needs --indir, the folder of first-stage images (first_images= in Python)')
+    return stages
 
 #----------------------------------------------------------------------------
 # Images.
 
 def to_uint8(images):
     """Sampler output (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), rounded as the reference
-    (x * 127.5 + 128, truncated). RelayError for a non-finite sample."""
+    (x * 127.5 + 128, truncated). UserError for a non-finite sample."""
     bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
     if bad.any():
-        raise RelayError(f'{int(bad.sum())} of {len(images)} samples hold non-finite values (NaN/inf); '
-                         'no image written; check the sampler options and the networks')
+        raise dnnlib.UserError(f'{int(bad.sum())} of {len(images)} samples hold non-finite values (NaN/inf); '
+                               'no image written; check the sampler options and the networks')
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -251,30 +231,29 @@ def apply_postprocess(images, postprocess):
     if not POSTPROCESS[postprocess]:
         return images
     out = [np.asarray(postprocess_pil(uint8_to_pil(img), postprocess)) for img in images]
-    out = [arr[:, :, np.newaxis] if arr.ndim == 2 else arr for arr in out]
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-#----------------------------------------------------------------------------
-# Seeds.
-
-MAX_SEED = sampling.MAX_SEED
+    return torch.from_numpy(np.stack([arr[:, :, np.newaxis] if arr.ndim == 2 else arr for arr in out])).permute(0, 3, 1, 2).contiguous()
 
 
-def check_seeds(seeds):
-    """Seeds as a list of ints in 0..MAX_SEED (a larger or negative seed would silently give the
-    image of another seed, as the generators use seed % 2**32); RelayError otherwise."""
-    out = []
-    for seed in seeds:
-        if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED:
-            raise RelayError(f'seed {seed!r} is not a whole number in 0..{MAX_SEED:,} (seeds are used modulo 2**32)')
-        out.append(int(seed))
-    return out
+def image_path(outdir, seed, subdirs=True):
+    """Where generate.py keeps a seed's image: OUTDIR/SSS000/SSSSSS.png (a folder per 1000 seeds,
+    as the reference), or OUTDIR/SSSSSS.png."""
+    name = f'{seed:06d}.png'
+    return os.path.join(outdir, f'{seed - seed % 1000:06d}', name) if subdirs else os.path.join(outdir, name)
 
-def plan_batches(seeds, max_batch_size, world_size=1):
-    """The seeds split into batches as the reference's generate.py does: a multiple of
-    world_size batches of at most max_batch_size; rank r takes batches[r::world_size]."""
-    num_batches = max((len(seeds) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
-    return [b.tolist() for b in torch.as_tensor(list(seeds), dtype=torch.int64).tensor_split(num_batches)]
+
+def save(path, write, mode='wb'):
+    """write(f) into `path` atomically (folders made): a failure such as a full disk is one
+    UserError naming the path, and leaves nothing behind."""
+    try:
+        with dnnlib.util.atomic_write(path, mode) as f:
+            write(f)
+    except OSError as err:
+        raise dnnlib.UserError(f'cannot write {path} ({err.strerror or err}); nothing was written there') from None
+
+
+def save_png(image, path):
+    """uint8 (C, H, W) image -> PNG file, atomically."""
+    save(path, lambda f: uint8_to_pil(image).save(f, format='PNG'))
 
 
 def class_labels(label_dim, seeds, class_idx, device):
@@ -289,6 +268,28 @@ def class_labels(label_dim, seeds, class_idx, device):
     return labels
 
 #----------------------------------------------------------------------------
+# Loading.
+
+def load_stage(network, stage, device):
+    """(network, its training record: training.loss.training_record) for a path, URL or
+    nn.Module; UserError names the option and the problem, including a checkpoint trained for the
+    other stage."""
+    option = f'--network_{stage}'
+    if isinstance(network, torch.nn.Module):
+        return network.eval().requires_grad_(False).to(device), loss.training_record(None)
+    try:
+        data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+    except (dnnlib.UserError, OSError) as err:
+        raise dnnlib.UserError(f'Cannot load {option} "{network}": {getattr(err, "message", err)}') from None
+    net, record = data['ema'], loss.training_record(data)
+    if not isinstance(net, torch.nn.Module):
+        raise dnnlib.UserError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
+    if record.stage is not None and record.stage != stage:
+        raise dnnlib.UserError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
+                               f'{record.loss}); pass it as --network_{record.stage}')
+    return net.eval().requires_grad_(False).to(device), record
+
+#----------------------------------------------------------------------------
 # The pipeline.
 
 class RelayPipeline:
@@ -298,33 +299,36 @@ class RelayPipeline:
     loader) or an nn.Module; either may be None for a one-stage pipeline. preset: a key of
     PRESETS (its post-processing and sampler options). options: sampler options by the
     generate scripts' names; postprocess: override the preset's ('none' turns it off).
-    warn: also issue the checkpoint-mismatch notes (`self.warnings`) as Python warnings.
+    warn: also issue the checkpoint notes (`self.warnings`) as Python warnings.
     fast: a training.fast_mode.FastSettings (None = exact mode, the reference's images).
-    Raises RelayError (one line) for bad options or networks.
     """
 
     def __init__(self, network_first=None, network_second=None, preset='generate', device=None,
                  postprocess=None, warn=True, fast=None, **options):
-        self.options, _ = resolve_options(preset, options) # Checks the numbers before any loading.
+        resolve_options(preset, options)  # The numbers, before any loading.
         self.postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
         if self.postprocess not in POSTPROCESS:
-            raise RelayError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
+            raise dnnlib.UserError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
         if network_first is None and network_second is None:
-            raise RelayError('give --network_first, --network_second or both')
+            raise dnnlib.UserError('give --network_first, --network_second or both')
         self.device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
         self.net_first = self.net_second = None
-        self.relay_settings = {}
+        relay = {}  # The relay settings recorded in the second stage's checkpoint.
         if network_first is not None:
             self.net_first, _ = load_stage(network_first, 'first', self.device)
         if network_second is not None:
-            self.net_second, data = load_stage(network_second, 'second', self.device)
-            self.relay_settings = loss.training_record(data).relay
-        self.options, self.warnings = resolve_options(preset, options, self.relay_settings)
-        for note in self.warnings if warn else ():
-            warnings.warn(note, stacklevel=2)
+            self.net_second, record = load_stage(network_second, 'second', self.device)
+            relay = record.relay
+        self.options, self.warnings = resolve_options(preset, options, relay)
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
+        for stage, net in (('first', self.net_first), ('second', self.net_second)):
+            if net is not None and not net.label_dim and self.options[f'cfg_scale_{stage}'] > 1:
+                self.warnings.append(f'--cfg_scale_{stage}={self.options[f"cfg_scale_{stage}"]} on an unconditional network: '
+                                     f'guidance compares the network with itself, which doubles the cost and changes no '
+                                     f'image; pass --cfg_scale_{stage}=1')
+        for note in self.warnings if warn else ():
+            warnings.warn(note, stacklevel=2)
         self.fast = fast if fast is not None else fast_mode.EXACT
         self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) if n is not None else None
                                            for n in (self.net_first, self.net_second))
@@ -333,20 +337,20 @@ class RelayPipeline:
         first, second, k = self.net_first, self.net_second, self.second_kwargs['up_scale']
         if second is not None:
             if second.img_resolution % k != 0:
-                raise RelayError(f'The second stage resolution {second.img_resolution} is not divisible by --up_scale_second={k}')
+                raise dnnlib.UserError(f'The second stage resolution {second.img_resolution} is not divisible by --up_scale_second={k}')
+            o = self.second_kwargs
             try:
-                o = self.second_kwargs
                 sampling.blur_time_steps(second, o['num_steps'], o['sigma_min'], o['sigma_max'], o['rho'], o['truncation_sigma'])
-            except ValueError as e:
-                raise RelayError(f'--truncation_sigma_second: {e}') from None
+            except ValueError as err:
+                raise dnnlib.UserError(f'--truncation_sigma_second: {err}') from None
         if first is not None and second is not None:
             if first.img_resolution * k != second.img_resolution:
-                raise RelayError(f'First stage resolution {first.img_resolution} x --up_scale_second={k} = '
-                                 f'{first.img_resolution * k}, but the second stage network is {second.img_resolution} px')
+                raise dnnlib.UserError(f'First stage resolution {first.img_resolution} x --up_scale_second={k} = '
+                                       f'{first.img_resolution * k}, but the second stage network is {second.img_resolution} px')
             if first.img_channels != second.img_channels:
-                raise RelayError(f'The stages disagree on channels: {first.img_channels} vs {second.img_channels}')
+                raise dnnlib.UserError(f'The stages disagree on channels: {first.img_channels} vs {second.img_channels}')
             if first.label_dim != second.label_dim:
-                raise RelayError(f'The stages disagree on classes: label_dim {first.label_dim} vs {second.label_dim}')
+                raise dnnlib.UserError(f'The stages disagree on classes: label_dim {first.label_dim} vs {second.label_dim}')
 
     @property
     def label_dim(self):
@@ -362,23 +366,9 @@ class RelayPipeline:
 
     def check_class(self, class_idx):
         if class_idx is not None and not self.label_dim:
-            raise RelayError('--class was given but the network is unconditional')
+            raise dnnlib.UserError('--class was given but the network is unconditional')
         if class_idx is not None and not 0 <= class_idx < self.label_dim:
-            raise RelayError(f'--class={class_idx} is out of range: the network has {self.label_dim} classes (0..{self.label_dim - 1})')
-
-    def _stages(self, stages, first_images):
-        if stages is None:
-            stages = 'second' if first_images is not None else ('both' if self.net_first is not None and self.net_second is not None else
-                                                                  'first' if self.net_first is not None else 'second')
-        if stages not in ('first', 'second', 'both'):
-            raise RelayError(f'stages must be first, second or both, not "{stages}"')
-        if stages in ('first', 'both') and self.net_first is None:
-            raise RelayError(f'--sampler_stages={stages} needs --network_first')
-        if stages in ('second', 'both') and self.net_second is None:
-            raise RelayError(f'--sampler_stages={stages} needs --network_second')
-        if stages == 'second' and first_images is None:
-            raise RelayError('--sampler_stages=second needs first-stage images')
-        return stages
+            raise dnnlib.UserError(f'--class={class_idx} is out of range: the network has {self.label_dim} classes (0..{self.label_dim - 1})')
 
     @torch.no_grad()
     def sample(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', trace=None):
@@ -389,42 +379,54 @@ class RelayPipeline:
         that the relay uses the noise of a run of both stages; 'fresh' starts it anew.
         trace: optional dict that receives 'first', 'upsampled', 'start' (for figures).
         """
-        stages = self._stages(stages, first_images)
+        stages = choose_stages(stages, self.net_first is not None, self.net_second is not None, first_images is not None)
         self.check_class(class_idx)
         seeds = check_seeds(seeds)
         labels = class_labels(self.label_dim, seeds, class_idx, self.device)
         rnd = sampling.StackedRandomGenerator(self.device, seeds)
-        if stages in ('first', 'both'):
-            c, h, w = self.first_shape
-            latents = rnd.randn([len(seeds), c, h, w], device=self.device)
+        trace = trace if trace is not None else {}
+        if stages != 'second':
+            latents = rnd.randn([len(seeds), *self.first_shape], device=self.device)
             images = sampling.edm_sampler(self.net_first, latents, labels, randn_like=rnd.randn_like, **self.first_kwargs)
         else:
             first_images = torch.as_tensor(first_images)
             if tuple(first_images.shape[1:]) != self.first_shape or len(first_images) != len(seeds):
-                raise RelayError(f'first-stage images are {tuple(first_images.shape)}, expected {(len(seeds), *self.first_shape)} '
-                                 f'({self.net_second.img_resolution} px / --up_scale_second={self.second_kwargs["up_scale"]})')
+                raise dnnlib.UserError(f'first-stage images are {tuple(first_images.shape)}, expected {(len(seeds), *self.first_shape)} '
+                                       f'({self.net_second.img_resolution} px / --up_scale_second={self.second_kwargs["up_scale"]})')
             images = first_images.to(self.device, torch.float64) / 127.5 - 1
             if second_noise == 'continue':
                 sampling.skip_first_stage_draws(rnd, list(images.shape[1:]), self.first_kwargs['num_steps'], self.first_kwargs['sde_scale'], self.device)
-        if trace is not None:
-            trace['first'] = images
-        if stages in ('second', 'both'):
+        trace['first'] = images
+        if stages != 'first':
             res = self.net_second.img_resolution
-            images = F.interpolate(images, size=(res, res), mode='nearest')
-            if trace is not None:
-                trace['upsampled'] = images
+            trace['upsampled'] = images = F.interpolate(images, size=(res, res), mode='nearest')
             images = sampling.blur_sampler(self.net_second, images, labels, randn_like=rnd.randn_like, trace=trace, **self.second_kwargs)
         return images
 
-    def __call__(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', batch_size=64):
-        """uint8 (N, C, H, W) images for `seeds`, post-processed as the preset says: the pixels
-        generate.py writes. Runs batches of at most batch_size."""
+    def batches(self, seeds, batch_size=64, class_idx=None, stages=None, read_first=None, second_noise='continue', distributed=False):
+        """Sample `seeds` batch by batch; yields dnnlib.EasyDict(seeds, indices, images, done):
+        a batch's seeds, their positions in `seeds`, their uint8 (N, C, H, W) images (the pixels
+        generate.py writes, post-processing included) and how many images all processes have
+        made once this step is over. distributed: only this process's share, split as the
+        reference generate.py does (torch_utils.distributed.split_batches). read_first: for
+        stages='second', a function from a batch's indices to their uint8 first-stage images."""
         seeds = check_seeds(seeds)
-        out = []
-        for start in range(0, len(seeds), batch_size):
-            part = None if first_images is None else first_images[start:start + batch_size]
-            images = self.sample(seeds[start:start + batch_size], class_idx, part, stages, second_noise)
-            out.append(apply_postprocess(to_uint8(images).cpu(), self.postprocess))
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        batches = dist.split_batches(len(seeds), batch_size, world)
+        for step in range(len(batches) // world):
+            indices = batches[step * world + rank]
+            if len(indices):
+                part = [seeds[i] for i in indices]
+                first = read_first(indices) if read_first is not None else None
+                images = self.sample(part, class_idx, first, stages, second_noise)
+                images = apply_postprocess(to_uint8(images).cpu(), self.postprocess)
+                yield dnnlib.EasyDict(seeds=part, indices=indices, images=images, done=sum(map(len, batches[:(step + 1) * world])))
+
+    def __call__(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', batch_size=64):
+        """uint8 (N, C, H, W) images for `seeds` (the pixels generate.py writes), in batches of
+        at most batch_size. first_images: for stages='second', uint8 (N, C, h, w)."""
+        read = None if first_images is None else lambda indices: torch.as_tensor(first_images)[indices]
+        out = [b.images for b in self.batches(seeds, batch_size, class_idx, stages, read, second_noise)]
         return torch.cat(out) if out else torch.zeros([0], dtype=torch.uint8)
 
     @staticmethod

@@ -1,60 +1,80 @@
-"""Relay Diffusion samplers: the first stage's EDM Heun sampler and the second stage's blurring
-diffusion sampler, with per-seed random numbers.
+"""The relay's two samplers and their per-seed noise.
 
-With the same weights, seeds and options the results equal the reference implementation's
-(THUDM/RelayDiffusion generate*.py): same schedules, same float64 arithmetic, and the same
-per-seed random numbers drawn in the same order, including draws that end up multiplied by zero.
-The blurring maths (block DCT, blur schedule, block noise) comes from `training.blurring`, the
-module the training loss uses too.
+`edm_sampler` draws the first stage: Heun's method on EDM's probability-flow ODE over
+rho-spaced noise levels, with optional churn, classifier-free guidance and (sde_scale) the
+stochastic steps of the CelebA-HQ script. `blur_sampler` draws the second stage from upsampled
+first-stage images: the same Heun scheme, but each move is taken in the block-DCT domain, where
+the blur of `training.blurring` is a per-frequency factor, and part of the noise is renewed at
+every step.
 
-The samplers' option defaults are data (`EDM_DEFAULTS`, `BLUR_DEFAULTS`, those of the reference
-generate.py's command line); the presets of the generate scripts list only what they change.
+Both equal the reference implementation (THUDM/RelayDiffusion generate*.py) bit for bit on the
+same weights, seeds and options: the noise levels and the updates are computed in float64 in the
+reference's order of operations, and every seed's generator makes the reference's draws in its
+order, including draws that end up multiplied by zero.
+
+Each sampler option is declared once, in the sampler's signature: its default (the reference
+generate.py's) and, as the annotation, its range and help text. training.pipeline makes the
+options of the generate scripts and of evaluate.py gen, and the checks of the Python API, from
+these declarations: a new option is one new parameter.
 """
 
 import concurrent.futures
+import functools
+import math
+import numbers
 import os
 
+import click
 import numpy as np
 import torch
 
 from training import blurring, fast_mode
 
 #----------------------------------------------------------------------------
-# Option defaults: the reference generate.py's command line, one place for every caller.
+# The range of a sampler option.
 
-EDM_DEFAULTS = dict(
-    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, cfg_scale=1,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-    sde_scale=None, # None: the deterministic Heun sampler; a number: the stochastic CelebA-HQ variant.
-)
+class Number(click.ParamType):
+    """A number >= low (> low with low_open) and <= high; never NaN, infinite only with
+    allow_inf, whole with integer. Command-line text and Python numbers are checked alike."""
 
-BLUR_DEFAULTS = dict(
-    num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, cfg_scale=1,
-    truncation_sigma=0.9, truncation_t=0.93, up_scale=4, s_block=0.15, s_noise=0.2, blur_sigma_max=3,
-    S_churn=None, # None: no churn step; a number: the CelebA-HQ variant's churn step.
-    S_min=0, S_max=float('inf'), S_noise=1,
-)
+    def __init__(self, low=0, high=None, low_open=False, integer=False, allow_inf=False):
+        self.low, self.high, self.low_open, self.integer, self.allow_inf = low, high, low_open, integer, allow_inf
+        self.name = 'INT' if integer else 'FLOAT'
+        self.bounds = f'{">" if low_open else ">="} {low}' + (f' and <= {high}' if high is not None else '')
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            self.fail(f'{value!r} is not a number', param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f'{value} must be a finite number', param, ctx)
+        if self.integer and number != int(number):
+            self.fail(f'{value} must be a whole number', param, ctx)
+        if number < self.low or (self.low_open and number == self.low) or (self.high is not None and number > self.high):
+            self.fail(f'{value} must be {self.bounds}', param, ctx)
+        return int(number) if self.integer else number
+
+
+# More steps than this is a typo (the papers use at most 256); the schedule alone takes 8 bytes a step.
+MAX_STEPS = 1_000_000
+STEPS, POSITIVE, NONNEG, FRACTION = Number(2, MAX_STEPS, integer=True), Number(0, low_open=True), Number(0), Number(0, 1)
+LEVEL = Number(0, allow_inf=True)
 
 #----------------------------------------------------------------------------
-# Per-seed random numbers.
+# Noise.
 
-_rng_pool = None
-
-def _thread_pool():
-    global _rng_pool
-    if _rng_pool is None:
-        _rng_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-    return _rng_pool
-
-
-# Seeds are taken modulo 2**32 (as in EDM and the reference): seeds above this repeat smaller ones.
-MAX_SEED = (1 << 32) - 1
+@functools.cache
+def _fill_pool():
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
 
 class StackedRandomGenerator:
-    """One torch.Generator per seed, so that every image's random numbers depend on its seed
-    only (not on the batch it lands in). Row i of each draw is exactly
-    `torch.randn(size[1:], generator=Generator(device).manual_seed(seed_i % 2**32))`."""
+    """A torch.Generator per seed, seeded with seed % 2**32 as EDM and the reference do, so that
+    an image's noise depends on its seed alone and not on the batch it is drawn in: row i of
+    every draw holds the numbers of `torch.randn(size[1:])` from generator i."""
 
     def __init__(self, device, seeds):
         self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
@@ -62,205 +82,181 @@ class StackedRandomGenerator:
     def randn(self, size, **kwargs):
         assert size[0] == len(self.generators)
         out = torch.empty(size, **kwargs)
-        # Filling each row in place draws the same numbers as a fresh randn of that shape; on
-        # CPU the rows are filled in parallel threads (independent generators, GIL released).
-        if out.device.type == 'cpu' and len(self.generators) > 1 and out[0].numel() >= 16384:
-            list(_thread_pool().map(lambda i: out[i].normal_(generator=self.generators[i]), range(len(self.generators))))
+        fill = lambda i: out[i].normal_(generator=self.generators[i])  # In place: the same numbers as a fresh draw.
+        if out.device.type == 'cpu' and len(out) > 1 and out[0].numel() >= 16384:
+            list(_fill_pool().map(fill, range(len(out))))  # Independent generators; the GIL is released.
         else:
-            for row, gen in zip(out, self.generators):
-                row.normal_(generator=gen)
+            for i in range(len(out)):
+                fill(i)
         return out
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
-    def randint(self, *args, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
-#----------------------------------------------------------------------------
-# Shared pieces.
-
-def time_steps(num_steps, sigma_min, sigma_max, rho, device=None):
-    """EDM's rho-spaced noise levels, float64, sigma_max -> sigma_min."""
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
-    return (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def guided_denoise(net, x, sigma, class_labels, cfg_scale):
-    """The denoiser D(x; sigma), float64, with classifier-free guidance when cfg_scale > 1
-    (conditional call first, then the unconditional one). Networks prepared for the fast mode
-    (training.fast_mode) make both passes in one batch."""
-    if fast_mode.uses_batched_guidance(net):
-        return fast_mode.batched_guided_denoise(net, x, sigma, class_labels, cfg_scale)
-    if cfg_scale > 1:
-        cond = net(x, sigma, class_labels).to(torch.float64)
-        uncond = net(x, sigma, None).to(torch.float64)
-        return cfg_scale * cond - (cfg_scale - 1) * uncond
-    return net(x, sigma, class_labels).to(torch.float64)
-
-
-def blur_time_steps(net, num_steps, sigma_min, sigma_max, rho, truncation_sigma, device=None):
-    """The second stage's noise levels: the rho-spaced schedule (clamped to the network's range)
-    cut to the levels below truncation_sigma. ValueError when none is left."""
-    t_steps = time_steps(num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), rho, device)
-    kept = (t_steps < truncation_sigma).nonzero()
-    if len(kept) == 0:
-        raise ValueError(f'truncation_sigma={truncation_sigma} leaves no step of the noise schedule '
-                         f'(its lowest level is {float(t_steps[-1]):.4g}); raise it or lower sigma_min')
-    return t_steps[int(kept[0]):]
-
-#----------------------------------------------------------------------------
-# First stage.
-
-def edm_sampler(
-    net, latents, class_labels=None, randn_like=torch.randn_like,
-    num_steps=EDM_DEFAULTS['num_steps'], sigma_min=EDM_DEFAULTS['sigma_min'], sigma_max=EDM_DEFAULTS['sigma_max'],
-    rho=EDM_DEFAULTS['rho'], S_churn=EDM_DEFAULTS['S_churn'], S_min=EDM_DEFAULTS['S_min'], S_max=EDM_DEFAULTS['S_max'],
-    S_noise=EDM_DEFAULTS['S_noise'], cfg_scale=EDM_DEFAULTS['cfg_scale'], sde_scale=EDM_DEFAULTS['sde_scale'],
-):
-    """First stage: EDM's 2nd-order Heun sampler with churn and classifier-free guidance.
-
-    sde_scale=None is the sampler of the reference's generate.py / generate_imagenet.py. A number
-    selects the stochastic variant of the reference's generate_celebahq.py: each step moves to
-    sqrt(t_next^2 - g^2) with g = sde_scale * t_next and adds fresh noise of std g.
-    One noise draw per step for the churn (even when the churn is zero), plus two per step
-    (one in the last) for the stochastic variant; `edm_sampler_draws` counts them.
-    """
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, latents.device)
-    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])]) # t_N = 0
-
-    x_next = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
-        x_cur = x_next
-
-        # Increase noise temporarily.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-
-        # Euler step.
-        denoised = guided_denoise(net, x_hat, t_hat, class_labels, cfg_scale)
-        d_cur = (x_hat - denoised) / t_hat
-        if sde_scale is None:
-            x_next = x_hat + (t_next - t_hat) * d_cur
-        else:
-            g_t = sde_scale * t_next
-            a_t = ((t_next ** 2 - g_t ** 2) / t_hat ** 2) ** 0.5
-            x_next = x_hat + (a_t - 1) * t_hat * d_cur + g_t * randn_like(x_next)
-
-        # Apply 2nd order correction.
-        if i < num_steps - 1:
-            denoised = guided_denoise(net, x_next, t_next, class_labels, cfg_scale)
-            d_prime = (x_next - denoised) / t_next
-            if sde_scale is None:
-                x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-            else:
-                x_next = x_hat + (a_t - 1) * t_hat * (0.5 * d_cur + 0.5 * d_prime) + g_t * randn_like(x_next)
-    return x_next
-
-
-def edm_sampler_draws(num_steps, sde_scale=None):
-    """How many full-size float64 noise draws `edm_sampler` makes per image (after the latents)."""
-    return num_steps if sde_scale is None else 3 * num_steps - 1
-
-
-def skip_first_stage_draws(rnd, shape, num_steps=EDM_DEFAULTS['num_steps'], sde_scale=EDM_DEFAULTS['sde_scale'], device=None):
-    """Advance every generator of `rnd` past what a first stage of `shape` (C, H, W) would draw
-    for its seed: the float32 latents, then edm_sampler's float64 per-step noise. The second stage
-    then uses the noise it would get in a run of both stages."""
+def skip_first_stage_draws(rnd, shape, num_steps=18, sde_scale=None, device=None):
+    """Move every generator of `rnd` past what the first stage draws for one image of `shape`
+    (C, H, W): the float32 latents, then edm_sampler's float64 noise (one churn draw per step;
+    with sde_scale two more per step, one in the last). A relay from saved first-stage images
+    then renews the noise that a run of both stages would use."""
+    draws = num_steps if sde_scale is None else 3 * num_steps - 1
     for gen in rnd.generators:
         torch.randn(shape, generator=gen, device=device)
-        for _ in range(edm_sampler_draws(num_steps, sde_scale)):
+        for _ in range(draws):
             torch.randn(shape, generator=gen, device=device, dtype=torch.float64)
 
 #----------------------------------------------------------------------------
-# Second stage.
+# Pieces shared by both stages.
+
+def time_steps(num_steps, sigma_min, sigma_max, rho, device=None):
+    """Noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho); float64."""
+    ramp = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (top + ramp * (bottom - top)) ** rho
+
+
+def blur_time_steps(net, num_steps, sigma_min, sigma_max, rho, truncation_sigma, device=None):
+    """The second stage's levels: those of `time_steps` (within the network's range) that lie
+    below truncation_sigma. ValueError when none does."""
+    levels = time_steps(num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), rho, device)
+    below = (levels < truncation_sigma).nonzero()
+    if len(below) == 0:
+        raise ValueError(f'truncation_sigma={truncation_sigma} leaves no step of the noise schedule '
+                         f'(its lowest level is {float(levels[-1]):.4g}); raise it or lower sigma_min')
+    return levels[int(below[0]):]
+
+
+def _ending_at_zero(net, levels):
+    return torch.cat([net.round_sigma(levels), torch.zeros_like(levels[:1])])
+
+
+def guided_denoise(net, x, sigma, class_labels, cfg_scale):
+    """D(x; sigma) in float64; for cfg_scale > 1 classifier-free guidance,
+    cfg D(x | label) - (cfg - 1) D(x), the conditional pass first. Networks prepared for the
+    fast mode (training.fast_mode) make both passes in one batch."""
+    if fast_mode.uses_batched_guidance(net):
+        return fast_mode.batched_guided_denoise(net, x, sigma, class_labels, cfg_scale)
+    denoised = net(x, sigma, class_labels).to(torch.float64)
+    if cfg_scale > 1:
+        denoised = cfg_scale * denoised - (cfg_scale - 1) * net(x, sigma, None).to(torch.float64)
+    return denoised
+
+
+def _churn(net, x, t, churn, S_min, S_max, S_noise, randn_like):
+    """EDM's churn: raise the level t to t_hat = t + gamma t by adding fresh noise, where
+    gamma = min(churn, sqrt(2) - 1) for t in [S_min, S_max] and 0 elsewhere. The noise is drawn
+    even when gamma is 0. Returns (t_hat, x_hat, gamma)."""
+    gamma = min(churn, np.sqrt(2) - 1) if S_min <= t <= S_max else 0
+    t_hat = net.round_sigma(t + gamma * t)
+    return t_hat, x + (t_hat ** 2 - t ** 2).sqrt() * S_noise * randn_like(x), gamma
+
+
+def _heun(d, slope, move, t_next, correct, mean=lambda a, b: (a + b) / 2):
+    """Heun's method: `move` along the slope d to level t_next; with `correct`, move again from
+    the same start along the mean of d and the slope found where the first move arrived."""
+    x_next = move(d)
+    return move(mean(d, slope(x_next, t_next))) if correct else x_next
+
+#----------------------------------------------------------------------------
+# The two stages.
+
+def edm_sampler(
+    net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps:  (STEPS, 'Number of sampling steps for first stage') = 18,
+    sigma_min:  (POSITIVE, 'Lowest noise level') = 0.002,
+    sigma_max:  (POSITIVE, 'Highest noise level') = 80,
+    rho:        (POSITIVE, 'Time step exponent') = 7,
+    cfg_scale:  (NONNEG, 'Scale of classifier-free guidance (> 1 enables it)') = 1,
+    S_churn:    (NONNEG, 'Stochasticity strength') = 0,
+    S_min:      (NONNEG, 'Stoch. min noise level') = 0,
+    S_max:      (LEVEL, 'Stoch. max noise level') = float('inf'),
+    S_noise:    (NONNEG, 'Stoch. noise inflation') = 1,
+    sde_scale:  (FRACTION, 'Stochastic Heun variant of the CelebA-HQ script: fresh noise of std sde_scale*t per step') = None,
+):
+    """First stage: images (float64, about [-1, 1]) from standard normal `latents` (N, C, H, W).
+
+    sde_scale=None: the deterministic steps of the reference's generate.py and
+    generate_imagenet.py. A number: the steps of its generate_celebahq.py, which move to the
+    noise level sqrt(t_next^2 - g^2), g = sde_scale * t_next, and add noise of std g.
+    """
+    levels = time_steps(num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), rho, latents.device)
+    t = _ending_at_zero(net, levels)
+    slope = lambda x, sigma: (x - guided_denoise(net, x, sigma, class_labels, cfg_scale)) / sigma
+    x = latents.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        t_hat, x_hat, _ = _churn(net, x, t[i], S_churn / num_steps, S_min, S_max, S_noise, randn_like)
+        t_next = t[i + 1]
+        if sde_scale is None:
+            move = lambda d: x_hat + (t_next - t_hat) * d
+        else:
+            g = sde_scale * t_next
+            shrink = ((t_next ** 2 - g ** 2) / t_hat ** 2) ** 0.5
+            move = lambda d: x_hat + (shrink - 1) * t_hat * d + g * randn_like(x_hat)
+        x = _heun(slope(x_hat, t_hat), slope, move, t_next, correct=(i < num_steps - 1), mean=lambda a, b: 0.5 * a + 0.5 * b)
+    return x
+
 
 def blur_sampler(
     net, latents, class_labels=None, randn_like=torch.randn_like,
-    num_steps=BLUR_DEFAULTS['num_steps'], sigma_min=BLUR_DEFAULTS['sigma_min'], sigma_max=BLUR_DEFAULTS['sigma_max'],
-    rho=BLUR_DEFAULTS['rho'], truncation_sigma=BLUR_DEFAULTS['truncation_sigma'], truncation_t=BLUR_DEFAULTS['truncation_t'],
-    up_scale=BLUR_DEFAULTS['up_scale'], cfg_scale=BLUR_DEFAULTS['cfg_scale'], s_block=BLUR_DEFAULTS['s_block'],
-    s_noise=BLUR_DEFAULTS['s_noise'], blur_sigma_max=BLUR_DEFAULTS['blur_sigma_max'], S_churn=BLUR_DEFAULTS['S_churn'],
-    S_min=BLUR_DEFAULTS['S_min'], S_max=BLUR_DEFAULTS['S_max'], S_noise=BLUR_DEFAULTS['S_noise'], trace=None,
+    num_steps:  (STEPS, 'Number of sampling steps for second stage (before truncation)') = 18,
+    sigma_min:  (POSITIVE, 'Lowest noise level') = 0.008,
+    sigma_max:  (POSITIVE, 'Highest noise level') = 80,
+    rho:        (POSITIVE, 'Time step exponent') = 7,
+    cfg_scale:  (NONNEG, 'Scale of classifier-free guidance (> 1 enables it)') = 1,
+    truncation_sigma: (POSITIVE, 'Truncation point of noise schedule') = 0.9,
+    truncation_t:     (POSITIVE, 'Truncation point of time schedule (prob_length)') = 0.93,
+    up_scale:   (Number(1, integer=True), 'Scale of upsampling = DCT block size (second res / first res)') = 4,
+    s_block:    (NONNEG, 'Strength of block noise addition') = 0.15,
+    s_noise:    (FRACTION, 'Strength of stochasticity') = 0.2,
+    blur_sigma_max: (NONNEG, 'Maximum sigma of blurring schedule') = 3,
+    S_churn:    (NONNEG, 'Churn step of the CelebA-HQ script\'s blur sampler (a number enables it)') = None,
+    S_min:      (NONNEG, 'Churn min noise level (with --S_churn_second)') = 0,
+    S_max:      (LEVEL, 'Churn max noise level (with --S_churn_second)') = float('inf'),
+    S_noise:    (NONNEG, 'Churn noise inflation (with --S_churn_second)') = 1,
+    trace=None,
 ):
-    """Second stage: blurring diffusion from upsampled first-stage images `latents` (N, C, H, W).
+    """Second stage: images (float64) from upsampled first-stage images `latents` (N, C, H, W).
 
-    The rho-spaced schedule is cut to the noise levels below truncation_sigma; the start is
-    latents + t_0 * (eps + s_block * block noise). Each Heun step is taken in the block-DCT
-    domain, where the blur is diagonal (alphas from `training.blurring.alpha_schedule` with
-    prob_length = truncation_t), keeps sqrt(1 - s_noise^2) of the noise and adds
-    s_noise * t_next * (eps + s_block * block noise) afresh. The last step returns the denoiser's
-    output. truncation_sigma: truncation point of the noise schedule; truncation_t: of the blur
-    time; up_scale: block size = upsampling factor; s_block: block noise strength; s_noise:
-    stochasticity.
-
-    S_churn=None is the sampler of the reference's generate.py / generate_imagenet.py; a number
-    selects the reference generate_celebahq.py's variant with an EDM churn step (one extra noise
-    draw per step, even when the churn is zero; the update still starts from the unchurned x).
-    trace: optional dict that receives 'start', the noisy starting point (for figures).
+    Only the levels below truncation_sigma are visited; the start is the latents plus noise of
+    the first of them, of which s_block is block noise (blocks of up_scale pixels, the DCT block
+    size too). At each level the blur is that of the training schedule (blur_sigma_max, and
+    truncation_t as its time scaling); a step keeps sqrt(1 - s_noise^2) of the noise, renews the
+    rest, and the last one returns the denoiser's output. S_churn=None: the reference's
+    generate.py and generate_imagenet.py; a number: the churn of its generate_celebahq.py, which
+    only the denoiser sees (one more draw per step, even for no churn). trace: a dict that
+    receives 'start', the noisy starting point.
     """
     k = int(up_scale)
-    t_steps = blur_time_steps(net, num_steps, sigma_min, sigma_max, rho, truncation_sigma, latents.device)
-    num_steps = len(t_steps)
-    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])]) # t_N = 0
+    levels = blur_time_steps(net, num_steps, sigma_min, sigma_max, rho, truncation_sigma, latents.device)
+    t = _ending_at_zero(net, levels)
+    blur_at = lambda sigmas: blurring.alpha_schedule(sigmas, k, truncation_t, blur_sigma_max, device=latents.device)
+    alphas = blur_at(t[:-1])  # Every level's blur at once (the reference: through scipy, twice a step).
+    denoise = lambda x, sigma: guided_denoise(net, x, sigma, class_labels, cfg_scale)
+    slope = lambda x, sigma: blurring.block_dct(x - denoise(x, sigma), k) / sigma
+    block_noise = lambda: s_block * blurring.block_noise(latents, randn_like, k)
 
-    # Blur attenuation of every noise level, once per run (the reference: scipy twice a step).
-    alphas = blurring.alpha_schedule(t_steps[:-1], k, prob_length=truncation_t, blur_sigma_max=blur_sigma_max, device=latents.device)
-
-    def fresh_noise(like):
-        # The reference's order: the plain draw, then the block noise's own draw.
-        if s_block > 0:
-            return randn_like(like) + s_block * blurring.block_noise(latents, randn_like, k)
-        return randn_like(like)
-
-    def relay_step(u_cur, du, alpha_cur, alpha_next, t_hat, t_next, like):
-        # x_next = IDCT(P * u_cur + Q * du) + noise, with P, Q float32 per frequency as in the
-        # reference (alphas are float32 and the 0-d scalars do not promote them).
-        gamma = (1 - s_noise ** 2) ** 0.5 * t_next / t_hat
-        P = alpha_next + gamma - gamma * alpha_cur
-        Q = t_hat * (gamma * alpha_cur - alpha_next)
-        mixed = blurring.scale_frequencies(u_cur, P, k) + blurring.scale_frequencies(du, Q, k)
-        return blurring.block_idct(mixed, k) + s_noise * t_next * fresh_noise(like)
-
-    x_next = latents.to(torch.float64)
-    x_cur = None
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
-        if x_cur is None:
-            if s_block > 0:
-                x_cur = x_next + randn_like(x_next) * t_cur + s_block * blurring.block_noise(latents, randn_like, k) * t_cur
-            else:
-                x_cur = x_next + randn_like(x_next) * t_cur
-            if trace is not None:
-                trace['start'] = x_cur
-        else:
-            x_cur = x_next
-
-        # Optional churn (CelebA-HQ variant): only the denoiser sees the churned x.
-        t_hat, x_hat, alpha_cur = t_cur, x_cur, alphas[i]
+    x = latents.to(torch.float64)
+    x = x + randn_like(x) * t[0] + block_noise() * t[0] if s_block > 0 else x + randn_like(x) * t[0]
+    if trace is not None:
+        trace['start'] = x
+    for i in range(len(levels)):
+        t_hat, x_hat, alpha_hat = t[i], x, alphas[i]
         if S_churn is not None:
-            gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-            t_hat = net.round_sigma(t_cur + gamma * t_cur)
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
-            if gamma != 0:
-                alpha_cur = blurring.alpha_schedule(t_hat.reshape(1), k, prob_length=truncation_t, blur_sigma_max=blur_sigma_max, device=latents.device)[0]
-
-        # Euler step.
-        denoised = guided_denoise(net, x_hat, t_hat, class_labels, cfg_scale)
-        if i == num_steps - 1:
+            t_hat, x_hat, gamma = _churn(net, x, t[i], S_churn / len(levels), S_min, S_max, S_noise, randn_like)
+            alpha_hat = blur_at(t_hat.reshape(1))[0] if gamma != 0 else alpha_hat
+        denoised = denoise(x_hat, t_hat)
+        if i == len(levels) - 1:
             return denoised
-        alpha_next = alphas[i + 1]
-        u_cur = blurring.block_dct(x_cur, k)
-        d_cur = blurring.block_dct(x_cur - denoised, k) / t_hat # = (DCT x - DCT D(x)) / t
-        x_next = relay_step(u_cur, d_cur, alpha_cur, alpha_next, t_hat, t_next, x_next)
+        # Per frequency, the next point is P u + Q d (u = DCT x, d its slope) plus fresh noise;
+        # P and Q stay float32 like the alphas, as in the reference.
+        t_next, alpha_next = t[i + 1], alphas[i + 1]
+        kept = (1 - s_noise ** 2) ** 0.5 * t_next / t_hat
+        P, Q = alpha_next + kept - kept * alpha_hat, t_hat * (kept * alpha_hat - alpha_next)
+        u = blurring.block_dct(x, k)
+        renewed = lambda: s_noise * t_next * (randn_like(x) + block_noise() if s_block > 0 else randn_like(x))
+        move = lambda d: blurring.block_idct(blurring.scale_frequencies(u, P, k) + blurring.scale_frequencies(d, Q, k), k) + renewed()
+        x = _heun(blurring.block_dct(x - denoised, k) / t_hat, slope, move, t_next, correct=True)
+    return x
 
-        # Apply 2nd order correction.
-        denoised = guided_denoise(net, x_next, t_next, class_labels, cfg_scale)
-        d_prime = blurring.block_dct(x_next - denoised, k) / t_next
-        x_next = relay_step(u_cur, (d_cur + d_prime) / 2, alpha_cur, alpha_next, t_hat, t_next, x_next)
-    return x_next
 
 #----------------------------------------------------------------------------
