@@ -111,13 +111,9 @@ class FiniteFloatRange(click.FloatRange):
 #----------------------------------------------------------------------------
 # Objects by dotted name, e.g. construct_class_by_name(class_name='training.loss.EDMLoss').
 
-def get_obj_by_name(name: str) -> Any:
-    module, _, attr = name.rpartition('.')
-    return getattr(importlib.import_module(module), attr)
-
-
 def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
-    return get_obj_by_name(class_name)(*args, **kwargs)
+    module, _, attr = class_name.rpartition('.')
+    return getattr(importlib.import_module(module), attr)(*args, **kwargs)
 
 #----------------------------------------------------------------------------
 # Atomic writes: every output (snapshot, PNG, dataset, download, JSON) is written under a
@@ -133,14 +129,12 @@ def host_tag() -> str:
 
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` of this machine may still exist (when unsure: yes)."""
-    if pid == os.getpid() or os.name == 'nt':  # On Windows os.kill(pid, 0) would end the process.
+    if os.name == 'nt':  # There os.kill(pid, 0) would end the process.
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):
-        pass
+    except (OSError, OverflowError) as err:  # PermissionError: someone else's process, alive.
+        return not isinstance(err, ProcessLookupError)
     return True
 
 
@@ -208,12 +202,10 @@ def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: boo
 def folder_write_problem(folder) -> str | None:
     """Why `folder` (existing, or to be created) cannot take new files; None if it can."""
     folder = existing = os.path.abspath(os.fspath(folder))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        return f'{folder} is a file, not a folder'
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        return f'{folder} cannot be created: {existing} is a file'
+        return f'{folder} is a file, not a folder' if existing == folder else f'{folder} cannot be created: {existing} is a file'
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -242,17 +234,12 @@ _CHUNK = 1 << 20
 
 def make_cache_dir_path(*paths: str) -> str:
     """Cache root: $DNNLIB_CACHE_DIR, else $XDG_CACHE_HOME/dnnlib, else ~/.cache/dnnlib."""
-    if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'XDG_CACHE_HOME' in os.environ:
-        return os.path.join(os.environ['XDG_CACHE_HOME'], 'dnnlib', *paths)
-    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
+    xdg = os.environ.get('XDG_CACHE_HOME', os.path.join(os.path.expanduser('~'), '.cache'))
+    return os.path.join(os.environ.get('DNNLIB_CACHE_DIR', os.path.join(xdg, 'dnnlib')), *paths)
 
 
 def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    if not isinstance(obj, str) or '://' not in obj:
-        return False
-    scheme = urllib.parse.urlparse(obj).scheme
+    scheme = urllib.parse.urlparse(obj).scheme if isinstance(obj, str) and '://' in obj else None
     return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
 
 
@@ -263,18 +250,16 @@ def _cache_file_name(url: str) -> str:
 
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-def _download(url: str, dst, max_bytes: int, deadline_s: float) -> str:
-    """Stream `url` into the binary file `dst`: at most `max_bytes`, within `deadline_s` (checked
-    after every network read, so a server dripping bytes is stopped too). Returns its SHA-256."""
+def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: str | None, check) -> None:
+    """Stream `url` into `path` through atomic_write: at most `max_bytes`, within `deadline_s` (checked
+    after every network read, so a server dripping bytes is stopped too). What does not have `sha256`,
+    is an HTML page or fails `check` raises UserError and never becomes `path`."""
     digest, give_up, total = hashlib.sha256(), time.monotonic() + deadline_s, 0
-    with urllib.request.urlopen(url, timeout=60) as response:
+    with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path, 'w+b') as dst:
         declared = response.headers.get('Content-Length', '').strip()
         declared = int(declared) if declared.isdigit() else None
         if declared is not None and declared > max_bytes:
@@ -287,9 +272,16 @@ def _download(url: str, dst, max_bytes: int, deadline_s: float) -> str:
                 raise UserError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
             digest.update(chunk)
             dst.write(chunk)
-    if declared is not None and total != declared:
-        raise OSError(f'download truncated: {total} of {declared} bytes')
-    return digest.hexdigest()
+        if declared is not None and total != declared:
+            raise OSError(f'download truncated: {total} of {declared} bytes')
+        if sha256 not in (None, digest.hexdigest()):
+            raise UserError(f'Downloaded {url} but its SHA-256 {digest.hexdigest()} does not match the expected {sha256}; not using it')
+        dst.seek(0)
+        if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
+            raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
+        if check is not None:
+            dst.flush()
+            check(dst.name)
 
 
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
@@ -309,41 +301,30 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
     sha256 = sha256 and sha256.lower()
     if not is_url(url):
-        path = urllib.request.url2pathname(urllib.parse.urlparse(url).netloc + urllib.parse.urlparse(url).path) \
-            if url.startswith('file://') else url
+        parts = urllib.parse.urlparse(url)
+        path = urllib.request.url2pathname(parts.netloc + parts.path) if url.startswith('file://') else url
         if not os.path.isfile(path):
             raise FileNotFoundError(f'No such file: {path}' + (f' (from {url})' if path != url else ''))
-        if sha256 is not None and file_sha256(path) != sha256:
-            raise UserError(f'{path}: SHA-256 {file_sha256(path)} does not match the expected {sha256}')
+        if sha256 is not None and (found := file_sha256(path)) != sha256:
+            raise UserError(f'{path}: SHA-256 {found} does not match the expected {sha256}')
         return path if return_filename else open(path, 'rb')
-    cache_path = os.path.join(cache_dir or make_cache_dir_path('downloads'), _cache_file_name(url))
-    if os.path.isfile(cache_path):
-        if sha256 is None or file_sha256(cache_path) == sha256:
-            return cache_path if return_filename else open(cache_path, 'rb')
-        if verbose:
-            print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
-    for attempt in range(num_attempts):
+    path = os.path.join(cache_dir or make_cache_dir_path('downloads'), _cache_file_name(url))
+    cached = os.path.isfile(path) and (sha256 is None or file_sha256(path) == sha256)
+    if verbose and os.path.isfile(path) and not cached:
+        print(f'Cached copy of {url} does not match its SHA-256; downloading it again.', flush=True)
+    for attempt in range(0 if cached else num_attempts):
         try:
             if verbose:
                 print(f'Downloading {url} ...', flush=True)
-            with atomic_write(cache_path, 'w+b') as dst:
-                digest = _download(url, dst, max_bytes, deadline_s)
-                if sha256 not in (None, digest):
-                    raise UserError(f'Downloaded {url} but its SHA-256 {digest} does not match the expected {sha256}; not using it')
-                dst.seek(0)
-                if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
-                    raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
-                if check is not None:
-                    dst.flush()
-                    check(dst.name)
-            return cache_path if return_filename else open(cache_path, 'rb')
+            _download(url, path, max_bytes, deadline_s, sha256, check)
+            break
         except UserError:
             raise  # Size, time, hash and content refusals are not transient.
         except Exception as err:  # pylint: disable=broad-except  urllib raises several unrelated types.
             if attempt == num_attempts - 1:
                 raise OSError(f'Cannot download {url}: {err}') from err
             time.sleep(1)
-    raise OSError(f'Cannot download {url}: no attempts made (num_attempts={num_attempts})')
+    return path if return_filename else open(path, 'rb')
 
 #----------------------------------------------------------------------------
 # Console helpers used by the training loop.

@@ -220,7 +220,8 @@ def test_own_snapshots_round_trip(tmp_path, net):
     # the network from OUR snapshot: what EDM-based tools do with our files.
     net_only = tmp_path / 'net-only.pkl'
     checkpoint.save_snapshot(net_only, dict(ema=net))
-    edm_style = persistence.load_trusted_pickle(str(net_only))['ema']
+    with open(net_only, 'rb') as f:
+        edm_style = persistence.load_trusted_pickle(f)['ema']
     assert type(edm_style).__module__.startswith('_trusted_') and type(edm_style).__name__ == 'EDMPrecond'
     check_same_outputs(net, edm_style)
     import copy

@@ -9,19 +9,20 @@ Read:  .pkl          pickle of a dict whose 'ema' (and maybe 'loss_fn', 'augment
 
 Unpickling knows only ALLOWED: .pt through torch.load(weights_only=True) in
 torch.serialization.safe_globals, .pkl through the pure-Python unpickler with an allow-list
-find_class (its tensors' storages through torch.load again). A persistent object comes out as a
-`Persistent` (class name and saved state; its module source is never looked at). Each is then
-built as the class registered under its name (training.load_checkpoint imports the project's)
-from its constructor arguments, on the meta device under an operation budget, compared tensor by
-tensor and attribute by attribute with the file, and given the file's tensors.
+find_class (tensors rebuilt by torch's own functions, their storages through torch.load again). A
+persistent object comes out as a `Persistent` (class name and saved state; its module source is
+never looked at). Each is then built as the class registered under its name
+(training.load_checkpoint imports the project's) from its constructor arguments, on the meta
+device under an operation budget, compared tensor by tensor and attribute by attribute with the
+file, and given the file's tensors.
 
 Memory stays bounded by the file: zip members must be stored as torch.save stores them and fit in
 the archive, pickle reads stop at the end of the file, no tensor views more elements than its
 storage holds, and a network described as larger than the file's tensors is refused unbuilt.
 """
 
-import codecs
 import _compat_pickle
+import codecs
 import collections
 import io
 import json
@@ -29,6 +30,7 @@ import os
 import pickle
 import pickletools
 import re
+import reprlib
 import types
 import zipfile
 
@@ -77,6 +79,7 @@ def _numpy_dtype(spec, align=False, copy=False):
 
 
 def _numpy_scalar(dtype, data):
+    # np.frombuffer refuses a dtype that a BUILD made claim to hold objects (pointers).
     if not isinstance(dtype, np.dtype) or dtype.kind not in 'biufc' or not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise CheckpointError('numpy scalar of unexpected form')
     return np.frombuffer(data, dtype)[0]
@@ -87,18 +90,6 @@ def _numpy_array(cls, shape, dtype):
     if cls is not np.ndarray or shape != (0,):
         raise CheckpointError(f'numpy array rebuild with shape {str(shape)[:40]} (numpy writes (0,) and fills it from the file)')
     return np.ndarray(shape, _numpy_dtype(dtype.str) if isinstance(dtype, np.dtype) else _numpy_dtype(dtype))
-
-
-def _tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    if hooks or metadata:
-        raise CheckpointError('a tensor carries backward hooks or metadata')
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, collections.OrderedDict())  # pylint: disable=protected-access
-
-
-def _parameter(data, requires_grad, hooks=None, state=None):
-    if hooks or state or not isinstance(data, torch.Tensor):
-        raise CheckpointError('a parameter carries backward hooks or state')
-    return torch.nn.Parameter(data, requires_grad)
 
 
 def _storage(data):
@@ -115,11 +106,11 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     **{f'numpy.dtypes.{type(np.dtype(c)).__name__}': type(np.dtype(c)) for c in '?bhilqBHILQefdFD'},  # BUILD targets.
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
-PICKLE_ONLY = {  # Also in torch.load's own list (its functions win there): ours refuse hooks, read storages safely.
-    'torch._utils._rebuild_tensor_v2': _tensor, 'torch._utils._rebuild_parameter': _parameter,
-    'torch._utils._rebuild_parameter_with_state': _parameter, 'torch.storage._load_from_bytes': _storage,
-    'collections.OrderedDict': collections.OrderedDict, 'builtins.set': set, 'builtins.frozenset': frozenset,
-    'torch.Size': torch.Size, 'torch.device': torch.device, '_codecs.encode': codecs.encode,
+PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there); tensors are rebuilt as torch.load rebuilds them.
+    **{f'torch._utils.{name}': getattr(torch._utils, name) for name in ('_rebuild_tensor_v2', '_rebuild_parameter',  # pylint: disable=protected-access
+                                                                        '_rebuild_parameter_with_state')},
+    'torch.storage._load_from_bytes': _storage, 'collections.OrderedDict': collections.OrderedDict, 'builtins.set': set,
+    'builtins.frozenset': frozenset, 'torch.Size': torch.Size, 'torch.device': torch.device, '_codecs.encode': codecs.encode,
     **{str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
                            torch.int16, torch.int32, torch.int64, torch.bool)},
 }
@@ -130,12 +121,10 @@ BUILDABLE = (Container, dnnlib.EasyDict, np.ndarray, np.dtype)  # What a pickle'
 def _allowed(module, name):
     """What a pickle's global names (__builtin__.set is protocol 2's builtins.set), or a refusal."""
     name = f'{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}'
-    return READABLE[name] if name in READABLE else _refuse(name)
-
-
-def _refuse(name):
-    raise CheckpointError(f'refusing to load global "{name}": it is not on the allow-list of checkpoint contents '
-                          f'(nothing from the file was executed)')
+    if name not in READABLE:
+        raise CheckpointError(f'refusing to load global "{name}": it is not on the allow-list of checkpoint contents '
+                              f'(nothing from the file was executed)')
+    return READABLE[name]
 
 #----------------------------------------------------------------------------
 # Unpickling.
@@ -164,9 +153,8 @@ class _Clamped:
     """A file whose reads stop at its end: no length field in a pickle makes us allocate more."""
 
     def __init__(self, f):
-        here = f.tell()
         self.f, self.readline, self.end = f, f.readline, f.seek(0, io.SEEK_END)
-        f.seek(here)
+        f.seek(0)
 
     def read(self, n=-1):
         return self.f.read(-1 if n is None or n < 0 else max(0, min(n, self.end - self.f.tell())))
@@ -199,11 +187,10 @@ def _check_globals(f, pickles):
 
 def _torch_load(file):
     """torch.load(weights_only=True) with the allow-list; `file`: a zip path (checked) or a file
-    object of the pre-zip format, whose five pickles are checked here."""
+    object of the pre-zip format at its start, whose five pickles are checked here."""
     if not isinstance(file, str):
-        start = file.tell()
         _check_globals(_Clamped(file), pickles=5)
-        file.seek(start)
+        file.seek(0)
     with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()]):
         try:
             return torch.load(file, map_location='cpu', weights_only=True)
@@ -226,19 +213,9 @@ def _format(head):
 
 
 def read_pickle(f, encoding='ASCII'):
-    """A plain pickle (seekable binary file `f`) read against the allow-list: numbers, strings,
-    containers, numpy arrays, tensors; persistent objects stay `Persistent` placeholders."""
+    """A plain pickle (seekable binary file `f` at its start) read against the allow-list: numbers,
+    strings, containers, numpy arrays, tensors; persistent objects stay `Persistent` placeholders."""
     return _PickleReader(_Clamped(f), encoding=encoding).load()
-
-
-def _unpickle(path, kind):
-    if kind == 'zip':
-        _check_zip(path)
-        return _torch_load(path)
-    if kind not in ('legacy', 'pickle'):
-        raise CheckpointError('not a pickle, torch.save or safetensors file')
-    with open(path, 'rb') as f:
-        return _torch_load(f) if kind == 'legacy' else read_pickle(f)
 
 #----------------------------------------------------------------------------
 # Placeholders -> the project's classes.
@@ -257,13 +234,6 @@ class _OpBudget(torch.overrides.TorchFunctionMode):
             raise CheckpointError(f'{self.where}: its constructor arguments describe far more than the file holds '
                                   f'(too many tensor operations); refusing to build it')
         return func(*args, **(kwargs or {}))
-
-
-def registered_class(class_name, where):
-    try:
-        return persistence.get_registered_class(class_name)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f'{where}: {err}') from None
 
 
 def _join(prefix, name):
@@ -305,12 +275,9 @@ def build(cls, args, kwargs, where, file_tensors):
         if (theirs.shape, theirs.dtype) != (mine.shape, mine.dtype):
             raise CheckpointError(f'{where}: tensor "{name}" has shape {list(theirs.shape)} ({theirs.dtype}) in the file '
                                   f'but {list(mine.shape)} ({mine.dtype}) here')
-    for prefix, module in obj.named_modules(remove_duplicate=False):
-        for group in (module._parameters, module._buffers):  # pylint: disable=protected-access
-            for name, mine in group.items():
-                if mine is not None:
-                    t = file_tensors[_join(prefix, name)]
-                    group[name] = torch.nn.Parameter(t.detach(), t.requires_grad) if isinstance(mine, torch.nn.Parameter) else t.detach()
+    obj.load_state_dict({name: t.detach() for name, t in file_tensors.items()}, assign=True)
+    for name, param in obj.named_parameters(remove_duplicate=False):
+        param.requires_grad_(file_tensors[name].requires_grad)  # assign=True kept the meta parameters' flag.
     return obj
 
 
@@ -337,31 +304,30 @@ def _adopt_attributes(obj, state, where, strict):
 
 def _rebuild(obj, where, memo):
     where = f'{where} ({obj.class_name})'
-    cls = registered_class(obj.class_name, where)
+    cls = persistence.get_registered_class(obj.class_name, CheckpointError)
     args, kwargs = obj.state.get('_init_args'), obj.state.get('_init_kwargs')
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise CheckpointError(f'{where} was saved without usable constructor arguments')
     tree = _module_tree(obj)
     tensors = {_join(path, name): t for path, (_, state) in tree.items() for group in ('_parameters', '_buffers')
                for name, t in (state.get(group) or {}).items() if isinstance(t, torch.Tensor)}  # Others read as missing.
-    tensors = _materialize(tensors, where, memo)
-    built = build(cls, _materialize(list(args), where, memo), _materialize(kwargs, where, memo), where, tensors)
-    if not isinstance(built, torch.nn.Module):
-        _adopt_attributes(built, obj.state, where, strict=False)
-        return built
-    ours = dict(built.named_modules(remove_duplicate=False))
+    args, kwargs, tensors = _materialize((list(args), kwargs, tensors), where, memo)
+    built = build(cls, args, kwargs, where, tensors)
+    is_net = isinstance(built, torch.nn.Module)
+    ours = dict(built.named_modules(remove_duplicate=False)) if is_net else {'': built}
     for path in sorted(set(tree) | set(ours)):
         theirs, mine = tree.get(path, ('absent',))[0], type(ours[path]).__name__ if path in ours else 'absent'
         if theirs != mine:
             raise CheckpointError(f'{where}: submodule "{path or "<root>"}" is {theirs} in the file but {mine} here')
-        _adopt_attributes(ours[path], tree[path][1], where, strict=True)
+        _adopt_attributes(ours[path], tree[path][1], where, strict=is_net)
     return built
 
 
 def _materialize(obj, where, memo):
-    """An unpickled structure with its placeholders replaced by real objects."""
+    """An unpickled structure with its placeholders replaced by real objects. `memo`: {id: (object,
+    result)}; holding each object keeps its id from being reused by a later one."""
     if id(obj) in memo:
-        return memo[id(obj)]
+        return memo[id(obj)][1]
     if isinstance(obj, Persistent):
         out = _rebuild(obj, where, memo)
     elif isinstance(obj, torch.Tensor):
@@ -372,13 +338,14 @@ def _materialize(obj, where, memo):
     elif isinstance(obj, Container):
         raise CheckpointError(f'a bare torch.nn.{type(obj).__name__} outside a network')
     elif isinstance(obj, dict):
-        out = memo[id(obj)] = type(obj)()
+        out = type(obj)()
+        memo[id(obj)] = obj, out  # Entered first: a dict may hold itself.
         out.update((k, _materialize(v, f'{where}[{k!r}]', memo)) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
         out = type(obj)(_materialize(v, f'{where}[{i}]', memo) for i, v in enumerate(obj))
     else:
         out = obj
-    memo[id(obj)] = out
+    memo[id(obj)] = obj, out
     return out
 
 #----------------------------------------------------------------------------
@@ -390,23 +357,20 @@ def _json_path(path):
 
 def _load_safetensors(path, what, config_path):
     with safetensors.safe_open(path, framework='pt', device='cpu') as sf:
-        metadata = sf.metadata() or {}
-        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        config, tensors = (sf.metadata() or {}).get('rdm_config'), {k: sf.get_tensor(k) for k in sf.keys()}
     if config_path is not None and os.path.isfile(config_path):
         with open(config_path, 'rb') as f:
             config = f.read(MAX_CONFIG_BYTES + 1)
         if len(config) > MAX_CONFIG_BYTES:
             raise CheckpointError(f'{what}: its config {config_path} has more than {MAX_CONFIG_BYTES} bytes; a config is a few kB')
-        config = json.loads(config)
-    elif 'rdm_config' in metadata:
-        config = json.loads(metadata['rdm_config'])
-    else:
+    if config is None:
         raise CheckpointError(f'{what}: no config found (expected {config_path or "<name>.json"} or embedded metadata)')
+    config = json.loads(config)
     config = config if isinstance(config, dict) else {}
     name, args, kwargs = config.get('class_name'), config.get('init_args', []), config.get('init_kwargs', {})
     if not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
         raise CheckpointError(f'{what}: its config lacks class_name, init_args or init_kwargs')
-    net = build(registered_class(name, f'{what} ({name})'), args, kwargs, f'{what} ({name})', tensors)
+    net = build(persistence.get_registered_class(name, CheckpointError), args, kwargs, f'{what} ({name})', tensors)
     if not isinstance(net, torch.nn.Module):
         raise CheckpointError(f'{what}: {name} is not a network')
     return dict(ema=net.eval().requires_grad_(False))
@@ -459,10 +423,16 @@ def load_checkpoint(path_or_url, require_ema=True):
         path = dnnlib.util.open_url(what, return_filename=True, verbose=False, max_bytes=MAX_DOWNLOAD_BYTES, check=_check_download)
         with open(path, 'rb') as f:
             kind = _format(f.read(16))
-        if kind == 'safetensors':
-            data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
-        else:
-            data = _materialize(_unpickle(path, kind), 'checkpoint', {})
+            f.seek(0)
+            if kind == 'safetensors':
+                data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
+            elif kind in ('pickle', 'legacy'):
+                data = _materialize(read_pickle(f) if kind == 'pickle' else _torch_load(f), 'checkpoint', {})
+            elif kind == 'zip':
+                _check_zip(path)
+                data = _materialize(_torch_load(path), 'checkpoint', {})
+            else:
+                raise CheckpointError('not a pickle, torch.save or safetensors file')
     except dnnlib.UserError as err:
         raise CheckpointError(err.message if err.message.startswith(what) else f'{what}: {err.message}') from None
     except OSError as err:
@@ -528,12 +498,9 @@ def info(src):
             count = sum(p.numel() for p in value.parameters())
             click.echo(f'{key}: {type(value).__module__}.{type(value).__name__}, {count:,} parameters, kwargs {dict(value.init_kwargs)}')
         else:
-            text = repr(value)
-            click.echo(f'{key}: {text[:100]}{"..." if len(text) > 100 else ""}')
+            click.echo(f'{key}: {reprlib.repr(value)}')
 
 
 if __name__ == '__main__':
-    # As a script this file is the top of the import chain: it registers the project's classes.
-    import training
-    training._register()  # pylint: disable=protected-access
+    from training import augment, loss, networks  # noqa: F401  pylint: disable=unused-import  Registers the project's classes.
     main()  # pylint: disable=no-value-for-parameter

@@ -39,8 +39,7 @@ def persistent_class(orig_class):
     if orig_class in _decorated:
         return orig_class
     module = sys.modules[orig_class.__module__]
-    trusted = [src for src, m in _trusted_modules.items() if m is module]
-    module_src = trusted[0] if trusted else inspect.getsource(module)
+    module_src = next((src for src, m in _trusted_modules.items() if m is module), None) or inspect.getsource(module)
 
     class Decorated(orig_class):
         def __init__(self, *args, **kwargs):
@@ -81,16 +80,15 @@ def is_persistent(obj):
     return obj in _decorated if isinstance(obj, type) else type(obj) in _decorated
 
 
-def get_registered_class(class_name):
-    """The decorated class for a pickled `class_name`; pickle.UnpicklingError saying why not."""
+def get_registered_class(class_name, error=pickle.UnpicklingError):
+    """The decorated class for a pickled `class_name`; `error` saying why not."""
     cls = _registry.get(class_name, False)
     if cls is None:
-        raise pickle.UnpicklingError(f'class name "{class_name}" is ambiguous: it is defined in two modules')
+        raise error(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        raise pickle.UnpicklingError(
-            f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); the module '
-            f'source stored in a file is never executed: load files with training.load_checkpoint / training.load_network, '
-            f'which know the project\'s classes')
+        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); the module '
+                    f'source stored in a file is never executed: load files with training.load_checkpoint / training.load_network, '
+                    f'which know the project\'s classes')
     return cls
 
 
@@ -101,19 +99,14 @@ def registered_class_names():
 
 def _restore(cls, state):
     obj = cls.__new__(cls)
-    if hasattr(obj, '__setstate__'):
-        obj.__setstate__(dict(state or {}))
-    else:
-        obj.__dict__.update(state or {})
+    getattr(obj, '__setstate__', obj.__dict__.update)(dict(state or {}))  # nn.Module has one, plain classes not.
     return obj
 
 
 def _reconstruct_persistent_obj(meta):
     """Called by pickle for every persistent object; never executes meta['module_src']."""
-    module = _trusted_modules.get(meta.get('module_src'))
-    if module is not None and isinstance(getattr(module, meta.get('class_name', ''), None), type):
-        # copy.deepcopy of an object load_trusted_pickle made: reuse its module, run nothing new.
-        return _restore(persistent_class(getattr(module, meta['class_name'])), meta['state'])
+    if meta['module_src'] in _trusted_modules:  # copy.deepcopy of an object load_trusted_pickle made: runs nothing new.
+        return _reconstruct_trusted_obj(meta)
     return _restore(get_registered_class(meta['class_name']), meta['state'])
 
 #----------------------------------------------------------------------------
@@ -138,9 +131,6 @@ class _TrustedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_trusted_pickle(file):
-    """Unpickle `file` (path or binary file object) EXACTLY as EDM would: runs the code in it."""
-    if isinstance(file, (str, bytes)) or hasattr(file, '__fspath__'):
-        with open(file, 'rb') as f:
-            return _TrustedUnpickler(f).load()
-    return _TrustedUnpickler(file).load()
+def load_trusted_pickle(f):
+    """Unpickle the binary file object `f` EXACTLY as EDM would: runs the code in it."""
+    return _TrustedUnpickler(f).load()

@@ -8,21 +8,19 @@ with the safe loader of torch_utils.checkpoint.
 """
 
 
-def _register():
-    from . import augment, loss, networks  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-
-
 def load_checkpoint(path_or_url, **kwargs):
     """torch_utils.checkpoint.load_checkpoint with the project's classes registered: a dict of
     the file's entries, networks rebuilt as the project's classes, nothing from the file run."""
-    _register()
-    from torch_utils import checkpoint  # pylint: disable=import-outside-toplevel
-    return checkpoint.load_checkpoint(path_or_url, **kwargs)
+    return _checkpoint().load_checkpoint(path_or_url, **kwargs)
 
 
 def load_network(path_or_url, **kwargs):
     """torch_utils.checkpoint.load_network with the project's classes registered: the network
     stored under `key` (default 'ema') of a checkpoint file or URL, in eval mode on the CPU."""
-    _register()
+    return _checkpoint().load_network(path_or_url, **kwargs)
+
+
+def _checkpoint():
+    from . import augment, loss, networks  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel  Registers the classes.
     from torch_utils import checkpoint  # pylint: disable=import-outside-toplevel
-    return checkpoint.load_network(path_or_url, **kwargs)
+    return checkpoint
