@@ -138,11 +138,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def temp_name(path) -> str:
-    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f'.{base}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
-
-
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -175,7 +170,7 @@ def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: boo
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = temp_name(path)
+    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
     try:
         if directory:
             os.mkdir(tmp)
@@ -341,7 +336,7 @@ def format_time(seconds: float) -> str:
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
 
-class Logger:
+class Logger(contextlib.AbstractContextManager):
     """Copies everything written to stdout and stderr into a file as well. Used as a context
     manager or closed explicitly: close() puts the original streams back (unless replaced since)."""
 
@@ -349,9 +344,6 @@ class Logger:
         self.file = open(file_name, file_mode) if file_name is not None else None
         self.should_flush, self.stdout, self.stderr = should_flush, sys.stdout, sys.stderr
         sys.stdout = sys.stderr = self
-
-    def __enter__(self) -> 'Logger':
-        return self
 
     def __exit__(self, *_exc) -> None:
         self.close()

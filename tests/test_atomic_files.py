@@ -72,7 +72,8 @@ def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
 
 
 def test_temp_name_carries_host_and_pid(tmp_path):
-    name = os.path.basename(files.temp_name(tmp_path / 'a.json'))
+    with atomic_write(tmp_path / 'a.json') as f:
+        name = os.path.basename(f.name)
     assert name.startswith(f'.a.json.{dnnlib.util.host_tag()}-{os.getpid()}.') and name.endswith('.tmp')
 
 

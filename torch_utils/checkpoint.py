@@ -106,11 +106,11 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     **{f'numpy.dtypes.{type(np.dtype(c)).__name__}': type(np.dtype(c)) for c in '?bhilqBHILQefdFD'},  # BUILD targets.
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
-PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there); tensors are rebuilt as torch.load rebuilds them.
-    **{f'torch._utils.{name}': getattr(torch._utils, name) for name in ('_rebuild_tensor_v2', '_rebuild_parameter',  # pylint: disable=protected-access
-                                                                        '_rebuild_parameter_with_state')},
-    'torch.storage._load_from_bytes': _storage, 'collections.OrderedDict': collections.OrderedDict, 'builtins.set': set,
-    'builtins.frozenset': frozenset, 'torch.Size': torch.Size, 'torch.device': torch.device, '_codecs.encode': codecs.encode,
+PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there): tensors are rebuilt as torch.load rebuilds them.
+    'torch.storage._load_from_bytes': _storage,
+    **{f'{obj.__module__}.{obj.__qualname__}': obj for obj in (
+        torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state,  # pylint: disable=protected-access
+        collections.OrderedDict, set, frozenset, torch.Size, torch.device, codecs.encode)},
     **{str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
                            torch.int16, torch.int32, torch.int64, torch.bool)},
 }
