@@ -168,9 +168,10 @@ def atomic_write(path, mode: str = 'wb', directory: bool = False, overwrite: boo
     block ends without an exception and is removed otherwise. overwrite=False refuses to replace
     what appeared at `path` meanwhile (FileExistsError); an empty folder may be replaced."""
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder, base = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    tmp = os.path.join(folder, f'.{base}.{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp')
     try:
         if directory:
             os.mkdir(tmp)
@@ -270,7 +271,8 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
         if declared is not None and total != declared:
             raise OSError(f'download truncated: {total} of {declared} bytes')
         if sha256 not in (None, digest.hexdigest()):
-            raise UserError(f'Downloaded {url} but its SHA-256 {digest.hexdigest()} does not match the expected {sha256}; not using it')
+            raise UserError(f'Downloaded {url} but its SHA-256 {digest.hexdigest()} does not match the expected {sha256}; '
+                            f'not using it')
         dst.seek(0)
         if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
             raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')

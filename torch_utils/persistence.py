@@ -86,9 +86,9 @@ def get_registered_class(class_name, error=pickle.UnpicklingError):
     if cls is None:
         raise error(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); the module '
-                    f'source stored in a file is never executed: load files with training.load_checkpoint / training.load_network, '
-                    f'which know the project\'s classes')
+        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); '
+                    f'the module source stored in a file is never executed: load files with training.load_checkpoint / '
+                    f'training.load_network, which know the project\'s classes')
     return cls
 
 

@@ -21,6 +21,7 @@ def load_network(path_or_url, **kwargs):
 
 
 def _checkpoint():
-    from . import augment, loss, networks  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel  Registers the classes.
+    # Importing the modules registers their persistent classes.
+    from . import augment, loss, networks  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
     from torch_utils import checkpoint  # pylint: disable=import-outside-toplevel
     return checkpoint
