@@ -31,12 +31,10 @@ import pickle
 import pickletools
 import re
 import reprlib
-import types
 import zipfile
 
 import click
 import numpy as np
-import safetensors
 import safetensors.torch
 import torch
 
@@ -66,7 +64,7 @@ def _persistent(meta):
     return Persistent(name, state or {})
 
 
-class Container(types.SimpleNamespace):
+class Container:
     """A pickled torch.nn container (ModuleDict, ModuleList, Sequential); BUILD gives it its state."""
 
 
@@ -186,9 +184,11 @@ def _check_globals(f, pickles):
 
 
 def _torch_load(file):
-    """torch.load(weights_only=True) with the allow-list; `file`: a zip path (checked) or a file
-    object of the pre-zip format at its start, whose five pickles are checked here."""
-    if not isinstance(file, str):
+    """torch.load(weights_only=True) with the allow-list; `file`: the path of a zip (torch.save's
+    format) or a file object of the pre-zip format at its start (its five pickles); both checked first."""
+    if isinstance(file, str):
+        _check_zip(file)
+    else:
         _check_globals(_Clamped(file), pickles=5)
         file.seek(0)
     with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()]):
@@ -424,15 +424,13 @@ def load_checkpoint(path_or_url, require_ema=True):
         with open(path, 'rb') as f:
             kind = _format(f.read(16))
             f.seek(0)
+            if kind is None:
+                raise CheckpointError('not a pickle, torch.save or safetensors file')
             if kind == 'safetensors':
                 data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
-            elif kind in ('pickle', 'legacy'):
-                data = _materialize(read_pickle(f) if kind == 'pickle' else _torch_load(f), 'checkpoint', {})
-            elif kind == 'zip':
-                _check_zip(path)
-                data = _materialize(_torch_load(path), 'checkpoint', {})
             else:
-                raise CheckpointError('not a pickle, torch.save or safetensors file')
+                data = read_pickle(f) if kind == 'pickle' else _torch_load(path if kind == 'zip' else f)
+                data = _materialize(data, 'checkpoint', {})
     except dnnlib.UserError as err:
         raise CheckpointError(err.message if err.message.startswith(what) else f'{what}: {err.message}') from None
     except OSError as err:
