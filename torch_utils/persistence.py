@@ -105,7 +105,7 @@ def _restore(cls, state):
 
 def _reconstruct_persistent_obj(meta):
     """Called by pickle for every persistent object; never executes meta['module_src']."""
-    if meta['module_src'] in _trusted_modules:  # copy.deepcopy of an object load_trusted_pickle made: runs nothing new.
+    if meta.get('module_src') in _trusted_modules:  # copy.deepcopy of an object load_trusted_pickle made: runs nothing new.
         return _reconstruct_trusted_obj(meta)
     return _restore(get_registered_class(meta['class_name']), meta['state'])
 
