@@ -246,13 +246,13 @@ def training_loop(
     device = torch.device(device) if device is not None else dist.get_device()
     world, rank = dist.get_world_size(), dist.get_rank()
 
-    # Per-rank seeds, derived as in EDM so runs with the same --seed draw the same numbers.
+    # Each rank's torch seed comes from numpy seeded with (seed, rank), EDM's derivation, so a
+    # given --seed draws the same numbers. Full-precision matmuls and convolutions, as EDM trains.
     np.random.seed((seed * world + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
+    cuda = torch.backends.cuda.matmul
+    cuda.allow_tf32 = cuda.allow_fp16_reduced_precision_reduction = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Batch per process and gradient accumulation rounds.
     batch_gpu_total = batch_size // world
@@ -366,7 +366,8 @@ def training_loop(
         # Accumulate gradients over rounds; DDP all-reduces only in the last one.
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, round_idx == num_accumulation_rounds - 1):
+            last = round_idx == num_accumulation_rounds - 1
+            with ddp.no_sync() if ddp is not net and not last else contextlib.nullcontext():
                 images, labels = next(dataset_iterator)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
@@ -375,12 +376,12 @@ def training_loop(
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
 
-        # Learning-rate warm-up, NaN/Inf guard, step.
-        for g in optimizer.param_groups:
-            g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        # Learning rate ramped up linearly over lr_rampup_kimg; non-finite gradients made finite.
+        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for grad in (p.grad for p in net.parameters() if p.grad is not None):
+            grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
         optimizer.step()
 
         # EMA, with the half-life ramping up over the first images (unless transferring).
@@ -441,9 +442,8 @@ def training_loop(
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
 
         # Statistics.
-        training_stats.default_collector.update()
+        stats = training_stats.collect()
         if rank == 0:
-            stats = training_stats.default_collector.as_dict()
             if stats_jsonl is None:
                 stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
             stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
