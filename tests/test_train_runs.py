@@ -15,7 +15,7 @@ import dnnlib
 import train
 from torch_utils import checkpoint
 from training import training_loop
-from training.training_loop import TrainingError
+from dnnlib import UserError
 
 NETWORK = dnnlib.EasyDict(class_name='training.networks.EDMPrecond', model_type='SongUNet', model_channels=8,
                           channel_mult=[1, 1], num_blocks=1, attn_resolutions=[], dropout=0.1)
@@ -121,7 +121,7 @@ def test_resume_continues_a_run(first_stage, tmp_path):
 
 def test_resume_refuses_the_other_stage(first_stage, tmp_path):
     net, ema, opt = _fresh()
-    with pytest.raises(TrainingError, match=r'is a first \(EDMLoss\) stage training state .* trains the '
+    with pytest.raises(UserError, match=r'is a first \(EDMLoss\) stage training state .* trains the '
                                             r'second \(relay, --precond=blur\) stage'):
         training_loop.load_training_state(first_stage['state'], net, ema, opt, loss_kwargs=BLUR_LOSS)
     # A second-stage state resumed as a first-stage run.
@@ -130,7 +130,7 @@ def test_resume_refuses_the_other_stage(first_stage, tmp_path):
                                       loss_kwargs=BLUR_LOSS)
     second = str(tmp_path / 'training-state-000000_008.pt')
     net, ema, opt = _fresh()
-    with pytest.raises(TrainingError, match=r'is a second \(relay, --precond=blur\) stage training state'):
+    with pytest.raises(UserError, match=r'is a second \(relay, --precond=blur\) stage training state'):
         training_loop.load_training_state(second, net, ema, opt, loss_kwargs=EDM_LOSS)
     assert training_loop.load_training_state(second, net, ema, opt, loss_kwargs=BLUR_LOSS) == 8
 
@@ -145,13 +145,13 @@ def test_resume_reads_the_stage_of_older_states_from_the_run_options(first_stage
     assert training_loop.load_training_state(path, net, ema, opt, loss_kwargs=BLUR_LOSS) == 8  # Nothing says.
     with open(tmp_path / 'training_options.json', 'w') as f:
         json.dump(dict(loss_kwargs=EDM_LOSS), f)
-    with pytest.raises(TrainingError, match='first'):
+    with pytest.raises(UserError, match='first'):
         training_loop.load_training_state(path, net, ema, opt, loss_kwargs=BLUR_LOSS)
 
 
 def test_resume_refuses_another_preconditioner(first_stage):
     net, ema, opt = _fresh(network=dict(NETWORK, class_name='training.networks.VPPrecond'))
-    with pytest.raises(TrainingError, match='holds a EDMPrecond network and this run builds VPPrecond'):
+    with pytest.raises(UserError, match='holds a EDMPrecond network and this run builds VPPrecond'):
         training_loop.load_training_state(first_stage['state'], net, ema, opt, loss_kwargs=dict(class_name='training.loss.VPLoss'))
 
 
@@ -168,7 +168,7 @@ def test_cli_resume_as_blur_is_one_line(first_stage, tmp_path):
 def test_run_folder_lock_is_exclusive(tmp_path):
     lock = training_loop.lock_run_dir(str(tmp_path))
     try:
-        with pytest.raises(TrainingError, match=f'{tmp_path} is in use by another training run'):
+        with pytest.raises(UserError, match=f'{tmp_path} is in use by another training run'):
             training_loop.lock_run_dir(str(tmp_path))
     finally:
         lock.release()

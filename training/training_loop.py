@@ -32,17 +32,12 @@ import psutil
 import torch
 
 import dnnlib
+import training
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
-import training
 from training import loggers
 from training import loss as training_loss
-
-
-class TrainingError(RuntimeError):
-    """A user-facing problem found while setting up training (bad resume file, ...)."""
-
 
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
@@ -59,21 +54,14 @@ def nimg_suffix(cur_nimg):
 def training_state_nimg(path):
     """Images seen according to a training-state file name, or None if the name is not one."""
     m = _STATE_RE.fullmatch(os.path.basename(path))
-    if m is None:
-        return None
-    return int(m.group(1)) * 1000 + int(m.group(2) or 0)
+    return None if m is None else int(m.group(1)) * 1000 + int(m.group(2) or 0)
 
 
 def find_latest_training_state(run_dir):
     """Path of the training-state-*.pt with the most images seen in a run folder, or None."""
-    best = None
-    for fname in os.listdir(run_dir):
-        nimg = training_state_nimg(fname)
-        if nimg is not None and os.path.isfile(os.path.join(run_dir, fname)):
-            if best is None or nimg > best[0]:
-                best = (nimg, os.path.join(run_dir, fname))
-    return None if best is None else best[1]
-
+    states = [(training_state_nimg(name), name) for name in os.listdir(run_dir)]
+    states = [(nimg, name) for nimg, name in states if nimg is not None and os.path.isfile(os.path.join(run_dir, name))]
+    return os.path.join(run_dir, max(states)[1]) if states else None
 
 #----------------------------------------------------------------------------
 # One training run per folder: an exclusive lock on a file in it, held for the run.
@@ -89,23 +77,18 @@ class RunLock:
             import fcntl
         except ImportError:  # No flock on this platform: run unlocked.
             return
-        busy = TrainingError(f'{run_dir} is in use by another training run (it holds {self.path}); '
-                             f'wait for it to finish or choose another --outdir')
         f = open(self.path, 'a+')
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # The holder before us may have removed the file between our open and our lock: then
+            # the lock is on a file nobody else sees, and a third run may hold the new one.
+            held = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
             f.close()
-            raise busy from None
-        # The holder before us may have removed the file between our open and our lock: then
-        # the lock is on a file nobody else sees, and a third run may hold the new one.
-        try:
-            same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
-        except FileNotFoundError:
-            same = False
-        if not same:
-            f.close()
-            raise busy
+            raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {self.path}); '
+                                   f'wait for it to finish or choose another --outdir')
         self.file = f
 
     def release(self):
@@ -117,13 +100,12 @@ class RunLock:
 
 
 def lock_run_dir(run_dir):
-    """Take the run folder's lock or raise TrainingError naming the folder; call .release()
-    when the run ends (process exit releases it too)."""
+    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
+    run ends (process exit releases it too)."""
     return RunLock(run_dir)
 
-
 #----------------------------------------------------------------------------
-# Resume helpers.
+# Resume and transfer.
 
 def _stage(record):
     return 'second (relay, --precond=blur)' if record.stage == 'second' else f'first ({record.loss})'
@@ -134,11 +116,9 @@ def _recorded_training(path, data):
     training_options.json beside it says."""
     record = training_loss.training_record(data)
     if record.loss is None:
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')) as f:
                 record = training_loss.training_record(json.load(f)['loss_kwargs'])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
     return record
 
 
@@ -146,50 +126,39 @@ def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     """Copy net/ema weights and the optimizer state from a training-state file; return the
     number of images it had seen ('step'; from the file name if absent). Refuses a state of
     another preconditioner or, where the state's loss is known, of the other relay stage."""
-    from torch_utils import checkpoint
-    try:
-        data = training.load_checkpoint(path)
-    except checkpoint.CheckpointError as err:
-        raise TrainingError(str(err)) from None
+    data = training.load_checkpoint(path)
     missing = [key for key in ('net', 'ema', 'optimizer_state') if key not in data]
     if missing:
-        raise TrainingError(f'{path}: not a training state (no {", ".join(missing)}); '
-                            f'use --transfer to start from network weights only')
+        raise dnnlib.UserError(f'{path}: not a training state (no {", ".join(missing)}); '
+                               f'use --transfer to start from network weights only')
     if type(data['net']).__name__ != type(net).__name__:
-        raise TrainingError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
-                            f'resume with the --precond of the original run')
+        raise dnnlib.UserError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
+                               f'resume with the --precond of the original run')
     theirs, ours = _recorded_training(path, data), training_loss.training_record(loss_kwargs or {})
-    if theirs.stage is not None and ours.stage is not None and theirs.stage != ours.stage:
-        raise TrainingError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
-                            f'{_stage(ours)} stage; resume with the --precond of the original run, '
-                            f'or start from its weights with --transfer')
+    if None not in (theirs.stage, ours.stage) and theirs.stage != ours.stage:
+        raise dnnlib.UserError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
+                               f'{_stage(ours)} stage; resume with the --precond of the original run, '
+                               f'or start from its weights with --transfer')
     try:
-        misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=True)
+        misc.copy_params_and_buffers(data['net'], net, require_all=True)
+        misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
         optimizer.load_state_dict(data['optimizer_state'])
     except ValueError as err:
-        raise TrainingError(f'{path}: does not match this network ({err}); '
-                            f'use the same --arch/--cbase/--cres/--precond as the original run') from None
-    if 'step' in data:
-        return int(data['step'])
-    return training_state_nimg(path) or 0
+        raise dnnlib.UserError(f'{path}: does not match this network ({err}); '
+                               f'use the same --arch/--cbase/--cres/--precond as the original run') from None
+    return int(data['step']) if 'step' in data else training_state_nimg(path) or 0
 
 
 def load_transfer_weights(path, net, ema):
     """Initialise net and ema from another network's EMA weights (names that match)."""
-    from torch_utils import checkpoint
+    data = training.load_checkpoint(path)
+    if not isinstance(data.get('ema'), torch.nn.Module):
+        raise dnnlib.UserError(f'{path}: has no "ema" network to transfer from')
     try:
-        data = training.load_checkpoint(path)
-    except checkpoint.CheckpointError as err:
-        raise TrainingError(str(err)) from None
-    if 'ema' not in data or not isinstance(data['ema'], torch.nn.Module):
-        raise TrainingError(f'{path}: has no "ema" network to transfer from')
-    try:
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
+        for module in (net, ema):
+            misc.copy_params_and_buffers(data['ema'], module)
     except ValueError as err:
-        raise TrainingError(f'{path}: does not match this network ({err})') from None
-
+        raise dnnlib.UserError(f'{path}: does not match this network ({err})') from None
 
 #----------------------------------------------------------------------------
 # Loss normalisation: the summed per-pixel loss of each accumulation round is multiplied by
@@ -207,8 +176,31 @@ LOSS_NORMS = ('reference', 'edm')
 def reference_loss_divisor(images):
     return 32 if images.shape[-1] == 64 else 256
 
-
 #----------------------------------------------------------------------------
+
+def _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg, maintenance_time, device):
+    """The tick's progress line; every number is also reported to training_stats (rank 0's)."""
+    now = time.time()
+    cuda = device.type == 'cuda'
+    fields = [  # (label, statistic, value, format)
+        ('tick', 'Progress/tick', cur_tick, '<5d'),
+        ('kimg', 'Progress/kimg', cur_nimg / 1e3, '<9.3f'),
+        ('time', 'Timing/total_sec', now - start_time, None),
+        ('sec/tick', 'Timing/sec_per_tick', now - tick_start_time, '<7.1f'),
+        ('sec/kimg', 'Timing/sec_per_kimg', (now - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3, '<7.2f'),
+        ('maintenance', 'Timing/maintenance_sec', maintenance_time, '<6.1f'),
+        ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
+        ('gpumem', 'Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0, '<6.2f'),
+        ('reserved', 'Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0, '<6.2f'),
+    ]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    text = []
+    for label, name, value, fmt in fields:
+        value = training_stats.report0(name, value)
+        text.append(f'{label} {dnnlib.util.format_time(value):<12s}' if fmt is None else f'{label} {value:{fmt}}')
+    return now, ' '.join(text)
+
 
 def training_loop(
     run_dir             = '.',      # Output directory (rank 0 only; None on other ranks).
@@ -255,48 +247,38 @@ def training_loop(
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
     # Batch per process and gradient accumulation rounds.
-    batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world:
-        raise TrainingError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
-
+    per_process = batch_size // world
+    batch_gpu = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
+    rounds = per_process // batch_gpu
+    if batch_size != batch_gpu * rounds * world:
+        raise dnnlib.UserError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
     if loss_norm not in LOSS_NORMS:
-        raise TrainingError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
-    if loss_norm == 'reference':
-        loss_divisor = reference_loss_divisor
-    else:
-        loss_divisor = lambda images: batch_gpu_total
+        raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
+    loss_divisor = reference_loss_divisor if loss_norm == 'reference' else (lambda _images: per_process)
 
-    # Dataset.
+    # Dataset. The iterator is made before the network: it draws a seed from the global generator.
     dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world, seed=seed)
-    data_loader_kwargs = dict(data_loader_kwargs)
-    if data_loader_kwargs.get('num_workers', 0) == 0:
-        data_loader_kwargs.pop('prefetch_factor', None)  # Only meaningful with worker processes.
-        data_loader_kwargs.pop('multiprocessing_context', None)
-    if device.type != 'cuda':
-        data_loader_kwargs['pin_memory'] = False
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
-                                                        batch_size=batch_gpu, **data_loader_kwargs))
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    loader_kwargs = dict(data_loader_kwargs)
+    if loader_kwargs.get('num_workers', 0) == 0:  # Options that exist only with worker processes.
+        loader_kwargs.pop('prefetch_factor', None)
+        loader_kwargs.pop('multiprocessing_context', None)
+    loader_kwargs['pin_memory'] = loader_kwargs.get('pin_memory', False) and device.type == 'cuda'
+    sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed)
+    batches = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
 
-    # Network.
+    # Network; its summary runs batch_gpu images through it, and that forward's dropout draws
+    # from the training's stream as the reference's does.
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
-                            label_dim=dataset_obj.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net.train().requires_grad_(True).to(device)
     if rank == 0:
-        with torch.no_grad():  # batch_gpu images, as the reference: dropout here draws from the same
-            n = batch_gpu          # random stream as training, so the count matters for a given --seed.
-            images = torch.zeros([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([n], device=device)
-            labels = torch.zeros([n, net.label_dim], device=device)
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+        with torch.no_grad():
+            shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
+            misc.print_module_summary(net, [torch.zeros(shape, device=device), torch.ones([batch_gpu], device=device),
+                                            torch.zeros([batch_gpu, net.label_dim], device=device)])
 
-    # Loss, optimizer, augmentation, DDP, EMA.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
@@ -307,9 +289,8 @@ def training_loop(
         # Buffers are constants (resampling filters): no need to re-broadcast them every forward.
         # Newer PyTorch names the switch forward_sync_buffers and deprecates broadcast_buffers.
         ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        sync_kwargs = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == 'cuda' else None, **sync_kwargs)
+        sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None, **sync)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
     # Transfer learning or resume. Rank 0 reads first so a download happens once.
@@ -329,46 +310,32 @@ def training_loop(
         if rank == 0:
             dist.barrier()
 
-    # Train.
-    dist.print0(f'Training for {total_kimg:g} kimg...')
-    dist.print0()
-    cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
-    tick_start_nimg = cur_nimg
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
-    stats_jsonl = None
-    exp_logger = None
+    # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
+    stats_jsonl = exp_logger = grid = pbar = None
     if rank == 0:
-        try:  # The whole option set, as plain data.
-            exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
-        except loggers.LoggerError as err:
-            raise TrainingError(str(err)) from None
-    # Sample grids (rank 0): fixed seeds, own random generators.
-    sample_grid = None
-    if sample_grid_kwargs is not None and rank == 0 and run_dir is not None:
-        from training.sample_grid import SampleGrid
-        sample_grid = SampleGrid(dataset_obj, loss_kwargs, device=device, **sample_grid_kwargs)
+        exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
+        if sample_grid_kwargs is not None and run_dir is not None:
+            from training.sample_grid import SampleGrid
+            grid = SampleGrid(dataset, loss_kwargs, device=device, **sample_grid_kwargs)
+        if progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty()):
+            import tqdm
+            pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img',
+                             unit_scale=True, dynamic_ncols=True, leave=False, file=sys.__stderr__)  # The terminal, not log.txt.
     # bf16 runs the forward pass under autocast; fp16 is the network's own use_fp16 (the reference's way).
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
-    if progress_bar is None:
-        progress_bar = rank == 0 and sys.__stderr__ is not None and sys.__stderr__.isatty()
-    pbar = None
-    if progress_bar and rank == 0:
-        import tqdm
-        pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)),
-                         unit='img', unit_scale=True, dynamic_ncols=True, leave=False,
-                         file=sys.__stderr__)  # The terminal, not log.txt.
 
+    dist.print0(f'Training for {total_kimg:g} kimg...\n')
+    cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    maintenance_time = tick_start_time - start_time
     if cur_nimg >= total_kimg * 1000:  # A finished run resumed: nothing to train, nothing to write.
         dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg of {total_kimg:g}; nothing to do.')
     while cur_nimg < total_kimg * 1000:
         # Accumulate gradients over rounds; DDP all-reduces only in the last one.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            last = round_idx == num_accumulation_rounds - 1
-            with ddp.no_sync() if ddp is not net and not last else contextlib.nullcontext():
-                images, labels = next(dataset_iterator)
+        for round_idx in range(rounds):
+            with ddp.no_sync() if ddp is not net and round_idx < rounds - 1 else contextlib.nullcontext():
+                images, labels = next(batches)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
                 with autocast():
@@ -384,7 +351,7 @@ def training_loop(
             grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
         optimizer.step()
 
-        # EMA, with the half-life ramping up over the first images (unless transferring).
+        # EMA, its half-life ramping up over the first images (unless transferring).
         ema_halflife_nimg = ema_halflife_kimg * 1000
         if ema_rampup_ratio is not None:
             ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
@@ -393,55 +360,28 @@ def training_loop(
             for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
 
-        # Once per tick: status line, snapshots, stats.
+        # Once per tick (and at the end): status line, snapshots, stats.
         cur_nimg += batch_size
         if pbar is not None:
             pbar.update(batch_size)
         done = cur_nimg >= total_kimg * 1000
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
-
-        tick_end_time = time.time()
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
-        peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
-        fields = [
-            f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}",
-            f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}",
-            f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
-            f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}",
-            f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}",
-            f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
-            f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}",
-            f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', peak_mem):<6.2f}",
-            f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', peak_reserved):<6.2f}",
-        ]
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        line = ' '.join(fields)
+        tick_end_time, line = _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg,
+                                           maintenance_time, device)
         if pbar is not None:
-            pbar.write(line)  # tqdm.write keeps the bar intact; Logger still copies it to log.txt.
+            pbar.write(line)  # Keeps the bar intact; Logger still copies the line to log.txt.
         else:
             dist.print0(line)
-
-        if (not done) and dist.should_stop():
-            done = True
-            dist.print0()
-            dist.print0('Aborting...')
-
-        # Network snapshot: EMA for sampling, plus what is needed to rebuild the setup.
-        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
+        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
-            if sample_grid is not None:
-                grid = sample_grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
+            if grid is not None:
+                image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
                 if exp_logger is not None:
-                    exp_logger.log_image('samples', grid, step=cur_nimg)
-
-        # Full training state for --resume.
-        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
+                    exp_logger.log_image('samples', image, step=cur_nimg)
+        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
-
-        # Statistics.
         stats = training_stats.collect()
         if rank == 0:
             if stats_jsonl is None:
@@ -450,25 +390,15 @@ def training_loop(
             stats_jsonl.flush()
             if exp_logger is not None:
                 exp_logger.log(stats, step=cur_nimg)
-        dist.update_progress(cur_nimg // 1000, total_kimg)
-
         cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
         maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
 
-    if pbar is not None:
-        pbar.close()
-    if stats_jsonl is not None:
-        stats_jsonl.close()
-    if exp_logger is not None:
-        exp_logger.close()
-    dist.print0()
-    dist.print0('Exiting...')
+    for resource in (pbar, stats_jsonl, exp_logger):
+        if resource is not None:
+            resource.close()
+    dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
-
 
 #----------------------------------------------------------------------------
 # Snapshot writers. Every rank takes part in the consistency check (it broadcasts); only
@@ -491,20 +421,20 @@ def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dat
             value = copy.deepcopy(value).eval().requires_grad_(False)
             misc.check_ddp_consistency(value)
             data[key] = value.cpu()
-    path = None
-    if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
-        checkpoint.save_snapshot(path, data)
+    if dist.get_rank() != 0:
+        return None
+    path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
+    checkpoint.save_snapshot(path, data)
     return path
 
 
 def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs=None):
     from torch_utils import checkpoint
-    path = None
-    if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
-        data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
-        if loss_kwargs is not None:
-            data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
-        checkpoint.save_training_state(path, data)
+    if dist.get_rank() != 0:
+        return None
+    path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
+    data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
+    if loss_kwargs is not None:
+        data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
+    checkpoint.save_training_state(path, data)
     return path
