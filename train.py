@@ -17,6 +17,8 @@ import warnings
 import zipfile
 
 import click
+import numpy as np
+import psutil
 import torch
 from click.core import ParameterSource
 
@@ -142,7 +144,20 @@ def inspect_dataset(opts):
     if opts.cond and not dataset.has_labels:
         raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
     return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
-                           max_size=len(dataset) // (2 if opts.xflip else 1))
+                           max_size=len(dataset) // (2 if opts.xflip else 1), image_bytes=int(np.prod(dataset.image_shape)))
+
+
+def _parse_cache(_ctx, _param, text):
+    """--cache: a boolean, or auto (None)."""
+    return None if text is None or str(text).lower() == 'auto' else click.BOOL.convert(text, _param, _ctx)
+
+
+def cache_fits(dataset, workers, processes_per_node):
+    """--cache=auto: cache only when every decoded copy of the dataset (one per data-loader
+    worker, or the process itself, of every process on this machine) fits in a quarter of the
+    machine's memory. ImageNet at 256 px is ~250 GB per copy: never cached by default."""
+    copies = max(workers, 1) * processes_per_node
+    return dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4
 
 #----------------------------------------------------------------------------
 # The training loop's keyword arguments.
@@ -166,8 +181,9 @@ def setup_training_config(opts, dataset, world=1):
     """training_loop keyword arguments for the resolved options and the dataset's facts."""
     res = dataset.resolution
     c = dnnlib.EasyDict()
+    cache = opts.cache if opts.cache is not None else cache_fits(dataset, opts.workers, int(os.environ.get('LOCAL_WORLD_SIZE', world)))
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
-                                       xflip=opts.xflip, cache=opts.cache, resolution=res, max_size=dataset.max_size)
+                                       xflip=opts.xflip, cache=cache, resolution=res, max_size=dataset.max_size)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers)
     if opts.workers > 0:  # Spawned workers: safe with CUDA in the parent (fork is not).
         c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn', persistent_workers=True)
@@ -323,7 +339,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--fp16',           help='Enable mixed-precision training (CUDA); same as --precision=fp16', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls',             help='Loss scaling', metavar='FLOAT',                              type=POSITIVE, default=1, show_default=True)
 @click.option('--bench',          help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
-@click.option('--cache',          help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
+@click.option('--cache',          help='Keep decoded images in CPU memory, one copy per data-loader worker of every process; auto = only if all copies fit in a quarter of this machine\'s memory', metavar='BOOL|auto', type=str, default='auto', show_default=True, callback=_parse_cache)
 @click.option('--workers',        help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 # I/O.
 @click.option('--desc',           help='String to include in result dir name', metavar='STR',        type=str)

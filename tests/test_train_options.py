@@ -41,8 +41,8 @@ def _resolve(args):
     return train.resolve_options(train.main.make_context('train.py', list(args)))
 
 
-def _fake_dataset(resolution, labels):
-    return dnnlib.EasyDict(name='fake', resolution=resolution, max_size=1000, has_labels=labels)
+def _fake_dataset(resolution, labels, size=1000):
+    return dnnlib.EasyDict(name='fake', resolution=resolution, max_size=size, has_labels=labels, image_bytes=3 * resolution ** 2)
 
 
 def test_readme_lists_the_four_paper_runs():
@@ -177,3 +177,27 @@ def test_outdir_unwritable(tiny_data, tmp_path):
 
 def test_max_levels():
     assert [train.max_levels(r) for r in (16, 64, 256, 48, 7)] == [5, 7, 9, 5, 1]
+
+
+@pytest.mark.parametrize('size, resolution, workers, procs, args, cached', [
+    (50_000, 32, 1, 1, [], True),                   # CIFAR-10: 150 MB.
+    (1_281_167, 64, 1, 8, [], False),                # ImageNet 64 on 8 GPUs: 8 copies of 15.7 GB.
+    (1_281_167, 64, 1, 1, [], True),                 # ... one process, one worker: 15.7 GB of 64.
+    (1_281_167, 64, 2, 1, [], False),                # ... two workers: 31.5 GB.
+    (1_281_167, 256, 1, 1, [], False),               # ImageNet 256: 252 GB.
+    (1_281_167, 256, 1, 1, ['--cache=1'], True),     # Asked for.
+    (50_000, 32, 1, 1, ['--cache=false'], False),
+])
+def test_cache_default_fits_the_node(monkeypatch, size, resolution, workers, procs, args, cached):
+    monkeypatch.setattr(train.psutil, 'virtual_memory', lambda: dnnlib.EasyDict(total=64 * 2**30))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(procs))
+    opts = _resolve(['--outdir=o', '--data=d', f'--workers={workers}', f'--batch={8 * procs}'] + args)
+    c = train.setup_training_config(opts, _fake_dataset(resolution, labels=False, size=size), world=procs)
+    assert c.dataset_kwargs.cache is cached
+
+
+def test_cache_option_values():
+    assert _resolve(['--outdir=o', '--data=d']).cache is None
+    assert _resolve(['--outdir=o', '--data=d', '--cache=AUTO']).cache is None
+    with pytest.raises(Exception, match="'maybe' is not a valid boolean"):
+        _resolve(['--outdir=o', '--data=d', '--cache=maybe'])

@@ -192,3 +192,32 @@ def test_second_nosubdir_run_into_a_busy_folder_is_refused(first_stage, tmp_path
                                              '--duration=0.000004'] + TINY_CLI)
     assert result.exit_code == 0, result.output
     assert training_loop.RUN_LOCK_NAME not in os.listdir(folder)
+
+
+@pytest.mark.parametrize('code', ['ENOLCK', 'ENOSYS'])
+def test_filesystem_without_locks_trains_unlocked(first_stage, tmp_path, monkeypatch, code):
+    import errno
+    import fcntl
+
+    def no_locks(_fd, _op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path), '--nosubdir', '--data', first_stage['data'],
+                                             '--duration=0.000004', '--grid=0'] + TINY_CLI)
+    assert result.exit_code == 0, result.output
+    assert f'Warning: {tmp_path} is on a filesystem without file locks' in result.output
+    assert 'network-snapshot-000000_004.pkl' in os.listdir(tmp_path) and training_loop.RUN_LOCK_NAME not in os.listdir(tmp_path)
+
+
+def test_resume_and_transfer_read_on_rank0_first(first_stage, tmp_path, monkeypatch):
+    # Rank 0 reads (downloads) first; the others wait in rank0_first, without the main process
+    # group's deadline (the two-process run is in test_train_ddp.py).
+    calls = []
+    real = training_loop.dist.rank0_first
+    monkeypatch.setattr(training_loop.dist, 'rank0_first', lambda fn: calls.append(fn) or real(fn))
+    result = _train(str(tmp_path / 'resumed'), first_stage['data'], total_kimg=0.012, resume_state_dump=first_stage['state'])
+    assert result['cur_nimg'] == 12 and len(calls) == 1
+    snapshot = os.path.join(first_stage['run_dir'], 'network-snapshot-000000_008.pkl')
+    _train(str(tmp_path / 'transferred'), first_stage['data'], total_kimg=0.004, resume_pkl=snapshot)
+    assert len(calls) == 2

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from training import loss, pipeline, sampling
+from training import fast_mode, loss, pipeline, sampling
 
 
 def to_uint8(images):
@@ -53,8 +53,10 @@ def preserved_random_state(device):
 
 
 class SampleGrid:
-    def __init__(self, dataset, loss_kwargs, num_images=16, num_steps=32, seed=0, device=torch.device('cpu')):
+    def __init__(self, dataset, loss_kwargs, num_images=16, num_steps=32, seed=0, device=torch.device('cpu'), precision='fp32'):
         self.device = torch.device(device)
+        # The training's precision: bf16 autocast around the U-Net; fp16 is the network's own use_fp16.
+        self.fast = fast_mode.FastSettings(precision='bf16') if precision == 'bf16' else None
         self.seeds = list(range(seed, seed + num_images))
         self.num_steps = num_steps
         self.label_dim = dataset.label_dim
@@ -74,6 +76,7 @@ class SampleGrid:
     @torch.no_grad()
     def sample(self, net):
         """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image."""
+        net = fast_mode.prepare(net, self.fast) if self.fast is not None else net
         with preserved_random_state(self.device):
             rnd = sampling.StackedRandomGenerator(self.device, self.seeds)
             res = net.img_resolution

@@ -20,6 +20,7 @@ reference's files hold a `loss_fn` object instead (training/pipeline.py reads bo
 
 import contextlib
 import copy
+import errno
 import inspect
 import json
 import os
@@ -36,6 +37,7 @@ import training
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
+from training import fast_mode
 from training import loggers
 from training import loss as training_loss
 
@@ -77,6 +79,7 @@ class RunLock:
             import fcntl
         except ImportError:  # No flock on this platform: run unlocked.
             return
+        existed = os.path.exists(self.path)
         f = open(self.path, 'a+')
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,6 +88,16 @@ class RunLock:
             held = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
         except (BlockingIOError, FileNotFoundError):
             held = False
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
+            f.close()
+            if not existed:
+                os.remove(self.path)
+            print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
+                  f'the lock that keeps a second run out of this folder', file=sys.stderr)
+            return
         if not held:
             f.close()
             raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {self.path}); '
@@ -283,32 +296,32 @@ def training_loop(
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    ddp = net
+    # bf16: autocast around the U-Net only (training.fast_mode's wrapper, sharing net's parameters);
+    # augmentation, blur, noise, preconditioning and loss stay float32. fp16 is the network's
+    # own use_fp16, the reference's way.
+    train_net = fast_mode.prepare(net, fast_mode.FastSettings(precision='bf16')) if precision == 'bf16' else net
+    ddp = train_net
     if world > 1:
-        # DDP broadcasts rank 0's initial weights, so all ranks (and their EMAs) start equal.
-        # Buffers are constants (resampling filters): no need to re-broadcast them every forward.
-        # Newer PyTorch names the switch forward_sync_buffers and deprecates broadcast_buffers.
+        # DDP broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal.
+        # The buffers (resampling filters, ncsnpp's random Fourier frequencies) never change, so
+        # they are broadcast once, here: before PyTorch 2.13 DDP's only switch against a
+        # broadcast every forward (broadcast_buffers=False) skipped the initial one too.
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer, src=0)
         ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
         sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None, **sync)
+        ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    # Transfer learning or resume. Rank 0 reads first so a download happens once.
+    # Transfer learning or resume: rank 0 reads (and downloads) first, the others wait without
+    # the process group's deadline, then read from the cache.
     cur_nimg = int(round(resume_kimg * 1000))
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if rank != 0:
-            dist.barrier()
-        load_transfer_weights(resume_pkl, net, ema)
-        if rank == 0:
-            dist.barrier()
+        dist.rank0_first(lambda: load_transfer_weights(resume_pkl, net, ema))
     if resume_state_dump:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        if rank != 0:
-            dist.barrier()
-        cur_nimg = load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs)
-        if rank == 0:
-            dist.barrier()
+        cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
     stats_jsonl = exp_logger = grid = pbar = None
@@ -316,13 +329,11 @@ def training_loop(
         exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
         if sample_grid_kwargs is not None and run_dir is not None:
             from training.sample_grid import SampleGrid
-            grid = SampleGrid(dataset, loss_kwargs, device=device, **sample_grid_kwargs)
+            grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
         if progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty()):
             import tqdm
             pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img',
                              unit_scale=True, dynamic_ncols=True, leave=False, file=sys.__stderr__)  # The terminal, not log.txt.
-    # bf16 runs the forward pass under autocast; fp16 is the network's own use_fp16 (the reference's way).
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
 
     dist.print0(f'Training for {total_kimg:g} kimg...\n')
     cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
@@ -334,12 +345,11 @@ def training_loop(
         # Accumulate gradients over rounds; DDP all-reduces only in the last one.
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(rounds):
-            with ddp.no_sync() if ddp is not net and round_idx < rounds - 1 else contextlib.nullcontext():
+            with ddp.no_sync() if ddp is not train_net and round_idx < rounds - 1 else contextlib.nullcontext():
                 images, labels = next(batches)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
-                with autocast():
-                    loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
 
