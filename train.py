@@ -25,6 +25,7 @@ from click.core import ParameterSource
 import dnnlib
 from dnnlib.util import FiniteFloatRange
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import loggers
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
@@ -65,6 +66,7 @@ PRECOND_PRESETS = {
 }
 MAX_LEVELS = 10         # --cres entries: a network halves the resolution at every level.
 MAX_GRID_IMAGES = 256   # --grid: a preview, not an evaluation.
+MAX_BATCH = (1 << 31) - 1
 
 
 def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, blocks=None, dropout=0.13, fp16=False,
@@ -126,6 +128,11 @@ def resolve_options(ctx):
         raise dnnlib.UserError('--transfer and --resume cannot be specified at the same time')
     if opts.logger != 'wandb' and opts.wandb_project:
         raise dnnlib.UserError(f'--wandb-project is for --logger=wandb (got --logger={opts.logger})')
+    if opts.desc is not None and not re.fullmatch(r'[\w.+=-]+', opts.desc):
+        raise dnnlib.UserError(f'--desc={opts.desc!r}: use letters, digits and . _ + = - only (it becomes part of a folder name)')
+    if os.path.isdir(opts.data) and os.path.commonpath([os.path.realpath(opts.outdir), os.path.realpath(opts.data)]) == os.path.realpath(opts.data):
+        raise dnnlib.UserError(f'--outdir={opts.outdir} is --data or inside it: run folders and sample grids would become part '
+                               f'of the dataset; choose an --outdir outside {opts.data}')
     loggers.check_installed(opts.logger)  # Now rather than after creating the run folder.
     if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise dnnlib.UserError('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
@@ -144,7 +151,8 @@ def inspect_dataset(opts):
     if opts.cond and not dataset.has_labels:
         raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
     return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
-                           max_size=len(dataset) // (2 if opts.xflip else 1), image_bytes=int(np.prod(dataset.image_shape)))
+                           max_size=len(dataset) // (2 if opts.xflip else 1), image_bytes=int(np.prod(dataset.image_shape)),
+                           channels=dataset.num_channels, label_dim=dataset.label_dim)
 
 
 def _parse_cache(_ctx, _param, text):
@@ -181,11 +189,18 @@ def setup_training_config(opts, dataset, world=1):
     """training_loop keyword arguments for the resolved options and the dataset's facts."""
     res = dataset.resolution
     c = dnnlib.EasyDict()
-    cache = opts.cache if opts.cache is not None else cache_fits(dataset, opts.workers, int(os.environ.get('LOCAL_WORLD_SIZE', world)))
+    # Data-loader workers: spawned (safe with CUDA in the parent, fork is not), each a process
+    # that imports torch and, with --cache, holds its own copy of the images; more than this
+    # machine's cores per process only cost memory.
+    processes_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+    workers = min(opts.workers, max((os.cpu_count() or 1) // processes_per_node, 1))
+    if workers < opts.workers:
+        dist.print0(f'Note: --workers={opts.workers} capped at {workers}, the CPU cores per process on this machine')
+    cache = opts.cache if opts.cache is not None else cache_fits(dataset, workers, processes_per_node)
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
                                        xflip=opts.xflip, cache=cache, resolution=res, max_size=dataset.max_size)
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers)
-    if opts.workers > 0:  # Spawned workers: safe with CUDA in the parent (fork is not).
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=workers)
+    if workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn', persistent_workers=True)
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.network_kwargs = network_kwargs_for(opts.arch, res, precond=opts.precond, cbase=opts.cbase, cres=opts.cres,
@@ -226,7 +241,7 @@ def setup_training_config(opts, dataset, world=1):
     if opts.transfer is not None:
         if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
             raise dnnlib.UserError(f'--transfer: no such file: {opts.transfer}')
-        c.update(resume_pkl=opts.transfer, ema_rampup_ratio=None)
+        c.update(resume_pkl=opts.transfer, transfer_partial=opts.transfer_partial, ema_rampup_ratio=None)
     elif opts.resume is not None:
         c.resume_state_dump, c.resume_kimg = _resolve_resume(opts.resume)
     return c
@@ -234,10 +249,43 @@ def setup_training_config(opts, dataset, world=1):
 #----------------------------------------------------------------------------
 # The run folder and the run.
 
+def effective_precision(precision, device):
+    """fp16 is the network's use_fp16, which runs in half precision on CUDA only (as the reference's)."""
+    return 'fp32' if precision == 'fp16' and device.type != 'cuda' else precision
+
+
+def check_memory(c, dataset, world, device):
+    """Refuse, before the run folder exists, a batch per accumulation round whose activations,
+    with the weights, gradients, Adam's moments and the EMA (float32), exceed the device's free
+    memory. The activations are measured by one forward pass on the meta device (no memory, no
+    compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
+    per_process = c.batch_size // world
+    batch_gpu = min(c.batch_gpu or per_process, per_process)
+    try:
+        with torch.device('meta'):
+            net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
+                                                      img_channels=dataset.channels, label_dim=dataset.label_dim)
+            image = [1, dataset.channels, dataset.resolution, dataset.resolution]
+            augment_labels = torch.zeros([1, net.model.augment_dim]) if getattr(net.model, 'augment_dim', 0) else None
+            per_image = misc.activation_bytes(net.train(), torch.zeros(image), torch.ones([1]), torch.zeros([1, dataset.label_dim]),
+                                              augment_labels=augment_labels)
+    except (RuntimeError, ValueError) as err:  # E.g. channel counts that group normalisation cannot split.
+        raise dnnlib.UserError(f'this network (--arch/--cbase/--cres/--blocks) cannot run: {str(err).splitlines()[0][:200]}') from None
+    per_image //= 1 if c.precision == 'fp32' else 2  # Half-precision activations (the meta pass runs in float32).
+    fixed = sum(p.numel() for p in net.parameters()) * 4 * 5
+    free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else psutil.virtual_memory().available
+    if fixed + batch_gpu * per_image > free:
+        fits, gib = max(int((free - fixed) // per_image), 0), lambda n: f'{n / 2**30:.3g} GB'
+        advice = f'set --batch-gpu={fits} or less' if fits else 'choose a smaller network (--cbase, --cres, --blocks)'
+        raise dnnlib.UserError(f'{batch_gpu} images per accumulation round need about {gib(fixed + batch_gpu * per_image)} '
+                               f'({gib(fixed)} of weights and optimizer state, {gib(per_image)} per image) and {device} has '
+                               f'{gib(free)} free; {advice}')
+
+
 def run_description(c, opts, dataset, world):
-    """<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-desc]"""
+    """<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision that runs>[-desc]"""
     desc = (f'{dataset.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{opts.arch}-{opts.precond}'
-            f'-gpus{world}-batch{c.batch_size}-{opts.precision}')
+            f'-gpus{world}-batch{c.batch_size}-{effective_precision(opts.precision, dist.get_device())}')
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
@@ -247,15 +295,21 @@ def _next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
+RUN_FILES = re.compile(r'training_options\.json|log\.txt|stats\.jsonl|(network-snapshot-|training-state-|samples-)\d.*')
+
+
 def choose_run_dir(opts, desc):
-    """The run folder (rank 0; None elsewhere): outdir itself with --nosubdir, else the next id."""
+    """The run folder (rank 0; None elsewhere): outdir itself with --nosubdir, else the next id.
+    --nosubdir into a folder with another run's files is refused: they would be overwritten or
+    mixed with this run's."""
+    if opts.nosubdir and os.path.isdir(opts.outdir):
+        theirs = sorted(name for name in os.listdir(opts.outdir) if RUN_FILES.fullmatch(name))
+        if theirs:
+            raise dnnlib.UserError(f'--nosubdir: {opts.outdir} already holds files of a training run ({", ".join(theirs[:3])}'
+                                   f'{", ..." if len(theirs) > 3 else ""}); choose an empty or new --outdir, or drop --nosubdir')
     if dist.get_rank() != 0:
         return None
-    if opts.nosubdir:
-        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')):
-            raise dnnlib.UserError(f'--nosubdir: {opts.outdir} already holds a training run; choose another --outdir or drop --nosubdir')
-        return opts.outdir
-    return _next_run_dir(opts.outdir, desc)
+    return opts.outdir if opts.nosubdir else _next_run_dir(opts.outdir, desc)
 
 
 def _random_seed():
@@ -280,7 +334,7 @@ def launch_training(c, opts, desc):
             except FileExistsError:
                 c.run_dir = _next_run_dir(opts.outdir, desc)
         os.makedirs(c.run_dir, exist_ok=True)
-        run_lock = training_loop.lock_run_dir(c.run_dir)  # Two --nosubdir runs would mix their files.
+        run_lock = training_loop.RunLock(c.run_dir)  # Two --nosubdir runs would mix their files.
         with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
         log = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
@@ -321,12 +375,12 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--precond',        help='Preconditioning & loss function (blur = relay second stage)', type=click.Choice(['vp', 've', 'edm', 'blur']), default='edm', show_default=True)
 # Hyperparameters.
 @click.option('--duration',       help='Training duration', metavar='MIMG',                          type=POSITIVE, default=200, show_default=True)
-@click.option('--batch',          help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
+@click.option('--batch',          help='Total batch size', metavar='INT',                            type=click.IntRange(1, MAX_BATCH), default=512, show_default=True)
+@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=click.IntRange(1, MAX_BATCH))
+@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(1, 1 << 16))
 @click.option('--cres',           help='Channels per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=str, callback=_parse_cres)
-@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--lr',             help='Learning rate', metavar='FLOAT',                             type=POSITIVE, default=1e-4, show_default=True)
+@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(1, 100))
+@click.option('--lr',             help='Learning rate (Adam moves each weight by about this much per step)', metavar='FLOAT', type=FiniteFloatRange(0, 1, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=NONNEGATIVE, default=10000, show_default=True)
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=NONNEGATIVE, default=0.5, show_default=True)
 @click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=FRACTION, default=0.13, show_default=True)
@@ -351,6 +405,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--grid-steps',     help='Sampler steps of the sample grid', metavar='INT',            type=click.IntRange(2, 1000), default=32, show_default=True)
 @click.option('--seed',           help='Random seed  [default: random]', metavar='INT',              type=click.IntRange(0, (1 << 31) - 1))
 @click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
+@click.option('--transfer-partial', help='Allow --transfer from a network that shares under half of the weights', is_flag=True)
 @click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
 # Extensions.
@@ -364,8 +419,8 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 # Relay (blurring diffusion) stage, --precond=blur.
 @click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--block-scale',    help='Scale of block noise addition', metavar='FLOAT',             type=FRACTION, default=0.15, show_default=True)
-@click.option('--prob-length',    help='Truncation probability length', metavar='FLOAT',            type=FiniteFloatRange(0, 1, min_open=True), default=0.93, show_default=True)
-@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule', metavar='FLOAT',        type=NONNEGATIVE, default=3, show_default=True)
+@click.option('--prob-length',    help='Truncation probability length (below 0.001 every noise level is under the loss\'s floor)', metavar='FLOAT', type=FiniteFloatRange(0.001, 1), default=0.93, show_default=True)
+@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule (from about 10 on, every block blurs to its mean)', metavar='FLOAT', type=FiniteFloatRange(0, 1000), default=3, show_default=True)
 def main(**_kwargs):
     """Train a diffusion model (EDM first stage, or the relay stage with --precond=blur).
 
@@ -393,8 +448,12 @@ def main(**_kwargs):
         raise dnnlib.UserError(f'--outdir={opts.outdir}: {problem}; choose a writable folder')
     dist.init()
     world = dist.get_world_size()
+    if effective_precision(opts.precision, dist.get_device()) != opts.precision:
+        dist.print0(f'Note: --precision={opts.precision} runs the network in float16 on CUDA only, as the reference; '
+                    f'on {dist.get_device()} it trains in float32 (the run is named so)')
     dataset = inspect_dataset(opts)
     c = setup_training_config(opts, dataset, world)
+    check_memory(c, dataset, world, dist.get_device())
     c.seed = opts.seed if opts.seed is not None else _random_seed()
     desc = run_description(c, opts, dataset, world)
     c.run_dir = choose_run_dir(opts, desc)

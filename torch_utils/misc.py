@@ -52,7 +52,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
 #----------------------------------------------------------------------------
 # Parameters and buffers by name.
 
-def _tensors(module):
+def named_tensors(module):
+    """{name: tensor} of a module's parameters and buffers."""
     return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
 
 
@@ -60,9 +61,9 @@ def _tensors(module):
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy every tensor of dst_module that src_module has under the same name; returns the
     names copied. ValueError when a shape differs, or (require_all) when src lacks a name."""
-    src = _tensors(src_module)
+    src = named_tensors(src_module)
     copied = []
-    for name, tensor in _tensors(dst_module).items():
+    for name, tensor in named_tensors(dst_module).items():
         if name not in src:
             if require_all:
                 raise ValueError(f'the source has no tensor "{name}"')
@@ -78,11 +79,29 @@ def check_ddp_consistency(module):
     """Assert that every process holds rank 0's parameters and buffers (NaNs count as equal)."""
     if not torch.distributed.is_initialized():
         return
-    for name, tensor in _tensors(module).items():
+    for name, tensor in named_tensors(module).items():
         mine = torch.nan_to_num(tensor.detach()) if tensor.is_floating_point() else tensor.detach()
         theirs = mine.clone()
         torch.distributed.broadcast(theirs, src=0)
         assert torch.equal(mine, theirs), f'{type(module).__name__}.{name} differs between processes'
+
+def activation_bytes(module, *inputs, **kwargs):
+    """Bytes of the tensors autograd keeps for backward in one call module(*inputs, **kwargs), each
+    storage counted once, the module's own parameters and buffers not at all. On the meta device
+    this costs neither memory nor compute."""
+    seen = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
+    total = [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs, **kwargs)
+    return total[0]
 
 #----------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class FastSettings:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
+            raise ValueError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
 
     @property
     def exact(self):
@@ -81,10 +81,7 @@ def settings_from_options(fast=False, precision=None, tf32=None, channels_last=F
         if given:
             raise ValueError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
         return EXACT
-    precision = 'fp16' if precision is None else precision
-    if precision not in PRECISIONS:
-        raise ValueError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{precision}"')
-    return FastSettings(batch_guidance=True, precision=precision, tf32=(True if tf32 is None else bool(tf32)),
+    return FastSettings(batch_guidance=True, precision='fp16' if precision is None else precision, tf32=(True if tf32 is None else bool(tf32)),
                         channels_last=bool(channels_last), compile=bool(compile))
 
 #----------------------------------------------------------------------------

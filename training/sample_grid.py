@@ -82,8 +82,10 @@ class SampleGrid:
             res = net.img_resolution
             if not self.relay:
                 latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
-                out = sampling.edm_sampler(net, latents, pipeline.class_labels(self.label_dim, self.seeds, None, self.device), randn_like=rnd.randn_like,
-                                           num_steps=self.num_steps)
+                # One-hot seed % label_dim, as generate.py's, built row by row: a dataset with a class
+                # 99999 must not cost an identity matrix of 100000^2.
+                labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32) if self.label_dim else None
+                out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
                 return tile(to_uint8(out))
             real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
             low = F.avg_pool2d(real, self.up_scale)

@@ -72,6 +72,9 @@ RUN_LOCK_NAME = '.train.lock'
 
 
 class RunLock:
+    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
+    run ends (process exit releases it too)."""
+
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, RUN_LOCK_NAME)
         self.file = None
@@ -111,12 +114,6 @@ class RunLock:
             self.file.close()
             self.file = None
 
-
-def lock_run_dir(run_dir):
-    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
-    run ends (process exit releases it too)."""
-    return RunLock(run_dir)
-
 #----------------------------------------------------------------------------
 # Resume and transfer.
 
@@ -135,10 +132,51 @@ def _recorded_training(path, data):
     return record
 
 
+def _bad_number(value, low, high):
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high
+
+
+def _state_problem(data, net, optimizer):
+    """Why the values of a training state (dict with net, ema, optimizer_state, step) cannot be
+    trained on, or None: every weight finite, an image count for step, and Adam's state as this
+    network's optimizer has it (groups, hyperparameters in range, moments of the parameters'
+    shapes, finite)."""
+    step = data.get('step', 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 53:
+        return f'its step ({str(step)[:20]}) is not a number of images'
+    for key in ('net', 'ema'):
+        bad = [name for name, t in misc.named_tensors(data[key]).items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            return f'its {key} holds non-finite values ({bad[0]}{", ..." if len(bad) > 1 else ""})'
+    state, ours = data['optimizer_state'], optimizer.state_dict()['param_groups']
+    groups = state.get('param_groups') if isinstance(state, dict) and isinstance(state.get('state'), dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return 'its optimizer_state is not an optimizer state (state, param_groups)'
+    if [len(g.get('params', [])) for g in groups] != [len(g['params']) for g in ours]:
+        return f'its optimizer holds {sum(len(g.get("params", [])) for g in groups)} parameters and this network has {len(ours[0]["params"])}'
+    for group in groups:
+        betas = group.get('betas', (0, 0))
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2 or any(_bad_number(b, 0, 1 - 1e-12) for b in betas)
+                or _bad_number(group.get('eps', 1), 1e-30, 1) or _bad_number(group.get('lr', 0), 0, 1e3)
+                or _bad_number(group.get('weight_decay', 0), 0, 1e3)):
+            return f'its optimizer settings are out of range (betas {betas}, eps {group.get("eps")}, lr {group.get("lr")})'
+    shapes = [p.shape for p in net.parameters()]
+    for index, entry in state['state'].items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(entry, dict):
+            return f'its optimizer state has an entry {str(index)[:20]} for no parameter of this network'
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not value.isfinite().all() or (value.ndim == 0 and value < 0):
+                return f'its optimizer state {key} of parameter {index} is not a finite tensor (or is negative)'
+            if value.ndim > 0 and value.shape != shapes[index]:
+                return f'its optimizer state {key} of parameter {index} is {list(value.shape)}, the parameter {list(shapes[index])}'
+    return None
+
+
 def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     """Copy net/ema weights and the optimizer state from a training-state file; return the
     number of images it had seen ('step'; from the file name if absent). Refuses a state of
-    another preconditioner or, where the state's loss is known, of the other relay stage."""
+    another preconditioner or, where the state's loss is known, of the other relay stage, and
+    values that cannot be trained on."""
     data = training.load_checkpoint(path)
     missing = [key for key in ('net', 'ema', 'optimizer_state') if key not in data]
     if missing:
@@ -155,23 +193,37 @@ def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     try:
         misc.copy_params_and_buffers(data['net'], net, require_all=True)
         misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
-        optimizer.load_state_dict(data['optimizer_state'])
     except ValueError as err:
         raise dnnlib.UserError(f'{path}: does not match this network ({err}); '
                                f'use the same --arch/--cbase/--cres/--precond as the original run') from None
-    return int(data['step']) if 'step' in data else training_state_nimg(path) or 0
+    problem = _state_problem(data, net, optimizer)
+    if problem:
+        raise dnnlib.UserError(f'{path}: {problem}; the training state is damaged, resume from an earlier one')
+    optimizer.load_state_dict(data['optimizer_state'])
+    return data['step'] if 'step' in data else training_state_nimg(path) or 0
 
 
-def load_transfer_weights(path, net, ema):
-    """Initialise net and ema from another network's EMA weights (names that match)."""
+def load_transfer_weights(path, net, ema, partial=False):
+    """Initialise net and ema from another network's EMA weights: the tensors with this network's
+    names (and shapes). Says how much that is of each network; under half of either's weights is
+    refused unless partial."""
     data = training.load_checkpoint(path)
     if not isinstance(data.get('ema'), torch.nn.Module):
         raise dnnlib.UserError(f'{path}: has no "ema" network to transfer from')
     try:
-        for module in (net, ema):
-            misc.copy_params_and_buffers(data['ema'], module)
+        copied = set(misc.copy_params_and_buffers(data['ema'], net))
+        misc.copy_params_and_buffers(data['ema'], ema)
     except ValueError as err:
         raise dnnlib.UserError(f'{path}: does not match this network ({err})') from None
+    params = dict(net.named_parameters())
+    count = sum(p.numel() for name, p in params.items() if name in copied)
+    ours, theirs = count / sum(p.numel() for p in params.values()), count / sum(p.numel() for p in data['ema'].parameters())
+    report = f'{sum(name in copied for name in params)} weight tensors ({ours:.1%} of this network\'s weights, {theirs:.1%} of the source\'s)'
+    if min(ours, theirs) < 0.5 and not partial:
+        raise dnnlib.UserError(f'{path}: shares only {report}; check --arch/--cbase/--cres/--cond, '
+                               f'or pass --transfer-partial to start from it anyway')
+    dist.print0(f'Transferred {report} from {path}')
+
 
 #----------------------------------------------------------------------------
 # Loss normalisation: the summed per-pixel loss of each accumulation round is multiplied by
@@ -235,6 +287,7 @@ def training_loop(
     snapshot_ticks      = 50,       # Network snapshot interval in ticks, None = never.
     state_dump_ticks    = 500,      # Training state interval in ticks, None = never.
     resume_pkl          = None,     # Initialise from this network's EMA weights (--transfer).
+    transfer_partial    = False,    # Allow resume_pkl to share under half of the weights.
     resume_state_dump   = None,     # Continue from this training state (--resume).
     resume_kimg         = 0,        # Progress to start from when resume_state_dump has no 'step'.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
@@ -318,7 +371,7 @@ def training_loop(
     cur_nimg = int(round(resume_kimg * 1000))
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        dist.rank0_first(lambda: load_transfer_weights(resume_pkl, net, ema))
+        dist.rank0_first(lambda: load_transfer_weights(resume_pkl, net, ema, partial=transfer_partial))
     if resume_state_dump:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
         cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
@@ -415,12 +468,9 @@ def training_loop(
 # rank 0 writes.
 
 def _plain(value):
-    """Dicts (EasyDict included) as plain dicts, recursively: data any EDM-family tree unpickles."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
+    """Options (EasyDicts of JSON values, as training_options.json holds them) as plain dicts and
+    lists: data any EDM-family tree unpickles."""
+    return json.loads(json.dumps(value))
 
 
 def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs):
