@@ -254,10 +254,9 @@ def effective_precision(precision, device):
     return 'fp32' if precision == 'fp16' and device.type != 'cuda' else precision
 
 
-def check_memory(c, dataset, world, device):
-    """Refuse, before the run folder exists, a batch per accumulation round whose activations,
-    with the weights, gradients, Adam's moments and the EMA (float32), exceed the device's free
-    memory. The activations are measured by one forward pass on the meta device (no memory, no
+def memory_problem(c, dataset, world, device):
+    """Why a batch per accumulation round cannot fit, or None: its activations, with the weights,
+    gradients, Adam's moments and the EMA (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
     compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
     per_process = c.batch_size // world
     batch_gpu = min(c.batch_gpu or per_process, per_process)
@@ -277,9 +276,10 @@ def check_memory(c, dataset, world, device):
     if fixed + batch_gpu * per_image > free:
         fits, gib = max(int((free - fixed) // per_image), 0), lambda n: f'{n / 2**30:.3g} GB'
         advice = f'set --batch-gpu={fits} or less' if fits else 'choose a smaller network (--cbase, --cres, --blocks)'
-        raise dnnlib.UserError(f'{batch_gpu} images per accumulation round need about {gib(fixed + batch_gpu * per_image)} '
-                               f'({gib(fixed)} of weights and optimizer state, {gib(per_image)} per image) and {device} has '
-                               f'{gib(free)} free; {advice}')
+        where = 'this machine' if device.type == 'cpu' else device
+        return (f'{batch_gpu} images per accumulation round need about {gib(fixed + batch_gpu * per_image)} ({gib(fixed)} of '
+                f'weights and optimizer state, {gib(per_image)} per image) and {where} has {gib(free)} free; {advice}')
+    return None
 
 
 def run_description(c, opts, dataset, world):
@@ -453,7 +453,9 @@ def main(**_kwargs):
                     f'on {dist.get_device()} it trains in float32 (the run is named so)')
     dataset = inspect_dataset(opts)
     c = setup_training_config(opts, dataset, world)
-    check_memory(c, dataset, world, dist.get_device())
+    problem = memory_problem(c, dataset, world, dist.get_device())
+    if problem and not opts.dry_run:  # Refused before the run folder exists; a dry run only notes it.
+        raise dnnlib.UserError(problem)
     c.seed = opts.seed if opts.seed is not None else _random_seed()
     desc = run_description(c, opts, dataset, world)
     c.run_dir = choose_run_dir(opts, desc)
@@ -463,6 +465,8 @@ def main(**_kwargs):
                ('Device', dist.get_device()), ('Batch size', c.batch_size), ('Precision', c.precision)]
     dist.print0('\n'.join(f'{name + ":":24} {value}' for name, value in summary) + '\n')
     if opts.dry_run:
+        if problem:
+            dist.print0(f'Note: {problem}')
         dist.print0('Dry run; exiting.')
         return
     launch_training(c, opts, desc)

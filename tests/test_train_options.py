@@ -258,3 +258,11 @@ def test_activation_bytes_counts_what_backward_keeps():
         with torch.device(device):
             net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
             assert misc.activation_bytes(net, torch.zeros([5, 3, 6, 7])) == 4 * 5 * 6 * 7 * (3 + 8 + 8)
+
+
+def test_dry_run_notes_a_batch_that_does_not_fit(tiny_data, tmp_path):
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', tiny_data, '--dry-run'] + TINY
+                                + ['--batch=2000000000'])
+    assert result.exit_code == 0, result.output
+    assert 'Note: 2000000000 images per accumulation round need about' in result.output and 'Dry run; exiting.' in result.output
+    assert not (tmp_path / 'runs').exists()
