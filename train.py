@@ -5,31 +5,34 @@ One process:     python train.py --outdir=runs --data=datasets/cifar10-32x32.zip
 N processes:     torchrun --standalone --nproc_per_node=N train.py ...   (NCCL on GPUs, gloo on CPU)
 The paper:       torchrun ... train.py --preset=imagenet64 --outdir=training-runs --data=datasets/imagenet-64x64.zip
 
-main() runs four named steps: resolve_options (preset + command line), validate_options (every
-number, before anything is opened), setup_training_config (the training loop's keyword
-arguments) and launch_training (run folder, log, training loop).
+Click checks every value against its option's type and range (a preset fills the defaults of the
+options not given); resolve_options adds the rules between options, setup_training_config makes
+the training loop's keyword arguments from the options and the dataset, launch_training the run.
 """
 
 import json
-import math
 import os
 import re
 import warnings
 import zipfile
 
 import click
+import numpy as np
+import psutil
 import torch
 from click.core import ParameterSource
 
 import dnnlib
+from dnnlib.util import FiniteFloatRange
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import loggers
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
 #----------------------------------------------------------------------------
-# The paper's four training runs, as data: option values (by their Python names) that stand for
-# the README's commands. Options given on the command line override them.
+# The paper's four training runs as data: option values (Python names) that stand for the
+# README's commands. They become click's defaults, so options on the command line override them.
 
 TRAIN_PRESETS = {
     # ImageNet 256, first stage: class-conditional EDM at 64x64.
@@ -46,9 +49,7 @@ TRAIN_PRESETS = {
                         fp16=True, ls=1, eff_attn=True, up_scale=4, block_scale=0.15, prob_length=0.89, blur_sigma_max=2.0),
 }
 
-#----------------------------------------------------------------------------
-# Presets as data: network per --arch, network + loss class per --precond.
-
+# Network per --arch; network and loss classes per --precond.
 ARCH_PRESETS = {
     'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
                    channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
@@ -57,198 +58,29 @@ ARCH_PRESETS = {
     'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
     'adm256': dict(model_type='DhariwalUNet', model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2),  # ADM's 256x256 setting.
 }
-
 PRECOND_PRESETS = {
     'vp':   ('training.networks.VPPrecond', 'training.loss.VPLoss'),
     've':   ('training.networks.VEPrecond', 'training.loss.VELoss'),
     'edm':  ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
     'blur': ('training.networks.EDMPrecond', 'training.loss.BlurLoss'),
 }
+MAX_LEVELS = 10         # --cres entries: a network halves the resolution at every level.
+MAX_GRID_IMAGES = 256   # --grid: a preview, not an evaluation.
+MAX_BATCH = (1 << 31) - 1
 
 
 def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, blocks=None, dropout=0.13, fp16=False,
                        eff_attn=False, augment=True, label_dropout=0):
     """Network constructor options for train.py's --arch/--precond/--cbase/--cres choices."""
     kwargs = dnnlib.EasyDict(ARCH_PRESETS['adm256' if arch == 'adm' and resolution == 256 else arch])
-    kwargs.update(eff_attn=eff_attn)
-    kwargs.class_name = PRECOND_PRESETS[precond][0]
-    if cbase is not None:
-        kwargs.model_channels = cbase
-    if cres is not None:
-        kwargs.channel_mult = cres
-    if blocks is not None:
-        kwargs.num_blocks = blocks
+    kwargs.update(eff_attn=eff_attn, class_name=PRECOND_PRESETS[precond][0])
+    for name, value in [('model_channels', cbase), ('channel_mult', cres), ('num_blocks', blocks)]:
+        if value is not None:
+            kwargs[name] = value
     if augment:
         kwargs.augment_dim = 9
     kwargs.update(dropout=dropout, label_dropout=label_dropout, use_fp16=fp16)
     return kwargs
-
-
-#----------------------------------------------------------------------------
-
-def _resolve_resume(path):
-    """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state, training_state_nimg
-    if os.path.isdir(path):
-        state = find_latest_training_state(path)
-        if state is None:
-            raise click.ClickException(f'--resume: no training-state-*.pt in folder {path}')
-        path = state
-    elif not os.path.isfile(path):
-        raise click.ClickException(f'--resume: no such file or folder: {path}')
-    # torch.save writes a zip archive; anything else is not a state this script wrote.
-    if not zipfile.is_zipfile(path):
-        raise click.ClickException(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
-    return path, (training_state_nimg(path) or 0) / 1000
-
-
-def _next_run_dir(outdir, desc):
-    prev_ids = []
-    if os.path.isdir(outdir):
-        for name in os.listdir(outdir):
-            m = re.match(r'^\d+', name)
-            if m and os.path.isdir(os.path.join(outdir, name)):
-                prev_ids.append(int(m.group()))
-    return os.path.join(outdir, f'{max(prev_ids, default=-1) + 1:05d}-{desc}')
-
-
-def _random_seed():
-    """Rank 0 draws a seed and every rank uses it."""
-    seed = torch.randint(1 << 31, size=[], dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        backend_device = dist.get_device() if torch.cuda.is_available() else torch.device('cpu')
-        seed = seed.to(backend_device)
-        torch.distributed.broadcast(seed, src=0)
-    return int(seed)
-
-
-#----------------------------------------------------------------------------
-# Step 1: options. The preset's values, then what the command line gave.
-
-def _fail(msg):
-    raise click.ClickException(msg)
-
-
-def resolve_options(ctx):
-    """The option set of a parsed command line (click context): preset values for the options the
-    user did not give, and --precision reconciled with the reference's --fp16."""
-    opts = dnnlib.EasyDict(ctx.params)
-    explicit = {name for name in opts if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
-    if opts.preset is not None:
-        for name, value in TRAIN_PRESETS[opts.preset].items():
-            if name not in explicit:
-                opts[name] = value
-    # --fp16=1 is the reference's spelling of --precision=fp16. An explicit --precision wins over a
-    # preset's fp16; two explicit options that disagree are refused.
-    if opts.precision is None:
-        opts.precision = 'fp16' if opts.fp16 else 'fp32'
-    elif opts.fp16 and opts.precision != 'fp16' and 'fp16' in explicit:
-        _fail(f'--fp16=1 and --precision={opts.precision} disagree; give only --precision={opts.precision}')
-    opts.fp16 = opts.precision == 'fp16'
-    return opts
-
-#----------------------------------------------------------------------------
-# Step 2: validation of every number and path, before any file is opened or written.
-
-MAX_LEVELS = 10         # --cres entries: a network halves the resolution at every level.
-MAX_GRID_IMAGES = 256   # --grid: a preview, not an evaluation.
-
-
-def parse_cres(text):
-    """--cres: comma-separated positive integers (ranges are not channel multipliers)."""
-    if isinstance(text, list):
-        return text
-    parts = [part.strip() for part in str(text).split(',')]
-    if not all(re.fullmatch(r'\d{1,4}', part) for part in parts):
-        _fail(f'--cres={text}: expected comma-separated channel multipliers such as 1,2,2,2')
-    return [int(part) for part in parts]
-
-
-def _check_float(opts, name, low=None, high=None, low_open=False):
-    value = opts[name]
-    if value is None:
-        return
-    flag = '--' + name.replace('_', '-')
-    if not math.isfinite(value):
-        _fail(f'{flag}={value} must be a finite number')
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        lo = '' if low is None else (f'> {low:g}' if low_open else f'>= {low:g}')
-        hi = '' if high is None else f'<= {high:g}'
-        _fail(f'{flag}={value:g} is out of range: it must be {" and ".join(x for x in (lo, hi) if x)}')
-
-
-def _check_int(opts, name, low, high=None):
-    value = opts[name]
-    if value is None:
-        return
-    flag = '--' + name.replace('_', '-')
-    if value < low or (high is not None and value > high):
-        _fail(f'{flag}={value} is out of range: it must be >= {low}' + ('' if high is None else f' and <= {high}'))
-
-
-def check_outdir(outdir):
-    """--outdir must be (or be creatable as) a folder we can write in."""
-    problem = dnnlib.util.folder_write_problem(outdir)
-    if problem:
-        _fail(f'--outdir={outdir}: {problem}; choose a writable folder')
-
-
-def validate_options(opts):
-    """Every numeric option finite, in range and consistent; the output folder writable."""
-    _check_float(opts, 'duration', low=0, low_open=True)
-    _check_float(opts, 'lr', low=0, low_open=True)
-    _check_float(opts, 'lr_rampup', low=0)
-    _check_float(opts, 'ema', low=0)
-    _check_float(opts, 'dropout', low=0, high=1)
-    _check_float(opts, 'label_dropout', low=0, high=1)
-    _check_float(opts, 'augment', low=0, high=1)
-    _check_float(opts, 'ls', low=0, low_open=True)
-    _check_float(opts, 'tick', low=0, low_open=True)
-    _check_float(opts, 'block_scale', low=0, high=1)
-    _check_float(opts, 'prob_length', low=0, high=1, low_open=True)   # Quantile of u * prob_length.
-    _check_float(opts, 'blur_sigma_max', low=0)
-    for name in ('batch', 'batch_gpu', 'cbase', 'blocks', 'snap', 'dump', 'up_scale'):
-        _check_int(opts, name, low=1)
-    _check_int(opts, 'workers', low=0)
-    _check_int(opts, 'seed', low=0, high=(1 << 31) - 1)
-    _check_int(opts, 'grid', low=0, high=MAX_GRID_IMAGES)
-    _check_int(opts, 'grid_steps', low=2, high=1000)
-    if opts.cres is not None:
-        opts.cres = parse_cres(opts.cres)
-        if not 1 <= len(opts.cres) <= MAX_LEVELS or min(opts.cres) < 1:
-            _fail(f'--cres={",".join(map(str, opts.cres))}: give 1 to {MAX_LEVELS} channel multipliers, each at least 1')
-    if opts.label_dropout > 0 and not opts.cond:
-        _fail(f'--label-dropout={opts.label_dropout:g} drops class labels: it needs --cond=1')
-    if opts.transfer is not None and opts.resume is not None:
-        _fail('--transfer and --resume cannot be specified at the same time')
-    if opts.logger != 'wandb' and opts.wandb_project:
-        _fail(f'--wandb-project is for --logger=wandb (got --logger={opts.logger})')
-    message = loggers.missing_package_message(opts.logger)  # Fail now rather than after creating the run folder.
-    if message is not None:
-        _fail(message)
-    if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        _fail('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
-    check_outdir(opts.outdir)
-
-#----------------------------------------------------------------------------
-# Step 3: the training loop's keyword arguments.
-
-def inspect_dataset(opts):
-    """Open the dataset once: its name, resolution and size, and whether it has labels."""
-    from training.dataset import ImageFolderDataset
-    try:
-        dataset_obj = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
-        info = dnnlib.EasyDict(name=dataset_obj.name, resolution=dataset_obj.resolution,
-                               max_size=len(dataset_obj) // (2 if opts.xflip else 1), has_labels=dataset_obj.has_labels)
-    except OSError as err:
-        _fail(f'--data: {err}')
-    except AssertionError:
-        _fail(f'--data: images in {opts.data} must be square')
-    if opts.cond and not info.has_labels:
-        _fail(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
-    return info
 
 
 def max_levels(resolution):
@@ -258,130 +90,263 @@ def max_levels(resolution):
         levels += 1
     return levels
 
+#----------------------------------------------------------------------------
+# Options: the rules between them (click has checked each value).
+
+def _use_preset(ctx, _param, name):
+    if name is not None:
+        ctx.default_map = dict(TRAIN_PRESETS[name], **(ctx.default_map or {}))
+    return name
+
+
+def _parse_cres(_ctx, _param, text):
+    """--cres: 1 to MAX_LEVELS comma-separated channel multipliers (ranges are not multipliers)."""
+    if text is None:
+        return None
+    parts = text.split(',')
+    if not (1 <= len(parts) <= MAX_LEVELS and all(re.fullmatch(r'\s*\d{1,4}\s*', p) for p in parts) and min(map(int, parts)) >= 1):
+        raise click.BadParameter(f'{text}: give 1 to {MAX_LEVELS} comma-separated channel multipliers, each at least 1, '
+                                 f'such as 1,2,2,2')
+    return [int(part) for part in parts]
+
+
+def resolve_options(ctx):
+    """The option set of a parsed command line (click context), with --precision reconciled with
+    the reference's --fp16 and the rules between options checked."""
+    opts = dnnlib.EasyDict(ctx.params)
+    # --fp16=1 is the reference's spelling of --precision=fp16. An explicit --precision wins over a
+    # preset's fp16; the two given on the command line must agree.
+    fp16_given = ctx.get_parameter_source('fp16') in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    if opts.precision is None:
+        opts.precision = 'fp16' if opts.fp16 else 'fp32'
+    elif opts.fp16 and fp16_given and opts.precision != 'fp16':
+        raise dnnlib.UserError(f'--fp16=1 and --precision={opts.precision} disagree; give only --precision={opts.precision}')
+    opts.fp16 = opts.precision == 'fp16'
+    if opts.label_dropout > 0 and not opts.cond:
+        raise dnnlib.UserError(f'--label-dropout={opts.label_dropout:g} drops class labels: it needs --cond=1')
+    if opts.transfer is not None and opts.resume is not None:
+        raise dnnlib.UserError('--transfer and --resume cannot be specified at the same time')
+    if opts.logger != 'wandb' and opts.wandb_project:
+        raise dnnlib.UserError(f'--wandb-project is for --logger=wandb (got --logger={opts.logger})')
+    if opts.desc is not None and not re.fullmatch(r'[\w.+=-]+', opts.desc):
+        raise dnnlib.UserError(f'--desc={opts.desc!r}: use letters, digits and . _ + = - only (it becomes part of a folder name)')
+    if os.path.isdir(opts.data) and os.path.commonpath([os.path.realpath(opts.outdir), os.path.realpath(opts.data)]) == os.path.realpath(opts.data):
+        raise dnnlib.UserError(f'--outdir={opts.outdir} is --data or inside it: run folders and sample grids would become part '
+                               f'of the dataset; choose an --outdir outside {opts.data}')
+    loggers.check_installed(opts.logger)  # Now rather than after creating the run folder.
+    if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise dnnlib.UserError('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
+    return opts
+
+
+def inspect_dataset(opts):
+    """Open the dataset once: its name, resolution and size, and whether it has labels."""
+    from training.dataset import ImageFolderDataset
+    try:
+        dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
+    except OSError as err:
+        raise dnnlib.UserError(f'--data: {err}') from None
+    except AssertionError:
+        raise dnnlib.UserError(f'--data: images in {opts.data} must be square') from None
+    if opts.cond and not dataset.has_labels:
+        raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
+    return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
+                           max_size=len(dataset) // (2 if opts.xflip else 1), image_bytes=int(np.prod(dataset.image_shape)),
+                           channels=dataset.num_channels, label_dim=dataset.label_dim)
+
+
+def _parse_cache(_ctx, _param, text):
+    """--cache: a boolean, or auto (None)."""
+    return None if text is None or str(text).lower() == 'auto' else click.BOOL.convert(text, _param, _ctx)
+
+
+def cache_fits(dataset, workers, processes_per_node):
+    """--cache=auto: cache only when every decoded copy of the dataset (one per data-loader
+    worker, or the process itself, of every process on this machine) fits in a quarter of the
+    machine's memory. ImageNet at 256 px is ~250 GB per copy: never cached by default."""
+    copies = max(workers, 1) * processes_per_node
+    return dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4
+
+#----------------------------------------------------------------------------
+# The training loop's keyword arguments.
+
+def _resolve_resume(path):
+    """--resume: a training-state-*.pt file or a run folder (its latest state)."""
+    from training.training_loop import find_latest_training_state, training_state_nimg
+    if os.path.isdir(path):
+        state = find_latest_training_state(path)
+        if state is None:
+            raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
+        path = state
+    elif not os.path.isfile(path):
+        raise dnnlib.UserError(f'--resume: no such file or folder: {path}')
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours.
+        raise dnnlib.UserError(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
+    return path, (training_state_nimg(path) or 0) / 1000
+
 
 def setup_training_config(opts, dataset, world=1):
     """training_loop keyword arguments for the resolved options and the dataset's facts."""
+    res = dataset.resolution
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
-                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
-                                       resolution=dataset.resolution, max_size=dataset.max_size)
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers)
-    if opts.workers > 0:
-        # Spawned workers: safe with CUDA in the parent (fork is not).
+    # Data-loader workers: spawned (safe with CUDA in the parent, fork is not), each a process
+    # that imports torch and, with --cache, holds its own copy of the images; more than this
+    # machine's cores per process only cost memory.
+    processes_per_node = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+    workers = min(opts.workers, max((os.cpu_count() or 1) // processes_per_node, 1))
+    if workers < opts.workers:
+        dist.print0(f'Note: --workers={opts.workers} capped at {workers}, the CPU cores per process on this machine')
+    cache = opts.cache if opts.cache is not None else cache_fits(dataset, workers, processes_per_node)
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
+                                       xflip=opts.xflip, cache=cache, resolution=res, max_size=dataset.max_size)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=workers)
+    if workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn', persistent_workers=True)
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-
-    # Network, preconditioning and loss.
-    c.network_kwargs = network_kwargs_for(opts.arch, dataset.resolution, precond=opts.precond, cbase=opts.cbase,
-                                          cres=opts.cres, blocks=opts.blocks, dropout=opts.dropout, fp16=opts.fp16,
-                                          eff_attn=opts.eff_attn, augment=bool(opts.augment), label_dropout=opts.label_dropout)
+    c.network_kwargs = network_kwargs_for(opts.arch, res, precond=opts.precond, cbase=opts.cbase, cres=opts.cres,
+                                          blocks=opts.blocks, dropout=opts.dropout, fp16=opts.fp16, eff_attn=opts.eff_attn,
+                                          augment=bool(opts.augment), label_dropout=opts.label_dropout)
     levels = len(c.network_kwargs.channel_mult)
-    if levels > max_levels(dataset.resolution):
-        _fail(f'{levels} resolution levels (--cres / --arch={opts.arch}) are too many for {dataset.resolution} px images: '
-              f'at most {max_levels(dataset.resolution)}, as the image halves at every level; give a shorter --cres')
+    if levels > max_levels(res):
+        raise dnnlib.UserError(f'{levels} resolution levels (--cres / --arch={opts.arch}) are too many for {res} px images: '
+                               f'at most {max_levels(res)}, as the image halves at every level; give a shorter --cres')
     c.loss_kwargs = dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1])
     if opts.precond == 'blur':
-        if dataset.resolution % opts.up_scale != 0:
-            _fail(f'--up-scale={opts.up_scale} must divide the image resolution {dataset.resolution}')
-        c.loss_kwargs.update(block_scale=opts.block_scale, up_scale=opts.up_scale,
-                             prob_length=opts.prob_length, blur_sigma_max=opts.blur_sigma_max)
+        if res % opts.up_scale != 0:
+            raise dnnlib.UserError(f'--up-scale={opts.up_scale} must divide the image resolution {res}')
+        c.loss_kwargs.update(block_scale=opts.block_scale, up_scale=opts.up_scale, prob_length=opts.prob_length,
+                             blur_sigma_max=opts.blur_sigma_max)
     if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
-        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
+                                           scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
-    # Training schedule. Durations may be fractional kimg (handy for small tests).
-    c.total_kimg = opts.duration * 1000
-    c.ema_halflife_kimg = opts.ema * 1000
-    c.lr_rampup_kimg = opts.lr_rampup
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, loss_norm=opts.loss_norm, cudnn_benchmark=opts.bench, precision=opts.precision)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    # Schedule (durations may be fractional kimg: handy for small tests) and batch split.
+    c.update(total_kimg=opts.duration * 1000, ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup,
+             batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, loss_norm=opts.loss_norm,
+             cudnn_benchmark=opts.bench, precision=opts.precision, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
+             state_dump_ticks=opts.dump)
     c.sample_grid_kwargs = dnnlib.EasyDict(num_images=opts.grid, num_steps=opts.grid_steps, seed=0) if opts.grid > 0 else None
     c.logger = opts.logger
     c.logger_kwargs = dnnlib.EasyDict(repo=opts.aim_repo, experiment=opts.exp_name, tag=opts.exp_tag)
     if opts.logger == 'wandb':
         c.logger_kwargs.project = opts.wandb_project
-
-    # Batch split across processes and accumulation rounds.
     if opts.batch % world != 0:
-        _fail(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
+        raise dnnlib.UserError(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
     per_process = opts.batch // world
     if opts.batch_gpu is not None and opts.batch_gpu < per_process and per_process % opts.batch_gpu != 0:
-        _fail(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
-              f'(--batch={opts.batch} over {world} processes)')
+        raise dnnlib.UserError(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
+                               f'(--batch={opts.batch} over {world} processes)')
 
     # Transfer learning or resume.
     if opts.transfer is not None:
         if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
-            _fail(f'--transfer: no such file: {opts.transfer}')
-        c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
+            raise dnnlib.UserError(f'--transfer: no such file: {opts.transfer}')
+        c.update(resume_pkl=opts.transfer, transfer_partial=opts.transfer_partial, ema_rampup_ratio=None)
     elif opts.resume is not None:
         c.resume_state_dump, c.resume_kimg = _resolve_resume(opts.resume)
     return c
 
+#----------------------------------------------------------------------------
+# The run folder and the run.
+
+def effective_precision(precision, device):
+    """fp16 is the network's use_fp16, which runs in half precision on CUDA only (as the reference's)."""
+    return 'fp32' if precision == 'fp16' and device.type != 'cuda' else precision
+
+
+def memory_problem(c, dataset, world, device):
+    """Why a batch per accumulation round cannot fit, or None: its activations, with the weights,
+    gradients, Adam's moments and the EMA (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
+    compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
+    per_process = c.batch_size // world
+    batch_gpu = min(c.batch_gpu or per_process, per_process)
+    try:
+        with torch.device('meta'):
+            net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
+                                                      img_channels=dataset.channels, label_dim=dataset.label_dim)
+            image = [1, dataset.channels, dataset.resolution, dataset.resolution]
+            augment_labels = torch.zeros([1, net.model.augment_dim]) if getattr(net.model, 'augment_dim', 0) else None
+            per_image = misc.activation_bytes(net.train(), torch.zeros(image), torch.ones([1]), torch.zeros([1, dataset.label_dim]),
+                                              augment_labels=augment_labels)
+    except (RuntimeError, ValueError) as err:  # E.g. channel counts that group normalisation cannot split.
+        raise dnnlib.UserError(f'this network (--arch/--cbase/--cres/--blocks) cannot run: {str(err).splitlines()[0][:200]}') from None
+    per_image //= 1 if c.precision == 'fp32' else 2  # Half-precision activations (the meta pass runs in float32).
+    fixed = sum(p.numel() for p in net.parameters()) * 4 * 5
+    free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else psutil.virtual_memory().available
+    if fixed + batch_gpu * per_image > free:
+        fits, gib = max(int((free - fixed) // per_image), 0), lambda n: f'{n / 2**30:.3g} GB'
+        advice = f'set --batch-gpu={fits} or less' if fits else 'choose a smaller network (--cbase, --cres, --blocks)'
+        where = 'this machine' if device.type == 'cpu' else device
+        return (f'{batch_gpu} images per accumulation round need about {gib(fixed + batch_gpu * per_image)} ({gib(fixed)} of '
+                f'weights and optimizer state, {gib(per_image)} per image) and {where} has {gib(free)} free; {advice}')
+    return None
+
 
 def run_description(c, opts, dataset, world):
-    """<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision>[-desc]"""
-    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    desc = f'{dataset.name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{opts.precision:s}'
+    """<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<precision that runs>[-desc]"""
+    desc = (f'{dataset.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{opts.arch}-{opts.precond}'
+            f'-gpus{world}-batch{c.batch_size}-{effective_precision(opts.precision, dist.get_device())}')
     return desc if opts.desc is None else f'{desc}-{opts.desc}'
 
 
+def _next_run_dir(outdir, desc):
+    ids = [int(m.group()) for name in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+           if (m := re.match(r'^\d+', name)) and os.path.isdir(os.path.join(outdir, name))]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+RUN_FILES = re.compile(r'training_options\.json|log\.txt|stats\.jsonl|(network-snapshot-|training-state-|samples-)\d.*')
+
+
 def choose_run_dir(opts, desc):
-    """The run folder (rank 0; None elsewhere): outdir itself with --nosubdir, else the next id."""
+    """The run folder (rank 0; None elsewhere): outdir itself with --nosubdir, else the next id.
+    --nosubdir into a folder with another run's files is refused: they would be overwritten or
+    mixed with this run's."""
+    if opts.nosubdir and os.path.isdir(opts.outdir):
+        theirs = sorted(name for name in os.listdir(opts.outdir) if RUN_FILES.fullmatch(name))
+        if theirs:
+            raise dnnlib.UserError(f'--nosubdir: {opts.outdir} already holds files of a training run ({", ".join(theirs[:3])}'
+                                   f'{", ..." if len(theirs) > 3 else ""}); choose an empty or new --outdir, or drop --nosubdir')
     if dist.get_rank() != 0:
         return None
-    if opts.nosubdir:
-        if os.path.isfile(os.path.join(opts.outdir, 'training_options.json')):
-            _fail(f'--nosubdir: {opts.outdir} already holds a training run; choose another --outdir or drop --nosubdir')
-        return opts.outdir
-    return _next_run_dir(opts.outdir, desc)
+    return opts.outdir if opts.nosubdir else _next_run_dir(opts.outdir, desc)
 
 
-def print_training_options(c, opts, world):
-    summary = [('Output directory', c.run_dir), ('Dataset path', c.dataset_kwargs.path),
-               ('Class-conditional', c.dataset_kwargs.use_labels), ('Network architecture', opts.arch),
-               ('Preconditioning & loss', opts.precond), ('Number of processes', world),
-               ('Device', dist.get_device()), ('Batch size', c.batch_size), ('Precision', c.precision)]
-    dist.print0(f'\nTraining options:\n{json.dumps(c, indent=2)}\n')
-    dist.print0('\n'.join(f'{name + ":":24} {value}' for name, value in summary) + '\n')
+def _random_seed():
+    """Rank 0 draws a seed and every rank uses it."""
+    seed = torch.randint(1 << 31, size=[], dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        seed = seed.to(dist.get_device() if torch.cuda.is_available() else torch.device('cpu'))
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed)
 
-#----------------------------------------------------------------------------
-# Step 4: run folder, training_options.json, log.txt, training loop.
 
 def launch_training(c, opts, desc):
+    """Run folder (rank 0), training_options.json, log.txt, then the training loop."""
+    from training import training_loop
     dist.print0('Creating output directory...')
-    logger = run_lock = None
+    log = run_lock = None
     if dist.get_rank() == 0:
-        if opts.nosubdir:
-            os.makedirs(c.run_dir, exist_ok=True)
-        else:
-            while True:  # Another run may grab the same id between listing and creating.
-                try:
-                    os.makedirs(c.run_dir, exist_ok=False)
-                    break
-                except FileExistsError:
-                    c.run_dir = _next_run_dir(opts.outdir, desc)
-        from training.training_loop import lock_run_dir, TrainingError
-        try:
-            run_lock = lock_run_dir(c.run_dir)  # One run per folder (two --nosubdir runs would mix their files).
-        except TrainingError as err:
-            raise click.ClickException(str(err))
+        while not opts.nosubdir:  # Another run may take the same id between listing and creating.
+            try:
+                os.makedirs(c.run_dir)
+                break
+            except FileExistsError:
+                c.run_dir = _next_run_dir(opts.outdir, desc)
+        os.makedirs(c.run_dir, exist_ok=True)
+        run_lock = training_loop.RunLock(c.run_dir)  # Two --nosubdir runs would mix their files.
         with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-
-    from training import training_loop
+        log = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     try:
         training_loop.training_loop(**c)
-    except (training_loop.TrainingError, OSError) as err:
-        if logger is not None and logger.file is not None:
-            logger.file.write(f'Error: {err}\n')  # Keep the reason in log.txt too.
-        raise click.ClickException(str(err))
+    except (dnnlib.UserError, OSError) as err:
+        if log is not None and log.file is not None:
+            log.file.write(f'Error: {err}\n')  # The reason in log.txt too.
+        raise dnnlib.UserError(str(err)) from None
     finally:
-        if logger is not None:
-            logger.close()
+        if log is not None:
+            log.close()
         if run_lock is not None:
             run_lock.release()
 
@@ -394,64 +359,68 @@ class _OneLineCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as err:
-            raise click.ClickException(err.format_message()) from None
+            raise dnnlib.UserError(err.format_message()) from None
+
+
+POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), FiniteFloatRange(min=0), FiniteFloatRange(0, 1)
 
 
 @click.command(cls=_OneLineCommand)
 # Main options.
 @click.option('--outdir',         help='Where to save the results', metavar='DIR',                   type=str, required=True)
 @click.option('--data',           help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
-@click.option('--preset',         help='The paper\'s settings (explicit options override them)',     type=click.Choice(list(TRAIN_PRESETS)))
+@click.option('--preset',         help='The paper\'s settings (explicit options override them)',     type=click.Choice(list(TRAIN_PRESETS)), is_eager=True, callback=_use_preset)
 @click.option('--cond',           help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
 @click.option('--arch',           help='Network architecture (adm uses ADM\'s 256x256 setting at 256 px)', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='adm', show_default=True)
 @click.option('--precond',        help='Preconditioning & loss function (blur = relay second stage)', type=click.Choice(['vp', 've', 'edm', 'blur']), default='edm', show_default=True)
 # Hyperparameters.
-@click.option('--duration',       help='Training duration', metavar='MIMG',                          type=float, default=200, show_default=True)
-@click.option('--batch',          help='Total batch size', metavar='INT',                            type=int, default=512, show_default=True)
-@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=int)
-@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=int)
-@click.option('--cres',           help='Channels per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=str)
-@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=int)
-@click.option('--lr',             help='Learning rate', metavar='FLOAT',                             type=float, default=1e-4, show_default=True)
-@click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=float, default=10000, show_default=True)
-@click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=float, default=0.5, show_default=True)
-@click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=float, default=0.13, show_default=True)
-@click.option('--label-dropout',  help='Probability of training on an empty class label (for classifier-free guidance; needs --cond=1)', metavar='FLOAT', type=float, default=0, show_default=True)
-@click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=float, default=0.12, show_default=True)
+@click.option('--duration',       help='Training duration', metavar='MIMG',                          type=POSITIVE, default=200, show_default=True)
+@click.option('--batch',          help='Total batch size', metavar='INT',                            type=click.IntRange(1, MAX_BATCH), default=512, show_default=True)
+@click.option('--batch-gpu',      help='Limit batch size per process (gradient accumulation)', metavar='INT', type=click.IntRange(1, MAX_BATCH))
+@click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(1, 1 << 16))
+@click.option('--cres',           help='Channels per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=str, callback=_parse_cres)
+@click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(1, 100))
+@click.option('--lr',             help='Learning rate (Adam moves each weight by about this much per step)', metavar='FLOAT', type=FiniteFloatRange(0, 1, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=NONNEGATIVE, default=10000, show_default=True)
+@click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=NONNEGATIVE, default=0.5, show_default=True)
+@click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=FRACTION, default=0.13, show_default=True)
+@click.option('--label-dropout',  help='Probability of training on an empty class label (for classifier-free guidance; needs --cond=1)', metavar='FLOAT', type=FRACTION, default=0, show_default=True)
+@click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=FRACTION, default=0.12, show_default=True)
 @click.option('--loss-norm',      help='Divisor of the summed loss: reference = RDM\'s (32 at 64 px, else 256), edm = images per process', type=click.Choice(['reference', 'edm']), default='reference', show_default=True)
 @click.option('--xflip',          help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 # Performance.
 @click.option('--precision',      help='fp32, fp16 (the network in half precision, as --fp16=1) or bf16 (autocast)  [default: fp32; fp16 with --fp16=1]', type=click.Choice(['fp32', 'fp16', 'bf16']))
 @click.option('--fp16',           help='Enable mixed-precision training (CUDA); same as --precision=fp16', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--ls',             help='Loss scaling', metavar='FLOAT',                              type=float, default=1, show_default=True)
+@click.option('--ls',             help='Loss scaling', metavar='FLOAT',                              type=POSITIVE, default=1, show_default=True)
 @click.option('--bench',          help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
-@click.option('--cache',          help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',        help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=int, default=1, show_default=True)
+@click.option('--cache',          help='Keep decoded images in CPU memory, one copy per data-loader worker of every process; auto = only if all copies fit in a quarter of this machine\'s memory', metavar='BOOL|auto', type=str, default='auto', show_default=True, callback=_parse_cache)
+@click.option('--workers',        help='DataLoader worker processes (0 = load in the main process)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
 # I/O.
 @click.option('--desc',           help='String to include in result dir name', metavar='STR',        type=str)
 @click.option('--nosubdir',       help='Do not create a subdirectory for results',                   is_flag=True)
-@click.option('--tick',           help='How often to print progress', metavar='KIMG',                type=float, default=50, show_default=True)
-@click.option('--snap',           help='How often to save network snapshots (and sample grids)', metavar='TICKS', type=int, default=50, show_default=True)
-@click.option('--dump',           help='How often to dump training state', metavar='TICKS',          type=int, default=500, show_default=True)
-@click.option('--grid',           help=f'Images in the sample grid written with every snapshot (0 = none, max {MAX_GRID_IMAGES})', metavar='INT', type=int, default=16, show_default=True)
-@click.option('--grid-steps',     help='Sampler steps of the sample grid', metavar='INT',            type=int, default=32, show_default=True)
-@click.option('--seed',           help='Random seed, 0 to 2^31-1  [default: random]', metavar='INT', type=int)
+@click.option('--tick',           help='How often to print progress', metavar='KIMG',                type=POSITIVE, default=50, show_default=True)
+@click.option('--snap',           help='How often to save network snapshots (and sample grids)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',           help='How often to dump training state', metavar='TICKS',          type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--grid',           help='Images in the sample grid written with every snapshot (0 = none)', metavar='INT', type=click.IntRange(0, MAX_GRID_IMAGES), default=16, show_default=True)
+@click.option('--grid-steps',     help='Sampler steps of the sample grid', metavar='INT',            type=click.IntRange(2, 1000), default=32, show_default=True)
+@click.option('--seed',           help='Random seed  [default: random]', metavar='INT',              type=click.IntRange(0, (1 << 31) - 1))
 @click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
+@click.option('--transfer-partial', help='Allow --transfer from a network that shares under half of the weights', is_flag=True)
 @click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
 # Extensions.
 @click.option('--eff-attn',       help='Efficient attention (scaled_dot_product_attention)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--logger',         help='Experiment tracker (its package must be installed)',         type=click.Choice(['none', 'tensorboard', 'aim', 'wandb']), default='none', show_default=True)
+@click.option('--logger',         help='Experiment tracker (its package must be installed)',         type=click.Choice(['none', *loggers.LOGGERS]), default='none', show_default=True)
 @click.option('--aim-repo',       help='aim repository (with --logger=aim)', metavar='STR',          type=str, default='')
 @click.option('--wandb-project',  help='Weights & Biases project (with --logger=wandb)  [default: relay-diffusion]', metavar='STR', type=str, default='')
 @click.option('--exp-name',       help='Experiment / run name (with --logger=aim or wandb)', metavar='STR', type=str, default='')
 @click.option('--exp-tag',        help='Experiment tag (with --logger=aim or wandb)', metavar='STR', type=str, default='')
 @click.option('--no-aim',         help='Accepted for compatibility; aim is off unless --logger=aim', is_flag=True)
 # Relay (blurring diffusion) stage, --precond=blur.
-@click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=int, default=4, show_default=True)
-@click.option('--block-scale',    help='Scale of block noise addition, 0 to 1', metavar='FLOAT',     type=float, default=0.15, show_default=True)
-@click.option('--prob-length',    help='Truncation probability length, in (0, 1]', metavar='FLOAT',  type=float, default=0.93, show_default=True)
-@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule', metavar='FLOAT',        type=float, default=3, show_default=True)
+@click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--block-scale',    help='Scale of block noise addition', metavar='FLOAT',             type=FRACTION, default=0.15, show_default=True)
+@click.option('--prob-length',    help='Truncation probability length (below 0.001 every noise level is under the loss\'s floor)', metavar='FLOAT', type=FiniteFloatRange(0.001, 1), default=0.93, show_default=True)
+@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule (from about 10 on, every block blurs to its mean)', metavar='FLOAT', type=FiniteFloatRange(0, 1000), default=3, show_default=True)
 def main(**_kwargs):
     """Train a diffusion model (EDM first stage, or the relay stage with --precond=blur).
 
@@ -474,16 +443,30 @@ def main(**_kwargs):
     python train.py --outdir=training-runs --data=... --resume=training-runs/00003-...
     """
     opts = resolve_options(click.get_current_context())
-    validate_options(opts)
+    problem = dnnlib.util.folder_write_problem(opts.outdir)
+    if problem:
+        raise dnnlib.UserError(f'--outdir={opts.outdir}: {problem}; choose a writable folder')
     dist.init()
     world = dist.get_world_size()
+    if effective_precision(opts.precision, dist.get_device()) != opts.precision:
+        dist.print0(f'Note: --precision={opts.precision} runs the network in float16 on CUDA only, as the reference; '
+                    f'on {dist.get_device()} it trains in float32 (the run is named so)')
     dataset = inspect_dataset(opts)
     c = setup_training_config(opts, dataset, world)
+    problem = memory_problem(c, dataset, world, dist.get_device())
+    if problem and not opts.dry_run:  # Refused before the run folder exists; a dry run only notes it.
+        raise dnnlib.UserError(problem)
     c.seed = opts.seed if opts.seed is not None else _random_seed()
     desc = run_description(c, opts, dataset, world)
     c.run_dir = choose_run_dir(opts, desc)
-    print_training_options(c, opts, world)
+    dist.print0(f'\nTraining options:\n{json.dumps(c, indent=2)}\n')
+    summary = [('Output directory', c.run_dir), ('Dataset path', c.dataset_kwargs.path), ('Class-conditional', opts.cond),
+               ('Network architecture', opts.arch), ('Preconditioning & loss', opts.precond), ('Number of processes', world),
+               ('Device', dist.get_device()), ('Batch size', c.batch_size), ('Precision', c.precision)]
+    dist.print0('\n'.join(f'{name + ":":24} {value}' for name, value in summary) + '\n')
     if opts.dry_run:
+        if problem:
+            dist.print0(f'Note: {problem}')
         dist.print0('Dry run; exiting.')
         return
     launch_training(c, opts, desc)

@@ -174,25 +174,25 @@ def test_augment_grayscale_colour_and_geometry_run():
 #----------------------------------------------------------------------------
 # training_stats and misc.
 
-def test_training_stats_collector():
-    collector = training_stats.Collector(regex='TestCore/.*')
+def test_training_stats_collect():
+    training_stats.collect()  # Starts a new period.
     training_stats.report('TestCore/a', torch.tensor([1.0, 2.0, 3.0]))
     training_stats.report('TestCore/a', [5.0])
     training_stats.report0('TestCore/b', 7.0)
     training_stats.report('TestCore/empty', [])
-    collector.update()
-    assert collector.num('TestCore/a') == 4
-    assert collector.mean('TestCore/a') == pytest.approx(2.75)
-    assert collector.std('TestCore/a') == pytest.approx(np.std([1, 2, 3, 5]))
-    assert collector['TestCore/b'] == 7.0
-    assert np.isnan(collector.mean('TestCore/empty'))
-    d = collector.as_dict()
-    assert d['TestCore/a'].num == 4 and set(d) >= {'TestCore/a', 'TestCore/b'}
-    # Next period: only new reports count; keep_previous keeps 'b'.
+    stats = training_stats.collect()
+    assert stats['TestCore/a'].num == 4 and stats['TestCore/a'].mean == pytest.approx(2.75)
+    assert stats['TestCore/a'].std == pytest.approx(np.std([1, 2, 3, 5]))
+    assert stats['TestCore/b'] == dict(num=1, mean=7.0, std=0.0)
+    assert stats['TestCore/empty'].num == 0 and np.isnan(stats['TestCore/empty'].mean)
+    assert list(stats).index('TestCore/a') < list(stats).index('TestCore/b')  # In the order first reported.
+    # Next period: only new values count; a statistic without new values keeps its last summary.
     training_stats.report('TestCore/a', [10.0])
-    collector.update()
-    assert collector.mean('TestCore/a') == 10.0 and collector.num('TestCore/a') == 1
-    assert collector['TestCore/b'] == 7.0
+    stats = training_stats.collect()
+    assert stats['TestCore/a'] == dict(num=1, mean=10.0, std=0.0)
+    assert stats['TestCore/b'].mean == 7.0
+    training_stats.report('TestCore/inf', [1.0, float('inf')])
+    assert np.isnan(training_stats.collect()['TestCore/inf'].std)
 
 
 def test_infinite_sampler_partitions_one_stream():

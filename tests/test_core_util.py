@@ -52,14 +52,6 @@ def test_constant_is_cached_and_broadcast():
     assert misc.constant([1, 2], shape=[3, 2], dtype=torch.float32) is a
 
 
-def test_assert_shape():
-    misc.assert_shape(torch.zeros(2, 3), [2, None])
-    with pytest.raises(AssertionError):
-        misc.assert_shape(torch.zeros(2, 3), [2, 4])
-    with pytest.raises(AssertionError):
-        misc.assert_shape(torch.zeros(2, 3), [2])
-
-
 def test_print_module_summary(capsys):
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     out = misc.print_module_summary(net, [torch.zeros(5, 4)])

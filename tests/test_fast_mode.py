@@ -194,6 +194,24 @@ def test_tf32_flags_restored():
     assert seen == [(True, True)]
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
+@pytest.mark.parametrize('settings, expected', [(fast_mode.EXACT, (False, False)),
+                                                (FastSettings(precision='bf16', tf32=False), (False, False)),
+                                                (FastSettings(precision='bf16', tf32=True), (True, True))])
+def test_tf32_set_explicitly_in_both_modes(nets, settings, expected):
+    # From PyTorch's defaults (TF32 matmuls off, convolutions on): exact mode and --no-tf32 turn
+    # both off inside the network, --tf32 both on.
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    seen = []
+    hook = nets[0].model.register_forward_hook(lambda *_: seen.append((matmul.allow_tf32, cudnn.allow_tf32)))
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = False, True
+        fast_mode.prepare(nets[0], settings)(torch.zeros([1, 3, 8, 8]), torch.ones([1]), _labels()[:1])
+    finally:
+        hook.remove()
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+    assert seen == [expected]
+
 #----------------------------------------------------------------------------
 # Fast images stay close to exact ones.
 

@@ -272,3 +272,14 @@ def test_resume_with_other_network_is_refused(first_run, tmp_path):
     assert last.startswith('Error: ') and 'does not match this network' in last and '--cbase' in last
     assert 'Traceback' not in result.output
     assert _folder_digest(first_run['run_dir']) == before
+
+
+def test_fp16_on_a_cpu_says_so_and_names_the_run_fp32(first_run, tmp_path):
+    result = _run(['--outdir', str(tmp_path), '--data', first_run['data'], '--batch=8', '--duration=0.000008',
+                   '--augment=0', '--fp16=1'] + TINY)
+    assert result.exit_code == 0, result.output
+    assert 'Note: --precision=fp16 runs the network in float16 on CUDA only' in result.output
+    (run_name,) = os.listdir(tmp_path)
+    assert run_name == '00000-tiny16-uncond-ddpmpp-edm-gpus1-batch8-fp32'
+    with open(tmp_path / run_name / 'training_options.json') as f:  # The request is kept: fp16 where CUDA runs it.
+        assert json.load(f)['network_kwargs']['use_fp16'] is True

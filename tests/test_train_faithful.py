@@ -22,6 +22,8 @@ import PIL.Image
 import pytest
 import torch
 
+import dnnlib
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training import training_loop  # noqa: E402
@@ -121,7 +123,7 @@ def test_edm_normalisation_is_images_per_process(tmp_path):
 
 
 def test_unknown_loss_norm_is_refused(tmp_path):
-    with pytest.raises(training_loop.TrainingError, match='loss normalisation "mean"'):
+    with pytest.raises(dnnlib.UserError, match='loss normalisation "mean"'):
         training_loop.training_loop(run_dir=str(tmp_path), loss_norm='mean', device='cpu')
 
 

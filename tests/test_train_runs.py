@@ -3,6 +3,7 @@ finished run, resuming the wrong stage, and one run per folder."""
 
 import json
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -15,7 +16,7 @@ import dnnlib
 import train
 from torch_utils import checkpoint
 from training import training_loop
-from training.training_loop import TrainingError
+from dnnlib import UserError
 
 NETWORK = dnnlib.EasyDict(class_name='training.networks.EDMPrecond', model_type='SongUNet', model_channels=8,
                           channel_mult=[1, 1], num_blocks=1, attn_resolutions=[], dropout=0.1)
@@ -121,7 +122,7 @@ def test_resume_continues_a_run(first_stage, tmp_path):
 
 def test_resume_refuses_the_other_stage(first_stage, tmp_path):
     net, ema, opt = _fresh()
-    with pytest.raises(TrainingError, match=r'is a first \(EDMLoss\) stage training state .* trains the '
+    with pytest.raises(UserError, match=r'is a first \(EDMLoss\) stage training state .* trains the '
                                             r'second \(relay, --precond=blur\) stage'):
         training_loop.load_training_state(first_stage['state'], net, ema, opt, loss_kwargs=BLUR_LOSS)
     # A second-stage state resumed as a first-stage run.
@@ -130,7 +131,7 @@ def test_resume_refuses_the_other_stage(first_stage, tmp_path):
                                       loss_kwargs=BLUR_LOSS)
     second = str(tmp_path / 'training-state-000000_008.pt')
     net, ema, opt = _fresh()
-    with pytest.raises(TrainingError, match=r'is a second \(relay, --precond=blur\) stage training state'):
+    with pytest.raises(UserError, match=r'is a second \(relay, --precond=blur\) stage training state'):
         training_loop.load_training_state(second, net, ema, opt, loss_kwargs=EDM_LOSS)
     assert training_loop.load_training_state(second, net, ema, opt, loss_kwargs=BLUR_LOSS) == 8
 
@@ -145,13 +146,13 @@ def test_resume_reads_the_stage_of_older_states_from_the_run_options(first_stage
     assert training_loop.load_training_state(path, net, ema, opt, loss_kwargs=BLUR_LOSS) == 8  # Nothing says.
     with open(tmp_path / 'training_options.json', 'w') as f:
         json.dump(dict(loss_kwargs=EDM_LOSS), f)
-    with pytest.raises(TrainingError, match='first'):
+    with pytest.raises(UserError, match='first'):
         training_loop.load_training_state(path, net, ema, opt, loss_kwargs=BLUR_LOSS)
 
 
 def test_resume_refuses_another_preconditioner(first_stage):
     net, ema, opt = _fresh(network=dict(NETWORK, class_name='training.networks.VPPrecond'))
-    with pytest.raises(TrainingError, match='holds a EDMPrecond network and this run builds VPPrecond'):
+    with pytest.raises(UserError, match='holds a EDMPrecond network and this run builds VPPrecond'):
         training_loop.load_training_state(first_stage['state'], net, ema, opt, loss_kwargs=dict(class_name='training.loss.VPLoss'))
 
 
@@ -166,20 +167,20 @@ def test_cli_resume_as_blur_is_one_line(first_stage, tmp_path):
 # One run per folder.
 
 def test_run_folder_lock_is_exclusive(tmp_path):
-    lock = training_loop.lock_run_dir(str(tmp_path))
+    lock = training_loop.RunLock(str(tmp_path))
     try:
-        with pytest.raises(TrainingError, match=f'{tmp_path} is in use by another training run'):
-            training_loop.lock_run_dir(str(tmp_path))
+        with pytest.raises(UserError, match=f'{tmp_path} is in use by another training run'):
+            training_loop.RunLock(str(tmp_path))
     finally:
         lock.release()
     assert os.listdir(tmp_path) == []  # The lock file goes with the run.
-    training_loop.lock_run_dir(str(tmp_path)).release()  # Free again.
+    training_loop.RunLock(str(tmp_path)).release()  # Free again.
 
 
 def test_second_nosubdir_run_into_a_busy_folder_is_refused(first_stage, tmp_path):
     folder = tmp_path / 'shared'
     folder.mkdir()
-    lock = training_loop.lock_run_dir(str(folder))  # A run in progress that has not written its options yet.
+    lock = training_loop.RunLock(str(folder))  # A run in progress that has not written its options yet.
     try:
         result = CliRunner().invoke(train.main, ['--outdir', str(folder), '--nosubdir', '--data', first_stage['data'],
                                                  '--duration=0.000004'] + TINY_CLI)
@@ -192,3 +193,135 @@ def test_second_nosubdir_run_into_a_busy_folder_is_refused(first_stage, tmp_path
                                              '--duration=0.000004'] + TINY_CLI)
     assert result.exit_code == 0, result.output
     assert training_loop.RUN_LOCK_NAME not in os.listdir(folder)
+
+
+@pytest.mark.parametrize('code', ['ENOLCK', 'ENOSYS'])
+def test_filesystem_without_locks_trains_unlocked(first_stage, tmp_path, monkeypatch, code):
+    import errno
+    import fcntl
+
+    def no_locks(_fd, _op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path), '--nosubdir', '--data', first_stage['data'],
+                                             '--duration=0.000004', '--grid=0'] + TINY_CLI)
+    assert result.exit_code == 0, result.output
+    assert f'Warning: {tmp_path} is on a filesystem without file locks' in result.output
+    assert 'network-snapshot-000000_004.pkl' in os.listdir(tmp_path) and training_loop.RUN_LOCK_NAME not in os.listdir(tmp_path)
+
+
+def test_resume_and_transfer_read_on_rank0_first(first_stage, tmp_path, monkeypatch):
+    # Rank 0 reads (downloads) first; the others wait in rank0_first, without the main process
+    # group's deadline (the two-process run is in test_train_ddp.py).
+    calls = []
+    real = training_loop.dist.rank0_first
+    monkeypatch.setattr(training_loop.dist, 'rank0_first', lambda fn: calls.append(fn) or real(fn))
+    result = _train(str(tmp_path / 'resumed'), first_stage['data'], total_kimg=0.012, resume_state_dump=first_stage['state'])
+    assert result['cur_nimg'] == 12 and len(calls) == 1
+    snapshot = os.path.join(first_stage['run_dir'], 'network-snapshot-000000_008.pkl')
+    _train(str(tmp_path / 'transferred'), first_stage['data'], total_kimg=0.004, resume_pkl=snapshot)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize('theirs', ['network-snapshot-000000_008.pkl', 'training-state-000010.pt', 'log.txt', 'stats.jsonl',
+                                    'samples-000000.png', 'training_options.json'])
+def test_nosubdir_into_another_runs_folder_is_refused(first_stage, tmp_path, theirs):
+    (tmp_path / theirs).write_text('theirs')
+    (tmp_path / 'notes.txt').write_text('mine')
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path), '--nosubdir', '--data', first_stage['data'],
+                                             '--duration=0.000004'] + TINY_CLI)
+    line = _error_line(result)
+    assert f'--nosubdir: {tmp_path} already holds files of a training run ({theirs})' in line
+    assert sorted(os.listdir(tmp_path)) == sorted([theirs, 'notes.txt']) and (tmp_path / theirs).read_text() == 'theirs'
+
+
+def _damaged_state(first_stage, tmp_path, edit):
+    data = dict(training.load_checkpoint(first_stage['state']))
+    edit(data)
+    path = str(tmp_path / 'training-state-000000_008.pt')
+    checkpoint.save_training_state(path, data)
+    return path
+
+
+def _fill_nan(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float('nan'))
+
+
+STATE_EDITS = {
+    'nan ema':        (lambda d: _fill_nan(d['ema']), 'its ema holds non-finite values'),
+    'nan net':        (lambda d: _fill_nan(d['net']), 'its net holds non-finite values'),
+    'betas':          (lambda d: d['optimizer_state']['param_groups'][0].update(betas=(2.0, -1.0)), 'optimizer settings are out of range'),
+    'eps':            (lambda d: d['optimizer_state']['param_groups'][0].update(eps=-1.0), 'optimizer settings are out of range'),
+    'lr nan':         (lambda d: d['optimizer_state']['param_groups'][0].update(lr=float('nan')), 'optimizer settings are out of range'),
+    'step abc':       (lambda d: d.update(step='abc'), "its step (abc) is not a number of images"),
+    'step negative':  (lambda d: d.update(step=-5), 'its step (-5) is not a number of images'),
+    'step float':     (lambda d: d.update(step=8.5), 'its step (8.5) is not a number of images'),
+    'optimizer {}':   (lambda d: d.update(optimizer_state={}), 'its optimizer_state is not an optimizer state'),
+    'no groups':      (lambda d: d['optimizer_state'].update(param_groups=[]), 'its optimizer holds 0 parameters'),
+    'moment shape':   (lambda d: d['optimizer_state']['state'][0].update(exp_avg=torch.zeros([3, 3])), 'exp_avg of parameter 0 is [3, 3]'),
+    'moment nan':     (lambda d: d['optimizer_state']['state'][0]['exp_avg_sq'].fill_(float('nan')), 'exp_avg_sq of parameter 0 is not a finite'),
+    'adam step < 0':  (lambda d: d['optimizer_state']['state'][0].update(step=torch.tensor(-3.0)), 'step of parameter 0 is not a finite'),
+    'unknown param':  (lambda d: d['optimizer_state']['state'].update({999: {}}), 'an entry 999 for no parameter'),
+}
+
+
+@pytest.mark.parametrize('case', list(STATE_EDITS))
+def test_damaged_training_state_values_are_refused(first_stage, tmp_path, case):
+    edit, message = STATE_EDITS[case]
+    path = _damaged_state(first_stage, tmp_path, edit)
+    net, ema, opt = _fresh()
+    with pytest.raises(UserError, match=re.escape(message)):
+        training_loop.load_training_state(path, net, ema, opt, loss_kwargs=EDM_LOSS)
+
+
+@pytest.fixture(scope='module')
+def cli_run(first_stage):
+    """train.py's own run of TINY_CLI: 2 steps, snapshots at 4 and 8 images, a state at 8."""
+    outdir = first_stage['root'] / 'cli'
+    result = CliRunner().invoke(train.main, ['--outdir', str(outdir), '--data', first_stage['data'], '--duration=0.000008',
+                                             '--tick=0.004', '--snap=1', '--dump=1'] + TINY_CLI)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = os.listdir(outdir)
+    return dict(first_stage, run_dir=str(outdir / run_dir), state=str(outdir / run_dir / 'training-state-000000_008.pt'))
+
+
+def test_damaged_training_state_is_one_line_before_training(cli_run, tmp_path):
+    path = _damaged_state(cli_run, tmp_path, STATE_EDITS['betas'][0])
+    first_stage = cli_run
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', first_stage['data'],
+                                             '--resume', path, '--duration=0.000012'] + TINY_CLI)
+    line = _error_line(result)
+    assert 'optimizer settings are out of range' in line and 'resume from an earlier one' in line
+    (run_dir,) = os.listdir(tmp_path / 'runs')
+    assert not any(name.endswith(('.pkl', '.pt')) for name in os.listdir(tmp_path / 'runs' / run_dir))
+
+
+def test_transfer_reports_and_refuses_a_small_share(cli_run, tmp_path):
+    first_stage = cli_run
+    snapshot = os.path.join(first_stage['run_dir'], 'network-snapshot-000000_008.pkl')
+    # Same network: everything copied, and said so.
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'same'), '--data', first_stage['data'],
+                                             '--transfer', snapshot, '--duration=0.000004'] + TINY_CLI)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Transferred \d+ weight tensors \(100\.0% of this network's weights, 100\.0% of the source's\) from "
+                     + re.escape(snapshot), result.output), result.output
+    # Four levels from a two-level network: the first level only.
+    deeper = TINY_CLI + ['--cres=1,1,1,1']
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'deep'), '--data', first_stage['data'],
+                                             '--transfer', snapshot, '--duration=0.000004'] + deeper)
+    line = _error_line(result)
+    assert re.search(r"shares only \d+ weight tensors \((\d|[1-4]\d)\.\d% of this network's weights, \d+\.\d% of the source's\)", line), line
+    assert '--transfer-partial' in line
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'deep'), '--data', first_stage['data'],
+                                             '--transfer', snapshot, '--transfer-partial', '--duration=0.000004'] + deeper)
+    assert result.exit_code == 0 and 'Transferred ' in result.output, result.output
+    # The reverse, a two-level network from that four-level run's snapshot: little of the source.
+    (deep_snapshot,) = [str(run / 'network-snapshot-000000_004.pkl') for run in (tmp_path / 'deep').iterdir()
+                        if (run / 'network-snapshot-000000_004.pkl').exists()]  # The refused try left its options and log.
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'shallow'), '--data', first_stage['data'],
+                                             '--transfer', deep_snapshot, '--duration=0.000004'] + TINY_CLI)
+    line = _error_line(result)
+    assert re.search(r"shares only \d+ weight tensors \(\d+\.\d% of this network's weights, (\d|[1-4]\d)\.\d% of the source's\)", line), line

@@ -2,6 +2,7 @@
 (NCCL on CUDA, gloo on CPU); a plain `python script.py` is one process with no group at all."""
 
 import atexit
+import contextlib
 import datetime
 import os
 
@@ -84,6 +85,11 @@ def split_batches(num_items: int, batch_size: int, world_size: int) -> list:
 def shutdown() -> None:
     """Leave the process group (registered at exit by init(); safe to call twice)."""
     if torch.distributed.is_initialized():
+        # Every rank gets here before any tears down: a gloo peer that closes its connections
+        # while another still listens can abort that one ("terminate called ..."). A rank that
+        # stopped on an error waits a minute at most for the others.
+        with contextlib.suppress(RuntimeError):
+            torch.distributed.monitored_barrier(group=_patient_group, timeout=datetime.timedelta(seconds=60))
         torch.distributed.destroy_process_group()
 
 
@@ -98,14 +104,6 @@ def get_world_size() -> int:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def should_stop() -> bool:
-    return False
-
-
-def update_progress(cur, total) -> None:
-    _ = cur, total
 
 
 def print0(*args, **kwargs) -> None:

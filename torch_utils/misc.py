@@ -1,207 +1,143 @@
-"""Small torch and file helpers shared across the project."""
+"""Small torch helpers of the training loop and the augmentation pipe."""
 
-import contextlib
-import functools
-import re
+import itertools
 
 import numpy as np
 import torch
 
-
-
 #----------------------------------------------------------------------------
-# Constant tensors, cached per (value, shape, dtype, device) so that repeated use inside a
-# training step does not re-upload the same numbers to the GPU.
+# Constant tensors, made once per (value, shape, dtype, device): the augmentation pipe asks for
+# the same few numbers every step, and uploading them to the GPU each time would cost a sync.
 
-_constant_cache = dict()
+_constants = {}
 
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     value = np.asarray(value)
-    shape = tuple(shape) if shape is not None else None
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    memory_format = memory_format if memory_format is not None else torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key)
-    if tensor is None:
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device or 'cpu')
+    memory_format = memory_format or torch.contiguous_format
+    key = (value.tobytes(), value.shape, value.dtype, None if shape is None else tuple(shape), dtype, device, memory_format)
+    if key not in _constants:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        if shape is not None:
-            tensor = tensor.expand(shape)
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
-
-
-def assert_shape(tensor, ref_shape):
-    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None = any size)."""
-    if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is not None and size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
-
-
-def profiled_function(fn):
-    """Show up as a named range in the PyTorch profiler."""
-    @functools.wraps(fn)
-    def decorator(*args, **kwargs):
-        with torch.autograd.profiler.record_function(fn.__name__):
-            return fn(*args, **kwargs)
-    return decorator
-
+        _constants[key] = (tensor if shape is None else tensor.expand(shape)).contiguous(memory_format=memory_format)
+    return _constants[key]
 
 #----------------------------------------------------------------------------
-# Endless shuffled sampler. Same order of random draws as EDM: one permutation from
-# RandomState(seed), then a random swap within a sliding window after every item, so that
-# epochs never repeat exactly. Ranks take every num_replicas-th item of one shared stream.
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5):
-        assert len(dataset) > 0
-        assert num_replicas > 0 and 0 <= rank < num_replicas
-        assert 0 <= window_size <= 1
+    """Dataset indices forever, in EDM's order: a permutation drawn from RandomState(seed), and
+    after every item a swap with an item at most half the dataset back (drawn from the same
+    RandomState), so that epochs differ. Rank r of n processes takes items r, r + n, ... of
+    that one stream."""
+
+    def __init__(self, dataset, rank=0, num_replicas=1, seed=0, window_size=0.5):
+        assert len(dataset) > 0 and 0 <= rank < num_replicas
         super().__init__()
-        self.dataset = dataset
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.window_size = window_size
+        self.size, self.rank, self.num_replicas, self.seed = len(dataset), rank, num_replicas, seed
+        self.window = int(np.rint(self.size * window_size))
 
     def __iter__(self):
-        order = np.arange(len(self.dataset))
-        rnd = None
-        window = 0
-        if self.shuffle:
-            rnd = np.random.RandomState(self.seed)
-            rnd.shuffle(order)
-            window = int(np.rint(order.size * self.window_size))
-        idx = 0
-        while True:
-            i = idx % order.size
-            if idx % self.num_replicas == self.rank:
-                yield order[i]
-            if window >= 2:
-                j = (i - rnd.randint(window)) % order.size
-                order[i], order[j] = order[j], order[i]
-            idx += 1
-
+        rnd = np.random.RandomState(self.seed)
+        order = np.arange(self.size)
+        rnd.shuffle(order)
+        for step in itertools.count():
+            pos = step % self.size
+            if step % self.num_replicas == self.rank:
+                yield order[pos]
+            if self.window >= 2:
+                other = (pos - rnd.randint(self.window)) % self.size
+                order[pos], order[other] = order[other], order[pos]
 
 #----------------------------------------------------------------------------
-# Parameters and buffers.
+# Parameters and buffers by name.
 
-def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
-
-
-def named_params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.named_parameters()) + list(module.named_buffers())
+def named_tensors(module):
+    """{name: tensor} of a module's parameters and buffers."""
+    return dict(itertools.chain(module.named_parameters(), module.named_buffers()))
 
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
-    """Copy tensors by name from src to dst. With require_all, every dst tensor must exist in src
-    with the same shape; otherwise names missing from src are skipped."""
-    assert isinstance(src_module, torch.nn.Module)
-    assert isinstance(dst_module, torch.nn.Module)
-    src_tensors = dict(named_params_and_buffers(src_module))
-    missing = []
-    for name, tensor in named_params_and_buffers(dst_module):
-        if name not in src_tensors:
-            missing.append(name)
+    """Copy every tensor of dst_module that src_module has under the same name; returns the
+    names copied. ValueError when a shape differs, or (require_all) when src lacks a name."""
+    src = named_tensors(src_module)
+    copied = []
+    for name, tensor in named_tensors(dst_module).items():
+        if name not in src:
+            if require_all:
+                raise ValueError(f'the source has no tensor "{name}"')
             continue
-        src = src_tensors[name]
-        if src.shape != tensor.shape:
-            raise ValueError(f'Shape mismatch for "{name}": source {list(src.shape)}, destination {list(tensor.shape)}')
-        tensor.copy_(src)
-    if require_all and missing:
-        raise ValueError(f'{len(missing)} tensors missing from the source, e.g. "{missing[0]}"')
+        if src[name].shape != tensor.shape:
+            raise ValueError(f'"{name}" is {list(src[name].shape)} in the source and {list(tensor.shape)} here')
+        tensor.copy_(src[name])
+        copied.append(name)
+    return copied
 
 
-@contextlib.contextmanager
-def ddp_sync(module, sync):
-    """Skip DDP's gradient all-reduce for all but the last gradient-accumulation round."""
-    assert isinstance(module, torch.nn.Module)
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        yield
-    else:
-        with module.no_sync():
-            yield
-
-
-def check_ddp_consistency(module, ignore_regex=None):
-    """Assert that every parameter and buffer equals rank 0's copy (no-op without a group)."""
-    assert isinstance(module, torch.nn.Module)
+def check_ddp_consistency(module):
+    """Assert that every process holds rank 0's parameters and buffers (NaNs count as equal)."""
     if not torch.distributed.is_initialized():
         return
-    for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
-            continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = torch.nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        assert (tensor == other).all(), fullname
+    for name, tensor in named_tensors(module).items():
+        mine = torch.nan_to_num(tensor.detach()) if tensor.is_floating_point() else tensor.detach()
+        theirs = mine.clone()
+        torch.distributed.broadcast(theirs, src=0)
+        assert torch.equal(mine, theirs), f'{type(module).__name__}.{name} differs between processes'
 
+def activation_bytes(module, *inputs, **kwargs):
+    """Bytes of the tensors autograd keeps for backward in one call module(*inputs, **kwargs), each
+    storage counted once, the module's own parameters and buffers not at all. On the meta device
+    this costs neither memory nor compute."""
+    seen = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
+    total = [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs, **kwargs)
+    return total[0]
 
 #----------------------------------------------------------------------------
-# Table of submodules with parameter counts and output shapes, printed once at start-up.
 
-def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
-    assert isinstance(module, torch.nn.Module)
-    assert isinstance(inputs, (tuple, list))
-    entries = []
-    nesting = [0]
+def print_module_summary(module, inputs, max_nesting=2):
+    """Call module(*inputs) once and print a table of the submodules called at most `max_nesting`
+    calls deep: the parameters and buffers not listed in an earlier row, and the first output's
+    shape and dtype. Returns module's output."""
+    names = {m: name or '<top-level>' for name, m in module.named_modules()}
+    depth, calls = [0], []
 
-    def pre_hook(_mod, _inputs):
-        nesting[0] += 1
+    def enter(_module, _inputs):
+        depth[0] += 1
 
-    def post_hook(mod, _inputs, outputs):
-        nesting[0] -= 1
-        if nesting[0] <= max_nesting:
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            entries.append((mod, [t for t in outputs if isinstance(t, torch.Tensor)]))
+    def leave(mod, _inputs, out):
+        depth[0] -= 1
+        if depth[0] <= max_nesting:
+            calls.append((mod, [t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]))
 
-    hooks = [mod.register_forward_pre_hook(pre_hook) for mod in module.modules()]
-    hooks += [mod.register_forward_hook(post_hook) for mod in module.modules()]
+    hooks = [hook for m in module.modules() for hook in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        outputs = module(*inputs)
+        output = module(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
-
-    # Attribute each tensor to the first (innermost) module that produced or owns it.
-    seen = set()
-    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
-    names = {mod: name for name, mod in module.named_modules()}
-    param_total = buffer_total = 0
-    for mod, outs in entries:
-        params = [t for t in mod.parameters() if id(t) not in seen]
-        buffers = [t for t in mod.buffers() if id(t) not in seen]
-        new_outs = [t for t in outs if id(t) not in seen]
-        seen |= {id(t) for t in params + buffers + new_outs}
-        if skip_redundant and not (params or buffers or new_outs):
-            continue
-        name = '<top-level>' if mod is module else names[mod]
-        n_params = sum(t.numel() for t in params)
-        n_buffers = sum(t.numel() for t in buffers)
-        shapes = [str(list(t.shape)) for t in outs] or ['-']
-        dtypes = [str(t.dtype).split('.')[-1] for t in outs] or ['-']
-        rows.append([name + (':0' if len(outs) >= 2 else ''), str(n_params) if n_params else '-',
-                     str(n_buffers) if n_buffers else '-', shapes[0], dtypes[0]])
-        for idx in range(1, len(outs)):
-            rows.append([f'{name}:{idx}', '-', '-', shapes[idx], dtypes[idx]])
-        param_total += n_params
-        buffer_total += n_buffers
-    rows += [['---'] * 5, ['Total', str(param_total), str(buffer_total), '-', '-']]
+    seen, rows, totals = set(), [], [0, 0]
+    for mod, outs in calls:
+        own = [[t for t in tensors if id(t) not in seen] for tensors in (mod.parameters(), mod.buffers())]
+        fresh = [t for t in outs if id(t) not in seen]
+        seen.update(id(t) for t in own[0] + own[1] + fresh)
+        if own[0] or own[1] or fresh:
+            counts = [sum(t.numel() for t in tensors) for tensors in own]
+            totals = [a + b for a, b in zip(totals, counts)]
+            shape, dtype = (str(list(outs[0].shape)), str(outs[0].dtype).split('.')[-1]) if outs else ('-', '-')
+            rows.append([names[mod], *(str(n) if n else '-' for n in counts), shape, dtype])
+    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype'], *rows,
+            ['Total', str(totals[0]), str(totals[1]), '', '']]
     widths = [max(len(cell) for cell in column) for column in zip(*rows)]
-    print()
-    for row in rows:
-        print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
-    print()
-    return outputs
+    print('\n' + '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows) + '\n')
+    return output

@@ -1,8 +1,9 @@
 """Fast sampling mode: trades the bit-exact images of the default (exact) mode for speed.
 
 Exact mode runs the networks as they are and gives the reference's images bit for bit; it is
-`FastSettings()` (everything off), and `prepare(net, FastSettings())` returns `net` itself.
-Fast mode switches on, each separately:
+`FastSettings()` (everything off), and `prepare(net, FastSettings())` returns `net` itself, with
+TF32 turned off for matmuls and convolutions alike (PyTorch leaves TF32 convolutions on unless
+told). Fast mode switches on, each separately:
 
 - batch_guidance: classifier-free guidance's conditional and unconditional passes as one forward
   of twice the batch (`batched_guided_denoise`, which `training.sampling.guided_denoise` calls
@@ -14,14 +15,16 @@ Fast mode switches on, each separately:
   bf16's (10 vs 7 mantissa bits) at the same tensor-core speed, and the paper's ImageNet
   networks were trained and sampled in fp16. A non-finite fp16 output (overflow) raises
   FloatingPointError naming bf16 as the fix;
-- tf32: TF32 matmuls and convolutions during network calls (CUDA, Ampere and newer);
+- tf32: TF32 matmuls and convolutions during network calls (CUDA, Ampere and newer); with it
+  off (--no-tf32) both are explicitly off, as in exact mode;
 - channels_last: the U-Net's input in channels-last memory layout (faster convolutions on
   tensor cores; a no-op for the values);
 - compile: `torch.compile` of the U-Net; when compiling fails (no compiler, unsupported
   platform) a warning is given once and the network runs eagerly.
 
 The network is never modified: `prepare` returns a wrapper around a shallow copy that shares the
-parameters and differs only in the wrapped U-Net.
+parameters and differs only in the wrapped U-Net. bf16 training (and its sample grids) uses the
+same wrapper, so that only the U-Net runs under autocast.
 """
 
 import contextlib
@@ -46,7 +49,7 @@ class FastSettings:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
+            raise ValueError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
 
     @property
     def exact(self):
@@ -78,10 +81,7 @@ def settings_from_options(fast=False, precision=None, tf32=None, channels_last=F
         if given:
             raise ValueError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
         return EXACT
-    precision = 'fp16' if precision is None else precision
-    if precision not in PRECISIONS:
-        raise ValueError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{precision}"')
-    return FastSettings(batch_guidance=True, precision=precision, tf32=(True if tf32 is None else bool(tf32)),
+    return FastSettings(batch_guidance=True, precision='fp16' if precision is None else precision, tf32=(True if tf32 is None else bool(tf32)),
                         channels_last=bool(channels_last), compile=bool(compile))
 
 #----------------------------------------------------------------------------
@@ -142,15 +142,18 @@ def _shallow_copy(module):
     return clone
 
 
+def set_tf32(enabled):
+    """TF32 matmuls and cuDNN convolutions both on or both off (PyTorch's defaults differ:
+    matmuls off, convolutions on); returns the previous pair."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return saved
+
+
 @contextlib.contextmanager
 def tf32_enabled(enabled):
-    """TF32 matmuls and cuDNN convolutions on (True) or as they were (False), restored on exit."""
-    if not enabled:
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    """set_tf32(enabled) for the block, the previous flags restored on exit."""
+    saved = set_tf32(enabled)
     try:
         yield
     finally:
@@ -196,8 +199,10 @@ class FastNetwork(torch.nn.Module):
 
 
 def prepare(net, settings):
-    """`net` itself in exact mode, else a FastNetwork sharing its parameters."""
+    """`net` itself in exact mode, else a FastNetwork sharing its parameters. Exact mode turns
+    TF32 off for the process, convolutions included: the networks run in full float32."""
     if settings is None or settings.exact:
+        set_tf32(False)
         return net
     return FastNetwork(net, settings)
 

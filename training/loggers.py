@@ -5,36 +5,35 @@ clear error naming the pip command. Every tracker takes the same three calls: `l
 per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
 """
 
+import importlib
 import importlib.util
 import os
 
-# --logger value -> the package it imports.
-LOGGER_PACKAGES = dict(tensorboard='tensorboard', aim='aim', wandb='wandb')
+import dnnlib
+
+# --logger value -> the module it imports, the package that provides it.
+_MODULES = dict(tensorboard=('torch.utils.tensorboard', 'tensorboard'), aim=('aim', 'aim'), wandb=('wandb', 'wandb'))
 
 
-class LoggerError(RuntimeError):
-    """A tracker that cannot start (package missing)."""
+def check_installed(kind):
+    """UserError naming the pip command when the tracker `kind` ('none' or None: no tracker) is missing."""
+    if kind in _MODULES and importlib.util.find_spec(_MODULES[kind][1]) is None:
+        raise dnnlib.UserError(f'--logger={kind} needs the {_MODULES[kind][1]} package: pip install {_MODULES[kind][1]}')
 
 
-def missing_package_message(kind):
-    """One line naming the missing package of `kind`, or None when it is importable (or no logger)."""
-    package = LOGGER_PACKAGES.get(kind)
-    if package is None or importlib.util.find_spec(package) is not None:
-        return None
-    return f'--logger={kind} needs the {package} package: pip install {package}'
+def _import(kind):
+    check_installed(kind)
+    return importlib.import_module(_MODULES[kind][0])
 
 
-def _import(kind, name):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise LoggerError(f'--logger={kind} needs the {LOGGER_PACKAGES[kind]} package: '
-                          f'pip install {LOGGER_PACKAGES[kind]}') from None
+def _squeeze_grey(image):
+    # PIL and the trackers take greyscale as (H, W), not (H, W, 1).
+    return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
 class TensorBoardLogger:
     def __init__(self, run_dir, **_unused):
-        self.writer = _import('tensorboard', 'torch.utils.tensorboard').SummaryWriter(run_dir)
+        self.writer = _import('tensorboard').SummaryWriter(run_dir)
 
     def log(self, stats, step):
         for name, value in stats.items():
@@ -51,7 +50,7 @@ class TensorBoardLogger:
 
 class AimLogger:
     def __init__(self, run_dir, config=None, repo='', experiment='', tag='', **_unused):
-        self.aim = _import('aim', 'aim')
+        self.aim = _import('aim')
         self.run = self.aim.Run(repo=repo or None, experiment=experiment or os.path.basename(run_dir))
         for key, value in (config or {}).items():
             self.run[key] = value
@@ -72,7 +71,7 @@ class AimLogger:
 
 class WandbLogger:
     def __init__(self, run_dir, config=None, project='', experiment='', tag='', **_unused):
-        self.wandb = _import('wandb', 'wandb')
+        self.wandb = _import('wandb')
         self.run = self.wandb.init(project=project or 'relay-diffusion', name=experiment or os.path.basename(run_dir),
                                    dir=run_dir, config=dict(config or {}), tags=[tag] if tag else None)
 
@@ -86,11 +85,6 @@ class WandbLogger:
         self.run.finish()
 
 
-def _squeeze_grey(image):
-    # PIL and the trackers take greyscale as (H, W), not (H, W, 1).
-    return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-
-
 LOGGERS = dict(tensorboard=TensorBoardLogger, aim=AimLogger, wandb=WandbLogger)
 
 
@@ -100,5 +94,5 @@ def make_logger(kind, run_dir, config=None, **logger_kwargs):
     if kind in (None, 'none'):
         return None
     if kind not in LOGGERS:
-        raise LoggerError(f'Unknown logger "{kind}"; choose one of: none, {", ".join(LOGGERS)}')
+        raise dnnlib.UserError(f'Unknown logger "{kind}"; choose one of: none, {", ".join(LOGGERS)}')
     return LOGGERS[kind](run_dir, config=config, **logger_kwargs)

@@ -17,121 +17,103 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from training import blurring
 
 
-def _denoise(net, images, labels, augment_pipe, sigma, weight):
-    """Shared tail of the losses: augment, add noise of std sigma, weight the squared error."""
-    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-    n = torch.randn_like(y) * sigma
-    D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-    return weight * ((D_yn - y) ** 2)
+def edm_weight(sigma, sigma_data):
+    """EDM's loss weight, (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2: it makes the
+    network's effective training target unit-variance at every noise level."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-#----------------------------------------------------------------------------
-# Variance preserving: t ~ U(epsilon_t, 1), sigma(t) from the linear beta schedule, weight
-# 1 / sigma^2 (the epsilon-prediction loss written in terms of the denoiser).
-
-@persistence.persistent_class
-class VPLoss:
-    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.epsilon_t = epsilon_t
+class _DenoisingLoss:
+    """What the first-stage losses share. `levels` draws the noise levels [N, 1, 1, 1] and their
+    weights; then the images are augmented, noised and denoised."""
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
-        weight = 1 / sigma ** 2
-        return _denoise(net, images, labels, augment_pipe, sigma, weight)
+        sigma, weight = self.levels([images.shape[0], 1, 1, 1], images.device)
+        clean, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        noisy = clean + torch.randn_like(clean) * sigma
+        return weight * (net(noisy, sigma, labels, augment_labels=augment_labels) - clean) ** 2
+
+
+@persistence.persistent_class
+class VPLoss(_DenoisingLoss):
+    """Variance preserving: t ~ U(epsilon_t, 1) mapped through the linear beta schedule, weight
+    1 / sigma^2 (epsilon prediction written for a denoiser)."""
+
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def sigma(self, t):
         t = torch.as_tensor(t)
         return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
 
+    def levels(self, shape, device):
+        sigma = self.sigma(1 + torch.rand(shape, device=device) * (self.epsilon_t - 1))
+        return sigma, 1 / sigma ** 2
 
-#----------------------------------------------------------------------------
-# Variance exploding: sigma log-uniform in [sigma_min, sigma_max], weight 1 / sigma^2.
 
 @persistence.persistent_class
-class VELoss:
+class VELoss(_DenoisingLoss):
+    """Variance exploding: sigma log-uniform in [sigma_min, sigma_max], weight 1 / sigma^2."""
+
     def __init__(self, sigma_min=0.02, sigma_max=100):
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
-    def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
-        weight = 1 / sigma ** 2
-        return _denoise(net, images, labels, augment_pipe, sigma, weight)
+    def levels(self, shape, device):
+        sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** torch.rand(shape, device=device))
+        return sigma, 1 / sigma ** 2
 
-
-#----------------------------------------------------------------------------
-# EDM: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2,
-# which makes the effective training target unit-variance at every noise level.
 
 @persistence.persistent_class
-class EDMLoss:
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+class EDMLoss(_DenoisingLoss):
+    """EDM: ln(sigma) ~ N(P_mean, P_std^2), weight edm_weight."""
 
-    def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        return _denoise(net, images, labels, augment_pipe, sigma, weight)
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def levels(self, shape, device):
+        sigma = (torch.randn(shape, device=device) * self.P_std + self.P_mean).exp()
+        return sigma, edm_weight(sigma, self.sigma_data)
 
 
 #----------------------------------------------------------------------------
-# Relay stage (BlurLoss) follows.
-
 # Relay stage: blurring diffusion (RDM). The maths lives in training/blurring.py (shared with
 # the sampler). Draw order as the reference: u ~ U(0, 1) on the CPU generator [N, 1, 1, 1], the
 # augmentation pipe's draws, one Gaussian draw that is discarded when block_scale > 0 (the
 # reference draws it and then draws again), the Gaussian noise, the block noise's own draw.
 
-from training import blurring # noqa: E402 (kept with the class it serves)
-
 @persistence.persistent_class
 class BlurLoss:
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, up_scale=4, prob_length=0.93,
                  blur_sigma_max=3, min_scale=0.001, block_scale=0):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-        self.up_scale = up_scale
-        self.prob_length = prob_length
-        self.blur_sigma_max = blur_sigma_max
-        self.min_scale = min_scale
-        self.block_scale = block_scale
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.up_scale, self.min_scale, self.block_scale = up_scale, min_scale, block_scale
+        self.prob_length, self.blur_sigma_max = prob_length, blur_sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None, truncate_sigma=7.5e-3):
-        # u: the blur time. The clamp keeps sigma away from ~0 for stable training; its level
-        # Phi((ln truncate_sigma - P_mean) / P_std) * prob_length is the reference's formula
-        # (it multiplies where the inverse of sigma(u) would divide, so the effective floor is
-        # slightly below truncate_sigma; kept for faithfulness).
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1])
-        truncate_p = float(torch.special.ndtr((torch.tensor(truncate_sigma, dtype=torch.float64).log() - self.P_mean) / self.P_std)) * self.prob_length
-        rnd_uniform = torch.clamp(rnd_uniform, min=truncate_p)
-        blur_sigma = blurring.blur_sigma_from_u(rnd_uniform, self.blur_sigma_max).to(images.device)
+        # u: the blur time, drawn on the CPU. Its floor keeps sigma away from ~0 for stable
+        # training: Phi((ln truncate_sigma - P_mean) / P_std) * prob_length is the reference's
+        # level (it multiplies where the inverse of sigma(u) would divide, so the effective floor
+        # is slightly below truncate_sigma; kept for faithfulness).
+        u = torch.rand([images.shape[0], 1, 1, 1])
+        log_floor = torch.tensor(truncate_sigma, dtype=torch.float64).log()
+        u = u.clamp(min=float(torch.special.ndtr((log_floor - self.P_mean) / self.P_std)) * self.prob_length)
+        blur_sigma = blurring.blur_sigma_from_u(u, self.blur_sigma_max).to(images.device)
+        # sigma = exp(Phi^-1(u * prob_length) * P_std + P_mean) in float64, the quantile rounded
+        # to float32 as the reference's scipy call on float32 input returns it.
+        quantile = torch.special.ndtri((u * self.prob_length).to(torch.float64)).to(torch.float32)
+        sigma = (quantile.to(torch.float64).to(images.device) * self.P_std + self.P_mean).exp()
+        weight = edm_weight(sigma, self.sigma_data).clamp(max=100000)
 
-        # sigma = exp(Phi^-1(u * prob_length) * P_std + P_mean) in float64, with the quantile
-        # rounded to float32 as the reference's scipy call on float32 input does.
-        normal = torch.special.ndtri((rnd_uniform * self.prob_length).to(torch.float64)).to(torch.float32)
-        sigma = (normal.to(torch.float64).to(images.device) * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        weight = torch.clamp(weight, max=100000)
-
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        y_blurred = blurring.blur(y, blur_sigma.reshape(-1), self.up_scale, self.min_scale)
-        n = torch.randn_like(y_blurred) * sigma
+        clean, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        blurred = blurring.blur(clean, blur_sigma.reshape(-1), self.up_scale, self.min_scale)
+        noise = torch.randn_like(blurred) * sigma  # With block noise the reference discards this draw.
         if self.block_scale > 0:
-            n = torch.randn_like(y_blurred) * sigma \
-                + blurring.block_noise(y_blurred, torch.randn_like, self.up_scale) * sigma * self.block_scale
-        D_yn = net(y_blurred + n, sigma, labels, augment_labels=augment_labels)
-        return weight * ((D_yn - y) ** 2)
-
+            noise = torch.randn_like(blurred) * sigma  # Then the block noise's own draw.
+            noise = noise + blurring.block_noise(blurred, torch.randn_like, self.up_scale) * sigma * self.block_scale
+        return weight * (net(blurred + noise, sigma, labels, augment_labels=augment_labels) - clean) ** 2
 
 
 #----------------------------------------------------------------------------

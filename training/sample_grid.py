@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from training import loss, pipeline, sampling
+from training import fast_mode, loss, pipeline, sampling
 
 
 def to_uint8(images):
@@ -53,8 +53,10 @@ def preserved_random_state(device):
 
 
 class SampleGrid:
-    def __init__(self, dataset, loss_kwargs, num_images=16, num_steps=32, seed=0, device=torch.device('cpu')):
+    def __init__(self, dataset, loss_kwargs, num_images=16, num_steps=32, seed=0, device=torch.device('cpu'), precision='fp32'):
         self.device = torch.device(device)
+        # The training's precision: bf16 autocast around the U-Net; fp16 is the network's own use_fp16.
+        self.fast = fast_mode.FastSettings(precision='bf16') if precision == 'bf16' else None
         self.seeds = list(range(seed, seed + num_images))
         self.num_steps = num_steps
         self.label_dim = dataset.label_dim
@@ -74,13 +76,16 @@ class SampleGrid:
     @torch.no_grad()
     def sample(self, net):
         """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image."""
+        net = fast_mode.prepare(net, self.fast) if self.fast is not None else net
         with preserved_random_state(self.device):
             rnd = sampling.StackedRandomGenerator(self.device, self.seeds)
             res = net.img_resolution
             if not self.relay:
                 latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
-                out = sampling.edm_sampler(net, latents, pipeline.class_labels(self.label_dim, self.seeds, None, self.device), randn_like=rnd.randn_like,
-                                           num_steps=self.num_steps)
+                # One-hot seed % label_dim, as generate.py's, built row by row: a dataset with a class
+                # 99999 must not cost an identity matrix of 100000^2.
+                labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32) if self.label_dim else None
+                out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
                 return tile(to_uint8(out))
             real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
             low = F.avg_pool2d(real, self.up_scale)

@@ -20,6 +20,7 @@ reference's files hold a `loss_fn` object instead (training/pipeline.py reads bo
 
 import contextlib
 import copy
+import errno
 import inspect
 import json
 import os
@@ -32,17 +33,13 @@ import psutil
 import torch
 
 import dnnlib
+import training
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
-import training
+from training import fast_mode
 from training import loggers
 from training import loss as training_loss
-
-
-class TrainingError(RuntimeError):
-    """A user-facing problem found while setting up training (bad resume file, ...)."""
-
 
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
@@ -59,21 +56,14 @@ def nimg_suffix(cur_nimg):
 def training_state_nimg(path):
     """Images seen according to a training-state file name, or None if the name is not one."""
     m = _STATE_RE.fullmatch(os.path.basename(path))
-    if m is None:
-        return None
-    return int(m.group(1)) * 1000 + int(m.group(2) or 0)
+    return None if m is None else int(m.group(1)) * 1000 + int(m.group(2) or 0)
 
 
 def find_latest_training_state(run_dir):
     """Path of the training-state-*.pt with the most images seen in a run folder, or None."""
-    best = None
-    for fname in os.listdir(run_dir):
-        nimg = training_state_nimg(fname)
-        if nimg is not None and os.path.isfile(os.path.join(run_dir, fname)):
-            if best is None or nimg > best[0]:
-                best = (nimg, os.path.join(run_dir, fname))
-    return None if best is None else best[1]
-
+    states = [(training_state_nimg(name), name) for name in os.listdir(run_dir)]
+    states = [(nimg, name) for nimg, name in states if nimg is not None and os.path.isfile(os.path.join(run_dir, name))]
+    return os.path.join(run_dir, max(states)[1]) if states else None
 
 #----------------------------------------------------------------------------
 # One training run per folder: an exclusive lock on a file in it, held for the run.
@@ -82,6 +72,9 @@ RUN_LOCK_NAME = '.train.lock'
 
 
 class RunLock:
+    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
+    run ends (process exit releases it too)."""
+
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, RUN_LOCK_NAME)
         self.file = None
@@ -89,23 +82,29 @@ class RunLock:
             import fcntl
         except ImportError:  # No flock on this platform: run unlocked.
             return
-        busy = TrainingError(f'{run_dir} is in use by another training run (it holds {self.path}); '
-                             f'wait for it to finish or choose another --outdir')
+        existed = os.path.exists(self.path)
         f = open(self.path, 'a+')
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # The holder before us may have removed the file between our open and our lock: then
+            # the lock is on a file nobody else sees, and a third run may hold the new one.
+            held = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
             f.close()
-            raise busy from None
-        # The holder before us may have removed the file between our open and our lock: then
-        # the lock is on a file nobody else sees, and a third run may hold the new one.
-        try:
-            same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
-        except FileNotFoundError:
-            same = False
-        if not same:
+            if not existed:
+                os.remove(self.path)
+            print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
+                  f'the lock that keeps a second run out of this folder', file=sys.stderr)
+            return
+        if not held:
             f.close()
-            raise busy
+            raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {self.path}); '
+                                   f'wait for it to finish or choose another --outdir')
         self.file = f
 
     def release(self):
@@ -115,15 +114,8 @@ class RunLock:
             self.file.close()
             self.file = None
 
-
-def lock_run_dir(run_dir):
-    """Take the run folder's lock or raise TrainingError naming the folder; call .release()
-    when the run ends (process exit releases it too)."""
-    return RunLock(run_dir)
-
-
 #----------------------------------------------------------------------------
-# Resume helpers.
+# Resume and transfer.
 
 def _stage(record):
     return 'second (relay, --precond=blur)' if record.stage == 'second' else f'first ({record.loss})'
@@ -134,61 +126,103 @@ def _recorded_training(path, data):
     training_options.json beside it says."""
     record = training_loss.training_record(data)
     if record.loss is None:
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')) as f:
                 record = training_loss.training_record(json.load(f)['loss_kwargs'])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
     return record
+
+
+def _bad_number(value, low, high):
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high
+
+
+def _state_problem(data, net, optimizer):
+    """Why the values of a training state (dict with net, ema, optimizer_state, step) cannot be
+    trained on, or None: every weight finite, an image count for step, and Adam's state as this
+    network's optimizer has it (groups, hyperparameters in range, moments of the parameters'
+    shapes, finite)."""
+    step = data.get('step', 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 53:
+        return f'its step ({str(step)[:20]}) is not a number of images'
+    for key in ('net', 'ema'):
+        bad = [name for name, t in misc.named_tensors(data[key]).items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            return f'its {key} holds non-finite values ({bad[0]}{", ..." if len(bad) > 1 else ""})'
+    state, ours = data['optimizer_state'], optimizer.state_dict()['param_groups']
+    groups = state.get('param_groups') if isinstance(state, dict) and isinstance(state.get('state'), dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return 'its optimizer_state is not an optimizer state (state, param_groups)'
+    if [len(g.get('params', [])) for g in groups] != [len(g['params']) for g in ours]:
+        return f'its optimizer holds {sum(len(g.get("params", [])) for g in groups)} parameters and this network has {len(ours[0]["params"])}'
+    for group in groups:
+        betas = group.get('betas', (0, 0))
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2 or any(_bad_number(b, 0, 1 - 1e-12) for b in betas)
+                or _bad_number(group.get('eps', 1), 1e-30, 1) or _bad_number(group.get('lr', 0), 0, 1e3)
+                or _bad_number(group.get('weight_decay', 0), 0, 1e3)):
+            return f'its optimizer settings are out of range (betas {betas}, eps {group.get("eps")}, lr {group.get("lr")})'
+    shapes = [p.shape for p in net.parameters()]
+    for index, entry in state['state'].items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(entry, dict):
+            return f'its optimizer state has an entry {str(index)[:20]} for no parameter of this network'
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not value.isfinite().all() or (value.ndim == 0 and value < 0):
+                return f'its optimizer state {key} of parameter {index} is not a finite tensor (or is negative)'
+            if value.ndim > 0 and value.shape != shapes[index]:
+                return f'its optimizer state {key} of parameter {index} is {list(value.shape)}, the parameter {list(shapes[index])}'
+    return None
 
 
 def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
     """Copy net/ema weights and the optimizer state from a training-state file; return the
     number of images it had seen ('step'; from the file name if absent). Refuses a state of
-    another preconditioner or, where the state's loss is known, of the other relay stage."""
-    from torch_utils import checkpoint
-    try:
-        data = training.load_checkpoint(path)
-    except checkpoint.CheckpointError as err:
-        raise TrainingError(str(err)) from None
+    another preconditioner or, where the state's loss is known, of the other relay stage, and
+    values that cannot be trained on."""
+    data = training.load_checkpoint(path)
     missing = [key for key in ('net', 'ema', 'optimizer_state') if key not in data]
     if missing:
-        raise TrainingError(f'{path}: not a training state (no {", ".join(missing)}); '
-                            f'use --transfer to start from network weights only')
+        raise dnnlib.UserError(f'{path}: not a training state (no {", ".join(missing)}); '
+                               f'use --transfer to start from network weights only')
     if type(data['net']).__name__ != type(net).__name__:
-        raise TrainingError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
-                            f'resume with the --precond of the original run')
+        raise dnnlib.UserError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
+                               f'resume with the --precond of the original run')
     theirs, ours = _recorded_training(path, data), training_loss.training_record(loss_kwargs or {})
-    if theirs.stage is not None and ours.stage is not None and theirs.stage != ours.stage:
-        raise TrainingError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
-                            f'{_stage(ours)} stage; resume with the --precond of the original run, '
-                            f'or start from its weights with --transfer')
+    if None not in (theirs.stage, ours.stage) and theirs.stage != ours.stage:
+        raise dnnlib.UserError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
+                               f'{_stage(ours)} stage; resume with the --precond of the original run, '
+                               f'or start from its weights with --transfer')
     try:
-        misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=True)
-        optimizer.load_state_dict(data['optimizer_state'])
+        misc.copy_params_and_buffers(data['net'], net, require_all=True)
+        misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
     except ValueError as err:
-        raise TrainingError(f'{path}: does not match this network ({err}); '
-                            f'use the same --arch/--cbase/--cres/--precond as the original run') from None
-    if 'step' in data:
-        return int(data['step'])
-    return training_state_nimg(path) or 0
+        raise dnnlib.UserError(f'{path}: does not match this network ({err}); '
+                               f'use the same --arch/--cbase/--cres/--precond as the original run') from None
+    problem = _state_problem(data, net, optimizer)
+    if problem:
+        raise dnnlib.UserError(f'{path}: {problem}; the training state is damaged, resume from an earlier one')
+    optimizer.load_state_dict(data['optimizer_state'])
+    return data['step'] if 'step' in data else training_state_nimg(path) or 0
 
 
-def load_transfer_weights(path, net, ema):
-    """Initialise net and ema from another network's EMA weights (names that match)."""
-    from torch_utils import checkpoint
+def load_transfer_weights(path, net, ema, partial=False):
+    """Initialise net and ema from another network's EMA weights: the tensors with this network's
+    names (and shapes). Says how much that is of each network; under half of either's weights is
+    refused unless partial."""
+    data = training.load_checkpoint(path)
+    if not isinstance(data.get('ema'), torch.nn.Module):
+        raise dnnlib.UserError(f'{path}: has no "ema" network to transfer from')
     try:
-        data = training.load_checkpoint(path)
-    except checkpoint.CheckpointError as err:
-        raise TrainingError(str(err)) from None
-    if 'ema' not in data or not isinstance(data['ema'], torch.nn.Module):
-        raise TrainingError(f'{path}: has no "ema" network to transfer from')
-    try:
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
+        copied = set(misc.copy_params_and_buffers(data['ema'], net))
+        misc.copy_params_and_buffers(data['ema'], ema)
     except ValueError as err:
-        raise TrainingError(f'{path}: does not match this network ({err})') from None
+        raise dnnlib.UserError(f'{path}: does not match this network ({err})') from None
+    params = dict(net.named_parameters())
+    count = sum(p.numel() for name, p in params.items() if name in copied)
+    ours, theirs = count / sum(p.numel() for p in params.values()), count / sum(p.numel() for p in data['ema'].parameters())
+    report = f'{sum(name in copied for name in params)} weight tensors ({ours:.1%} of this network\'s weights, {theirs:.1%} of the source\'s)'
+    if min(ours, theirs) < 0.5 and not partial:
+        raise dnnlib.UserError(f'{path}: shares only {report}; check --arch/--cbase/--cres/--cond, '
+                               f'or pass --transfer-partial to start from it anyway')
+    dist.print0(f'Transferred {report} from {path}')
 
 
 #----------------------------------------------------------------------------
@@ -207,8 +241,31 @@ LOSS_NORMS = ('reference', 'edm')
 def reference_loss_divisor(images):
     return 32 if images.shape[-1] == 64 else 256
 
-
 #----------------------------------------------------------------------------
+
+def _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg, maintenance_time, device):
+    """The tick's progress line; every number is also reported to training_stats (rank 0's)."""
+    now = time.time()
+    cuda = device.type == 'cuda'
+    fields = [  # (label, statistic, value, format)
+        ('tick', 'Progress/tick', cur_tick, '<5d'),
+        ('kimg', 'Progress/kimg', cur_nimg / 1e3, '<9.3f'),
+        ('time', 'Timing/total_sec', now - start_time, None),
+        ('sec/tick', 'Timing/sec_per_tick', now - tick_start_time, '<7.1f'),
+        ('sec/kimg', 'Timing/sec_per_kimg', (now - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3, '<7.2f'),
+        ('maintenance', 'Timing/maintenance_sec', maintenance_time, '<6.1f'),
+        ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
+        ('gpumem', 'Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0, '<6.2f'),
+        ('reserved', 'Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0, '<6.2f'),
+    ]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    text = []
+    for label, name, value, fmt in fields:
+        value = training_stats.report0(name, value)
+        text.append(f'{label} {dnnlib.util.format_time(value):<12s}' if fmt is None else f'{label} {value:{fmt}}')
+    return now, ' '.join(text)
+
 
 def training_loop(
     run_dir             = '.',      # Output directory (rank 0 only; None on other ranks).
@@ -230,6 +287,7 @@ def training_loop(
     snapshot_ticks      = 50,       # Network snapshot interval in ticks, None = never.
     state_dump_ticks    = 500,      # Training state interval in ticks, None = never.
     resume_pkl          = None,     # Initialise from this network's EMA weights (--transfer).
+    transfer_partial    = False,    # Allow resume_pkl to share under half of the weights.
     resume_state_dump   = None,     # Continue from this training state (--resume).
     resume_kimg         = 0,        # Progress to start from when resume_state_dump has no 'step'.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
@@ -246,144 +304,117 @@ def training_loop(
     device = torch.device(device) if device is not None else dist.get_device()
     world, rank = dist.get_world_size(), dist.get_rank()
 
-    # Per-rank seeds, derived as in EDM so runs with the same --seed draw the same numbers.
+    # Each rank's torch seed comes from numpy seeded with (seed, rank), EDM's derivation, so a
+    # given --seed draws the same numbers. Full-precision matmuls and convolutions, as EDM trains.
     np.random.seed((seed * world + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
+    cuda = torch.backends.cuda.matmul
+    cuda.allow_tf32 = cuda.allow_fp16_reduced_precision_reduction = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Batch per process and gradient accumulation rounds.
-    batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world:
-        raise TrainingError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
-
+    per_process = batch_size // world
+    batch_gpu = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
+    rounds = per_process // batch_gpu
+    if batch_size != batch_gpu * rounds * world:
+        raise dnnlib.UserError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
     if loss_norm not in LOSS_NORMS:
-        raise TrainingError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
-    if loss_norm == 'reference':
-        loss_divisor = reference_loss_divisor
-    else:
-        loss_divisor = lambda images: batch_gpu_total
+        raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
+    loss_divisor = reference_loss_divisor if loss_norm == 'reference' else (lambda _images: per_process)
 
-    # Dataset.
+    # Dataset. The iterator is made before the network: it draws a seed from the global generator.
     dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world, seed=seed)
-    data_loader_kwargs = dict(data_loader_kwargs)
-    if data_loader_kwargs.get('num_workers', 0) == 0:
-        data_loader_kwargs.pop('prefetch_factor', None)  # Only meaningful with worker processes.
-        data_loader_kwargs.pop('multiprocessing_context', None)
-    if device.type != 'cuda':
-        data_loader_kwargs['pin_memory'] = False
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
-                                                        batch_size=batch_gpu, **data_loader_kwargs))
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    loader_kwargs = dict(data_loader_kwargs)
+    if loader_kwargs.get('num_workers', 0) == 0:  # Options that exist only with worker processes.
+        loader_kwargs.pop('prefetch_factor', None)
+        loader_kwargs.pop('multiprocessing_context', None)
+    loader_kwargs['pin_memory'] = loader_kwargs.get('pin_memory', False) and device.type == 'cuda'
+    sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed)
+    batches = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
 
-    # Network.
+    # Network; its summary runs batch_gpu images through it, and that forward's dropout draws
+    # from the training's stream as the reference's does.
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
-                            label_dim=dataset_obj.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net.train().requires_grad_(True).to(device)
     if rank == 0:
-        with torch.no_grad():  # batch_gpu images, as the reference: dropout here draws from the same
-            n = batch_gpu          # random stream as training, so the count matters for a given --seed.
-            images = torch.zeros([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([n], device=device)
-            labels = torch.zeros([n, net.label_dim], device=device)
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+        with torch.no_grad():
+            shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
+            misc.print_module_summary(net, [torch.zeros(shape, device=device), torch.ones([batch_gpu], device=device),
+                                            torch.zeros([batch_gpu, net.label_dim], device=device)])
 
-    # Loss, optimizer, augmentation, DDP, EMA.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    ddp = net
+    # bf16: autocast around the U-Net only (training.fast_mode's wrapper, sharing net's parameters);
+    # augmentation, blur, noise, preconditioning and loss stay float32. fp16 is the network's
+    # own use_fp16, the reference's way.
+    train_net = fast_mode.prepare(net, fast_mode.FastSettings(precision='bf16')) if precision == 'bf16' else net
+    ddp = train_net
     if world > 1:
-        # DDP broadcasts rank 0's initial weights, so all ranks (and their EMAs) start equal.
-        # Buffers are constants (resampling filters): no need to re-broadcast them every forward.
-        # Newer PyTorch names the switch forward_sync_buffers and deprecates broadcast_buffers.
+        # DDP broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal.
+        # The buffers (resampling filters, ncsnpp's random Fourier frequencies) never change, so
+        # they are broadcast once, here: before PyTorch 2.13 DDP's only switch against a
+        # broadcast every forward (broadcast_buffers=False) skipped the initial one too.
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer, src=0)
         ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        sync_kwargs = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == 'cuda' else None, **sync_kwargs)
+        sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    # Transfer learning or resume. Rank 0 reads first so a download happens once.
+    # Transfer learning or resume: rank 0 reads (and downloads) first, the others wait without
+    # the process group's deadline, then read from the cache.
     cur_nimg = int(round(resume_kimg * 1000))
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if rank != 0:
-            dist.barrier()
-        load_transfer_weights(resume_pkl, net, ema)
-        if rank == 0:
-            dist.barrier()
+        dist.rank0_first(lambda: load_transfer_weights(resume_pkl, net, ema, partial=transfer_partial))
     if resume_state_dump:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        if rank != 0:
-            dist.barrier()
-        cur_nimg = load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs)
-        if rank == 0:
-            dist.barrier()
+        cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
 
-    # Train.
-    dist.print0(f'Training for {total_kimg:g} kimg...')
-    dist.print0()
-    cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
-    tick_start_nimg = cur_nimg
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
-    stats_jsonl = None
-    exp_logger = None
+    # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
+    stats_jsonl = exp_logger = grid = pbar = None
     if rank == 0:
-        try:  # The whole option set, as plain data.
-            exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
-        except loggers.LoggerError as err:
-            raise TrainingError(str(err)) from None
-    # Sample grids (rank 0): fixed seeds, own random generators.
-    sample_grid = None
-    if sample_grid_kwargs is not None and rank == 0 and run_dir is not None:
-        from training.sample_grid import SampleGrid
-        sample_grid = SampleGrid(dataset_obj, loss_kwargs, device=device, **sample_grid_kwargs)
-    # bf16 runs the forward pass under autocast; fp16 is the network's own use_fp16 (the reference's way).
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
-    if progress_bar is None:
-        progress_bar = rank == 0 and sys.__stderr__ is not None and sys.__stderr__.isatty()
-    pbar = None
-    if progress_bar and rank == 0:
-        import tqdm
-        pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)),
-                         unit='img', unit_scale=True, dynamic_ncols=True, leave=False,
-                         file=sys.__stderr__)  # The terminal, not log.txt.
+        exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
+        if sample_grid_kwargs is not None and run_dir is not None:
+            from training.sample_grid import SampleGrid
+            grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+        if progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty()):
+            import tqdm
+            pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img',
+                             unit_scale=True, dynamic_ncols=True, leave=False, file=sys.__stderr__)  # The terminal, not log.txt.
 
+    dist.print0(f'Training for {total_kimg:g} kimg...\n')
+    cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    maintenance_time = tick_start_time - start_time
     if cur_nimg >= total_kimg * 1000:  # A finished run resumed: nothing to train, nothing to write.
         dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg of {total_kimg:g}; nothing to do.')
     while cur_nimg < total_kimg * 1000:
         # Accumulate gradients over rounds; DDP all-reduces only in the last one.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, round_idx == num_accumulation_rounds - 1):
-                images, labels = next(dataset_iterator)
+        for round_idx in range(rounds):
+            with ddp.no_sync() if ddp is not train_net and round_idx < rounds - 1 else contextlib.nullcontext():
+                images, labels = next(batches)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
                 labels = labels.to(device)
-                with autocast():
-                    loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
 
-        # Learning-rate warm-up, NaN/Inf guard, step.
-        for g in optimizer.param_groups:
-            g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        # Learning rate ramped up linearly over lr_rampup_kimg; non-finite gradients made finite.
+        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for grad in (p.grad for p in net.parameters() if p.grad is not None):
+            grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
         optimizer.step()
 
-        # EMA, with the half-life ramping up over the first images (unless transferring).
+        # EMA, its half-life ramping up over the first images (unless transferring).
         ema_halflife_nimg = ema_halflife_kimg * 1000
         if ema_rampup_ratio is not None:
             ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
@@ -392,95 +423,54 @@ def training_loop(
             for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                 p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
 
-        # Once per tick: status line, snapshots, stats.
+        # Once per tick (and at the end): status line, snapshots, stats.
         cur_nimg += batch_size
         if pbar is not None:
             pbar.update(batch_size)
         done = cur_nimg >= total_kimg * 1000
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
-
-        tick_end_time = time.time()
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
-        peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
-        fields = [
-            f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}",
-            f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}",
-            f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
-            f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}",
-            f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}",
-            f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
-            f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}",
-            f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', peak_mem):<6.2f}",
-            f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', peak_reserved):<6.2f}",
-        ]
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        line = ' '.join(fields)
+        tick_end_time, line = _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg,
+                                           maintenance_time, device)
         if pbar is not None:
-            pbar.write(line)  # tqdm.write keeps the bar intact; Logger still copies it to log.txt.
+            pbar.write(line)  # Keeps the bar intact; Logger still copies the line to log.txt.
         else:
             dist.print0(line)
-
-        if (not done) and dist.should_stop():
-            done = True
-            dist.print0()
-            dist.print0('Aborting...')
-
-        # Network snapshot: EMA for sampling, plus what is needed to rebuild the setup.
-        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
+        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
-            if sample_grid is not None:
-                grid = sample_grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
+            if grid is not None:
+                image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
                 if exp_logger is not None:
-                    exp_logger.log_image('samples', grid, step=cur_nimg)
-
-        # Full training state for --resume.
-        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
+                    exp_logger.log_image('samples', image, step=cur_nimg)
+        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
-
-        # Statistics.
-        training_stats.default_collector.update()
+        stats = training_stats.collect()
         if rank == 0:
-            stats = training_stats.default_collector.as_dict()
             if stats_jsonl is None:
                 stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
             stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
             stats_jsonl.flush()
             if exp_logger is not None:
                 exp_logger.log(stats, step=cur_nimg)
-        dist.update_progress(cur_nimg // 1000, total_kimg)
-
         cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
         maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
 
-    if pbar is not None:
-        pbar.close()
-    if stats_jsonl is not None:
-        stats_jsonl.close()
-    if exp_logger is not None:
-        exp_logger.close()
-    dist.print0()
-    dist.print0('Exiting...')
+    for resource in (pbar, stats_jsonl, exp_logger):
+        if resource is not None:
+            resource.close()
+    dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
-
 
 #----------------------------------------------------------------------------
 # Snapshot writers. Every rank takes part in the consistency check (it broadcasts); only
 # rank 0 writes.
 
 def _plain(value):
-    """Dicts (EasyDict included) as plain dicts, recursively: data any EDM-family tree unpickles."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
+    """Options (EasyDicts of JSON values, as training_options.json holds them) as plain dicts and
+    lists: data any EDM-family tree unpickles."""
+    return json.loads(json.dumps(value))
 
 
 def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs):
@@ -491,20 +481,20 @@ def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dat
             value = copy.deepcopy(value).eval().requires_grad_(False)
             misc.check_ddp_consistency(value)
             data[key] = value.cpu()
-    path = None
-    if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
-        checkpoint.save_snapshot(path, data)
+    if dist.get_rank() != 0:
+        return None
+    path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
+    checkpoint.save_snapshot(path, data)
     return path
 
 
 def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs=None):
     from torch_utils import checkpoint
-    path = None
-    if dist.get_rank() == 0:
-        path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
-        data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
-        if loss_kwargs is not None:
-            data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
-        checkpoint.save_training_state(path, data)
+    if dist.get_rank() != 0:
+        return None
+    path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
+    data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
+    if loss_kwargs is not None:
+        data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
+    checkpoint.save_training_state(path, data)
     return path
