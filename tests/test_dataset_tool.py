@@ -584,10 +584,11 @@ def test_temporaries_not_provably_ours_survive(tmp_path):
 _WORKER_MODULES = '''
 import multiprocessing, sys
 import dataset_tool
-settings = dataset_tool.Settings(kind='folder', path=sys.argv[1], mode='RGB', transform=None, resolution=None,
-                                 small='upscale', compress_level=0)
+import dnnlib
+settings = dnnlib.EasyDict(kind='folder', path=sys.argv[1], mode='RGB', transform=None, resolution=None,
+                           small='upscale', strict=False, compress_level=0)
 with multiprocessing.get_context('spawn').Pool(1, initializer=dataset_tool.init_worker, initargs=(settings,)) as pool:
-    print(pool.apply(dataset_tool.process_item, ('a.png',))[0])
+    print(pool.apply(dataset_tool.process_item, (('a.png', 'a.png'),))[0])
     print(' '.join(pool.apply(eval, ('sorted(__import__("sys").modules)',))))
 '''
 
