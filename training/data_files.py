@@ -212,7 +212,8 @@ def read_header(f, name):
 
 def _read_with_pyspng(f, name):
     """uint8 array of an 8-bit gray, GA, RGB or RGBA PNG (whose pixels pyspng returns exactly as
-    PIL does), or None for everything else (palette, 16 bit, not a PNG: PIL's rules above)."""
+    PIL does), or None for everything else (palette, 16 bit, not a PNG, and whatever pyspng cannot
+    decode, such as damaged files or GA in pyspng 0.1): PIL then decides, by the rules above."""
     head = f.read(26)
     f.seek(0)
     if len(head) < 26 or head[:8] != b'\x89PNG\r\n\x1a\n' or head[12:16] != b'IHDR' or head[24] != 8 \
@@ -223,12 +224,11 @@ def _read_with_pyspng(f, name):
     budget = METADATA_BYTES + BYTES_PER_PIXEL * w * h
     data = f.read(budget + 1)
     f.seek(0)
-    if len(data) > budget:
-        return None  # PIL decides: it stops reading at the image's end and keeps within the budget.
-    arr = pyspng.load(data)
-    if arr.dtype != np.uint8:
+    try:  # Beyond the budget PIL decides too: it stops reading at the image's end.
+        arr = pyspng.load(data) if len(data) <= budget else None
+    except RuntimeError:
         return None
-    return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+    return arr[:, :, 0] if arr is not None and arr.ndim == 3 and arr.shape[2] == 1 else arr
 
 
 def read_image(f, name, mode=None, use_pyspng=True):

@@ -113,14 +113,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """reader(open binary file of `name`, message prefix); read errors become one DatasetError."""
         where = f'{self._path}: {name}'
         try:
-            if os.path.isdir(self._path):
-                with open(os.path.join(self._path, name), 'rb') as f:
-                    return reader(f, where)
             # A forked DataLoader worker inherits the parent's open zip, whose file position both
             # processes would move (corrupt reads, "Bad CRC-32"): each process opens its own.
-            if self._zip is None or self._zip_pid != os.getpid():
+            if not os.path.isdir(self._path) and (self._zip is None or self._zip_pid != os.getpid()):
                 self._zip, self._zip_pid = zipfile.ZipFile(self._path), os.getpid()
-            with self._zip.open(name) as f:
+            with open(os.path.join(self._path, name), 'rb') if self._zip is None else self._zip.open(name) as f:
                 return reader(f, where)
         except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f'{where}: cannot read it ({err})') from None
@@ -135,11 +132,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         reads only the header here, so this is cheap."""
         n, (c, h, w) = len(self._images), self.image_shape
         for which in np.unique(np.linspace(1, n - 1, min(n - 1, self.max_header_checks)).round().astype(np.int64)):
-            name = self._images[which]
-            ow, oh, oc = self._read(name, data_files.read_header)
-            if (ow, oh, oc) != (w, h, c):
-                raise DatasetError(f'{self._path}: mixed image sizes: {name} is {ow}x{oh}x{oc}, {self._images[0]} '
-                                   f'is {w}x{h}x{c}; resize them all first (dataset_tool.py)')
+            size = self._read(self._images[which], data_files.read_header)
+            if size != (w, h, c):
+                raise DatasetError(f'{self._path}: mixed image sizes: {self._images[which]} is {"x".join(map(str, size))}, '
+                                   f'{self._images[0]} is {w}x{h}x{c}; resize them all first (dataset_tool.py)')
 
     def _read_labels(self):
         """int64 [N] class indices or float32 [N, D] from dataset.json, or None without labels."""
