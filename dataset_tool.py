@@ -409,10 +409,9 @@ class Destination:
     def __init__(self, dest):
         self.dest = dest.rstrip('/\\') or dest
         self.is_zip = self.dest.lower().endswith('.zip')
-        if os.path.isdir(self.dest):
-            if self.is_zip or os.listdir(self.dest):
-                raise UserError(f'--dest {dest} already exists and is not empty; choose a new name')
-        elif os.path.lexists(self.dest):
+        if os.path.isdir(self.dest) and (self.is_zip or os.listdir(self.dest)):
+            raise UserError(f'--dest {dest} already exists and is not empty; choose a new name')
+        if os.path.lexists(self.dest) and not os.path.isdir(self.dest):
             raise UserError(f'--dest {dest} already exists; choose a new name or remove it first')
         if os.path.lexists(self.dest + '.skipped.txt'):
             raise UserError(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')

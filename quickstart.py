@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import dnnlib
-from dnnlib import UserError
 from dnnlib.util import FiniteFloatRange, seeds as seed_list_type
 from training import pipeline
-from training.pipeline import RelayPipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,9 +75,7 @@ def make_shapes_image(rng: np.random.Generator, resolution: int = 64) -> np.ndar
         mask = np.asarray(mask_img, dtype=np.float64)[..., None] / 255
         colour = rng.uniform(0, 255, size=3)
         # Stripes with a 2-4 px period (in 64 px units): averaged away at 16 px.
-        period = rng.uniform(2, 4) * r / 64
-        phase = rng.uniform(0, 2 * np.pi)
-        theta = rng.uniform(0, np.pi)
+        period, phase, theta = rng.uniform(2, 4) * r / 64, rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
         stripes = np.sin(2 * np.pi * (np.cos(theta) * xx + np.sin(theta) * yy) * (r - 1) / period + phase)
         img = img * (1 - mask) + (colour + 40 * stripes[..., None]) * mask
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -113,13 +109,13 @@ def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -
         print(f'{name}: {snapshot} exists, skipping training')
         return snapshot
     if os.path.lexists(run_dir):
-        raise UserError(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
+        raise dnnlib.UserError(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
     with dnnlib.util.atomic_write(run_dir, directory=True, overwrite=False) as tmp:
         run_step(['train.py', f'--outdir={tmp}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
                   *[f'--{key}={value}' for key, value in options.items()]])
         snapshots = sorted(glob.glob(os.path.join(glob.escape(tmp), 'network-snapshot-*.pkl')))
         if not snapshots:
-            raise UserError(f'{name}: training wrote no network snapshot')
+            raise dnnlib.UserError(f'{name}: training wrote no network snapshot')
         shutil.copyfile(snapshots[-1], os.path.join(tmp, 'network-final.pkl'))
     return snapshot
 
@@ -128,7 +124,7 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
                  num_steps_first: int, num_steps_second: int) -> None:
     """For each seed, a row: first stage (at its own size) | nearest upsampled | second-stage
     start (upsampled + noise + block noise) | final."""
-    pipe = RelayPipeline(net_first_path, net_second_path, device='cpu', num_steps_first=num_steps_first,
+    pipe = pipeline.RelayPipeline(net_first_path, net_second_path, device='cpu', num_steps_first=num_steps_first,
                          num_steps_second=num_steps_second)
     trace = {}
     trace['final'] = pipe.sample(seeds, trace=trace)
@@ -170,16 +166,16 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     try:  # Checked here, before any work; generate.py gets them as written.
         seed_count = len(seed_list_type(MAX_SEEDS).convert(seeds, None, None))
     except click.BadParameter as err:
-        raise UserError(f'--seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
+        raise dnnlib.UserError(f'--seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
     problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
-        raise UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
+        raise dnnlib.UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
     os.makedirs(outdir, exist_ok=True)
 
     # 1. Procedural images.
     raw = os.path.join(outdir, 'shapes-raw')
     if os.path.lexists(raw) and not os.path.isdir(raw):
-        raise UserError(f'{raw} exists and is not a folder of images; move it away or choose another --outdir')
+        raise dnnlib.UserError(f'{raw} exists and is not a folder of images; move it away or choose another --outdir')
     if not os.path.isdir(raw):
         print(f'Drawing {num_images} procedural images into {raw} ...')
         write_shapes_folder(raw, num_images)
