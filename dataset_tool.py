@@ -355,7 +355,7 @@ def process_item(item):
         # The pixel rules shared with training and evaluation (16-bit gray keeps its top 8 bits, ...).
         arr = data_files.to_array(img, name, s.mode)
     except Exception as err:  # pylint: disable=broad-except  Any decoder failure: "not a usable image".
-        reason = (f'{err}' if isinstance(err, data_files.DatasetError) else f'{type(err).__name__}: {err}').removeprefix(f'{name}: ')
+        reason = (str(err) if isinstance(err, UserError) else f'{type(err).__name__}: {err}').removeprefix(f'{name}: ')
         if s.strict:
             raise UserError(f'cannot read {name}: {reason} (--strict; without it such files are skipped)') from None
         return ('skip', name, reason)
@@ -492,8 +492,8 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
     if len(src.refs) == 0:
         raise UserError(f'--source {source}: no images found')
     out = Destination(dest)  # Checks that dest is free before any work.
-    inside = os.path.realpath(os.path.dirname(os.path.abspath(out.dest)))
-    if src.kind == 'folder' and not out.is_zip and os.path.commonpath([inside, os.path.realpath(source)]) == os.path.realpath(source):
+    parent, root = os.path.realpath(os.path.dirname(os.path.abspath(out.dest))), os.path.realpath(source)
+    if src.kind == 'folder' and not out.is_zip and os.path.commonpath([parent, root]) == root:
         raise UserError(f'--dest {out.dest} is inside --source {source}: the next conversion of --source would take the '
                         f'dataset for input images; choose a --dest outside it')
     settings = dnnlib.EasyDict(kind=src.kind, path=src.path, transform=transform, resolution=resolution, strict=strict,

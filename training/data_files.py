@@ -175,8 +175,9 @@ def to_array(img, name, mode=None):
 # What PIL's decoders raise on damaged files (our own DatasetError passes through as it is).
 _DECODE_ERRORS = (PIL.Image.DecompressionBombError, MemoryError, OSError, ValueError, EOFError,
                   SyntaxError, IndexError, TypeError, KeyError, struct.error, zlib.error)
-_DECODE_REASONS = {PIL.Image.DecompressionBombError: 'more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb?); shrink it first',
-                   PIL.UnidentifiedImageError: 'not an image file that PIL can read', MemoryError: 'out of memory while decoding it'}
+_DECODE_REASONS = {
+    PIL.Image.DecompressionBombError: 'more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb?); shrink it first',
+    PIL.UnidentifiedImageError: 'not an image file that PIL can read', MemoryError: 'out of memory while decoding it'}
 
 
 @contextlib.contextmanager
