@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 import dnnlib
 from dnnlib import UserError
-from dnnlib.util import atomic_write
 from training import data_files
 
 #----------------------------------------------------------------------------
@@ -121,24 +120,32 @@ def class_labels(values, count, where):
         raise UserError(f'{where}: expected {count} labels, integers in 0..{data_files.MAX_CLASSES - 1}')
     return labels
 
-def labels_from_json(src, f, where):
-    """Labels from the source's own dataset.json, by the rules training reads it with."""
-    try:
-        meta = data_files.read_json(f, where, len(src.refs))
-        table = data_files.parse_labels(meta, where)
-    except data_files.DatasetError as err:
-        raise UserError(f'{err.message}; fix or remove it') from None
-    missing = sum(1 for n in src.refs if n not in (table or {}))
-    if table is not None and missing:
-        src.notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
-    elif table is not None:
-        names = meta.get('class_names')
-        src.labels = [table[n] for n in src.refs]
-        src.class_names = names if isinstance(names, list) and all(isinstance(c, str) for c in names) else None
-
-def labels_from_folders(src):
-    """Labels from first-level folder names, sorted, over ALL listed files: ids depend neither on
-    --max-images nor on which files turn out unreadable (ImageNet: n01440764 = 0, ...)."""
+def open_files(path):
+    """A folder or zip of image files (hidden ones, FIFOs and devices left out). Labels come from
+    its dataset.json, by the rules training reads it with, else from first-level folder names,
+    sorted, over ALL listed files: ids depend neither on --max-images nor on which files turn out
+    unreadable (ImageNet: n01440764 = 0, ...)."""
+    kind, names = 'folder' if os.path.isdir(path) else 'zip', data_files.list_files(path)
+    src = Source(kind=kind, path=path, refs=[n for n in names if data_files.is_image_name(n)])
+    ignored = len(names) - len(src.refs) - int('dataset.json' in names)
+    if ignored:
+        src.notes.append(f'ignored {ignored} {"files" if kind == "folder" else "zip members"} without an image extension')
+    if 'dataset.json' in names:
+        where = os.path.join(path, 'dataset.json') if kind == 'folder' else f'{path}: dataset.json'
+        with open(where, 'rb') if kind == 'folder' else zipfile.ZipFile(path).open('dataset.json') as f:
+            try:
+                meta = data_files.read_json(f, where, len(src.refs))
+                table = data_files.parse_labels(meta, where)
+            except data_files.DatasetError as err:
+                raise UserError(f'{err.message}; fix or remove it') from None
+        missing = sum(1 for n in src.refs if n not in (table or {}))
+        if table is not None and missing:
+            src.notes.append(f'dataset.json in the source has no label for {missing} images: writing no labels')
+        elif table is not None:
+            names = meta.get('class_names')
+            src.labels = [table[n] for n in src.refs]
+            src.class_names = names if isinstance(names, list) and all(isinstance(c, str) for c in names) else None
+        return src
     tops = [n.split('/')[0] if '/' in n else None for n in src.refs]
     folders = sorted(set(tops) - {None})
     if len(folders) >= 2 and None in tops:
@@ -146,22 +153,6 @@ def labels_from_folders(src):
     elif len(folders) >= 2:  # One folder or none: nothing to tell apart (as EDM).
         index = {name: i for i, name in enumerate(folders)}
         src.labels, src.class_names = [index[t] for t in tops], folders
-
-def open_files(path, kind):
-    """A folder or zip of image files (hidden ones, FIFOs and devices left out)."""
-    names = data_files.list_files(path)
-    src = Source(kind=kind, path=path, refs=[n for n in names if data_files.is_image_name(n)])
-    ignored = len(names) - len(src.refs) - int('dataset.json' in names)
-    if ignored:
-        src.notes.append(f'ignored {ignored} {"files" if kind == "folder" else "zip members"} without an image extension')
-    if 'dataset.json' not in names:
-        labels_from_folders(src)
-    elif kind == 'folder':
-        with open(os.path.join(path, 'dataset.json'), 'rb') as f:
-            labels_from_json(src, f, os.path.join(path, 'dataset.json'))
-    else:
-        with zipfile.ZipFile(path) as z, z.open('dataset.json') as f:
-            labels_from_json(src, f, f'{path}: dataset.json')
     return src
 
 def open_cifar10(path):
@@ -223,34 +214,26 @@ class NpyMember:
     10 GB). Its header must fit in the bytes the member holds (deflate expands at most about 1032
     times), so a small file cannot claim a billion images."""
     def __init__(self, path, key):
-        self._zip, self.key = zipfile.ZipFile(path), key
-        try:
-            info = self._zip.getinfo(f'{key}.npy')
-            self._file = self._zip.open(info)
-            version = np.lib.format.read_magic(self._file)
+        self.path, self.key, self._file = path, key, None
+        with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as f:
+            info, self.names = z.getinfo(f'{key}.npy'), z.namelist()
+            version = np.lib.format.read_magic(f)
             if version not in [(1, 0), (2, 0)]:
                 raise ValueError(f'{key}: unsupported .npy format version {version}')
-            self.shape, fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(self._file)
-            if fortran:
-                raise ValueError(f'{key} is stored in Fortran order; save np.ascontiguousarray(x) instead')
-            self._start = self._file.tell()
-            holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
-                min(info.file_size, 1032 * info.compress_size)
-            needed = self._start + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
-            if needed > holds:
-                raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) '
-                                 f'but the file holds only {holds} bytes')
-            self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-            self.names = self._zip.namelist()
-        except BaseException:
-            self._zip.close()
-            raise
-
-    def close(self):
-        self._zip.close()
+            self.shape, fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
+            self._start = f.tell()
+        if fortran:
+            raise ValueError(f'{key} is stored in Fortran order; save np.ascontiguousarray(x) instead')
+        holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
+        needed = self._start + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+        if needed > holds:
+            raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {holds} bytes')
+        self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def read(self, first, count):
         """Items first .. first + count - 1."""
+        if self._file is None:
+            self._file = zipfile.ZipFile(self.path).open(f'{self.key}.npy')
         self._file.seek(self._start + first * self._item_bytes)
         data = self._file.read(count * self._item_bytes)
         if len(data) != count * self._item_bytes:
@@ -259,14 +242,13 @@ class NpyMember:
 
 def open_npz(path):
     try:
-        images = NpyMember(path, 'arr_0')
-        images.close()  # Workers open their own.
-        shape, labels = images.shape, None
+        images, labels = NpyMember(path, 'arr_0'), None
+        shape = images.shape
         if 'arr_1.npy' in images.names:
-            with contextlib.closing(NpyMember(path, 'arr_1')) as member:
-                if member.shape != shape[:1] or member.dtype.kind not in 'iu':
-                    raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
-                labels = class_labels(member.read(0, shape[0]), shape[0], f'{path}: arr_1')
+            member = NpyMember(path, 'arr_1')
+            if member.shape != shape[:1] or member.dtype.kind not in 'iu':
+                raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
+            labels = class_labels(member.read(0, shape[0]), shape[0], f'{path}: arr_1')
     except (KeyError, ValueError, OSError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as err:
         raise UserError(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}') from None
     if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
@@ -276,36 +258,27 @@ def open_npz(path):
     return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 
 def open_source(path):
-    kinds = {'.zip': None, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist, '.tar.gz': open_cifar10,
+    kinds = {'.zip': open_files, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist, '.tar.gz': open_cifar10,
              '.tgz': open_cifar10, '.tar': open_cifar10}
-    ending = next((e for e in kinds if path.lower().endswith(e)), None)
     if not os.path.isdir(path) and not os.path.isfile(path):
         raise UserError(f'--source {path}: no such file or folder')
-    if os.path.isfile(path) and ending is None:
+    opener = open_files if os.path.isdir(path) else next((f for e, f in kinds.items() if path.lower().endswith(e)), None)
+    if opener is None:
         raise UserError(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
                         f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
-    if os.path.isfile(path) and kinds[ending] is not None:
-        return kinds[ending](path)
-    kind = 'folder' if os.path.isdir(path) else 'zip'
     try:
-        return open_files(path, kind)
-    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
-        raise UserError(f'cannot read {"zip file" if kind == "zip" else "folder"} {path}: {err}') from None
+        return opener(path)
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:  # A folder or zip that cannot be listed or read.
+        raise UserError(f'cannot read {"folder" if os.path.isdir(path) else "zip file"} {path}: {err}') from None
 
 #----------------------------------------------------------------------------
 # Transforms of uint8 HW or HWC arrays to a width x height target.
 
-def is_small(transform, width, height, w, h):
-    """Would this w x h input need upsampling to reach the width x height target?"""
-    if width is None:
-        return False
-    if transform is None:
-        return w < width or h < height
-    if transform == 'center-crop':
-        return min(w, h) < max(width, height)
-    if transform == 'center-crop-wide':  # EDM's own test for this mode.
-        return w < width or round(width * h / w) < height
-    return min(w, h) < width  # center-crop-dhariwal
+# Would a w x h input need upsampling to reach the W x H target?
+IS_SMALL = {None: lambda w, h, W, H: w < W or h < H,
+            'center-crop': lambda w, h, W, H: min(w, h) < max(W, H),
+            'center-crop-wide': lambda w, h, W, H: w < W or round(W * h / w) < H,  # EDM's own test for this mode.
+            'center-crop-dhariwal': lambda w, h, W, H: min(w, h) < W}
 
 def scale(arr, width, height):
     # No transform: stretch to the target with LANCZOS (a same-size resize is a copy).
@@ -347,17 +320,7 @@ TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wid
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
 # with --workers=1 and in pool processes otherwise; the same function, so the same bytes.
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    kind: str
-    path: str
-    mode: str               # Output mode: 'RGB' or 'L'.
-    transform: str
-    resolution: tuple
-    small: str
-    compress_level: int
-
-_worker = {}  # Per process: the settings and the open zip or .npz of the source.
+_worker = {}  # Per process: the settings (convert's EasyDict) and the open zip or .npz of the source.
 
 def init_worker(settings):
     _worker.clear()
@@ -383,24 +346,29 @@ def open_item(s, ref):
     arr = np.ascontiguousarray(ref)
     return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
-def process_item(ref):
-    """-> ('ok', png_bytes, shape, source_mode, upscaled) | ('unreadable', reason) | ('small', w, h)."""
-    s = _worker['settings']
-    name = ref if isinstance(ref, str) else 'image'
+def process_item(item):
+    """(name, ref) -> ('ok', name, png_bytes, shape, source_mode, upscaled) or ('skip', name, reason);
+    raises UserError where --strict or --small=error refuse the item."""
+    s, (name, ref) = _worker['settings'], item
     try:
         img = open_item(s, ref)
         # The pixel rules shared with training and evaluation (16-bit gray keeps its top 8 bits, ...).
         arr = data_files.to_array(img, name, s.mode)
     except Exception as err:  # pylint: disable=broad-except  Any decoder failure: "not a usable image".
-        reason = f'{err}' if isinstance(err, data_files.DatasetError) else f'{type(err).__name__}: {err}'
-        return ('unreadable', reason.removeprefix(f'{name}: '))
-    upscaled = is_small(s.transform, *(s.resolution or (None, None)), *img.size)
-    if upscaled and s.small != 'upscale':
-        return ('small', *img.size)
+        reason = (str(err) if isinstance(err, UserError) else f'{type(err).__name__}: {err}').removeprefix(f'{name}: ')
+        if s.strict:
+            raise UserError(f'cannot read {name}: {reason} (--strict; without it such files are skipped)') from None
+        return ('skip', name, reason)
+    upscaled = s.resolution is not None and IS_SMALL[s.transform](*img.size, *s.resolution)
+    if upscaled and s.small == 'error':
+        raise UserError(f'{name} is {img.size[0]}x{img.size[1]}, smaller than the {s.resolution[0]}x{s.resolution[1]} '
+                        f'target; pass --small=upscale or --small=skip')
+    if upscaled and s.small == 'skip':
+        return ('skip', name, f'smaller than the target: {img.size[0]}x{img.size[1]}')
     out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
     buf = io.BytesIO()
     PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)
-    return ('ok', buf.getvalue(), out.shape, img.mode, upscaled)
+    return ('ok', name, buf.getvalue(), out.shape, img.mode, upscaled)
 
 def choose_mode(src, s):
     """'L' if every readable input is grayscale, else 'RGB'. Reads headers up to the first colour
@@ -416,6 +384,23 @@ def choose_mode(src, s):
             pass  # Unreadable: skipped (or refused) when converting.
     return 'L'
 
+@contextlib.contextmanager
+def results_of(settings, workers):
+    """A function items -> iterator of process_item results in order, in this process
+    (workers=1) or in spawned worker processes."""
+    init_worker(settings)
+    if workers == 1:
+        yield lambda items: map(process_item, items)
+        return
+    try:  # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
+        pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
+    except OSError as err:
+        raise UserError(f'cannot start {workers} worker processes ({err}); give fewer --workers') from None
+    try:
+        yield lambda items: pool.imap(process_item, items, chunksize=8)
+    finally:
+        pool.terminate()  # Also drops work queued beyond --max-images.
+
 #----------------------------------------------------------------------------
 # Destination: written under a temporary name (dnnlib.util.atomic_write), published only when
 # complete, never over something that appeared meanwhile.
@@ -424,10 +409,9 @@ class Destination:
     def __init__(self, dest):
         self.dest = dest.rstrip('/\\') or dest
         self.is_zip = self.dest.lower().endswith('.zip')
-        if os.path.isdir(self.dest):
-            if self.is_zip or os.listdir(self.dest):
-                raise UserError(f'--dest {dest} already exists and is not empty; choose a new name')
-        elif os.path.lexists(self.dest):
+        if os.path.isdir(self.dest) and (self.is_zip or os.listdir(self.dest)):
+            raise UserError(f'--dest {dest} already exists and is not empty; choose a new name')
+        if os.path.lexists(self.dest) and not os.path.isdir(self.dest):
             raise UserError(f'--dest {dest} already exists; choose a new name or remove it first')
         if os.path.lexists(self.dest + '.skipped.txt'):
             raise UserError(f'{self.dest}.skipped.txt already exists (from an earlier run?); remove it first')
@@ -438,76 +422,26 @@ class Destination:
     @contextlib.contextmanager
     def opened(self):
         """The temporary output (atomic_write); it becomes dest when the block ends without error."""
-        with atomic_write(self.dest, 'w+b', directory=not self.is_zip, overwrite=False) as target:
-            if self.is_zip:
-                with zipfile.ZipFile(target, 'w', compression=zipfile.ZIP_STORED) as self.zip:
-                    yield self
-            else:
-                self.folder = target
+        with dnnlib.util.atomic_write(self.dest, 'w+b', directory=not self.is_zip, overwrite=False) as self.target:
+            with zipfile.ZipFile(self.target, 'w') if self.is_zip else contextlib.nullcontext() as self.zip:
                 yield self
 
     def write(self, name, data):
         if self.is_zip:
             info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
             info.external_attr = 0o644 << 16
-            self.zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+            self.zip.writestr(info, data)
             return
-        os.makedirs(os.path.join(self.folder, os.path.dirname(name)), exist_ok=True)
-        with open(os.path.join(self.folder, name), 'wb') as f:
+        os.makedirs(os.path.join(self.target, os.path.dirname(name)), exist_ok=True)
+        with open(os.path.join(self.target, name), 'wb') as f:
             f.write(data)
 
 #----------------------------------------------------------------------------
 # The conversion.
 
-@dataclasses.dataclass
-class Tally:
-    written: int = 0
-    labels: list = dataclasses.field(default_factory=list)   # [archive name, label] per written image.
-    skipped: list = dataclasses.field(default_factory=list)  # (item name, reason).
-    upscaled: int = 0
-    converted: dict = dataclasses.field(default_factory=dict)  # Source mode -> images converted from it.
-    first: tuple = None  # (shape, item name) of the first written image: all must be alike.
-
-def output_name(idx):
-    s = f'{idx:08d}'
-    return f'{s[:5]}/img{s}.png'
-
-def printable(text):
-    """One line of text: tabs, newlines and other control characters escaped."""
-    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-@contextlib.contextmanager
-def results_of(settings, workers):
-    """A function refs -> iterator of process_item results in order, in this process
-    (workers=1) or in spawned worker processes."""
-    init_worker(settings)
-    if workers == 1:
-        yield lambda refs: map(process_item, refs)
-        return
-    try:  # 'spawn': clean children, same behaviour on Linux, macOS and Windows.
-        pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
-    except OSError as err:
-        raise UserError(f'cannot start {workers} worker processes ({err}); give fewer --workers') from None
-    try:
-        yield lambda refs: pool.imap(process_item, refs, chunksize=8)
-    finally:
-        pool.terminate()  # Also drops work queued beyond --max-images.
-
-def take(tally, src, i, res, out, strict, small, resolution):
-    """Write (or skip, or refuse) item i, whose worker result is `res`."""
-    name = src.name(i)
-    if res[0] == 'unreadable':
-        if strict:
-            raise UserError(f'cannot read {name}: {res[1]} (--strict; without it such files are skipped)')
-        tally.skipped.append((name, res[1]))
-        return
-    if res[0] == 'small':
-        if small == 'error':
-            raise UserError(f'{name} is {res[1]}x{res[2]}, smaller than the {resolution[0]}x{resolution[1]} target; '
-                            f'pass --small=upscale or --small=skip')
-        tally.skipped.append((name, f'smaller than the target: {res[1]}x{res[2]}'))
-        return
-    _, png, shape, source_mode, upscaled = res
+def take(tally, res, label, out):
+    """Write a worker's ('ok', ...) result; the first image sets the size that all must have."""
+    _, name, png, shape, source_mode, upscaled = res
     if tally.first is None:
         h, w = shape[:2]
         if h != w or w & (w - 1):
@@ -517,19 +451,23 @@ def take(tally, src, i, res, out, strict, small, resolution):
     elif shape != tally.first[0]:
         raise UserError(f'images differ in size: {name} comes out {shape[1]}x{shape[0]}, {tally.first[1]} '
                         f'{tally.first[0][1]}x{tally.first[0][0]}; use --resolution (and --transform) to make them equal')
-    archive_name = output_name(tally.written)
+    archive_name = f'{tally.written:08d}'[:5] + f'/img{tally.written:08d}.png'
     out.write(archive_name, png)
-    if src.labels is not None:
-        tally.labels.append([archive_name, src.labels[i]])
+    if label is not None:
+        tally.labels.append([archive_name, label])
     tally.upscaled += int(upscaled)
     if source_mode != out.mode:
         tally.converted[source_mode] = tally.converted.get(source_mode, 0) + 1
     tally.written += 1
 
+def printable(text):
+    """One line of text: tabs, newlines and other control characters escaped."""
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
 def report(src, out, tally, log):
     if tally.skipped:
         try:
-            with atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:
+            with dnnlib.util.atomic_write(out.dest + '.skipped.txt', 'w', encoding='utf-8', errors='backslashreplace') as f:
                 f.write(''.join(f'{printable(n)}\t{printable(r)}\n' for n, r in tally.skipped))
         except OSError as err:
             log(f'Warning: cannot write {out.dest}.skipped.txt ({err}); the dataset itself is complete')
@@ -547,35 +485,37 @@ def report(src, out, tally, log):
 
 def convert(source, dest, max_images=None, transform=None, resolution=None, workers=1, strict=False,
             small=None, compress_level=0, log=None):
-    """Convert `source` into `dest`; returns the Tally. Raises dnnlib.UserError on bad input."""
+    """Convert `source` into `dest`; returns the tally (written, skipped, ...). Raises dnnlib.UserError on bad input."""
     log = log or (lambda msg: click.echo(msg, err=True))
     check_options(transform, resolution, max_images, dest)
-    small = small or DEFAULT_SMALL[transform]
     src = open_source(source)
-    count = len(src.refs)
-    if count == 0:
+    if len(src.refs) == 0:
         raise UserError(f'--source {source}: no images found')
     out = Destination(dest)  # Checks that dest is free before any work.
-    inside = os.path.realpath(os.path.dirname(os.path.abspath(out.dest)))
-    if src.kind == 'folder' and not out.is_zip and os.path.commonpath([inside, os.path.realpath(source)]) == os.path.realpath(source):
+    parent, root = os.path.realpath(os.path.dirname(os.path.abspath(out.dest))), os.path.realpath(source)
+    if src.kind == 'folder' and not out.is_zip and os.path.commonpath([parent, root]) == root:
         raise UserError(f'--dest {out.dest} is inside --source {source}: the next conversion of --source would take the '
                         f'dataset for input images; choose a --dest outside it')
-    settings = Settings(kind=src.kind, path=src.path, mode=None, transform=transform, resolution=resolution,
-                        small=small, compress_level=compress_level)
+    settings = dnnlib.EasyDict(kind=src.kind, path=src.path, transform=transform, resolution=resolution, strict=strict,
+                               small=small or DEFAULT_SMALL[transform], compress_level=compress_level)
     init_worker(settings)
-    out.mode = choose_mode(src, settings)  # Fixed before any pixel work, from headers, in this process.
-    settings = dataclasses.replace(settings, mode=out.mode)
+    settings.mode = out.mode = choose_mode(src, settings)  # Fixed before any pixel work, from headers, in this process.
     if workers > usable_cpus():
         log(f'Note: --workers={workers} capped to the {usable_cpus()} CPUs here (more processes only cost memory)')
         workers = usable_cpus()
-    log(f'Found {count} images in {source} ({src.kind}); writing {out.mode} images to {out.dest}')
-    tally = Tally()
-    total = count if max_images is None else min(count, max_images)
+    log(f'Found {len(src.refs)} images in {source} ({src.kind}); writing {out.mode} images to {out.dest}')
+    # labels: [archive name, label] per written image; skipped: (item name, reason); converted: source mode ->
+    # images converted from it; first: (shape, item name) of the first written image, which all must match.
+    tally = dnnlib.EasyDict(written=0, labels=[], skipped=[], upscaled=0, converted={}, first=None)
+    total = len(src.refs) if max_images is None else min(len(src.refs), max_images)
     with results_of(settings, workers) as run:
         try:
             with out.opened(), tqdm(total=total, unit='img', desc='Converting', dynamic_ncols=True, file=sys.stderr) as bar:
-                for i, res in enumerate(run(src.refs)):
-                    take(tally, src, i, res, out, strict, small, resolution)
+                for i, res in enumerate(run((src.name(i), ref) for i, ref in enumerate(src.refs))):
+                    if res[0] == 'skip':
+                        tally.skipped.append(res[1:])
+                    else:
+                        take(tally, res, None if src.labels is None else src.labels[i], out)
                     bar.update(1)
                     if tally.written == max_images:
                         break

@@ -26,12 +26,12 @@ import sys
 import click
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import dnnlib
-from dnnlib import UserError
 from dnnlib.util import FiniteFloatRange, seeds as seed_list_type
-from training.pipeline import RelayPipeline
+from training import pipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MAX_SEEDS = 1_000_000
 MAX_RELAY_SEEDS = 64
 MAX_IMAGES = 1_000_000  # about 10 GB of PNGs
+GAP = 2  # Pixels between the tiles of relay.png.
 
 # Training presets for the two tiny stages, as train.py options. Small SongUNets (DDPM++), short
 # warm-up and EMA so that a few thousand images of training already give recognisable shapes.
@@ -67,19 +68,14 @@ def make_shapes_image(rng: np.random.Generator, resolution: int = 64) -> np.ndar
         draw = ImageDraw.Draw(mask_img)
         size = rng.uniform(0.2, 0.45) * r
         cx, cy = rng.uniform(size, r - size, size=2)
-        kind = rng.integers(3)
-        if kind == 0:
-            draw.ellipse([cx - size, cy - size, cx + size, cy + size], fill=255)
-        elif kind == 1:
-            draw.rectangle([cx - size, cy - size, cx + size, cy + size], fill=255)
-        else:
-            draw.polygon([(cx, cy - size), (cx - size, cy + size), (cx + size, cy + size)], fill=255)
+        kind = rng.integers(3)  # Ellipse, square or triangle.
+        corners = [(cx - size, cy - size), (cx + size, cy + size)]
+        triangle = [(cx, cy - size), (cx - size, cy + size), (cx + size, cy + size)]
+        (draw.ellipse, draw.rectangle, draw.polygon)[kind](triangle if kind == 2 else corners, fill=255)
         mask = np.asarray(mask_img, dtype=np.float64)[..., None] / 255
         colour = rng.uniform(0, 255, size=3)
         # Stripes with a 2-4 px period (in 64 px units): averaged away at 16 px.
-        period = rng.uniform(2, 4) * r / 64
-        phase = rng.uniform(0, 2 * np.pi)
-        theta = rng.uniform(0, np.pi)
+        period, phase, theta = rng.uniform(2, 4) * r / 64, rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
         stripes = np.sin(2 * np.pi * (np.cos(theta) * xx + np.sin(theta) * yy) * (r - 1) / period + phase)
         img = img * (1 - mask) + (colour + 40 * stripes[..., None]) * mask
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -113,13 +109,13 @@ def train_stage(outdir: str, name: str, data: str, options: dict, kimg: float) -
         print(f'{name}: {snapshot} exists, skipping training')
         return snapshot
     if os.path.lexists(run_dir):
-        raise UserError(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
+        raise dnnlib.UserError(f'{run_dir} exists but holds no network-final.pkl; move it away or choose another --outdir')
     with dnnlib.util.atomic_write(run_dir, directory=True, overwrite=False) as tmp:
         run_step(['train.py', f'--outdir={tmp}', '--nosubdir', f'--data={data}', f'--duration={kimg / 1000}',
                   *[f'--{key}={value}' for key, value in options.items()]])
         snapshots = sorted(glob.glob(os.path.join(glob.escape(tmp), 'network-snapshot-*.pkl')))
         if not snapshots:
-            raise UserError(f'{name}: training wrote no network snapshot')
+            raise dnnlib.UserError(f'{name}: training wrote no network snapshot')
         shutil.copyfile(snapshots[-1], os.path.join(tmp, 'network-final.pkl'))
     return snapshot
 
@@ -128,26 +124,19 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
                  num_steps_first: int, num_steps_second: int) -> None:
     """For each seed, a row: first stage (at its own size) | nearest upsampled | second-stage
     start (upsampled + noise + block noise) | final."""
-    pipe = RelayPipeline(net_first_path, net_second_path, device='cpu', num_steps_first=num_steps_first,
+    pipe = pipeline.RelayPipeline(net_first_path, net_second_path, device='cpu', num_steps_first=num_steps_first,
                          num_steps_second=num_steps_second)
     trace = {}
     trace['final'] = pipe.sample(seeds, trace=trace)
     res, low = pipe.net_second.img_resolution, pipe.net_first.img_resolution
     # The first-stage image keeps its own pixels, centred on a grey tile of the final size.
-    first = torch.zeros_like(trace['upsampled'])
-    offset = (res - low) // 2
-    first[:, :, offset:offset + low, offset:offset + low] = trace['first']
-    columns = [first, trace['upsampled'], trace['start'], trace['final']]
-    gap = 2
-    canvas = torch.ones(3, len(seeds) * (res + gap) + gap, len(columns) * (res + gap) + gap, dtype=torch.float64)
-    for row in range(len(seeds)):
-        for col, images in enumerate(columns):
-            y, x = gap + row * (res + gap), gap + col * (res + gap)
-            canvas[:, y:y + res, x:x + res] = images[row].clamp(-1, 1)
-    image = (canvas * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    image = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)  # 2x, so that 64 px tiles are visible.
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        Image.fromarray(image, 'RGB').save(f, format='PNG')
+    before, after = (res - low) // 2, res - low - (res - low) // 2
+    first = F.pad(trace['first'], [before, after, before, after])
+    tiles = torch.stack([first, trace['upsampled'], trace['start'], trace['final']], dim=1).to(torch.float64)
+    tiles = F.pad(tiles.clamp(-1, 1), [GAP, 0, GAP, 0], value=1)  # [seed, column, C, H, W], white gaps above and left.
+    canvas = F.pad(tiles.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2), [0, GAP, 0, GAP], value=1)
+    image = pipeline.to_uint8(canvas[None])[0].repeat_interleave(2, 1).repeat_interleave(2, 2)  # 2x: 64 px tiles are visible.
+    pipeline.save_png(image, path)
 
 
 #----------------------------------------------------------------------------
@@ -162,8 +151,8 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
 @click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
               type=FiniteFloatRange(min=0, min_open=True), default=10, show_default=True)
 @click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True)
-@click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=str, default='0-5',
-              show_default=True)
+@click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=seed_list_type(MAX_RELAY_SEEDS),
+              default='0-5', show_default=True)
 @click.option('--steps-first', help='First-stage sampling steps', metavar='INT', type=click.IntRange(min=2),
               default=18, show_default=True)
 @click.option('--steps-second', help='Second-stage sampling steps (before truncation)', metavar='INT',
@@ -174,20 +163,19 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     Every step is skipped when its output already exists in --outdir, so re-running continues an
     interrupted quickstart and never retrains what is there.
     """
-    try:
-        seed_list = seed_list_type(MAX_SEEDS).convert(seeds, None, None)
-        relay_list = seed_list_type(MAX_RELAY_SEEDS).convert(relay_seeds, None, None)
+    try:  # Checked here, before any work; generate.py gets them as written.
+        seed_count = len(seed_list_type(MAX_SEEDS).convert(seeds, None, None))
     except click.BadParameter as err:
-        raise UserError(f'--seeds / --relay-seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
+        raise dnnlib.UserError(f'--seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
     problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
-        raise UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
+        raise dnnlib.UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
     os.makedirs(outdir, exist_ok=True)
 
     # 1. Procedural images.
     raw = os.path.join(outdir, 'shapes-raw')
     if os.path.lexists(raw) and not os.path.isdir(raw):
-        raise UserError(f'{raw} exists and is not a folder of images; move it away or choose another --outdir')
+        raise dnnlib.UserError(f'{raw} exists and is not a folder of images; move it away or choose another --outdir')
     if not os.path.isdir(raw):
         print(f'Drawing {num_images} procedural images into {raw} ...')
         write_shapes_folder(raw, num_images)
@@ -207,18 +195,17 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     samples = os.path.join(outdir, 'samples')
     run_step(['generate.py', '--sampler_stages=both', f'--network_first={net_first}', f'--network_second={net_second}',
               f'--outdir={samples}', f'--seeds={seeds}', f'--num_steps_first={steps_first}',
-              f'--num_steps_second={steps_second}', f'--grid={min(len(seed_list), 64)}'])
+              f'--num_steps_second={steps_second}', f'--grid={min(seed_count, 64)}'])
 
     # 5. The relay picture.
     relay_png = os.path.join(outdir, 'relay.png')
-    relay_figure(net_first, net_second, relay_list, relay_png, steps_first, steps_second)
+    relay_figure(net_first, net_second, relay_seeds, relay_png, steps_first, steps_second)
 
-    print()
-    print('Done. Everything is in', os.path.abspath(outdir))
+    print(f'\nDone. Everything is in {os.path.abspath(outdir)}')
     print(f'  datasets:         {data[16]}, {data[64]}')
     print(f'  first stage:      {net_first}')
     print(f'  second stage:     {net_second}')
-    print(f'  samples:          {samples}/ ({len(seed_list)} PNGs)')
+    print(f'  samples:          {samples}/ ({seed_count} PNGs)')
     print(f'  sample grid:      {os.path.normpath(samples)}-grid.png')
     print(f'  relay picture:    {relay_png} (columns: first stage, upsampled, second-stage start, final)')
     print('Sample again with your own options:')

@@ -113,6 +113,33 @@ def test_read_image_modes(tmp_path, case):
         assert data_files.natural_channels(img.mode) == channels  # Header check agrees with the decode.
 
 
+class _RefusingSpng:
+    """pyspng as 0.1.4 behaves on gray + alpha PNGs and on damaged files."""
+    @staticmethod
+    def load(data):
+        raise RuntimeError('pyspng: could not decode image size: invalid format')
+
+
+def test_pngs_that_pyspng_refuses_are_read_by_pil(tmp_path, monkeypatch):
+    # With pyspng installed, a gray + alpha or a truncated PNG must still give PIL's pixels or
+    # one DatasetError, never pyspng's RuntimeError (a traceback in train.py).
+    monkeypatch.setattr(data_files, 'pyspng', _RefusingSpng)
+    expected = write_case(str(tmp_path / 'la'), 'LA')
+    data = (tmp_path / 'la.png').read_bytes()
+    np.testing.assert_array_equal(data_files.read_image(io.BytesIO(data), 'la.png'), expected)
+    with pytest.raises(data_files.DatasetError, match='cut.png: cannot decode it'):
+        data_files.read_image(io.BytesIO(data[:len(data) // 2]), 'cut.png')
+
+
+@pytest.mark.skipif(data_files.pyspng is None, reason='pyspng is not installed')
+@pytest.mark.parametrize('case', [c for c in CASES if 'png' in c or c in ('1', 'L', 'LA', 'RGBA', 'P', 'P transparent')])
+def test_pyspng_gives_the_pixels_of_pil(tmp_path, case):
+    write_case(str(tmp_path / 'img'), case)
+    data = next(tmp_path.iterdir()).read_bytes()
+    np.testing.assert_array_equal(data_files.read_image(io.BytesIO(data), 'img', use_pyspng=True),
+                                  data_files.read_image(io.BytesIO(data), 'img', use_pyspng=False))
+
+
 def test_16bit_gray_same_pixels_in_training_evaluation_and_dataset_tool(tmp_path):
     src = tmp_path / 'src'
     src.mkdir()

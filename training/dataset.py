@@ -37,13 +37,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         cache=False,        # Keep decoded images in memory.
         use_pyspng=True,    # Decode 8-bit PNGs with pyspng when it is installed.
     ):
-        self._path = path
-        self._use_pyspng = use_pyspng
-        self._zip = None
-        self._zip_pid = None
+        self._path, self._use_pyspng, self._zip, self._zip_pid = path, use_pyspng, None, None
         self._cache = {} if cache else None
         if not os.path.isdir(path) and not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
-            raise DatasetError(f'{path}: ' + ('must be a folder or a .zip file' if os.path.exists(path) else 'no such folder or zip file'))
+            problem = 'must be a folder or a .zip file' if os.path.exists(path) else 'no such folder or zip file'
+            raise DatasetError(f'{path}: {problem}')
         try:
             self._names = data_files.list_files(path)  # Regular, visible files only: no FIFO can block a read.
         except (OSError, zipfile.BadZipFile, EOFError) as err:
@@ -57,9 +55,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{path}: images are {self.image_shape[2]}x{self.image_shape[1]}, '
                                f'expected {resolution}x{resolution}')
         self._check_headers()
-        self._labels = self._read_labels() if use_labels else None
-        if self._labels is None:
-            self._labels = np.zeros([len(self._images), 0], dtype=np.float32)
+        labels = self._read_labels() if use_labels else None
+        self._labels = labels if labels is not None else np.zeros([len(self._images), 0], dtype=np.float32)
         self.label_dim = int(self._labels.max()) + 1 if self._labels.dtype == np.int64 else self._labels.shape[1]
 
         # Which image each item shows. The max_size subset is EDM's draw (a seeded shuffle of all
@@ -102,17 +99,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if list(image.shape) != self.image_shape:
             raise DatasetError(f'{self._path}: {self._images[which]} is {list(image.shape)} (CHW), the first image '
                                f'{self.image_shape}; make them all one size first (dataset_tool.py)')
-        if self._item_mirrored[idx]:
-            image = image[:, :, ::-1]
-        return image.copy(), self._label_vector(which)
-
-    def _label_vector(self, which):
-        label = self._labels[which]
-        if self._labels.dtype != np.int64:
-            return label.copy()
-        onehot = np.zeros(self.label_dim, dtype=np.float32)
-        onehot[label] = 1
-        return onehot
+        label = self._labels[which].copy()
+        if self._labels.dtype == np.int64:  # A class index: one-hot.
+            label = np.zeros(self.label_dim, dtype=np.float32)
+            label[self._labels[which]] = 1
+        return (image[:, :, ::-1] if self._item_mirrored[idx] else image).copy(), label
 
     # Files.
 
@@ -123,14 +114,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """reader(open binary file of `name`, message prefix); read errors become one DatasetError."""
         where = f'{self._path}: {name}'
         try:
-            if os.path.isdir(self._path):
-                with open(os.path.join(self._path, name), 'rb') as f:
-                    return reader(f, where)
             # A forked DataLoader worker inherits the parent's open zip, whose file position both
             # processes would move (corrupt reads, "Bad CRC-32"): each process opens its own.
-            if self._zip is None or self._zip_pid != os.getpid():
+            if not os.path.isdir(self._path) and (self._zip is None or self._zip_pid != os.getpid()):
                 self._zip, self._zip_pid = zipfile.ZipFile(self._path), os.getpid()
-            with self._zip.open(name) as f:
+            with open(os.path.join(self._path, name), 'rb') if self._zip is None else self._zip.open(name) as f:
                 return reader(f, where)
         except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f'{where}: cannot read it ({err})') from None
@@ -143,16 +131,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _check_headers(self):
         """Size and channels of (a spread of) the other images against the first one's; PIL
         reads only the header here, so this is cheap."""
-        n = len(self._images)
-        spread = range(1, n) if n <= self.max_header_checks else \
-            np.unique(np.linspace(1, n - 1, self.max_header_checks).round().astype(np.int64))
-        c, h, w = self.image_shape
-        for which in spread:
-            name = self._images[which]
-            ow, oh, oc = self._read(name, data_files.read_header)
-            if (ow, oh, oc) != (w, h, c):
-                raise DatasetError(f'{self._path}: mixed image sizes: {name} is {ow}x{oh}x{oc}, {self._images[0]} '
-                                   f'is {w}x{h}x{c}; resize them all first (dataset_tool.py)')
+        n, (c, h, w) = len(self._images), self.image_shape
+        for which in np.unique(np.linspace(1, n - 1, min(n - 1, self.max_header_checks)).round().astype(np.int64)):
+            size = self._read(self._images[which], data_files.read_header)
+            if size != (w, h, c):
+                raise DatasetError(f'{self._path}: mixed image sizes: {self._images[which]} is {"x".join(map(str, size))}, '
+                                   f'{self._images[0]} is {w}x{h}x{c}; resize them all first (dataset_tool.py)')
 
     def _read_labels(self):
         """int64 [N] class indices or float32 [N, D] from dataset.json, or None without labels."""
