@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
@@ -323,7 +324,8 @@ def test_cli_end_to_end_with_saved_networks(tmp_path):
 # Presets and post-processing.
 
 def _defaults(command):
-    return {p.name: p.default for p in command.params}
+    ctx = click.Context(command, **command.context_settings)  # A preset's defaults come through click's default_map.
+    return {p.name: p.get_default(ctx) for p in command.params}
 
 
 def test_presets_hold_the_reference_settings():

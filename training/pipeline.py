@@ -97,16 +97,16 @@ def _declared(stage, sampler):
 SAMPLER_OPTIONS = dict([*_declared('first', sampling.edm_sampler), *_declared('second', sampling.blur_sampler)])
 
 
-def sampler_click_options(defaults=None):
-    """Decorator adding every sampler option to a click command (generate.py, the preset scripts,
-    evaluate.py gen), with `defaults` shown in --help; None: all resolved later (None values)."""
+def sampler_click_options(show_default=True):
+    """Decorator adding every sampler option to a click command. show_default=True: the samplers'
+    defaults (generate.py; the preset scripts replace them through click's default_map); a text:
+    no defaults (None values, resolved later), the text shown in --help instead (evaluate.py gen)."""
     def decorate(fn):
         for name, o in reversed(SAMPLER_OPTIONS.items()):
             setting = [key for key, option in RELAY_SETTINGS.items() if option == name]
-            default = 'preset / checkpoint' if defaults is None else 'off' if defaults[name] is None else defaults[name]
             text = f'{o.help}  [{o.type.bounds}]' + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')
-            fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, default=None if defaults is None else defaults[name],
-                              help=f'{text}  [default: {default}]')(fn)
+            fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, help=text,
+                              default=o.default if show_default is True else None, show_default=show_default)(fn)
         return fn
     return decorate
 

@@ -171,7 +171,7 @@ def edm_sampler(
     S_min:      (NONNEG, 'Stoch. min noise level') = 0,
     S_max:      (LEVEL, 'Stoch. max noise level') = float('inf'),
     S_noise:    (NONNEG, 'Stoch. noise inflation') = 1,
-    sde_scale:  (FRACTION, 'Stochastic Heun variant of the CelebA-HQ script: fresh noise of std sde_scale*t per step') = None,
+    sde_scale:  (FRACTION, 'Stochastic Heun of the CelebA-HQ script: fresh noise of std sde_scale*t per step (a number enables it)') = None,
 ):
     """First stage: images (float64, about [-1, 1]) from standard normal `latents` (N, C, H, W).
 
