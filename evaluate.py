@@ -210,13 +210,18 @@ def _is_logits(detector, is_bias, trust_detector, batch):
             return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
         what = 'Adding the classifier bias of' if sample.has('logits') else f'No logits in {sample.path}: computing them from feat with'
         click.echo(f'{what} {detector} ...', err=True)
-        det = load_detector(detector, device=dist.get_device(), include_bias=is_bias, trust_pickle=trust_detector)
+        fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
         if sample.has('logits'):
             out = sample.features('logits')
-            return out + det.out_bias.detach().cpu().numpy().astype(out.dtype)
-        feat = sample.features('feat')
-        return np.concatenate([det.logits(torch.from_numpy(np.asarray(feat[i:i + batch], dtype=np.float32))).cpu().numpy()
-                               for i in range(0, len(feat), batch)])
+        else:
+            feat = sample.features('feat')
+            if feat.shape[1] != fc.in_features:
+                raise dnnlib.UserError(f'{sample.path}: feat has {feat.shape[1]} values per image; the detector\'s classifier '
+                                       f'takes {fc.in_features} (was feat made with another detector?)')
+            w = fc.weight.to(torch.float32)
+            out = np.concatenate([(torch.as_tensor(feat[i:i + batch], dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
+                                  for i in range(0, len(feat), batch)])
+        return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
     return logits
 
 

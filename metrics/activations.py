@@ -154,6 +154,7 @@ def open_images(path):
 #----------------------------------------------------------------------------
 # Sharded extraction.
 
+@torch.no_grad()
 def detect(batches, detectors, num_items, stats_only=False, progress=True):
     """Run `detectors` over this process's `batches`, (indices, uint8 images [n, C, H, W], images
     done by all processes after this step) each. Returns on rank 0 {key: float32 [num_items, D]}
@@ -161,7 +162,12 @@ def detect(batches, detectors, num_items, stats_only=False, progress=True):
     (STATS_KEYS: mu/sigma, mu_s/sigma_s, mu_dinov2/sigma_dinov2); None on the other ranks.
     Collective: every rank calls it, with or without batches."""
     device = detectors[0].device
-    run = lambda images: {k: v for det in detectors for k, v in det(torch.as_tensor(images)).items()}
+
+    def run(images):
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W] for the detectors, got {list(images.shape)}')
+        return {k: v for det in detectors for k, v in det(images).items()}
     # The outputs' widths, known on every rank (even one without images) before the collectives.
     widths = {k: v.shape[1] for k, v in run(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
     if stats_only:

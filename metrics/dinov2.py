@@ -131,33 +131,25 @@ def config_from_state_dict(state, spec='the state dict'):
 #----------------------------------------------------------------------------
 # Detector.
 
-class DINOv2Detector:
-    """uint8 images -> dict(dinov2=CLS features), with EDM2's preprocessing."""
+class DINOv2Detector(torch.nn.Module):
+    """uint8-valued images [N, C, H, W] -> dict(dinov2=CLS features), with EDM2's preprocessing."""
 
-    keys = (FEATURE_KEY,)
-
-    def __init__(self, net, resolution=RESOLUTION):
+    def __init__(self, net):
+        super().__init__()
         self.net = net.eval().requires_grad_(False)
-        self.resolution = resolution
 
     @property
     def device(self):
         return self.net.cls_token.device
 
     def preprocess(self, images):
-        x = images.to(self.device)
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
-        if x.shape[1] == 1:
-            x = x.repeat([1, 3, 1, 1])
-        x = torch.nn.functional.interpolate(x.to(torch.float32), size=(self.resolution, self.resolution),
-                                            mode='bicubic', antialias=True)
-        x = x / 255
-        x = x - torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-        return x / torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        x = images.to(self.device, torch.float32)
+        x = x.repeat([1, 3, 1, 1]) if x.shape[1] == 1 else x
+        x = torch.nn.functional.interpolate(x, size=(RESOLUTION, RESOLUTION), mode='bicubic', antialias=True) / 255
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (x - mean) / std
 
-    @torch.no_grad()
-    def __call__(self, images):
+    def forward(self, images):
         return {FEATURE_KEY: self.net(self.preprocess(images)).to(torch.float32)}
 
 
