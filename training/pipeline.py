@@ -151,10 +151,8 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     if unknown:
         raise dnnlib.UserError(f'unknown sampler option {unknown[0]}; the options are {", ".join(SAMPLER_OPTIONS)}')
     recorded = {RELAY_SETTINGS[key]: (key, value) for key, value in (relay_settings or {}).items()}
-    resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()}
-    resolved.update({name: value for name, (_key, value) in recorded.items()})
-    resolved.update({k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS})
-    resolved.update(given)
+    resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()} | {name: value for name, (_key, value) in recorded.items()} \
+        | {k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS} | given
     resolved = {name: value if value is None else _convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
                 for name, value in resolved.items()}
     for stage in ('first', 'second'):
@@ -217,7 +215,7 @@ def to_uint8(images):
 def uint8_to_pil(image):
     """(C, H, W) uint8 tensor or numpy -> PIL image (greyscale for one channel)."""
     arr = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image).transpose(1, 2, 0)
-    return PIL.Image.fromarray(arr[:, :, 0], 'L') if arr.shape[2] == 1 else PIL.Image.fromarray(np.ascontiguousarray(arr), 'RGB')
+    return PIL.Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))  # Mode L or RGB.
 
 
 def postprocess_pil(img, postprocess):
@@ -261,11 +259,8 @@ def class_labels(label_dim, seeds, class_idx, device):
     for an unconditional network."""
     if not label_dim:
         return None
-    labels = torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
-    if class_idx is not None:
-        labels[:, :] = 0
-        labels[:, class_idx] = 1
-    return labels
+    index = torch.as_tensor(seeds if class_idx is None else [class_idx] * len(seeds), device=device)
+    return torch.eye(label_dim, device=device)[index % label_dim]
 
 #----------------------------------------------------------------------------
 # Loading.
@@ -274,18 +269,17 @@ def load_stage(network, stage, device):
     """(network, its training record: training.loss.training_record) for a path, URL or
     nn.Module; UserError names the option and the problem, including a checkpoint trained for the
     other stage."""
-    option = f'--network_{stage}'
-    if isinstance(network, torch.nn.Module):
-        return network.eval().requires_grad_(False).to(device), loss.training_record(None)
-    try:
-        data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
-    except (dnnlib.UserError, OSError) as err:
-        raise dnnlib.UserError(f'Cannot load {option} "{network}": {getattr(err, "message", err)}') from None
+    data = {'ema': network}
+    if not isinstance(network, torch.nn.Module):
+        try:
+            data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+        except (dnnlib.UserError, OSError) as err:
+            raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": {getattr(err, "message", err)}') from None
     net, record = data['ema'], loss.training_record(data)
     if not isinstance(net, torch.nn.Module):
-        raise dnnlib.UserError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
+        raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
     if record.stage is not None and record.stage != stage:
-        raise dnnlib.UserError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
+        raise dnnlib.UserError(f'--network_{stage} "{network}" is a {record.stage}-stage checkpoint (trained with '
                                f'{record.loss}); pass it as --network_{record.stage}')
     return net.eval().requires_grad_(False).to(device), record
 
@@ -311,15 +305,10 @@ class RelayPipeline:
             raise dnnlib.UserError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
         if network_first is None and network_second is None:
             raise dnnlib.UserError('give --network_first, --network_second or both')
-        self.device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        self.net_first = self.net_second = None
-        relay = {}  # The relay settings recorded in the second stage's checkpoint.
-        if network_first is not None:
-            self.net_first, _ = load_stage(network_first, 'first', self.device)
-        if network_second is not None:
-            self.net_second, record = load_stage(network_second, 'second', self.device)
-            relay = record.relay
-        self.options, self.warnings = resolve_options(preset, options, relay)
+        self.device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+        self.net_first, _ = load_stage(network_first, 'first', self.device) if network_first is not None else (None, None)
+        self.net_second, record = load_stage(network_second, 'second', self.device) if network_second is not None else (None, None)
+        self.options, self.warnings = resolve_options(preset, options, record.relay if record else {})  # The checkpoint's relay settings.
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
         for stage, net in (('first', self.net_first), ('second', self.net_second)):
