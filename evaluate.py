@@ -67,14 +67,10 @@ def main():
 #----------------------------------------------------------------------------
 # Options and steps shared by the commands.
 
-DETECTOR = click.option('--detector', help='Inception detector: NVIDIA .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL',
-                        default=DEFAULT_DETECTOR_URL, show_default=True)
-TRUST_DETECTOR = click.option('--trust-detector', 'trust_detector', is_flag=True,
-                              help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)')
-DINOV2 = click.option('--dinov2', help='DINOv2 ViT-L/14 weights (plain state dict) for fd_dinov2, path or URL', metavar='PATH|URL',
-                      default=DINOV2_VITL14_URL, show_default=True)
-METRIC_OPTION = click.option('-m', 'metrics', help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2',
-                             type=click.Choice(METRICS), multiple=True, required=True)
+DETECTOR = click.option('--detector', help='Inception detector: NVIDIA .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL', default=DEFAULT_DETECTOR_URL, show_default=True)
+TRUST_DETECTOR = click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
+DINOV2 = click.option('--dinov2', help='DINOv2 ViT-L/14 weights (plain state dict) for fd_dinov2, path or URL', metavar='PATH|URL', default=DINOV2_VITL14_URL, show_default=True)
+METRIC_OPTION = click.option('-m', 'metrics', help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRICS), multiple=True, required=True)
 JSON = click.option('--json', 'json_path', help='Also write the results to this JSON file (must not exist)', metavar='FILE')
 
 

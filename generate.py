@@ -187,48 +187,40 @@ def generate_images(
 #----------------------------------------------------------------------------
 # Command line. The preset scripts make the same command with their preset's defaults (make_command).
 
-@click.command(help="""Generate images with a Relay Diffusion model pair (defaults of the reference generate.py).
-
-\b
-Examples:
-  # Both stages, 64 seeds, one process:
-  python generate.py --outdir=out --seeds=0-63 --network_first=first.pkl --network_second=second.pt
-  # 8 GPUs; re-running continues where a preempted run stopped:
-  torchrun --standalone --nproc_per_node=8 generate.py --outdir=out --seeds=0-49999 \\
-      --network_first=first.pkl --network_second=second.pt
-  # First stage only, then the relay from those images:
-  python generate.py --sampler_stages=first --outdir=low --network_first=first.pkl
-  python generate.py --sampler_stages=second --indir=low --outdir=out --network_second=second.pt
-""")
+@click.command()
 @click.option('--outdir',           help='Where to save the output images', metavar='DIR', required=True)
-@click.option('--seeds',            help=f'Random seeds (e.g. 1,2,5-10; at most {pipeline.MAX_SEEDS:,})', metavar='LIST',
-              type=dnnlib.util.seeds(pipeline.MAX_SEEDS), default=PRESETS['generate']['seeds'], show_default=True)
+@click.option('--seeds',            help=f'Random seeds (e.g. 1,2,5-10; at most {pipeline.MAX_SEEDS:,})', metavar='LIST', type=dnnlib.util.seeds(pipeline.MAX_SEEDS), default=PRESETS['generate']['seeds'], show_default=True)
 @click.option('--subdirs/--no-subdirs', help='Put images in a subfolder per 1000 seeds (always on in the reference)', default=True, show_default=True)
 @click.option('--class', 'class_idx', help='Class label  [default: seed % classes]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--sampler_stages',   help='Which stages to run', metavar='first|second|both', type=click.Choice(pipeline.STAGES), default='both', show_default=True)
-@click.option('--indir',            help='First-stage images for --sampler_stages=second (SSS000/SSSSSS.png or SSSSSS.png; write them with '
-                                         '--postprocess=none)', metavar='DIR')
-@click.option('--postprocess',      help='Enhancement of saved images as in the reference scripts; none turns it off', metavar='none|imagenet|celebahq',
-              type=click.Choice(list(POSTPROCESS)), default=PRESETS['generate']['postprocess'], show_default=True)
-@click.option('--grid',             help='Also write OUTDIR-grid.png (beside OUTDIR) of the first N seeds (0 = none)', metavar='N',
-              type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--second_noise',     help='For --sampler_stages=second: continue each seed\'s generator after the first stage\'s draws (the noise '
-                                         'of a "both" run, given the same *_first options) or start it fresh', metavar='continue|fresh',
-              type=click.Choice(['continue', 'fresh']), default='continue', show_default=True)
+@click.option('--indir',            help='First-stage images for --sampler_stages=second (SSS000/SSSSSS.png or SSSSSS.png; write them with --postprocess=none)', metavar='DIR')
+@click.option('--postprocess',      help='Enhancement of saved images as in the reference scripts; none turns it off', metavar='none|imagenet|celebahq', type=click.Choice(list(POSTPROCESS)), default=PRESETS['generate']['postprocess'], show_default=True)
+@click.option('--grid',             help='Also write OUTDIR-grid.png (beside OUTDIR) of the first N seeds (0 = none)', metavar='N', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--second_noise',     help='For --sampler_stages=second: continue each seed\'s generator after the first stage\'s draws (the noise of a "both" run, given the same *_first options) or start it fresh', metavar='continue|fresh', type=click.Choice(['continue', 'fresh']), default='continue', show_default=True)
 @click.option('--network_first',    help='First stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL')
 @click.option('--network_second',   help='Second stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL')
 @pipeline.sampler_click_options()
 # Speed. Exact mode (default) gives the reference's images bit for bit; --fast does not.
-@click.option('--fast/--exact',     help='Fast mode for GPUs: both guidance passes in one batch, the networks under --precision autocast, TF32 on; '
-                                         'images differ slightly from exact mode (see README)', default=False, show_default=True)
-@click.option('--precision',        help='Network autocast precision with --fast  [default: fp16]', metavar='fp16|bf16|fp32',
-              type=click.Choice(list(fast_mode.PRECISIONS)))
+@click.option('--fast/--exact',     help='Fast mode for GPUs: both guidance passes in one batch, the networks under --precision autocast, TF32 on; images differ slightly from exact mode (see README)', default=False, show_default=True)
+@click.option('--precision',        help='Network autocast precision with --fast  [default: fp16]', metavar='fp16|bf16|fp32', type=click.Choice(list(fast_mode.PRECISIONS)))
 @click.option('--tf32/--no-tf32',   help='TF32 matmuls and convolutions with --fast  [default: on]', default=None)
 @click.option('--channels-last/--no-channels-last', help='Channels-last memory layout for the networks (with --fast)', default=False, show_default=True)
-@click.option('--compile/--no-compile', help='torch.compile the networks (with --fast; runs uncompiled, with a warning, where compilation fails)',
-              default=False, show_default=True)
+@click.option('--compile/--no-compile', help='torch.compile the networks (with --fast; runs uncompiled, with a warning, where compilation fails)', default=False, show_default=True)
 def main(preset='generate', **kwargs):
+    """Generate images with a Relay Diffusion model pair (defaults of the reference generate.py).
+
+    \b
+    Examples:
+      # Both stages, 64 seeds, one process:
+      python generate.py --outdir=out --seeds=0-63 --network_first=first.pkl --network_second=second.pt
+      # 8 GPUs; re-running continues where a preempted run stopped:
+      torchrun --standalone --nproc_per_node=8 generate.py --outdir=out --seeds=0-49999 \\
+          --network_first=first.pkl --network_second=second.pt
+      # First stage only, then the relay from those images:
+      python generate.py --sampler_stages=first --outdir=low --network_first=first.pkl
+      python generate.py --sampler_stages=second --indir=low --outdir=out --network_second=second.pt
+    """
     # Sampler options left at their defaults (the samplers' or the preset's) are not passed: the
     # checkpoint's relay settings may replace them, and a given option that contradicts those warns.
     ctx = click.get_current_context()

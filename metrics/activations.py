@@ -65,8 +65,7 @@ class NpyMember:
                 version = np.lib.format.read_magic(f)
                 if version not in ((1, 0), (2, 0)):
                     raise ValueError(f'unsupported .npy format version {version}')
-                self.shape, self.fortran, self.dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) \
-                    else np.lib.format.read_array_header_2_0(f)
+                self.shape, self.fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
                 self.offset = f.tell()
         if self.dtype.hasobject or self.dtype.itemsize == 0:
             raise ValueError(f'{key} holds {self.dtype}, not numbers')
@@ -170,15 +169,14 @@ def detect(batches, detectors, num_items, stats_only=False, progress=True):
         return {k: v for det in detectors for k, v in det(images).items()}
     # The outputs' widths, known on every rank (even one without images) before the collectives.
     widths = {k: v.shape[1] for k, v in run(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
-    if stats_only:
-        accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in widths}
-        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
+    accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in widths} if stats_only else {}
+    hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
     rows, indices, error = [], [], None
     with tqdm.tqdm(total=num_items, unit='img', disable=(not progress or dist.get_rank() != 0), dynamic_ncols=True) as bar:
         try:
             for idx, images, done in batches:
                 out = run(images)
-                for k, acc in accs.items() if stats_only else ():
+                for k, acc in accs.items():
                     acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
                 if not stats_only:
                     rows.append(torch.cat([out[k].to(torch.float32).cpu() for k in widths], dim=1))

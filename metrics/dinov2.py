@@ -53,24 +53,16 @@ class Attention(torch.nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
-def _holder(**children):
-    """A module that only holds named parameters or submodules (for the release's names: ls1.gamma, patch_embed.proj)."""
-    module = torch.nn.Module()
-    for name, child in children.items():
-        setattr(module, name, child)
-    return module
-
-
 class Block(torch.nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.ls1 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
+        self.ls1 = torch.nn.ParameterDict(dict(gamma=torch.nn.Parameter(torch.ones(dim))))  # The release's names: ls1.gamma.
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.mlp = torch.nn.Sequential(collections.OrderedDict(
             fc1=torch.nn.Linear(dim, int(dim * mlp_ratio)), act=torch.nn.GELU(), fc2=torch.nn.Linear(int(dim * mlp_ratio), dim)))
-        self.ls2 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
+        self.ls2 = torch.nn.ParameterDict(dict(gamma=torch.nn.Parameter(torch.ones(dim))))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x)) * self.ls1.gamma
@@ -84,7 +76,7 @@ class DINOv2ViT(torch.nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
-        self.patch_embed = _holder(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size))
+        self.patch_embed = torch.nn.ModuleDict(dict(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)))
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
         self.mask_token = torch.nn.Parameter(torch.zeros(1, dim))  # Training only; kept so the release loads strictly.

@@ -126,9 +126,9 @@ def _check_schedule(o, stage):
         raise dnnlib.UserError(f'{show("sigma_min")} must be below {show("sigma_max")}')
     if o['S_min'] > o['S_max']:
         raise dnnlib.UserError(f'{show("S_min")} must be at most {show("S_max")}')
-    want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
     try:
-        ends = sampling.time_steps(2, float(want[1]), float(want[0]), float(o['rho']))
+        ends = sampling.time_steps(2, float(o['sigma_min']), float(o['sigma_max']), float(o['rho']))
+        want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
         ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
     except (OverflowError, ZeroDivisionError):
         ok = False
