@@ -29,7 +29,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import data_files, fast_mode, pipeline, sample_grid
+from training import data_files, fast_mode, pipeline, sample_grid, sampling
 from training.pipeline import POSTPROCESS, PRESETS, RelayPipeline, image_path
 
 #----------------------------------------------------------------------------
@@ -139,8 +139,7 @@ def generate_images(
     seeds = list(dict.fromkeys(pipeline.check_seeds(seeds)))  # Repeats dropped, order kept.
     if not seeds:
         raise dnnlib.UserError('--seeds is empty')
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise dnnlib.UserError(f'--batch={max_batch_size} must be a whole number >= 1')
+    max_batch_size = pipeline.convert(sampling.Number(1, integer=True), max_batch_size, '--batch')
     _check_paths(outdir, indir, stages)
     dist.init()
     device = torch.device(device) if device is not None else dist.get_device()

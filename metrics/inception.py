@@ -128,23 +128,17 @@ def tf_resize_bilinear(x, height, width):
     if (in_h, in_w) == (height, width):
         return x
 
-    def axis(in_size, out_size):
-        scale = np.float32(in_size) / np.float32(out_size)  # float32 as in TF's kernel.
-        src = np.arange(out_size, dtype=np.float32) * scale
+    def axis(in_size, out_size):  # Source rows or columns below and above, and the weight of the one above.
+        src = np.arange(out_size, dtype=np.float32) * (np.float32(in_size) / np.float32(out_size))  # float32 as in TF's kernel.
         lo = np.floor(src).astype(np.int64)
-        hi = np.minimum(lo + 1, in_size - 1)
         frac = (src - lo.astype(np.float32)).astype(np.float32)
-        to = lambda a: torch.from_numpy(a).to(x.device)
-        return to(lo), to(hi), to(frac)
+        return [torch.from_numpy(a).to(x.device) for a in (lo, np.minimum(lo + 1, in_size - 1), frac)]
 
-    y0, y1, fy = axis(in_h, height)
-    x0, x1, fx = axis(in_w, width)
+    (y0, y1, fy), (x0, x1, fx) = axis(in_h, height), axis(in_w, width)
     top, bottom = x[:, :, y0], x[:, :, y1]
-    tl, tr, bl, br = top[..., x0], top[..., x1], bottom[..., x0], bottom[..., x1]
-    fx = fx[None, None, None, :]
-    t = tl + (tr - tl) * fx
-    b = bl + (br - bl) * fx
-    return t + (b - t) * fy[None, None, :, None]
+    t = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    b = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return t + (b - t) * fy[:, None]
 
 
 class InceptionV3(torch.nn.Module):
@@ -181,19 +175,15 @@ class InceptionV3(torch.nn.Module):
             x = x.repeat([1, 3, 1, 1])
         x = tf_resize_bilinear(x, self.resolution, self.resolution)
         x = (x - 128) * 0.0078125
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = POOLS['max'](x)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = POOLS['max'](x)
+        x = POOLS['max'](self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))
+        x = POOLS['max'](self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
         for block in [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c]:
             x = block(x)
         spatial = self.Mixed_6d.branch1x1(x)  # mixed_6/conv (computed twice; cheap next to the rest).
         for block in [self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c]:
             x = block(x)
         feat = x.mean(dim=[2, 3])  # pool_3: 8x8 average.
-        s_feat = spatial[:, :self.spatial_channels].flatten(1)
-        logits = feat @ self.fc.weight.T
-        return dict(feat=feat, s_feat=s_feat, logits=logits)
+        return dict(feat=feat, s_feat=spatial[:, :self.spatial_channels].flatten(1), logits=feat @ self.fc.weight.T)
 
 
 def load_inception_state_dict(state_dict, resolution=299):

@@ -164,8 +164,7 @@ def _settle(a, rows, b, radii_b, block):
         near = (d > lo) & (d <= hi)  # Needs the exact radius of that ball.
         if near.any():
             q, j = near.nonzero(as_tuple=True)
-            exact = radii_b.get(idx[j])
-            hit[q[d[q, j] <= exact]] = True
+            hit[q[d[q, j] <= radii_b.get(idx[j])]] = True
     return hit
 
 
@@ -175,8 +174,7 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
     dev = ref.device
     r_ref32, r_smp32 = radii_ref.r32.to(torch.float32), radii_smp.r32.to(torch.float32)
     # Running minima over the other set of D32 - r32, for each side.
-    smp_min = torch.full([smp.n], float('inf'), device=dev)
-    ref_min = torch.full([ref.n], float('inf'), device=dev)
+    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=dev) for fs in (smp, ref))
     for r0 in range(0, ref.n, block):
         r1 = min(r0 + block, ref.n)
         for c0 in range(0, smp.n, block):
@@ -191,12 +189,10 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
         band = own.t + 3 * other.t_max + radii_other.r32.abs().max() * 2.0 ** -23
         own_min = own_min.double()
         inside = own_min <= -band
-        ambiguous = (own_min <= band) & ~inside
-        rows = ambiguous.nonzero().flatten()
-        for q0 in range(0, len(rows), 1024):
-            q = rows[q0:q0 + 1024]
-            inside[q] = _settle(own, q, other, radii_other, block)
-        return inside, len(rows)
+        ambiguous = ((own_min <= band) & ~inside).nonzero().flatten()
+        for rows in ambiguous.split(1024):
+            inside[rows] = _settle(own, rows, other, radii_other, block)
+        return inside, len(ambiguous)
 
     smp_in, n_smp_amb = decide(smp, smp_min, ref, radii_ref)
     ref_in, n_ref_amb = decide(ref, ref_min, smp, radii_smp)

@@ -111,7 +111,8 @@ def sampler_click_options(show_default=True):
     return decorate
 
 
-def _convert(type_, value, what):
+def convert(type_, value, what):
+    """`value` through a click type (command-line text or a Python value); UserError naming `what`."""
     try:
         return type_.convert(value, None, None)
     except click.BadParameter as err:
@@ -153,7 +154,7 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     recorded = {RELAY_SETTINGS[key]: (key, value) for key, value in (relay_settings or {}).items()}
     resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()} | {name: value for name, (_key, value) in recorded.items()} \
         | {k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS} | given
-    resolved = {name: value if value is None else _convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
+    resolved = {name: value if value is None else convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
                 for name, value in resolved.items()}
     for stage in ('first', 'second'):
         _check_schedule(stage_kwargs(resolved)[stage == 'second'], stage)
@@ -173,7 +174,7 @@ def stage_kwargs(options):
 def check_seeds(seeds, limit=MAX_SEEDS):
     """Seeds as a list of ints in 0..dnnlib.util.MAX_SEED (generators use seed % 2**32, so a larger
     or negative seed would silently give the image of another seed)."""
-    return _convert(dnnlib.util.seeds(limit), seeds, 'seeds')
+    return convert(dnnlib.util.seeds(limit), seeds, 'seeds')
 
 
 def check_outdir(outdir):
@@ -218,18 +219,15 @@ def uint8_to_pil(image):
     return PIL.Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))  # Mode L or RGB.
 
 
-def postprocess_pil(img, postprocess):
-    for name, factor in POSTPROCESS[postprocess]:
-        img = getattr(PIL.ImageEnhance, name)(img).enhance(factor)
-    return img
-
-
 def apply_postprocess(images, postprocess):
     """The reference's PIL enhancement of uint8 (N, C, H, W) images, as uint8 (N, C, H, W)."""
-    if not POSTPROCESS[postprocess]:
-        return images
-    out = [np.asarray(postprocess_pil(uint8_to_pil(img), postprocess)) for img in images]
-    return torch.from_numpy(np.stack([arr[:, :, np.newaxis] if arr.ndim == 2 else arr for arr in out])).permute(0, 3, 1, 2).contiguous()
+    out = []
+    for image in images if POSTPROCESS[postprocess] else ():
+        pil = uint8_to_pil(image)
+        for name, factor in POSTPROCESS[postprocess]:
+            pil = getattr(PIL.ImageEnhance, name)(pil).enhance(factor)
+        out.append(np.asarray(pil).reshape(pil.height, pil.width, -1))  # (H, W, C), also for greyscale.
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous() if out else images
 
 
 def image_path(outdir, seed, subdirs=True):
