@@ -148,8 +148,7 @@ def open_reference(ref_path, metrics, flag='--ref'):
         local, info = refs.resolve(ref_path, verbose=True)
     except (OSError, ValueError) as err:
         raise dnnlib.UserError(f'--ref {ref_path}: {err}') from None
-    ref = acts.FeatureSet(local)
-    ref.path = ref_path
+    ref = acts.FeatureSet(local, name=ref_path)
     check_inputs(metrics, None, ref)
     return ref, info
 

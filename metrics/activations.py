@@ -244,14 +244,14 @@ class FeatureSet:
     """Named arrays of one set of images, as the metrics read them: per-image activations
     (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
     (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
-    members are read when asked for, in chunks where the work allows (NpyMember)."""
+    members are read when asked for, in chunks where the work allows (NpyMember). `name`: how
+    messages call it (default: the path)."""
 
-    def __init__(self, source, name='the samples'):
-        self.path, self.arrays, self.members = name, None, {}
+    def __init__(self, source, name=None):
+        self.path, self.arrays, self.members = name or ('the samples' if isinstance(source, dict) else source), None, {}
         if isinstance(source, dict):
             self.arrays, self.keys = source, set(source)
             return
-        self.path = source
         try:
             self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
             with zipfile.ZipFile(self.local) as z:
