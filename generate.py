@@ -91,14 +91,10 @@ def is_done(path, shape):
                            f'remove it, or choose another --outdir')
 
 
-def grid_path(outdir):
-    return os.path.normpath(outdir) + '-grid.png'
-
-
 def write_grid(outdir, seeds, subdirs):
     """OUTDIR-grid.png beside the sample folder (which stays a clean input for evaluate.py), read
     back from disk so that it covers resumed runs too."""
-    dest = grid_path(outdir)
+    dest = os.path.normpath(outdir) + '-grid.png'
     if os.path.exists(dest):
         dist.print0(f'Not writing the grid: "{dest}" already exists')
         return

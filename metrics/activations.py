@@ -262,9 +262,6 @@ class FeatureSet:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def describe(self):
-        return ', '.join(sorted(self.keys)) or 'nothing'
-
     def _from_file(self, key, read):
         try:
             if key not in self.members:

@@ -20,26 +20,11 @@ from torch.nn import functional as F
 
 #----------------------------------------------------------------------------
 
-class BatchNorm(torch.nn.Module):
-    """Inference-only batch norm (TF eps 0.001) with torchvision's parameter names."""
-
-    def __init__(self, channels, eps=0.001):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones([channels]))
-        self.bias = torch.nn.Parameter(torch.zeros([channels]))
-        self.register_buffer('running_mean', torch.zeros([channels]))
-        self.register_buffer('running_var', torch.ones([channels]))
-
-    def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
 class BasicConv2d(torch.nn.Module):
     def __init__(self, in_channels, out_channels, **conv_kwargs):
         super().__init__()
         self.conv = torch.nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
-        self.bn = BatchNorm(out_channels)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=0.001)  # TF's epsilon; used in eval mode (running statistics).
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -187,12 +172,13 @@ class InceptionV3(torch.nn.Module):
 
 
 def load_inception_state_dict(state_dict, resolution=299):
-    """Build InceptionV3 from a pytorch-fid style state dict (torchvision names). Ignores the
-    auxiliary classifier and BatchNorm's num_batches_tracked; anything else must match."""
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not k.startswith('AuxLogits.') and not k.endswith('.num_batches_tracked')}
+    """Build InceptionV3 (in eval mode) from a pytorch-fid style state dict (torchvision names).
+    Ignores the auxiliary classifier; BatchNorm's num_batches_tracked (unused in eval mode) may be
+    absent; anything else must match."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith('AuxLogits.')}
     with torch.device('meta'):  # No random init: every tensor comes from the file.
         net = InceptionV3(resolution=resolution, num_classes=state_dict['fc.weight'].shape[0])
+    state_dict = {**{k: torch.tensor(0) for k in net.state_dict() if k.endswith('.num_batches_tracked')}, **state_dict}
     missing, unexpected = net.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f'not an Inception-v3 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}')

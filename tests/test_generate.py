@@ -246,7 +246,7 @@ def test_resume_skips_existing_images(tmp_path):
     assert os.stat(kept).st_mtime_ns == mtime
     again = _read_pngs(tmp_path)
     assert len(again) == 5 and np.array_equal(again['000000/000002.png'], first['000000/000002.png'])
-    grid = np.array(PIL.Image.open(generate.grid_path(tmp_path)))
+    grid = np.array(PIL.Image.open(str(tmp_path) + '-grid.png'))
     assert grid.shape == (64, 64, 3) and np.array_equal(grid[:32, 32:], again['000000/000001.png'])
     assert not [name for name in os.listdir(tmp_path / '000000') if name.endswith('.tmp')]
     assert generate.generate_images(tmp_path, seeds=range(5), network_first=net1, network_second=net2, **FAST) == []
