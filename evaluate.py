@@ -22,7 +22,6 @@ import re
 import click
 import numpy as np
 import torch
-import tqdm
 
 import dnnlib
 from metrics import activations as acts
@@ -66,7 +65,14 @@ def main():
     """
 
 #----------------------------------------------------------------------------
-# Shared steps.
+# Options and steps shared by the commands.
+
+DETECTOR = click.option('--detector', help='Inception detector: NVIDIA .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL', default=DEFAULT_DETECTOR_URL, show_default=True)
+TRUST_DETECTOR = click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
+DINOV2 = click.option('--dinov2', help='DINOv2 ViT-L/14 weights (plain state dict) for fd_dinov2, path or URL', metavar='PATH|URL', default=DINOV2_VITL14_URL, show_default=True)
+METRIC_OPTION = click.option('-m', 'metrics', help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRICS), multiple=True, required=True)
+JSON = click.option('--json', 'json_path', help='Also write the results to this JSON file (must not exist)', metavar='FILE')
+
 
 def check_writable(path, option, suffix=None):
     """Refuse an output that exists or cannot be written, before any work starts."""
@@ -81,26 +87,38 @@ def check_writable(path, option, suffix=None):
         raise dnnlib.UserError(f'{option} {path}: {problem}; choose a path in an existing, writable folder')
 
 
+def on_rank0(fn):
+    """fn() on rank 0 only, while the others wait for it without a deadline; an error of rank 0
+    is raised there, and on the others as one pointing to it."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as err:  # pylint: disable=broad-exception-caught  # Raised below, once the others know.
+            error = err
+    if not dist.all_ok(error is None, patient=True):
+        raise error or dnnlib.UserError('rank 0 failed; see its message')
+
+
 def save_arrays(path, arrays):
     for key, value in arrays.items():
         if not np.isfinite(value).all():
             raise dnnlib.UserError(f'{key} contains NaN or inf; check the images, the networks and the detector')
     pipeline.save(path, lambda f: np.savez(f, **arrays))
+    print(f'Saved {", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())} to {path}')
 
 
 def load_detectors(features, detector, dinov2, trust_detector=False):
-    """One detector for the requested feature kinds, and the keys of its output; rank 0 loads
-    first (a download lands in the cache once), the others wait without a deadline."""
-    device, verbose, dets, keys = dist.get_device(), dist.get_rank() == 0, [], ()
+    """The detectors of the requested feature kinds; rank 0 loads first (a download lands in the
+    cache once), the others wait without a deadline."""
+    device, verbose, dets = dist.get_device(), dist.get_rank() == 0, []
     if 'inception' in features:
         dist.print0(f'Loading detector {detector} ...')
         dets.append(dist.rank0_first(lambda: load_detector(detector, device=device, verbose=verbose, trust_pickle=trust_detector)))
-        keys += acts.INCEPTION_KEYS
     if 'dinov2' in features:
         dist.print0(f'Loading DINOv2 weights {dinov2} ...')
         dets.append(dist.rank0_first(lambda: load_dinov2(dinov2, device=device, verbose=verbose)))
-        keys += ('dinov2',)
-    return (dets[0] if len(dets) == 1 else acts.Detectors(dets)), keys
+    return dets
 
 
 def protocol_warnings(results, sample_count, ref_count, ref_info=None):
@@ -119,19 +137,18 @@ def protocol_warnings(results, sample_count, ref_count, ref_info=None):
     return lines
 
 
-def open_reference(ref_path, metrics, required_flag='--ref'):
+def open_reference(ref_path, metrics, flag='--ref'):
     """(FeatureSet, refs.Reference or None) of --ref, checked for what the metrics read (a
     published set is downloaded into the cache); (None, None) when no metric needs it."""
     if ref_path is None:
         if any(m != 'is' for m in metrics):
-            raise click.UsageError(f'{required_flag} is required for fid, sfid, pr, kid and fd_dinov2 (a path, URL or name; see `evaluate.py refs`)')
+            raise click.UsageError(f'{flag} is required for fid, sfid, pr, kid and fd_dinov2 (a path, URL or name; see `evaluate.py refs`)')
         return None, None
     try:
         local, info = refs.resolve(ref_path, verbose=True)
     except (OSError, ValueError) as err:
         raise dnnlib.UserError(f'--ref {ref_path}: {err}') from None
-    ref = acts.FeatureSet(local)
-    ref.path = ref_path
+    ref = acts.FeatureSet(local, name=ref_path)
     check_inputs(metrics, None, ref)
     return ref, info
 
@@ -149,15 +166,15 @@ def report(metrics, sample, ref, ref_info, json_path, record, **kwargs):
 #----------------------------------------------------------------------------
 
 @main.command()
-@click.option('--data', 'data_path', help='Images: folder (recursive), dataset .zip, or ADM-style .npz (arr_0, uint8 NHWC)', metavar='PATH', type=str, required=True)
-@click.option('--dest', 'dest_path',  help='Output .npz (must not exist)', metavar='NPZ', type=str, required=True)
-@click.option('--detector',           help='Detector: NVIDIA Inception .pkl or pytorch-fid .pth, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--data', 'data_path', help='Images: folder (recursive), dataset .zip, or ADM-style .npz (arr_0, uint8 NHWC)', metavar='PATH', required=True)
+@click.option('--dest', 'dest_path',  help='Output .npz (must not exist)', metavar='NPZ', required=True)
+@DETECTOR
 @click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers',            help='Data loader worker processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
-@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
+@TRUST_DETECTOR
 @click.option('--stats-only', 'stats_only', help='Write only mu/sigma/mu_s/sigma_s (streamed; for huge reference sets)', is_flag=True)
 @click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(FEATURES), multiple=True, default=['inception'], show_default=True)
-@click.option('--dinov2',             help='DINOv2 ViT-L/14 weights (plain state dict), path or URL', metavar='PATH|URL', type=str, default=DINOV2_VITL14_URL, show_default=True)
+@DINOV2
 def activations(data_path, dest_path, detector, trust_detector, batch, workers, stats_only, features, dinov2):
     """Compute Inception (and/or DINOv2) activations, or only their statistics, of a set of images.
 
@@ -171,19 +188,11 @@ def activations(data_path, dest_path, detector, trust_detector, batch, workers, 
     source = acts.open_images(data_path)
     if len(source) < 2:
         raise dnnlib.UserError(f'{data_path}: found {len(source)} image(s); need at least 2 for statistics')
-    det, keys = load_detectors(features, detector, dinov2, trust_detector)
+    dets = load_detectors(features, detector, dinov2, trust_detector)
     dist.print0(f'Computing activations of {len(source)} images from {data_path} ...')
     workers = min(workers, os.cpu_count() or 1)  # More loader processes than cores only thrash.
-    result = acts.compute_activations(source, det, batch_size=batch, num_workers=workers, stats_only=stats_only, keys=keys)
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            save_arrays(dest_path, result)
-            print(f'Saved {", ".join(f"{k} {list(v.shape)}" for k, v in result.items())} to {dest_path}')
-        except dnnlib.UserError as err:
-            error = err
-    if not dist.all_ok(error is None, patient=True):
-        raise error or dnnlib.UserError('rank 0 could not write the output; see its message')
+    result = acts.compute_activations(source, dets, batch_size=batch, num_workers=workers, stats_only=stats_only)
+    on_rank0(lambda: save_arrays(dest_path, result))
 
 #----------------------------------------------------------------------------
 
@@ -196,36 +205,42 @@ def _is_logits(detector, is_bias, trust_detector, batch):
             return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
         what = 'Adding the classifier bias of' if sample.has('logits') else f'No logits in {sample.path}: computing them from feat with'
         click.echo(f'{what} {detector} ...', err=True)
-        det = load_detector(detector, device=dist.get_device(), include_bias=is_bias, trust_pickle=trust_detector)
+        fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
         if sample.has('logits'):
             out = sample.features('logits')
-            return out + det.out_bias.detach().cpu().numpy().astype(out.dtype)
-        feat = sample.features('feat')
-        return np.concatenate([det.logits(torch.from_numpy(np.asarray(feat[i:i + batch], dtype=np.float32))).cpu().numpy()
-                               for i in range(0, len(feat), batch)])
+        else:
+            feat = sample.features('feat')
+            if feat.shape[1] != fc.in_features:
+                raise dnnlib.UserError(f'{sample.path}: feat has {feat.shape[1]} values per image; the detector\'s classifier '
+                                       f'takes {fc.in_features} (was feat made with another detector?)')
+            w = fc.weight.to(torch.float32)
+            out = np.concatenate([(torch.as_tensor(feat[i:i + batch], dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
+                                  for i in range(0, len(feat), batch)])
+        return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
     return logits
 
 
 @main.command()
-@click.option('-m', 'metrics',        help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRICS), multiple=True, required=True)
-@click.option('--activations_sample', '--activations-sample', 'sample_path', help='Sample activations .npz (path or URL)', metavar='NPZ', type=str, required=True)
-@click.option('--ref', '--activations_ref', '--activations-ref', 'ref_path', help='Reference activations, statistics or ADM reference batch .npz: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME', type=str, default=None)
-@click.option('--detector',           help='Detector for IS when the sample file has feat but no logits', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
-@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
+@METRIC_OPTION
+@click.option('--activations_sample', '--activations-sample', 'sample_path', help='Sample activations .npz (path or URL)', metavar='NPZ', required=True)
+@click.option('--ref', '--activations_ref', '--activations-ref', 'ref_path', help='Reference activations, statistics or ADM reference batch .npz: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME')
+@DETECTOR
+@TRUST_DETECTOR
 @click.option('--batch',              help='Rows per batch for statistics', metavar='INT', type=click.IntRange(min=1), default=8192, show_default=True)
 @click.option('--is-bias',            help='IS with the classifier bias added to the logits, as the reference evaluate.py (default: ADM, no bias)', is_flag=True)
 @click.option('--kid-subsets',        help='KID: number of random subsets (torch-fidelity default)', metavar='INT', type=click.IntRange(min=1, max=KID_MAX_SUBSETS), default=KID_SUBSETS, show_default=True)
 @click.option('--kid-subset-size',    help='KID: rows per subset, drawn from each set (torch-fidelity default)', metavar='INT', type=click.IntRange(min=2), default=KID_SUBSET_SIZE, show_default=True)
-@click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
+@JSON
 def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bias, kid_subsets, kid_subset_size, json_path):
     """Compute metrics from activation / statistics files; prints `FID: v` etc.
 
-    FID/sFID: Frechet distance of feat / s_feat statistics. IS: from the sample's logits.
-    Precision/recall: ADM's k=3 manifold estimator on per-image feat of both files.
-    KID: unbiased polynomial-kernel MMD on feat, mean and std over random subsets, as
-    torch-fidelity computes it (seed 2020). FD_DINOv2: Frechet distance of the DINOv2 features
-    (`activations --features dinov2`). Fewer than 50,000 samples, or a precision/recall
-    reference of another size than the paper's, prints a warning (not an error).
+    FID/sFID: Frechet distance of feat / s_feat statistics. IS: from the sample's logits (or from
+    its feat with --detector's classifier). Precision/recall: ADM's k=3 manifold estimator on
+    per-image feat of both files. KID: unbiased polynomial-kernel MMD on feat, mean and std over
+    random subsets, as torch-fidelity computes it (seed 2020). FD_DINOv2: Frechet distance of the
+    DINOv2 features (`activations --features dinov2`). Fewer than 50,000 samples, or a
+    precision/recall reference of another size than the paper's, prints a warning (not an error).
+    Under torchrun rank 0 does the work; the others wait for it.
     """
     def work():
         check_writable(json_path, '--json')
@@ -234,38 +249,29 @@ def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bia
         report(metrics, sample, ref, ref_info, json_path, dict(activations_sample=sample_path, activations_ref=ref_path),
                is_logits=_is_logits(detector, is_bias, trust_detector, batch), batch=batch, kid_subsets=kid_subsets,
                kid_subset_size=kid_subset_size)
-
-    # Under torchrun rank 0 does the work; the others wait for it without a deadline.
     dist.init()
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            work()
-        except Exception as err:  # pylint: disable=broad-exception-caught  # Raised below, once the others know.
-            error = err
-    if not dist.all_ok(error is None, patient=True):
-        raise error or dnnlib.UserError('rank 0 failed; see its message')
+    on_rank0(work)
 
 #----------------------------------------------------------------------------
 # gen: metrics straight from the networks.
 
 @main.command()
-@click.option('--network_first',      help='First stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', type=str, required=True)
-@click.option('--network_second',     help='Second stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network_first',      help='First stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', required=True)
+@click.option('--network_second',     help='Second stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL', required=True)
 @click.option('--preset',             help='Sampler settings and post-processing of a generate script', type=click.Choice(list(pipeline.PRESETS)), default='generate', show_default=True)
-@click.option('--seeds',              help='Random seeds (e.g. 1,2,5-10)  [default: the preset\'s, 50,000 for imagenet, 30,000 for celebahq]', metavar='LIST', type=dnnlib.util.seeds(pipeline.MAX_SEEDS), default=None)
-@click.option('--class', 'class_idx', help='Class label  [default: seed % classes]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--postprocess',        help='Override the preset\'s post-processing of the images', type=click.Choice(list(pipeline.POSTPROCESS)), default=None)
+@click.option('--seeds',              help='Random seeds (e.g. 1,2,5-10)  [default: the preset\'s, 50,000 for imagenet, 30,000 for celebahq]', metavar='LIST', type=dnnlib.util.seeds(pipeline.MAX_SEEDS))
+@click.option('--class', 'class_idx', help='Class label  [default: seed % classes]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--postprocess',        help='Override the preset\'s post-processing of the images', type=click.Choice(list(pipeline.POSTPROCESS)))
 @click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('-m', 'metrics',        help='Metric to compute (repeatable)', metavar='fid|sfid|is|pr|kid|fd_dinov2', type=click.Choice(METRICS), multiple=True, required=True)
-@click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME', type=str, default=None)
-@click.option('--detector',           help='Inception detector, path or URL', metavar='PATH|URL', type=str, default=DEFAULT_DETECTOR_URL, show_default=True)
-@click.option('--trust-detector', 'trust_detector', help='Allow a .pkl detector to run the code stored in it (needed for NVIDIA\'s Inception pickle, the default)', is_flag=True)
-@click.option('--dinov2',             help='DINOv2 ViT-L/14 weights for fd_dinov2, path or URL', metavar='PATH|URL', type=str, default=DINOV2_VITL14_URL, show_default=True)
-@click.option('--dest', 'dest_path',  help='Also keep the sample activations in this .npz (must not exist)', metavar='NPZ', type=str, default=None)
-@click.option('--outdir',             help='Also keep the images as PNGs here (generate.py\'s layout)', metavar='DIR', type=str, default=None)
-@click.option('--json', 'json_path',  help='Also write the results to this JSON file (must not exist)', metavar='FILE', type=str, default=None)
-@pipeline.sampler_click_options()
+@METRIC_OPTION
+@click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`', metavar='NPZ|URL|NAME')
+@DETECTOR
+@TRUST_DETECTOR
+@DINOV2
+@click.option('--dest', 'dest_path',  help='Also keep the sample activations in this .npz (must not exist)', metavar='NPZ')
+@click.option('--outdir',             help='Also keep the images as PNGs here (generate.py\'s layout)', metavar='DIR')
+@JSON
+@pipeline.sampler_click_options('preset / checkpoint')
 def gen(network_first, network_second, preset, seeds, class_idx, postprocess, batch, metrics, ref_path, detector, trust_detector, dinov2,
         dest_path, outdir, json_path, **sampler_options):
     """Sample the relay in memory and print its metrics (one command, under torchrun).
@@ -290,31 +296,23 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
     pipe.check_class(class_idx)
     for note in pipe.warnings:
         dist.print0(f'warning: {note}')
-    det, keys = load_detectors(['inception'] * any(m != 'fd_dinov2' for m in metrics) + ['dinov2'] * ('fd_dinov2' in metrics),
-                               detector, dinov2, trust_detector)
+    dets = load_detectors(['inception'] * any(m != 'fd_dinov2' for m in metrics) + ['dinov2'] * ('fd_dinov2' in metrics),
+                          detector, dinov2, trust_detector)
 
+    def batches():
+        for b in pipe.batches(seeds, batch, class_idx, distributed=True):
+            for seed, image in zip(b.seeds, b.images) if outdir is not None else ():
+                pipeline.save_png(image, pipeline.image_path(outdir, seed))
+            yield b.indices, b.images, b.done
     dist.print0(f'Sampling {len(seeds)} images and computing their activations ...')
-    outputs, indices, error = {k: [] for k in keys}, [], None
-    try:
-        with tqdm.tqdm(total=len(seeds), unit='img', disable=dist.get_rank() != 0, dynamic_ncols=True) as bar:
-            for b in pipe.batches(seeds, batch, class_idx, distributed=True):
-                for seed, image in zip(b.seeds, b.images) if outdir is not None else ():
-                    pipeline.save_png(image, pipeline.image_path(outdir, seed))
-                out = det(b.images)
-                for k in keys:
-                    outputs[k].append(out[k].cpu())
-                indices.append(b.indices)
-                bar.update(b.done - bar.n)
-    except Exception as err:  # pylint: disable=broad-exception-caught
-        error = err  # Raised below, after telling the other processes not to wait for this one.
-    if not dist.all_ok(error is None):
-        raise error or dnnlib.UserError('another process failed; see its message')
-    result = acts.gather_rows(outputs, torch.cat(indices) if indices else torch.zeros([0], dtype=torch.int64), len(seeds), det.device)
-    if dist.get_rank() == 0:
+    result = acts.detect(batches(), dets, len(seeds))
+
+    def finish():
         if dest_path is not None:
             save_arrays(dest_path, result)
         report(metrics, acts.FeatureSet(result), ref, ref_info, json_path, dict(network_first=network_first, network_second=network_second,
                preset=preset, num_samples=len(seeds), activations_ref=ref_path))
+    on_rank0(finish)
 
 #----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ Differences from the reference, all deliberate:
 - resumable (seeds whose PNG exists are skipped), atomic PNG writes, progress bar, optional grid.
 """
 
-import math
+import functools
 import os
 
 import click
@@ -29,7 +29,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import data_files, fast_mode, pipeline
+from training import data_files, fast_mode, pipeline, sample_grid, sampling
 from training.pipeline import POSTPROCESS, PRESETS, RelayPipeline, image_path
 
 #----------------------------------------------------------------------------
@@ -91,14 +91,10 @@ def is_done(path, shape):
                            f'remove it, or choose another --outdir')
 
 
-def grid_path(outdir):
-    return os.path.normpath(outdir) + '-grid.png'
-
-
 def write_grid(outdir, seeds, subdirs):
     """OUTDIR-grid.png beside the sample folder (which stays a clean input for evaluate.py), read
     back from disk so that it covers resumed runs too."""
-    dest = grid_path(outdir)
+    dest = os.path.normpath(outdir) + '-grid.png'
     if os.path.exists(dest):
         dist.print0(f'Not writing the grid: "{dest}" already exists')
         return
@@ -106,13 +102,7 @@ def write_grid(outdir, seeds, subdirs):
         images = [load_image(image_path(outdir, s, subdirs)) for s in seeds if os.path.isfile(image_path(outdir, s, subdirs))]
     except (OSError, data_files.DatasetError) as e:
         raise dnnlib.UserError(f'the images are written, but not the grid {dest}: {getattr(e, "message", e)}') from None
-    c, h, w = images[0].shape
-    gw = int(math.ceil(math.sqrt(len(images))))
-    grid = np.zeros([c, int(math.ceil(len(images) / gw)) * h, gw * w], dtype=np.uint8)
-    for idx, img in enumerate(images):
-        y, x = divmod(idx, gw)
-        grid[:, y * h:(y + 1) * h, x * w:(x + 1) * w] = img
-    pipeline.save_png(grid, dest)
+    pipeline.save_png(sample_grid.tile(np.stack(images).transpose(0, 2, 3, 1)).transpose(2, 0, 1), dest)
 
 #----------------------------------------------------------------------------
 # The generation loop.
@@ -145,8 +135,7 @@ def generate_images(
     seeds = list(dict.fromkeys(pipeline.check_seeds(seeds)))  # Repeats dropped, order kept.
     if not seeds:
         raise dnnlib.UserError('--seeds is empty')
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise dnnlib.UserError(f'--batch={max_batch_size} must be a whole number >= 1')
+    max_batch_size = pipeline.convert(sampling.Number(1, integer=True), max_batch_size, '--batch')
     _check_paths(outdir, indir, stages)
     dist.init()
     device = torch.device(device) if device is not None else dist.get_device()
@@ -191,79 +180,60 @@ def generate_images(
     return generated
 
 #----------------------------------------------------------------------------
-# Command line: defaults come from the preset over the samplers' defaults.
+# Command line. The preset scripts make the same command with their preset's defaults (make_command).
 
-# (flags, parameter name, help, metavar, type) of the options besides the sampler options.
-OPTIONS = [
-    (['--outdir'],          'outdir',           'Where to save the output images', 'DIR', str),
-    (['--seeds'],           'seeds',            f'Random seeds (e.g. 1,2,5-10; at most {pipeline.MAX_SEEDS:,})', 'LIST', dnnlib.util.seeds(pipeline.MAX_SEEDS)),
-    (['--subdirs/--no-subdirs'], 'subdirs',     'Put images in a subfolder per 1000 seeds (always on in the reference)', None, None),
-    (['--class'],           'class_idx',        'Class label  [default: seed % classes]', 'INT', click.IntRange(min=0)),
-    (['--batch'],           'max_batch_size',   'Maximum batch size per process', 'INT', click.IntRange(min=1)),
-    (['--sampler_stages'],  'sampler_stages',   'Which stages to run', 'first|second|both', click.Choice(pipeline.STAGES)),
-    (['--indir'],           'indir',            'First-stage images for --sampler_stages=second (SSS000/SSSSSS.png or SSSSSS.png; write them with --postprocess=none)', 'DIR', str),
-    (['--postprocess'],     'postprocess',      'Enhancement of saved images as in the reference scripts; none turns it off', 'none|imagenet|celebahq', click.Choice(list(POSTPROCESS))),
-    (['--grid'],            'grid',             'Also write OUTDIR-grid.png (beside OUTDIR) of the first N seeds (0 = none)', 'N', click.IntRange(min=0)),
-    (['--second_noise'],    'second_noise',     'For --sampler_stages=second: continue each seed\'s generator after the first stage\'s draws (the noise of a "both" run, given the same *_first options) or start it fresh', 'continue|fresh', click.Choice(['continue', 'fresh'])),
-    (['--network_first'],   'network_first',    'First stage network (.pkl, .pt, .safetensors)', 'PATH|URL', str),
-    (['--network_second'],  'network_second',   'Second stage network (.pkl, .pt, .safetensors)', 'PATH|URL', str),
-    # Speed. Exact mode (default) gives the reference's images bit for bit; --fast does not.
-    (['--fast/--exact'],    'fast',             'Fast mode for GPUs: both guidance passes in one batch, the networks under --precision autocast, TF32 on; images differ slightly from exact mode (see README)', None, None),
-    (['--precision'],       'precision',        'Network autocast precision with --fast  [default: fp16]', 'fp16|bf16|fp32', click.Choice(list(fast_mode.PRECISIONS))),
-    (['--tf32/--no-tf32'],  'tf32',             'TF32 matmuls and convolutions with --fast  [default: on]', None, None),
-    (['--channels-last/--no-channels-last'], 'channels_last', 'Channels-last memory layout for the networks (with --fast)', None, None),
-    (['--compile/--no-compile'], 'compile',     'torch.compile the networks (with --fast; runs uncompiled, with a warning, where compilation fails)', None, None),
-]
+@click.command()
+@click.option('--outdir',           help='Where to save the output images', metavar='DIR', required=True)
+@click.option('--seeds',            help=f'Random seeds (e.g. 1,2,5-10; at most {pipeline.MAX_SEEDS:,})', metavar='LIST', type=dnnlib.util.seeds(pipeline.MAX_SEEDS), default=PRESETS['generate']['seeds'], show_default=True)
+@click.option('--subdirs/--no-subdirs', help='Put images in a subfolder per 1000 seeds (always on in the reference)', default=True, show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: seed % classes]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--sampler_stages',   help='Which stages to run', metavar='first|second|both', type=click.Choice(pipeline.STAGES), default='both', show_default=True)
+@click.option('--indir',            help='First-stage images for --sampler_stages=second (SSS000/SSSSSS.png or SSSSSS.png; write them with --postprocess=none)', metavar='DIR')
+@click.option('--postprocess',      help='Enhancement of saved images as in the reference scripts; none turns it off', metavar='none|imagenet|celebahq', type=click.Choice(list(POSTPROCESS)), default=PRESETS['generate']['postprocess'], show_default=True)
+@click.option('--grid',             help='Also write OUTDIR-grid.png (beside OUTDIR) of the first N seeds (0 = none)', metavar='N', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--second_noise',     help='For --sampler_stages=second: continue each seed\'s generator after the first stage\'s draws (the noise of a "both" run, given the same *_first options) or start it fresh', metavar='continue|fresh', type=click.Choice(['continue', 'fresh']), default='continue', show_default=True)
+@click.option('--network_first',    help='First stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL')
+@click.option('--network_second',   help='Second stage network (.pkl, .pt, .safetensors)', metavar='PATH|URL')
+@pipeline.sampler_click_options()
+# Speed. Exact mode (default) gives the reference's images bit for bit; --fast does not.
+@click.option('--fast/--exact',     help='Fast mode for GPUs: both guidance passes in one batch, the networks under --precision autocast, TF32 on; images differ slightly from exact mode (see README)', default=False, show_default=True)
+@click.option('--precision',        help='Network autocast precision with --fast  [default: fp16]', metavar='fp16|bf16|fp32', type=click.Choice(list(fast_mode.PRECISIONS)))
+@click.option('--tf32/--no-tf32',   help='TF32 matmuls and convolutions with --fast  [default: on]', default=None)
+@click.option('--channels-last/--no-channels-last', help='Channels-last memory layout for the networks (with --fast)', default=False, show_default=True)
+@click.option('--compile/--no-compile', help='torch.compile the networks (with --fast; runs uncompiled, with a warning, where compilation fails)', default=False, show_default=True)
+def main(preset='generate', **kwargs):
+    """Generate images with a Relay Diffusion model pair (defaults of the reference generate.py).
 
-FAST_OPTIONS = ('fast', 'precision', 'tf32', 'channels_last', 'compile')
-
-CLI_DEFAULTS = dict(subdirs=True, class_idx=None, max_batch_size=64, sampler_stages='both', grid=0, second_noise='continue',
-                    fast=False, precision=None, tf32=None, channels_last=False, compile=False)
-
-
-def make_command(preset='generate', help=None):
-    """Build the click command with the defaults of PRESETS[preset] over the samplers' defaults."""
-    sampler_defaults, _ = pipeline.resolve_options(preset)
-    defaults = {**CLI_DEFAULTS, 'seeds': PRESETS[preset]['seeds'], 'postprocess': PRESETS[preset]['postprocess']}
-
-    def main(**kwargs):
-        # Sampler options left at their defaults are not passed: the checkpoint's relay
-        # settings may replace them, and an explicit option that contradicts those warns.
-        ctx = click.get_current_context()
-        for name in pipeline.SAMPLER_OPTIONS:
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                kwargs.pop(name)
-        try:
-            fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in FAST_OPTIONS})
-        except ValueError as e:
-            raise dnnlib.UserError(str(e)) from None
-        generate_images(preset=preset, fast=fast, **kwargs)
-
-    def add(rows, fn):
-        for flags, name, text, metavar, type_ in reversed(rows):
-            extra = dict(help=text, default=defaults.get(name), show_default=type_ is None or defaults.get(name) is not None)
-            extra.update(dict(required=True, default=None) if name == 'outdir' else {})
-            fn = click.option(*flags, name, **extra, **(dict(metavar=metavar, type=type_) if type_ is not None else {}))(fn)
-        return fn
-    main = add([row for row in OPTIONS if row[1] in FAST_OPTIONS], main)  # Last in --help: sampler options, then speed.
-    main = pipeline.sampler_click_options(sampler_defaults)(main)
-    main = add([row for row in OPTIONS if row[1] not in FAST_OPTIONS], main)
-    return click.command(help=help)(main)
+    \b
+    Examples:
+      # Both stages, 64 seeds, one process:
+      python generate.py --outdir=out --seeds=0-63 --network_first=first.pkl --network_second=second.pt
+      # 8 GPUs; re-running continues where a preempted run stopped:
+      torchrun --standalone --nproc_per_node=8 generate.py --outdir=out --seeds=0-49999 \\
+          --network_first=first.pkl --network_second=second.pt
+      # First stage only, then the relay from those images:
+      python generate.py --sampler_stages=first --outdir=low --network_first=first.pkl
+      python generate.py --sampler_stages=second --indir=low --outdir=out --network_second=second.pt
+    """
+    # Sampler options left at their defaults (the samplers' or the preset's) are not passed: the
+    # checkpoint's relay settings may replace them, and a given option that contradicts those warns.
+    ctx = click.get_current_context()
+    for name in pipeline.SAMPLER_OPTIONS:
+        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
+            kwargs.pop(name)
+    try:
+        fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
+    except ValueError as e:
+        raise dnnlib.UserError(str(e)) from None
+    generate_images(preset=preset, fast=fast, **kwargs)
 
 
-main = make_command('generate', help="""Generate images with a Relay Diffusion model pair (defaults of the reference generate.py).
-
-\b
-Examples:
-  # Both stages, 64 seeds, one process:
-  python generate.py --outdir=out --seeds=0-63 --network_first=first.pkl --network_second=second.pt
-  # 8 GPUs; re-running continues where a preempted run stopped:
-  torchrun --standalone --nproc_per_node=8 generate.py --outdir=out --seeds=0-49999 \\
-      --network_first=first.pkl --network_second=second.pt
-  # First stage only, then the relay from those images:
-  python generate.py --sampler_stages=first --outdir=low --network_first=first.pkl
-  python generate.py --sampler_stages=second --indir=low --outdir=out --network_second=second.pt
-""")
+def make_command(preset, help):
+    """generate.py's command with the defaults of PRESETS[preset] (through click's default_map)."""
+    names = {param.name for param in main.params}
+    return click.Command('main', params=main.params, callback=functools.partial(main.callback, preset=preset), help=help,
+                         context_settings=dict(default_map={k: v for k, v in PRESETS[preset].items() if k in names}))
 
 #----------------------------------------------------------------------------
 

@@ -262,11 +262,11 @@ def child_evaluate(device, smoke, workdir, batch):
 
     det = load_detector(det_path, device=device, verbose=False)
     source = open_images(folder)
-    det(torch.as_tensor(source[0])[None].repeat(min(batch, count), 1, 1, 1))  # Warm-up.
+    det(torch.as_tensor(source[0][0])[None].repeat(min(batch, count), 1, 1, 1))  # Warm-up.
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    out = compute_activations(source, det, batch_size=batch, num_workers=(0 if smoke else 3), progress=False)
+    out = compute_activations(source, [det], batch_size=batch, num_workers=(0 if smoke else 3), progress=False)
     _sync(device)
     elapsed = time.perf_counter() - start
     if out['feat'].shape != (count, 2048) or not all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in out.values()):

@@ -33,7 +33,6 @@ SPATIAL_CHANNELS = 7
 
 # Per-image feature key -> its statistics keys in statistics files.
 STATS_KEYS = {'feat': ('mu', 'sigma'), 's_feat': ('mu_s', 'sigma_s'), 'dinov2': ('mu_dinov2', 'sigma_dinov2')}
-INCEPTION_KEYS = ('feat', 's_feat', 'logits')
 
 #----------------------------------------------------------------------------
 # Spatial feature layouts.
@@ -66,8 +65,7 @@ class NpyMember:
                 version = np.lib.format.read_magic(f)
                 if version not in ((1, 0), (2, 0)):
                     raise ValueError(f'unsupported .npy format version {version}')
-                self.shape, self.fortran, self.dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) \
-                    else np.lib.format.read_array_header_2_0(f)
+                self.shape, self.fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
                 self.offset = f.tell()
         if self.dtype.hasobject or self.dtype.itemsize == 0:
             raise ValueError(f'{key} holds {self.dtype}, not numbers')
@@ -89,8 +87,10 @@ class NpyMember:
             start = self.header_offset + 30 + int.from_bytes(local[26:28], 'little') + int.from_bytes(local[28:30], 'little')
             return np.memmap(self.path, dtype=self.dtype, mode='r', offset=start + self.offset, shape=self.shape,
                              order='F' if self.fortran else 'C')
-        self._zip = zipfile.ZipFile(self.path)
-        return self._zip.open(self.key + '.npy')
+        f = zipfile.ZipFile(self.path).open(self.key + '.npy')
+        if self.fortran or not self.shape:  # Rows are not contiguous: the whole array, once.
+            return np.lib.format.read_array(f, allow_pickle=False)
+        return f
 
     def rows(self, start=0, stop=None):
         stop = len(self) if stop is None else min(stop, len(self))
@@ -100,10 +100,6 @@ class NpyMember:
             self._data = self._open()
         if isinstance(self._data, np.ndarray):
             out = self._data[start:stop] if self.shape else self._data
-        elif self.fortran or not self.shape:  # Rows are not contiguous: the whole array, once.
-            self._data.seek(0)
-            self._data = np.lib.format.read_array(self._data, allow_pickle=False)
-            return self.rows(start, stop)
         else:
             row = math.prod(self.shape[1:]) * self.dtype.itemsize
             self._data.seek(self.offset + start * row)
@@ -111,13 +107,7 @@ class NpyMember:
         return np.array(out, dtype=self.dtype.newbyteorder('='))  # A writable copy in native byte order.
 
     def __getstate__(self):  # DataLoader workers open the file again.
-        return dict(self.__dict__, _data=None, _zip=None)
-
-    def close(self):
-        for handle in (self._data, getattr(self, '_zip', None)):
-            if hasattr(handle, 'close'):
-                handle.close()
-        self._data = None
+        return dict(self.__dict__, _data=None)
 
 #----------------------------------------------------------------------------
 # Image sources.
@@ -130,12 +120,13 @@ class _NpzImages(torch.utils.data.Dataset):
             raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
             raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
-        self.shape = self.member.shape
-        if len(self.shape) != 4 or self.shape[3] not in (1, 3) or self.member.dtype != np.uint8:
-            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(self.shape)}; expected uint8 [N, H, W, 1 or 3]')
+        shape = self.member.shape
+        if len(shape) != 4 or shape[3] not in (1, 3) or self.member.dtype != np.uint8:
+            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
+        self.image_shape = [shape[3], shape[1], shape[2]]
 
     def __len__(self):
-        return self.shape[0]
+        return len(self.member)
 
     def __getitem__(self, idx):
         try:
@@ -144,131 +135,107 @@ class _NpzImages(torch.utils.data.Dataset):
             raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
 
 
-class _FolderImages(torch.utils.data.Dataset):
-    def __init__(self, path):
-        from training.dataset import ImageFolderDataset  # pylint: disable=import-outside-toplevel
-        self.dataset = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
-        self.shape = [len(self.dataset)] + self.dataset.image_shape[1:] + self.dataset.image_shape[:1]
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        return self.dataset[idx][0]
-
-
 def open_images(path):
-    """Dataset of uint8 CHW images from a folder, a zip, or an ADM-style .npz."""
+    """Dataset of uint8 CHW images from an ADM-style .npz, or of (image, label) from a folder or
+    a zip (training.dataset.ImageFolderDataset)."""
     if os.path.isfile(path) and path.lower().endswith('.npz'):
         source = _NpzImages(path)
     elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
-        source = _FolderImages(path)
-    elif not os.path.exists(path):
-        raise dnnlib.UserError(f'{path}: no such file or folder')
+        from training.dataset import ImageFolderDataset  # pylint: disable=import-outside-toplevel
+        source = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
     else:
-        raise dnnlib.UserError(f'{path}: expected a folder of images, a .zip dataset or an ADM-style .npz')
-    if source.shape[3] not in (1, 3):
-        raise dnnlib.UserError(f'{path}: images have {source.shape[3]} channels; the detector needs 1 (gray) or 3 (RGB)')
+        raise dnnlib.UserError(f'{path}: ' + ('expected a folder of images, a .zip dataset or an ADM-style .npz'
+                                              if os.path.exists(path) else 'no such file or folder'))
+    if source.image_shape[0] not in (1, 3):
+        raise dnnlib.UserError(f'{path}: images have {source.image_shape[0]} channels; the detector needs 1 (gray) or 3 (RGB)')
     return source
 
 #----------------------------------------------------------------------------
 # Sharded extraction.
 
-class Detectors:
-    """Several detectors on the same batches (Inception and DINOv2): their outputs merged."""
+@torch.no_grad()
+def detect(batches, detectors, num_items, stats_only=False, progress=True):
+    """Run `detectors` over this process's `batches`, (indices, uint8 images [n, C, H, W], images
+    done by all processes after this step) each. Returns on rank 0 {key: float32 [num_items, D]}
+    of every detector output in item order, or with stats_only the float64 statistics
+    (STATS_KEYS: mu/sigma, mu_s/sigma_s, mu_dinov2/sigma_dinov2); None on the other ranks.
+    Collective: every rank calls it, with or without batches."""
+    device = detectors[0].device
 
-    def __init__(self, detectors):
-        self.detectors = list(detectors)
-
-    @property
-    def device(self):
-        return self.detectors[0].device
-
-    def __call__(self, images):
-        out = dict()
-        for det in self.detectors:
-            out.update(det(images))
-        return out
-
-
-def compute_activations(source, detector, batch_size=64, num_workers=3, stats_only=False,
-                        progress=True, keys=INCEPTION_KEYS):
-    """Run the detector over `source` sharded across the torchrun processes.
-
-    Returns on rank 0 a dict of float32 arrays in dataset order (or, with stats_only, of float64
-    statistics mu/sigma/mu_s/sigma_s, and mu_dinov2/sigma_dinov2 when `keys` has dinov2); other
-    ranks return None. Collective: call on every rank.
-    """
-    num_items = len(source)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    batches = dist.split_batches(num_items, batch_size, world)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[b.tolist() for b in batches[rank::world] if len(b)],
-                                         num_workers=num_workers, prefetch_factor=(2 if num_workers > 0 else None))
-    bar = tqdm.tqdm(total=num_items, unit='img', disable=(not progress or rank != 0), dynamic_ncols=True)
-
-    device = detector.device
-    outputs = {k: [] for k in keys}
-    if stats_only:  # Every rank, even one without images, reduces statistics of the detector's widths.
-        widths = {k: v.shape[1] for k, v in detector(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
-        accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in keys}
-        hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
-    error = None
-    try:
-        for step, images in enumerate(loader):
-            out = detector(torch.as_tensor(images))
-            for k in keys if not stats_only else ():
-                outputs[k].append(out[k].cpu())
-            for k, acc in accs.items() if stats_only else ():
-                acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
-            bar.update(sum(map(len, batches[:(step + 1) * world])) - bar.n)
-        bar.update(num_items - bar.n)
-    except Exception as err:  # pylint: disable=broad-exception-caught
-        error = err  # Re-raised below, after telling the other processes not to wait for us.
-    finally:
-        bar.close()
+    def run(images):
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W] for the detectors, got {list(images.shape)}')
+        return {k: v for det in detectors for k, v in det(images).items()}
+    # The outputs' widths, known on every rank (even one without images) before the collectives.
+    widths = {k: v.shape[1] for k, v in run(torch.zeros([1, 3, 32, 32], dtype=torch.uint8)).items()}
+    accs = {k: StatsAccumulator(widths[k], device) for k in STATS_KEYS if k in widths} if stats_only else {}
+    hwc_index = torch.from_numpy(spatial_chw_to_hwc_index(widths['s_feat'])).to(device) if 's_feat' in accs else None
+    rows, indices, error = [], [], None
+    with tqdm.tqdm(total=num_items, unit='img', disable=(not progress or dist.get_rank() != 0), dynamic_ncols=True) as bar:
+        try:
+            for idx, images, done in batches:
+                out = run(images)
+                for k, acc in accs.items():
+                    acc.update(out[k][:, hwc_index] if k == 's_feat' else out[k])
+                if not stats_only:
+                    rows.append(torch.cat([out[k].to(torch.float32).cpu() for k in widths], dim=1))
+                    indices.append(torch.as_tensor(idx))
+                bar.update(done - bar.n)
+            bar.update(num_items - bar.n)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            error = err  # Re-raised below, after telling the other processes not to wait for us.
     if not dist.all_ok(error is None):
         raise error if error is not None else dnnlib.UserError('another process failed; see its message')
     if stats_only:
         stats = {STATS_KEYS[k][i]: value for k, acc in accs.items() for i, value in enumerate(acc.finalize())}
         return stats if dist.get_rank() == 0 else None
-    mine = [b for b in batches[rank::world] if len(b)]
-    return gather_rows(outputs, torch.cat(mine) if mine else torch.zeros([0], dtype=torch.int64), num_items, device)
+    result = gather_rows(rows, indices, num_items, sum(widths.values()), device)
+    return dict(zip(widths, np.split(result, np.cumsum(list(widths.values()))[:-1], axis=1))) if result is not None else None
+
+
+def compute_activations(source, detectors, batch_size=64, num_workers=3, stats_only=False, progress=True):
+    """`detect` over an image source (`open_images`), sharded across the torchrun processes in
+    the reference generate.py's batches (torch_utils.distributed.split_batches)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = dist.split_batches(len(source), batch_size, world)
+    mine = [(b.tolist(), sum(map(len, batches[:i - rank + world]))) for i, b in enumerate(batches) if i % world == rank and len(b)]
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers,
+                                         prefetch_factor=(2 if num_workers > 0 else None))
+    # A folder or zip gives (images, labels).
+    images = (batch[0] if isinstance(batch, (list, tuple)) else batch for batch in loader)
+    return detect(((idx, imgs, done) for (idx, done), imgs in zip(mine, images)), detectors, len(source), stats_only, progress)
 
 
 def _gather0(tensor):
-    """The tensors of all ranks, concatenated, on rank 0 (None elsewhere); collective."""
+    """The tensors of all ranks, concatenated, on rank 0's CPU (None elsewhere); collective."""
     if dist.get_world_size() == 1:
-        return tensor
+        return tensor.cpu()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
     torch.distributed.gather(tensor, gather_list=parts, dst=0)
     return torch.cat(parts).cpu() if parts is not None else None
 
 
-def gather_rows(outputs, indices, num_items, device, chunk_rows=4096):
-    """Every rank's rows on rank 0, in item order: outputs[key] is a list of this rank's [rows, D]
-    tensors for the items `indices` (in that order). Returns {key: float32 [num_items, D]} on
-    rank 0, None elsewhere. Collective."""
-    keys = list(outputs)
-    local = [torch.cat(outputs[k]).to(torch.float32) if outputs[k] else None for k in keys]
-    widths = torch.tensor([x.shape[1] if x is not None else 0 for x in local], device=device)
-    counts = torch.tensor([len(indices)], device=device)
-    if dist.get_world_size() > 1:  # Widths from a rank that has rows, and the largest row count.
-        torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-    rows = torch.zeros([int(counts), int(widths.sum())], dtype=torch.float32)
-    where = torch.full([int(counts)], -1, dtype=torch.int64)  # -1: padding.
+def gather_rows(rows, indices, num_items, width, device, chunk_rows=4096):
+    """Every rank's rows on rank 0, in item order: `rows` are this rank's [n, width] tensors of
+    the items `indices` (lists of the same lengths). Returns float32 [num_items, width] on rank 0,
+    None elsewhere. Collective; moves chunk_rows rows per rank at a time through `device`."""
+    indices = torch.cat(indices) if indices else torch.zeros([0], dtype=torch.int64)
+    count = torch.tensor([len(indices)], device=device)
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    padded = torch.zeros([int(count), width], dtype=torch.float32)
+    where = torch.full([int(count)], -1, dtype=torch.int64)  # -1: padding.
     if len(indices):
-        rows[:len(indices)], where[:len(indices)] = torch.cat(local, dim=1), indices
+        padded[:len(indices)], where[:len(indices)] = torch.cat(rows), indices
     where = _gather0(where.to(device))
-    result = np.zeros([num_items, int(widths.sum())], dtype=np.float32)
-    for r0 in range(0, len(rows), chunk_rows):
-        part = _gather0(rows[r0:r0 + chunk_rows].to(device))
+    result = np.zeros([num_items, width], dtype=np.float32)
+    for r0 in range(0, len(padded), chunk_rows):
+        part = _gather0(padded[r0:r0 + chunk_rows].to(device))
         if part is not None:
             idx = where.reshape(dist.get_world_size(), -1)[:, r0:r0 + chunk_rows].reshape(-1)
-            result[idx[idx >= 0].numpy()] = part.cpu()[idx >= 0].numpy()
-    if dist.get_rank() != 0:
-        return None
-    return dict(zip(keys, np.split(result, np.cumsum(widths.tolist())[:-1], axis=1)))
+            result[idx[idx >= 0].numpy()] = part[idx >= 0].numpy()
+    return result if dist.get_rank() == 0 else None
 
 #----------------------------------------------------------------------------
 # Feature sets for the metrics: an .npz file, or arrays in memory.
@@ -277,14 +244,14 @@ class FeatureSet:
     """Named arrays of one set of images, as the metrics read them: per-image activations
     (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
     (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
-    members are read when asked for, in chunks where the work allows (NpyMember)."""
+    members are read when asked for, in chunks where the work allows (NpyMember). `name`: how
+    messages call it (default: the path)."""
 
-    def __init__(self, source, name='the samples'):
-        self.path, self.arrays, self.members = name, None, {}
+    def __init__(self, source, name=None):
+        self.path, self.arrays, self.members = name or ('the samples' if isinstance(source, dict) else source), None, {}
         if isinstance(source, dict):
             self.arrays, self.keys = source, set(source)
             return
-        self.path = source
         try:
             self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
             with zipfile.ZipFile(self.local) as z:
@@ -295,31 +262,22 @@ class FeatureSet:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def describe(self):
-        return ', '.join(sorted(self.keys)) or 'nothing'
-
-    def _member(self, key):
+    def _from_file(self, key, read):
         try:
             if key not in self.members:
                 self.members[key] = NpyMember(self.local, key)
-            return self.members[key]
+            return read(self.members[key])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
 
-    def _read(self, key, start=0, stop=None):
+    def shape(self, key):
+        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else self._from_file(key, lambda m: tuple(m.shape))
+
+    def get(self, key, start=0, stop=None):
+        """The whole array, or its rows start..stop-1."""
         if self.arrays is not None:
             return np.asarray(self.arrays[key])[start:stop]
-        try:
-            return self._member(key).rows(start, stop)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
-
-    def shape(self, key):
-        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else tuple(self._member(key).shape)
-
-    def get(self, key):
-        """The whole array."""
-        return self._read(key)
+        return self._from_file(key, lambda m: m.rows(start, stop))
 
     def features(self, key, chunk=None):
         """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator
@@ -327,17 +285,13 @@ class FeatureSet:
         shape = self.shape(key)
         if len(shape) != 2 or shape[1] == 0:
             raise dnnlib.UserError(f'{self.path}: {key} has shape {list(shape)}; expected [N, D] with D >= 1')
-        blocks = (self._read(key, i, i + chunk) for i in range(0, shape[0], chunk)) if chunk else [self._read(key)]
-        checked = (self._finite(key, block) for block in blocks)
-        return checked if chunk else next(checked)
 
-    def _finite(self, key, block):
-        if not np.isfinite(block).all():
-            raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
-        return block
-
-    def close(self):
-        for member in self.members.values():
-            member.close()
+        def finite(block):
+            if not np.isfinite(block).all():
+                raise dnnlib.UserError(f'{self.path}: {key} contains NaN or inf')
+            return block
+        if chunk:
+            return (finite(self.get(key, i, i + chunk)) for i in range(0, shape[0], chunk))
+        return finite(self.get(key))
 
 #----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _lacks(fs, what, needs):
         hint = f'; it holds images (arr_0): run `evaluate.py activations --data {fs.path} --dest ACTS.npz` and pass ACTS.npz'
     elif what == 'FD_DINOv2':
         hint = '; compute them with `evaluate.py activations --features inception --features dinov2`'
-    return dnnlib.UserError(f'{what} needs {needs} in {fs.path}, which has {fs.describe()}{hint}')
+    return dnnlib.UserError(f'{what} needs {needs} in {fs.path}, which has {", ".join(sorted(fs.keys)) or "nothing"}{hint}')
 
 
 def check_inputs(metrics, sample, ref):

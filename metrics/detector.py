@@ -26,74 +26,49 @@ import torch
 import dnnlib
 from torch_utils import persistence
 
+from .activations import SPATIAL_CHANNELS
 from .inception import load_inception_state_dict
 
 DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
-SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (ADM).
 
 
 def _file_name(spec):
     return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
 
 
-class Detector:
-    def __init__(self, net, kind, include_bias=False):
-        self.net = net
-        self.kind = kind  # 'nvidia-pickle' | 'state-dict'
-        self.include_bias = include_bias
-        self._spatial = []
-        if kind == 'nvidia-pickle':
-            try:
-                layer = net.layers.mixed_6.conv
-                self.out_weight = net.output.weight
-                self.out_bias = getattr(net.output, 'bias', None)
-            except AttributeError as err:
-                raise dnnlib.UserError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
-            layer.register_forward_hook(lambda _mod, _inp, out: self._spatial.append(out))
-        else:
-            self.out_weight = net.fc.weight
-            self.out_bias = net.fc.bias
+class NvidiaInception(torch.nn.Module):
+    """NVIDIA's Inception pickle behind InceptionV3's interface: uint8-valued images [N, C, H, W]
+    -> dict(feat, s_feat, logits), float32; `fc` is its classifier, `device` where it runs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.spatial = net, []
+        try:
+            self.fc = net.output
+            net.layers.mixed_6.conv.register_forward_hook(lambda _mod, _inp, out: self.spatial.append(out))
+        except AttributeError as err:
+            raise dnnlib.UserError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
 
     @property
     def device(self):
-        return self.out_weight.device
+        return self.fc.weight.device
 
-    def logits(self, feat):
-        """Softmax inputs for the Inception Score from pool3 features ([N, 2048] tensor)."""
-        feat = torch.as_tensor(feat, device=self.device).to(torch.float32)
-        if feat.ndim != 2 or feat.shape[1] != self.out_weight.shape[1]:
-            raise dnnlib.UserError(f'feat has shape {list(feat.shape)}; the detector\'s classifier takes '
-                                f'[N, {self.out_weight.shape[1]}] (was feat made with another detector?)')
-        out = feat @ self.out_weight.to(torch.float32).T
-        if self.include_bias and self.out_bias is not None:
-            out = out + self.out_bias.to(torch.float32)
-        return out
-
-    @torch.no_grad()
-    def __call__(self, images):
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(images.shape)}')
-        if images.shape[1] == 1:
-            images = images.repeat([1, 3, 1, 1])
+    def forward(self, images):
         images = images.to(self.device)
-        if self.kind == 'nvidia-pickle':
-            self._spatial.clear()
-            feat = self.net(images, return_features=True).to(torch.float32)
-            spatial = self._spatial.pop()
-            s_feat = spatial[:, :SPATIAL_CHANNELS].reshape(spatial.shape[0], -1).to(torch.float32)
-        else:
-            out = self.net(images)
-            feat, s_feat = out['feat'], out['s_feat']
-        return dict(feat=feat, s_feat=s_feat, logits=self.logits(feat))
+        self.spatial.clear()
+        feat = self.net(images.repeat([1, 3, 1, 1]) if images.shape[1] == 1 else images, return_features=True).to(torch.float32)
+        s_feat = self.spatial.pop()[:, :SPATIAL_CHANNELS].flatten(1).to(torch.float32)
+        return dict(feat=feat, s_feat=s_feat, logits=feat @ self.fc.weight.to(torch.float32).T)
 
 
-def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose=True, include_bias=False, trust_pickle=False):
-    """The detector at `spec` (path or URL). A .pkl runs code from the file and is loaded only
-    with trust_pickle=True; anything else is read as a pytorch-fid state dict (weights only)."""
+def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose=True, trust_pickle=False):
+    """The detector at `spec` (path or URL), in eval mode without gradients: InceptionV3 from a
+    pytorch-fid state dict (weights only), or NvidiaInception from a .pkl, which runs code from
+    the file and is loaded only with trust_pickle=True."""
     is_pickle = _file_name(spec).lower().endswith('.pkl')
     if is_pickle and not trust_pickle:
         raise dnnlib.UserError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
-                            f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
+                               f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
     try:
         path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True)
         if is_pickle:
@@ -120,4 +95,4 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
         net = net.eval().requires_grad_(False).to(device)
     except (AttributeError, RuntimeError, TypeError) as err:
         raise dnnlib.UserError(f'{spec}: the detector module is unusable ({type(err).__name__}: {err})') from None
-    return Detector(net, 'nvidia-pickle' if is_pickle else 'state-dict', include_bias=include_bias)
+    return NvidiaInception(net) if is_pickle else net

@@ -53,24 +53,16 @@ class Attention(torch.nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
-def _holder(**children):
-    """A module that only holds named parameters or submodules (for the release's names: ls1.gamma, patch_embed.proj)."""
-    module = torch.nn.Module()
-    for name, child in children.items():
-        setattr(module, name, child)
-    return module
-
-
 class Block(torch.nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.ls1 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
+        self.ls1 = torch.nn.ParameterDict(dict(gamma=torch.nn.Parameter(torch.ones(dim))))  # The release's names: ls1.gamma.
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
         self.mlp = torch.nn.Sequential(collections.OrderedDict(
             fc1=torch.nn.Linear(dim, int(dim * mlp_ratio)), act=torch.nn.GELU(), fc2=torch.nn.Linear(int(dim * mlp_ratio), dim)))
-        self.ls2 = _holder(gamma=torch.nn.Parameter(torch.ones(dim)))
+        self.ls2 = torch.nn.ParameterDict(dict(gamma=torch.nn.Parameter(torch.ones(dim))))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x)) * self.ls1.gamma
@@ -84,7 +76,7 @@ class DINOv2ViT(torch.nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
-        self.patch_embed = _holder(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size))
+        self.patch_embed = torch.nn.ModuleDict(dict(proj=torch.nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)))
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
         self.mask_token = torch.nn.Parameter(torch.zeros(1, dim))  # Training only; kept so the release loads strictly.
@@ -131,33 +123,25 @@ def config_from_state_dict(state, spec='the state dict'):
 #----------------------------------------------------------------------------
 # Detector.
 
-class DINOv2Detector:
-    """uint8 images -> dict(dinov2=CLS features), with EDM2's preprocessing."""
+class DINOv2Detector(torch.nn.Module):
+    """uint8-valued images [N, C, H, W] -> dict(dinov2=CLS features), with EDM2's preprocessing."""
 
-    keys = (FEATURE_KEY,)
-
-    def __init__(self, net, resolution=RESOLUTION):
+    def __init__(self, net):
+        super().__init__()
         self.net = net.eval().requires_grad_(False)
-        self.resolution = resolution
 
     @property
     def device(self):
         return self.net.cls_token.device
 
     def preprocess(self, images):
-        x = images.to(self.device)
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise dnnlib.UserError(f'images must be [N, 1 or 3, H, W], got {list(x.shape)}')
-        if x.shape[1] == 1:
-            x = x.repeat([1, 3, 1, 1])
-        x = torch.nn.functional.interpolate(x.to(torch.float32), size=(self.resolution, self.resolution),
-                                            mode='bicubic', antialias=True)
-        x = x / 255
-        x = x - torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-        return x / torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        x = images.to(self.device, torch.float32)
+        x = x.repeat([1, 3, 1, 1]) if x.shape[1] == 1 else x
+        x = torch.nn.functional.interpolate(x, size=(RESOLUTION, RESOLUTION), mode='bicubic', antialias=True) / 255
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (x - mean) / std
 
-    @torch.no_grad()
-    def __call__(self, images):
+    def forward(self, images):
         return {FEATURE_KEY: self.net(self.preprocess(images)).to(torch.float32)}
 
 

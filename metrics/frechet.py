@@ -18,8 +18,7 @@ from torch_utils import distributed as dist
 #----------------------------------------------------------------------------
 
 def _check_stats(mu, sigma, what):
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise dnnlib.UserError(f'{what}: mean has shape {list(mu.shape)} and covariance {list(sigma.shape)}; '
                                f'expected [D] and [D, D]')
@@ -64,8 +63,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
                                f'{what[1]} has {mu2.shape[0]}')
 
     # Symmetrize: covariances from files can be off by rounding, eigh reads one triangle only.
-    sigma1 = (sigma1 + sigma1.T) / 2
-    sigma2 = (sigma2 + sigma2.T) / 2
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
 
     # Any factor S1 = F F^T gives eig(S1 S2) = eig(F^T S2 F): F^-1 (S1 S2) F = F^T S2 F.
     # Cholesky is the cheapest factor; a singular S1 (fewer samples than dimensions, dead
@@ -124,27 +122,22 @@ class StatsAccumulator:
 
     def finalize(self, distributed=True):
         """Returns (mu, sigma) as float64 numpy arrays. Collective when distributed."""
-        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
-        if self.n > 0:
-            mean = self.shift + self.s1 / self.n
-            m2 = self.s2 - torch.outer(self.s1, self.s1) / self.n
-        else:
-            mean = torch.zeros_like(self.s1)
-            m2 = torch.zeros_like(self.s2)
         reduce = distributed and torch.distributed.is_initialized()
-        n_total = n.clone()
-        weighted_mean = mean * n
-        if reduce:
-            torch.distributed.all_reduce(n_total)
-            torch.distributed.all_reduce(weighted_mean)
+
+        def total(t):  # Summed over the processes, in place.
+            if reduce:
+                torch.distributed.all_reduce(t)
+            return t
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.s1)
+        mean = shift + self.s1 / max(self.n, 1)
+        m2 = self.s2 - torch.outer(self.s1, self.s1) / max(self.n, 1)
+        n_total = total(n.clone())
         if n_total.item() < 2:
             raise dnnlib.UserError(f'{int(n_total.item())} samples: need at least 2 for a covariance')
-        mu = weighted_mean / n_total
+        mu = total(mean * n) / n_total
         delta = mean - mu
-        m2 = m2 + torch.outer(delta, delta) * n
-        if reduce:
-            torch.distributed.all_reduce(m2)
-        sigma = m2 / (n_total - 1)
+        sigma = total(m2 + torch.outer(delta, delta) * n) / (n_total - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
@@ -160,8 +153,6 @@ def compute_statistics(features, batch_size=8192, device=None):
     for block in blocks:
         acc = acc or StatsAccumulator(block.shape[1], device=torch.device(device) if device is not None else dist.get_device())
         acc.update(torch.from_numpy(np.ascontiguousarray(block)))
-    if acc is None or acc.n < 2:
-        raise dnnlib.UserError(f'{acc.n if acc else 0} samples: need at least 2 for a covariance')
-    return acc.finalize(distributed=False)
+    return (acc or StatsAccumulator(0)).finalize(distributed=False)  # Refuses fewer than 2 rows.
 
 #----------------------------------------------------------------------------

@@ -20,26 +20,11 @@ from torch.nn import functional as F
 
 #----------------------------------------------------------------------------
 
-class BatchNorm(torch.nn.Module):
-    """Inference-only batch norm (TF eps 0.001) with torchvision's parameter names."""
-
-    def __init__(self, channels, eps=0.001):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones([channels]))
-        self.bias = torch.nn.Parameter(torch.zeros([channels]))
-        self.register_buffer('running_mean', torch.zeros([channels]))
-        self.register_buffer('running_var', torch.ones([channels]))
-
-    def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
 class BasicConv2d(torch.nn.Module):
     def __init__(self, in_channels, out_channels, **conv_kwargs):
         super().__init__()
         self.conv = torch.nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
-        self.bn = BatchNorm(out_channels)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=0.001)  # TF's epsilon; used in eval mode (running statistics).
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -128,23 +113,17 @@ def tf_resize_bilinear(x, height, width):
     if (in_h, in_w) == (height, width):
         return x
 
-    def axis(in_size, out_size):
-        scale = np.float32(in_size) / np.float32(out_size)  # float32 as in TF's kernel.
-        src = np.arange(out_size, dtype=np.float32) * scale
+    def axis(in_size, out_size):  # Source rows or columns below and above, and the weight of the one above.
+        src = np.arange(out_size, dtype=np.float32) * (np.float32(in_size) / np.float32(out_size))  # float32 as in TF's kernel.
         lo = np.floor(src).astype(np.int64)
-        hi = np.minimum(lo + 1, in_size - 1)
         frac = (src - lo.astype(np.float32)).astype(np.float32)
-        to = lambda a: torch.from_numpy(a).to(x.device)
-        return to(lo), to(hi), to(frac)
+        return [torch.from_numpy(a).to(x.device) for a in (lo, np.minimum(lo + 1, in_size - 1), frac)]
 
-    y0, y1, fy = axis(in_h, height)
-    x0, x1, fx = axis(in_w, width)
+    (y0, y1, fy), (x0, x1, fx) = axis(in_h, height), axis(in_w, width)
     top, bottom = x[:, :, y0], x[:, :, y1]
-    tl, tr, bl, br = top[..., x0], top[..., x1], bottom[..., x0], bottom[..., x1]
-    fx = fx[None, None, None, :]
-    t = tl + (tr - tl) * fx
-    b = bl + (br - bl) * fx
-    return t + (b - t) * fy[None, None, :, None]
+    t = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    b = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return t + (b - t) * fy[:, None]
 
 
 class InceptionV3(torch.nn.Module):
@@ -171,34 +150,35 @@ class InceptionV3(torch.nn.Module):
         self.Mixed_7b, self.Mixed_7c = mixed_e(1280, 'avg'), mixed_e(2048, 'max1')
         self.fc = torch.nn.Linear(2048, num_classes)
 
+    @property
+    def device(self):
+        return self.fc.weight.device
+
     def forward(self, images):
-        x = images.to(torch.float32)
+        x = images.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.repeat([1, 3, 1, 1])
         x = tf_resize_bilinear(x, self.resolution, self.resolution)
         x = (x - 128) * 0.0078125
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = POOLS['max'](x)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = POOLS['max'](x)
+        x = POOLS['max'](self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))
+        x = POOLS['max'](self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
         for block in [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c]:
             x = block(x)
         spatial = self.Mixed_6d.branch1x1(x)  # mixed_6/conv (computed twice; cheap next to the rest).
         for block in [self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c]:
             x = block(x)
         feat = x.mean(dim=[2, 3])  # pool_3: 8x8 average.
-        s_feat = spatial[:, :self.spatial_channels].flatten(1)
-        logits = feat @ self.fc.weight.T
-        return dict(feat=feat, s_feat=s_feat, logits=logits)
+        return dict(feat=feat, s_feat=spatial[:, :self.spatial_channels].flatten(1), logits=feat @ self.fc.weight.T)
 
 
 def load_inception_state_dict(state_dict, resolution=299):
-    """Build InceptionV3 from a pytorch-fid style state dict (torchvision names). Ignores the
-    auxiliary classifier and BatchNorm's num_batches_tracked; anything else must match."""
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not k.startswith('AuxLogits.') and not k.endswith('.num_batches_tracked')}
+    """Build InceptionV3 (in eval mode) from a pytorch-fid style state dict (torchvision names).
+    Ignores the auxiliary classifier; BatchNorm's num_batches_tracked (unused in eval mode) may be
+    absent; anything else must match."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith('AuxLogits.')}
     with torch.device('meta'):  # No random init: every tensor comes from the file.
         net = InceptionV3(resolution=resolution, num_classes=state_dict['fc.weight'].shape[0])
+    state_dict = {**{k: torch.tensor(0) for k in net.state_dict() if k.endswith('.num_batches_tracked')}, **state_dict}
     missing, unexpected = net.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f'not an Inception-v3 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}')

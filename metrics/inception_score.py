@@ -4,7 +4,7 @@
 
 Logits follow ADM and the original TF code: pool3 features times the softmax weight matrix,
 WITHOUT the bias. (The reference RDM evaluate.py calls the detector's output layer, which adds
-the bias; `include_bias` in metrics.detector reproduces that if ever needed.)
+the bias; `evaluate.py calc --is-bias` reproduces that.)
 """
 
 import numpy as np

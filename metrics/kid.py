@@ -21,13 +21,10 @@ KID_MAX_SUBSETS = 100_000
 def polynomial_mmd2(x, y, degree=3, coef0=1):
     """Unbiased MMD^2 between two equal-size row sets, polynomial kernel with gamma = 1/d."""
     m, d = x.shape
-    gamma = 1.0 / d
-    k_xx = (x @ x.T * gamma + coef0) ** degree
-    k_yy = (y @ y.T * gamma + coef0) ** degree
-    k_xy = (x @ y.T * gamma + coef0) ** degree
-    off_xx = k_xx.sum() - np.trace(k_xx)
-    off_yy = k_yy.sum() - np.trace(k_yy)
-    return (off_xx + off_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
+    kernel = lambda a, b: (a @ b.T * (1.0 / d) + coef0) ** degree  # noqa: E731
+    k_xx, k_yy = kernel(x, x), kernel(y, y)
+    off_diagonal = (k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))
+    return off_diagonal / (m * (m - 1)) - 2 * kernel(x, y).sum() / (m * m)
 
 
 def kernel_inception_distance(sample, ref, num_subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEED):

@@ -18,7 +18,6 @@ Memory stays bounded by the block size. The float32 copies are shifted by the re
 (distances are unchanged; smaller norms give a tighter bound).
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -35,28 +34,14 @@ def _error_bound_coef(dim):
     return (2 * dim + 24) * 2.0 ** -24
 
 
-@contextlib.contextmanager
-def _exact_fp32_matmul():
-    # TF32 / bf16 float32 matmul modes would void the error bound: force true float32 ('highest'
-    # also turns torch.backends.cuda.matmul.allow_tf32 off; restoring the mode restores it).
-    old_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old_precision)
-
-
-def check_features(x, what, min_count=2):
+def check_features(x, what, k):
     x = np.asarray(x)
-    if x.ndim != 2:
-        raise dnnlib.UserError(f'{what}: activations have shape {list(x.shape)}; expected [N, D]')
-    if x.shape[0] < min_count:
-        raise dnnlib.UserError(f'{what}: {x.shape[0]} samples; need at least {min_count}')
-    if not np.issubdtype(x.dtype, np.floating):
-        raise dnnlib.UserError(f'{what}: activations have dtype {x.dtype}; expected floating point')
-    if not np.isfinite(x).all():
-        raise dnnlib.UserError(f'{what}: activations contain NaN or inf')
+    problem = (f'activations have shape {list(x.shape)}; expected [N, D]' if x.ndim != 2 else
+               f'{x.shape[0]} samples; need at least {k + 1}' if x.shape[0] <= k else
+               f'activations have dtype {x.dtype}; expected floating point' if not np.issubdtype(x.dtype, np.floating) else
+               'activations contain NaN or inf' if not np.isfinite(x).all() else None)
+    if problem:
+        raise dnnlib.UserError(f'{what}: {problem}')
     return x
 
 
@@ -97,10 +82,8 @@ def _sqdist64(a, rows_a, u, b, rows_b, v):
 #----------------------------------------------------------------------------
 
 def _merge_smallest(best_v, best_i, new_v, new_i, m):
-    v = torch.cat([best_v, new_v], dim=1)
-    i = torch.cat([best_i, new_i], dim=1)
-    v, pos = v.topk(m, dim=1, largest=False, sorted=True)
-    return v, torch.gather(i, 1, pos)
+    v, pos = torch.cat([best_v, new_v], dim=1).topk(m, dim=1, largest=False, sorted=True)
+    return v, torch.gather(torch.cat([best_i, new_i], dim=1), 1, pos)
 
 
 class _Radii:
@@ -132,8 +115,7 @@ class _Radii:
         self.slack = fs.t + fs.t_max + self.r32.abs() * 2.0 ** -23
         self.exact = torch.full([n], float('nan'), dtype=torch.float64, device=dev)
         self.known = torch.zeros([n], dtype=torch.bool, device=dev)
-        self.num_exact = 0
-        self.num_full_rows = 0
+        self.num_exact = self.num_full_rows = 0
 
     def get(self, rows):
         """Exact (float32-rounded) radii of `rows` (1-D index tensor)."""
@@ -150,9 +132,7 @@ class _Radii:
             kth = d.sort(dim=1).values[:, k]
             # Exact only if no point outside the candidates can be closer than kth: every such
             # point has D32 >= the largest candidate's D32.
-            safe = (self.best_v[r, -1].double() - fs.t[r] - fs.t_max) >= kth
-            if m == fs.n:
-                safe[:] = True
+            safe = ((self.best_v[r, -1].double() - fs.t[r] - fs.t_max) >= kth) | (m == fs.n)
             for i in (~safe).nonzero().flatten().tolist():  # Rare: whole row in float64.
                 kth[i] = self._full_row(int(r[i]))
                 self.num_full_rows += 1
@@ -171,21 +151,6 @@ class _Radii:
         return torch.cat(parts).kthvalue(self.k + 1).values
 
 
-def _default_device():
-    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-
-
-def manifold_radii(feats, k=3, block=4096, device=None):
-    """Squared distance of each row of `feats` [N, D] to its k-th nearest neighbour (itself
-    being the 0th), float32-rounded float64, as the reference's float64 computation gives it."""
-    feats = check_features(feats, 'features', min_count=k + 1)
-    device = torch.device(device) if device is not None else _default_device()
-    with torch.no_grad(), _exact_fp32_matmul():
-        fs = _FeatureSet(feats, feats.mean(axis=0, dtype=np.float64), device)
-        radii = _Radii(fs, k, block)
-        return radii.get(torch.arange(fs.n, device=device)).cpu()
-
-
 def _settle(a, rows, b, radii_b, block):
     """Exact decisions for points `rows` of set a: inside some ball of set b?"""
     hit = torch.zeros([len(rows)], dtype=torch.bool, device=a.device)
@@ -199,8 +164,7 @@ def _settle(a, rows, b, radii_b, block):
         near = (d > lo) & (d <= hi)  # Needs the exact radius of that ball.
         if near.any():
             q, j = near.nonzero(as_tuple=True)
-            exact = radii_b.get(idx[j])
-            hit[q[d[q, j] <= exact]] = True
+            hit[q[d[q, j] <= radii_b.get(idx[j])]] = True
     return hit
 
 
@@ -210,8 +174,7 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
     dev = ref.device
     r_ref32, r_smp32 = radii_ref.r32.to(torch.float32), radii_smp.r32.to(torch.float32)
     # Running minima over the other set of D32 - r32, for each side.
-    smp_min = torch.full([smp.n], float('inf'), device=dev)
-    ref_min = torch.full([ref.n], float('inf'), device=dev)
+    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=dev) for fs in (smp, ref))
     for r0 in range(0, ref.n, block):
         r1 = min(r0 + block, ref.n)
         for c0 in range(0, smp.n, block):
@@ -226,12 +189,10 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
         band = own.t + 3 * other.t_max + radii_other.r32.abs().max() * 2.0 ** -23
         own_min = own_min.double()
         inside = own_min <= -band
-        ambiguous = (own_min <= band) & ~inside
-        rows = ambiguous.nonzero().flatten()
-        for q0 in range(0, len(rows), 1024):
-            q = rows[q0:q0 + 1024]
-            inside[q] = _settle(own, q, other, radii_other, block)
-        return inside, len(rows)
+        ambiguous = ((own_min <= band) & ~inside).nonzero().flatten()
+        for rows in ambiguous.split(1024):
+            inside[rows] = _settle(own, rows, other, radii_other, block)
+        return inside, len(ambiguous)
 
     smp_in, n_smp_amb = decide(smp, smp_min, ref, radii_ref)
     ref_in, n_ref_amb = decide(ref, ref_min, smp, radii_smp)
@@ -243,8 +204,7 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
 
 def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, return_info=False):
     """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats."""
-    ref_feats = check_features(ref_feats, 'reference', min_count=k + 1)
-    sample_feats = check_features(sample_feats, 'sample', min_count=k + 1)
+    ref_feats, sample_feats = check_features(ref_feats, 'reference', k), check_features(sample_feats, 'sample', k)
     if ref_feats.shape[1] != sample_feats.shape[1]:
         raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
                                f'reference has {ref_feats.shape[1]}')
@@ -255,14 +215,19 @@ def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, retu
     if not 2.0 ** -32 <= top <= 2.0 ** 32 and top > 0:
         scale = 2.0 ** -math.floor(math.log2(top))
         ref_feats, sample_feats = ref_feats * scale, sample_feats * scale
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     shift = ref_feats.mean(axis=0, dtype=np.float64)
-    with torch.no_grad(), _exact_fp32_matmul():
-        ref = _FeatureSet(ref_feats, shift, device)
-        smp = _FeatureSet(sample_feats, shift, device)
-        radii_ref = _Radii(ref, k, block)
-        radii_smp = _Radii(smp, k, block)
-        precision, recall, info = _evaluate_pr(ref, radii_ref, smp, radii_smp, block)
+    # TF32 / bf16 float32 matmul modes would void the error bound: true float32 here ('highest'
+    # also turns torch.backends.cuda.matmul.allow_tf32 off; restoring the mode restores it).
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    try:
+        with torch.no_grad():
+            ref, smp = _FeatureSet(ref_feats, shift, device), _FeatureSet(sample_feats, shift, device)
+            radii_ref, radii_smp = _Radii(ref, k, block), _Radii(smp, k, block)
+            precision, recall, info = _evaluate_pr(ref, radii_ref, smp, radii_smp, block)
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
     return (precision, recall, info) if return_info else (precision, recall)
 
 #----------------------------------------------------------------------------

@@ -66,17 +66,11 @@ def resolve(spec, verbose=True):
     ref = REFERENCES.get(spec)
     if ref is None:
         return spec, None
-    path = dnnlib.util.open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=ref.max_bytes)
-    return path, ref
+    return dnnlib.util.open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=ref.max_bytes), ref
 
 
 def describe():
     """Lines for `evaluate.py refs`."""
-    lines = []
-    for name, ref in REFERENCES.items():
-        lines.append(f'{name}  (~{ref.approx_bytes / _MB:,.0f} MB, estimated from its contents; {ref.num_images:,} images)')
-        lines.append(f'    holds:   {ref.holds}')
-        lines.append(f'    for:     {ref.purpose}')
-        lines.append(f'    url:     {ref.url}')
-        lines.append(f'    sha256:  {ref.sha256 or "none published"}')
-    return lines
+    return [line for name, ref in REFERENCES.items() for line in (
+        f'{name}  (~{ref.approx_bytes / _MB:,.0f} MB, estimated from its contents; {ref.num_images:,} images)',
+        f'    holds:   {ref.holds}', f'    for:     {ref.purpose}', f'    url:     {ref.url}', f'    sha256:  {ref.sha256 or "none published"}')]

@@ -47,7 +47,7 @@ def test_presets_differ_only_in_defaults():
     # The preset scripts are the same command: the same options, other defaults.
     names = lambda cmd: sorted(p.name for p in cmd.params)  # noqa: E731
     assert names(generate_imagenet.main) == names(generate.main) == names(generate_celebahq.main)
-    defaults = lambda cmd: {p.name: p.default for p in cmd.params}  # noqa: E731
+    defaults = lambda cmd: {p.name: p.get_default(click.Context(cmd, **cmd.context_settings)) for p in cmd.params}  # noqa: E731
     assert defaults(generate_imagenet.main)['num_steps_first'] != defaults(generate.main)['num_steps_first']
 
 

@@ -215,7 +215,7 @@ def metric_files(tmp_dir, pkl_detector):
     # Synthetic activations with the small pickle detector's sizes (feat 32, 10 classes): the
     # numbers are checked against independent computations, not against a real Inception.
     rng = np.random.default_rng(5)
-    w = load_detector(pkl_detector, trust_pickle=True).out_weight.numpy()
+    w = load_detector(pkl_detector, trust_pickle=True).fc.weight.numpy()
 
     def fake(n, scale):
         feat = (np.abs(rng.standard_normal([n, 32])) * scale).astype(np.float32)
@@ -292,7 +292,7 @@ def test_calc_values_and_input_kinds(tmp_dir, metric_files, pkl_detector):
 
     # --is-bias: the reference evaluate.py's IS (classifier bias added), from stored logits or from feat.
     from metrics.detector import load_detector
-    bias = load_detector(pkl_detector, verbose=False, trust_pickle=True).out_bias.detach().numpy()
+    bias = load_detector(pkl_detector, verbose=False, trust_pickle=True).fc.bias.detach().numpy()
     expected = inception_score(smp[2] + bias)
     assert expected != pytest.approx(res['Inception Score'], rel=1e-6)
     for source in ['sample', 'sample_refstyle']:

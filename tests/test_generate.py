@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
@@ -245,7 +246,7 @@ def test_resume_skips_existing_images(tmp_path):
     assert os.stat(kept).st_mtime_ns == mtime
     again = _read_pngs(tmp_path)
     assert len(again) == 5 and np.array_equal(again['000000/000002.png'], first['000000/000002.png'])
-    grid = np.array(PIL.Image.open(generate.grid_path(tmp_path)))
+    grid = np.array(PIL.Image.open(str(tmp_path) + '-grid.png'))
     assert grid.shape == (64, 64, 3) and np.array_equal(grid[:32, 32:], again['000000/000001.png'])
     assert not [name for name in os.listdir(tmp_path / '000000') if name.endswith('.tmp')]
     assert generate.generate_images(tmp_path, seeds=range(5), network_first=net1, network_second=net2, **FAST) == []
@@ -323,7 +324,8 @@ def test_cli_end_to_end_with_saved_networks(tmp_path):
 # Presets and post-processing.
 
 def _defaults(command):
-    return {p.name: p.default for p in command.params}
+    ctx = click.Context(command, **command.context_settings)  # A preset's defaults come through click's default_map.
+    return {p.name: p.get_default(ctx) for p in command.params}
 
 
 def test_presets_hold_the_reference_settings():

@@ -13,7 +13,7 @@ from dnnlib import UserError
 from metrics.frechet import StatsAccumulator, compute_statistics, frechet_distance
 from metrics.inception import InceptionV3, load_inception_state_dict, tf_resize_bilinear
 from metrics.inception_score import inception_score
-from metrics.precision_recall import manifold_radii, precision_recall
+from metrics.precision_recall import _FeatureSet, _Radii, precision_recall
 from reference_restatement import ref_frechet_distance, ref_precision_recall
 
 #----------------------------------------------------------------------------
@@ -91,6 +91,12 @@ def _brute_force_pr(ref, smp, k=3):
     precision = (d <= r_ref[:, None]).any(axis=0).mean()
     recall = (d <= r_smp[None, :]).any(axis=1).mean()
     return precision, recall, r_ref
+
+
+def manifold_radii(feats, block):
+    # The exact k=3 radii that precision_recall's float64 pass gives every row (float32-rounded).
+    fs = _FeatureSet(feats, feats.mean(axis=0, dtype=np.float64), torch.device('cpu'))
+    return _Radii(fs, 3, block).get(torch.arange(len(feats)))
 
 
 def test_precision_recall_brute_force():

@@ -132,6 +132,16 @@ def test_cli_warns_on_contradicting_option(tmp_path, ckpts):
     assert 'Warning: --s_block_second=0.15 (given)' in result.output and "block_scale=0.1" in result.output
 
 
+def test_cli_keeps_the_checkpoint_relay_settings(tmp_path, ckpts):
+    # Sampler options left at their defaults (the samplers' or a preset's) do not override the
+    # settings the checkpoint records: no warning, and the pipeline's images (which use them).
+    result = CliRunner().invoke(generate.main, ['--outdir', str(tmp_path / 'o'), '--seeds=0', f'--network_first={ckpts["first"]}',
+                                                f'--network_second={ckpts["second_old"]}', '--num_steps_first=4', '--num_steps_second=8'])
+    assert result.exit_code == 0 and 'Warning' not in result.output, result.output
+    images = RelayPipeline(ckpts['first'], ckpts['second_old'], device='cpu', **FAST)([0])
+    assert np.array_equal(_pngs(tmp_path / 'o')[0], images[0].permute(1, 2, 0).numpy())
+
+
 def test_stage_mismatch_is_refused(ckpts):
     with pytest.raises(UserError, match='second-stage checkpoint.*--network_second'):
         RelayPipeline(ckpts['second_new'], None, device='cpu')

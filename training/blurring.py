@@ -29,8 +29,9 @@ P_STD = 1.2
 #----------------------------------------------------------------------------
 # Block DCT.
 
-@functools.lru_cache(maxsize=None)
-def _dct_matrix_cached(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+@functools.cache
+def dct_matrix(k: int, dtype: torch.dtype = torch.float64, device='cpu') -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (k x k): coefficients = D @ signal, signal = D.T @ coefficients."""
     n = torch.arange(k, dtype=torch.float64)
     # Row u holds basis function u: c_u * cos(pi * (2n + 1) * u / (2k)), orthonormal rows.
     mat = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * k)) * math.sqrt(2 / k)
@@ -38,36 +39,24 @@ def _dct_matrix_cached(k: int, dtype: torch.dtype, device: torch.device) -> torc
     return mat.to(dtype=dtype, device=device)
 
 
-def dct_matrix(k: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """Orthonormal DCT-II matrix D (k x k): coefficients = D @ signal, signal = D.T @ coefficients."""
-    return _dct_matrix_cached(int(k), dtype, torch.device(device if device is not None else 'cpu'))
-
-
-def _check_blocks(x: torch.Tensor, k: int) -> None:
+def _block_transform(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
     if x.ndim < 2 or x.shape[-1] % k != 0 or x.shape[-2] % k != 0:
         raise ValueError(f'Image size {tuple(x.shape[-2:])} is not divisible by the block size {k}')
-
-
-def _block_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, k: int) -> torch.Tensor:
+    mat = dct_matrix(k, x.dtype, x.device)
+    left, right = (mat.T, mat) if inverse else (mat, mat.T)
     # Rows inside each block: left @ (k x W slab); then columns: (every k-vector) @ right.
-    height, width = x.shape[-2:]
-    y = torch.matmul(left, x.reshape(-1, k, width))
-    y = torch.matmul(y.reshape(-1, k), right)
-    return y.reshape(x.shape)
+    y = torch.matmul(left, x.reshape(-1, k, x.shape[-1]))
+    return torch.matmul(y.reshape(-1, k), right).reshape(x.shape)
 
 
 def block_dct(x: torch.Tensor, k: int) -> torch.Tensor:
     """Orthonormal 2-D DCT-II of every k x k block of `x` (..., H, W), in image layout."""
-    _check_blocks(x, k)
-    mat = dct_matrix(k, x.dtype, x.device)
-    return _block_transform(x, mat, mat.T, k)
+    return _block_transform(x, k, inverse=False)
 
 
 def block_idct(coefs: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of `block_dct`."""
-    _check_blocks(coefs, k)
-    mat = dct_matrix(k, coefs.dtype, coefs.device)
-    return _block_transform(coefs, mat.T, mat, k)
+    return _block_transform(coefs, k, inverse=True)
 
 
 def scale_frequencies(coefs: torch.Tensor, factor: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,32 +67,11 @@ def scale_frequencies(coefs: torch.Tensor, factor: torch.Tensor, k: int) -> torc
     """
     *lead, height, width = coefs.shape
     view = coefs.reshape(*lead, height // k, k, width // k, k)
-    if factor.ndim == 2:
-        fac = factor.reshape(k, 1, k)
-    else:
-        fac = factor.reshape(factor.shape[0], *([1] * (len(lead) - 1)), 1, k, 1, k)
+    fac = factor.reshape(k, 1, k) if factor.ndim == 2 else factor.reshape(factor.shape[0], *([1] * (len(lead) - 1)), 1, k, 1, k)
     return (view * fac).reshape(*lead, height, width)
 
 #----------------------------------------------------------------------------
 # Blur schedule.
-
-def frequencies_squared(k: int, device=None) -> torch.Tensor:
-    """|f|^2 for f = pi * (i, j) / k, as a float32 (k, k) grid (the reference's precision)."""
-    freqs = torch.pi * torch.linspace(0, k - 1, k, device=device) / k
-    return freqs[:, None] ** 2 + freqs[None, :] ** 2
-
-
-def u_from_sigma(sigma, prob_length: float, P_mean: float = P_MEAN, P_std: float = P_STD) -> torch.Tensor:
-    """Blur time u of noise level(s) sigma: Phi((ln sigma - P_mean) / P_std) / prob_length (float64)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return torch.special.ndtr((torch.log(sigma) - P_mean) / P_std) / prob_length
-
-
-def sigma_from_u(u, prob_length: float, P_mean: float = P_MEAN, P_std: float = P_STD) -> torch.Tensor:
-    """Inverse of `u_from_sigma` (float64): exp(Phi^-1(u * prob_length) * P_std + P_mean)."""
-    u = torch.as_tensor(u).to(torch.float64)
-    return (torch.special.ndtri(u * prob_length) * P_std + P_mean).exp()
-
 
 def blur_sigma_from_u(u, blur_sigma_max: float) -> torch.Tensor:
     return blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2
@@ -124,7 +92,8 @@ def attenuation(blur_sigma, k: int, min_scale: float = 0.001) -> torch.Tensor:
     precision of `blur_sigma` and rounded to float32 for the product, as in the reference.
     """
     blur_sigma = torch.as_tensor(blur_sigma)
-    fsq = frequencies_squared(k, device=blur_sigma.device)
+    freqs = torch.pi * torch.linspace(0, k - 1, k, device=blur_sigma.device) / k  # f = pi * (i, j) / k, float32 as the reference.
+    fsq = freqs[:, None] ** 2 + freqs[None, :] ** 2
     t = (blur_sigma ** 2 / 2).to(torch.float32)
     return _exp_float32(-fsq * t[..., None, None]) * (1 - min_scale) + min_scale
 

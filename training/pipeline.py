@@ -97,21 +97,22 @@ def _declared(stage, sampler):
 SAMPLER_OPTIONS = dict([*_declared('first', sampling.edm_sampler), *_declared('second', sampling.blur_sampler)])
 
 
-def sampler_click_options(defaults=None):
-    """Decorator adding every sampler option to a click command (generate.py, the preset scripts,
-    evaluate.py gen), with `defaults` shown in --help; None: all resolved later (None values)."""
+def sampler_click_options(show_default=True):
+    """Decorator adding every sampler option to a click command. show_default=True: the samplers'
+    defaults (generate.py; the preset scripts replace them through click's default_map); a text:
+    no defaults (None values, resolved later), the text shown in --help instead (evaluate.py gen)."""
     def decorate(fn):
         for name, o in reversed(SAMPLER_OPTIONS.items()):
             setting = [key for key, option in RELAY_SETTINGS.items() if option == name]
-            default = 'preset / checkpoint' if defaults is None else 'off' if defaults[name] is None else defaults[name]
             text = f'{o.help}  [{o.type.bounds}]' + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')
-            fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, default=None if defaults is None else defaults[name],
-                              help=f'{text}  [default: {default}]')(fn)
+            fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, help=text,
+                              default=o.default if show_default is True else None, show_default=show_default)(fn)
         return fn
     return decorate
 
 
-def _convert(type_, value, what):
+def convert(type_, value, what):
+    """`value` through a click type (command-line text or a Python value); UserError naming `what`."""
     try:
         return type_.convert(value, None, None)
     except click.BadParameter as err:
@@ -126,9 +127,9 @@ def _check_schedule(o, stage):
         raise dnnlib.UserError(f'{show("sigma_min")} must be below {show("sigma_max")}')
     if o['S_min'] > o['S_max']:
         raise dnnlib.UserError(f'{show("S_min")} must be at most {show("S_max")}')
-    want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
     try:
-        ends = sampling.time_steps(2, float(want[1]), float(want[0]), float(o['rho']))
+        ends = sampling.time_steps(2, float(o['sigma_min']), float(o['sigma_max']), float(o['rho']))
+        want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
         ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
     except (OverflowError, ZeroDivisionError):
         ok = False
@@ -151,11 +152,9 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     if unknown:
         raise dnnlib.UserError(f'unknown sampler option {unknown[0]}; the options are {", ".join(SAMPLER_OPTIONS)}')
     recorded = {RELAY_SETTINGS[key]: (key, value) for key, value in (relay_settings or {}).items()}
-    resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()}
-    resolved.update({name: value for name, (_key, value) in recorded.items()})
-    resolved.update({k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS})
-    resolved.update(given)
-    resolved = {name: value if value is None else _convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
+    resolved = {name: o.default for name, o in SAMPLER_OPTIONS.items()} | {name: value for name, (_key, value) in recorded.items()} \
+        | {k: v for k, v in PRESETS[preset].items() if k in SAMPLER_OPTIONS} | given
+    resolved = {name: value if value is None else convert(SAMPLER_OPTIONS[name].type, value, SAMPLER_OPTIONS[name].flag)
                 for name, value in resolved.items()}
     for stage in ('first', 'second'):
         _check_schedule(stage_kwargs(resolved)[stage == 'second'], stage)
@@ -175,7 +174,7 @@ def stage_kwargs(options):
 def check_seeds(seeds, limit=MAX_SEEDS):
     """Seeds as a list of ints in 0..dnnlib.util.MAX_SEED (generators use seed % 2**32, so a larger
     or negative seed would silently give the image of another seed)."""
-    return _convert(dnnlib.util.seeds(limit), seeds, 'seeds')
+    return convert(dnnlib.util.seeds(limit), seeds, 'seeds')
 
 
 def check_outdir(outdir):
@@ -217,21 +216,18 @@ def to_uint8(images):
 def uint8_to_pil(image):
     """(C, H, W) uint8 tensor or numpy -> PIL image (greyscale for one channel)."""
     arr = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image).transpose(1, 2, 0)
-    return PIL.Image.fromarray(arr[:, :, 0], 'L') if arr.shape[2] == 1 else PIL.Image.fromarray(np.ascontiguousarray(arr), 'RGB')
-
-
-def postprocess_pil(img, postprocess):
-    for name, factor in POSTPROCESS[postprocess]:
-        img = getattr(PIL.ImageEnhance, name)(img).enhance(factor)
-    return img
+    return PIL.Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))  # Mode L or RGB.
 
 
 def apply_postprocess(images, postprocess):
     """The reference's PIL enhancement of uint8 (N, C, H, W) images, as uint8 (N, C, H, W)."""
-    if not POSTPROCESS[postprocess]:
-        return images
-    out = [np.asarray(postprocess_pil(uint8_to_pil(img), postprocess)) for img in images]
-    return torch.from_numpy(np.stack([arr[:, :, np.newaxis] if arr.ndim == 2 else arr for arr in out])).permute(0, 3, 1, 2).contiguous()
+    out = []
+    for image in images if POSTPROCESS[postprocess] else ():
+        pil = uint8_to_pil(image)
+        for name, factor in POSTPROCESS[postprocess]:
+            pil = getattr(PIL.ImageEnhance, name)(pil).enhance(factor)
+        out.append(np.asarray(pil).reshape(pil.height, pil.width, -1))  # (H, W, C), also for greyscale.
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous() if out else images
 
 
 def image_path(outdir, seed, subdirs=True):
@@ -261,11 +257,8 @@ def class_labels(label_dim, seeds, class_idx, device):
     for an unconditional network."""
     if not label_dim:
         return None
-    labels = torch.eye(label_dim, device=device)[torch.as_tensor(seeds, device=device) % label_dim]
-    if class_idx is not None:
-        labels[:, :] = 0
-        labels[:, class_idx] = 1
-    return labels
+    index = torch.as_tensor(seeds if class_idx is None else [class_idx] * len(seeds), device=device)
+    return torch.eye(label_dim, device=device)[index % label_dim]
 
 #----------------------------------------------------------------------------
 # Loading.
@@ -274,18 +267,17 @@ def load_stage(network, stage, device):
     """(network, its training record: training.loss.training_record) for a path, URL or
     nn.Module; UserError names the option and the problem, including a checkpoint trained for the
     other stage."""
-    option = f'--network_{stage}'
-    if isinstance(network, torch.nn.Module):
-        return network.eval().requires_grad_(False).to(device), loss.training_record(None)
-    try:
-        data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
-    except (dnnlib.UserError, OSError) as err:
-        raise dnnlib.UserError(f'Cannot load {option} "{network}": {getattr(err, "message", err)}') from None
+    data = {'ema': network}
+    if not isinstance(network, torch.nn.Module):
+        try:
+            data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+        except (dnnlib.UserError, OSError) as err:
+            raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": {getattr(err, "message", err)}') from None
     net, record = data['ema'], loss.training_record(data)
     if not isinstance(net, torch.nn.Module):
-        raise dnnlib.UserError(f'Cannot load {option} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
+        raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
     if record.stage is not None and record.stage != stage:
-        raise dnnlib.UserError(f'{option} "{network}" is a {record.stage}-stage checkpoint (trained with '
+        raise dnnlib.UserError(f'--network_{stage} "{network}" is a {record.stage}-stage checkpoint (trained with '
                                f'{record.loss}); pass it as --network_{record.stage}')
     return net.eval().requires_grad_(False).to(device), record
 
@@ -311,15 +303,10 @@ class RelayPipeline:
             raise dnnlib.UserError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
         if network_first is None and network_second is None:
             raise dnnlib.UserError('give --network_first, --network_second or both')
-        self.device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        self.net_first = self.net_second = None
-        relay = {}  # The relay settings recorded in the second stage's checkpoint.
-        if network_first is not None:
-            self.net_first, _ = load_stage(network_first, 'first', self.device)
-        if network_second is not None:
-            self.net_second, record = load_stage(network_second, 'second', self.device)
-            relay = record.relay
-        self.options, self.warnings = resolve_options(preset, options, relay)
+        self.device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+        self.net_first, _ = load_stage(network_first, 'first', self.device) if network_first is not None else (None, None)
+        self.net_second, record = load_stage(network_second, 'second', self.device) if network_second is not None else (None, None)
+        self.options, self.warnings = resolve_options(preset, options, record.relay if record else {})  # The checkpoint's relay settings.
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
         for stage, net in (('first', self.net_first), ('second', self.net_second)):

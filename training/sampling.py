@@ -83,11 +83,8 @@ class StackedRandomGenerator:
         assert size[0] == len(self.generators)
         out = torch.empty(size, **kwargs)
         fill = lambda i: out[i].normal_(generator=self.generators[i])  # In place: the same numbers as a fresh draw.
-        if out.device.type == 'cpu' and len(out) > 1 and out[0].numel() >= 16384:
-            list(_fill_pool().map(fill, range(len(out))))  # Independent generators; the GIL is released.
-        else:
-            for i in range(len(out)):
-                fill(i)
+        threads = out.device.type == 'cpu' and len(out) > 1 and out[0].numel() >= 16384  # Independent generators; the GIL is released.
+        list((_fill_pool().map if threads else map)(fill, range(len(out))))
         return out
 
     def randn_like(self, input):
@@ -171,7 +168,7 @@ def edm_sampler(
     S_min:      (NONNEG, 'Stoch. min noise level') = 0,
     S_max:      (LEVEL, 'Stoch. max noise level') = float('inf'),
     S_noise:    (NONNEG, 'Stoch. noise inflation') = 1,
-    sde_scale:  (FRACTION, 'Stochastic Heun variant of the CelebA-HQ script: fresh noise of std sde_scale*t per step') = None,
+    sde_scale:  (FRACTION, 'Stochastic Heun of the CelebA-HQ script: fresh noise of std sde_scale*t per step (a number enables it)') = None,
 ):
     """First stage: images (float64, about [-1, 1]) from standard normal `latents` (N, C, H, W).
 
