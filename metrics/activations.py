@@ -40,8 +40,6 @@ STATS_KEYS = {'feat': ('mu', 'sigma'), 's_feat': ('mu_s', 'sigma_s'), 'dinov2': 
 
 def spatial_chw_to_hwc_index(dim, channels=SPATIAL_CHANNELS):
     """Index that reorders a (C, H, W)-flattened s_feat vector into ADM's (H, W, C) order."""
-    if dim % channels != 0:
-        raise ValueError(f's_feat has {dim} values, not a multiple of {channels} channels')
     return np.arange(dim).reshape(channels, dim // channels).T.reshape(-1)
 
 
@@ -99,7 +97,7 @@ def detect(batches, detectors, num_items, stats_only=False, progress=True):
     of every detector output in item order, or with stats_only the float64 statistics
     (STATS_KEYS: mu/sigma, mu_s/sigma_s, mu_dinov2/sigma_dinov2); None on the other ranks.
     Collective: every rank calls it, with or without batches."""
-    device = detectors[0].device
+    device = next(detectors[0].parameters()).device
 
     def run(images):
         images = torch.as_tensor(images)

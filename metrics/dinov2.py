@@ -130,12 +130,8 @@ class DINOv2Detector(torch.nn.Module):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
 
-    @property
-    def device(self):
-        return self.net.cls_token.device
-
     def preprocess(self, images):
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.net.cls_token.device, torch.float32)
         x = x.repeat([1, 3, 1, 1]) if x.shape[1] == 1 else x
         x = torch.nn.functional.interpolate(x, size=(RESOLUTION, RESOLUTION), mode='bicubic', antialias=True) / 255
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))

@@ -150,12 +150,8 @@ class InceptionV3(torch.nn.Module):
         self.Mixed_7b, self.Mixed_7c = mixed_e(1280, 'avg'), mixed_e(2048, 'max1')
         self.fc = torch.nn.Linear(2048, num_classes)
 
-    @property
-    def device(self):
-        return self.fc.weight.device
-
     def forward(self, images):
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.fc.weight.device, torch.float32)
         if x.shape[1] == 1:
             x = x.repeat([1, 3, 1, 1])
         x = tf_resize_bilinear(x, self.resolution, self.resolution)
