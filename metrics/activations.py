@@ -68,7 +68,7 @@ class _NpzImages(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         try:
-            return np.ascontiguousarray(self.member.rows(idx, idx + 1)[0].transpose(2, 0, 1))
+            return np.ascontiguousarray(self.member[idx:idx + 1][0].transpose(2, 0, 1))
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
 
@@ -185,9 +185,9 @@ class FeatureSet:
     `name`: how messages call it (default: the path)."""
 
     def __init__(self, source, name=None):
-        self.path, self.arrays, self.members = name or ('the samples' if isinstance(source, dict) else source), None, {}
-        if isinstance(source, dict):
-            self.arrays, self.keys = source, set(source)
+        self.path, self.members = name or ('the samples' if isinstance(source, dict) else source), {}
+        if isinstance(source, dict):  # Arrays slice as the file's members do.
+            self.members, self.keys = {k: np.asarray(v) for k, v in source.items()}, set(source)
             return
         try:
             self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
@@ -198,7 +198,7 @@ class FeatureSet:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _from_file(self, key, read):
+    def _read(self, key, read):
         try:
             if key not in self.members:
                 self.members[key] = data_files.NpyMember(self.local, key)
@@ -207,13 +207,11 @@ class FeatureSet:
             raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
 
     def shape(self, key):
-        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else self._from_file(key, lambda m: tuple(m.shape))
+        return self._read(key, lambda m: tuple(m.shape))
 
     def get(self, key, start=0, stop=None):
         """The whole array, or its rows start..stop-1."""
-        if self.arrays is not None:
-            return np.asarray(self.arrays[key])[start:stop]
-        return self._from_file(key, lambda m: m.rows(start, stop))
+        return self._read(key, lambda m: m[start:stop])
 
     def features(self, key, chunk=None):
         """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator

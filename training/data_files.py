@@ -370,9 +370,10 @@ class NpyMember:
             return np.lib.format.read_array(f, allow_pickle=False)
         return f
 
-    def rows(self, start=0, stop=None):
-        """Rows start..stop-1 (default: all) as a writable array in native byte order."""
-        stop = len(self) if stop is None else min(stop, len(self))
+    def __getitem__(self, rows):
+        """The rows of a slice (step 1), as numpy slices them, in a writable array in native byte order."""
+        start, stop, _ = rows.indices(len(self))
+        stop = max(start, stop)
         if self._data is None:
             self._data = self._open()
         if isinstance(self._data, np.ndarray):
