@@ -304,8 +304,12 @@ def parse_labels(meta, name):
     return table
 
 
-def labels_array(table, image_names, name):
-    """Labels of `image_names` in order: int64 [N] class indices or float32 [N, D]."""
+def read_labels(f, name, image_names):
+    """Labels of `image_names` in order from the dataset.json in binary file `f`: int64 [N] class
+    indices or float32 [N, D], or None where it says {"labels": null}."""
+    table = parse_labels(read_json(f, name, len(image_names)), name)
+    if table is None:
+        return None
     missing = [f for f in image_names if f not in table]
     if missing:
         raise DatasetError(f'{name}: no label for {missing[0]} ({len(missing)} images without labels)')
