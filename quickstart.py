@@ -200,12 +200,10 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     relay_figure(net_first, net_second, relay_seeds, relay_png, steps_first, steps_second)
 
     print(f'\nDone. Everything is in {os.path.abspath(outdir)}')
-    print(f'  datasets:         {data[16]}, {data[64]}')
-    print(f'  first stage:      {net_first}')
-    print(f'  second stage:     {net_second}')
-    print(f'  samples:          {samples}/ ({seed_count} PNGs)')
-    print(f'  sample grid:      {os.path.normpath(samples)}-grid.png')
-    print(f'  relay picture:    {relay_png} (columns: first stage, upsampled, second-stage start, final)')
+    for what, where in [('datasets', f'{data[16]}, {data[64]}'), ('first stage', net_first), ('second stage', net_second),
+                        ('samples', f'{samples}/ ({seed_count} PNGs)'), ('sample grid', f'{os.path.normpath(samples)}-grid.png'),
+                        ('relay picture', f'{relay_png} (columns: first stage, upsampled, second-stage start, final)')]:
+        print(f'  {what + ":":18s}{where}')
     print('Sample again with your own options:')
     print(f'  python generate.py --network_first={net_first} --network_second={net_second} --outdir=... --seeds=...')
 
