@@ -266,6 +266,25 @@ def _role(key):
     return key.split('_', 1)[1]
 
 
+def _add_encoder(enc, levels, first_conv, block, num_blocks, attn_resolutions, add_aux=None):
+    """The encoder from the finest level: first_conv there, a downsampling block on every other
+    level (after which add_aux(at, channels) adds that level's 'aux' layers), then num_blocks
+    blocks per level. Returns the output channels of each non-auxiliary layer, for the decoder."""
+    for level, res, level_channels in levels:
+        at = f'{res}x{res}'
+        if level == 0:
+            enc[f'{at}_conv'] = first_conv
+            channels = first_conv.out_channels
+        else:
+            enc[f'{at}_down'] = block(channels, channels, down=True)
+            if add_aux is not None:
+                add_aux(at, channels)
+        for i in range(num_blocks):
+            enc[f'{at}_block{i}'] = block(channels, level_channels, attention=res in attn_resolutions)
+            channels = level_channels
+    return [layer.out_channels for key, layer in enc.items() if not _role(key).startswith('aux')]
+
+
 def _add_decoder(dec, levels, channels, skips, block, num_blocks, attention, add_heads=None):
     """The decoder from the coarsest level: two blocks there (an upsampling one elsewhere), then
     num_blocks + 1 blocks that each take back a skip; attention(i, res) says which blocks attend,
@@ -365,27 +384,22 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
         self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **xavier)
 
+        # 'skip' and 'residual' encoders add a second path (aux) fed by the image, resampled.
+        aux_channels = in_channels
+        def add_aux(at, channels):
+            nonlocal aux_channels
+            if encoder_type == 'skip':
+                self.enc[f'{at}_aux_down'] = Conv2d(in_channels=aux_channels, out_channels=aux_channels, kernel=0, down=True, **fir)
+                self.enc[f'{at}_aux_skip'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=1, **xavier)
+            if encoder_type == 'residual':
+                self.enc[f'{at}_aux_residual'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=3, down=True, **fir,
+                                                        fused_resample=True, **xavier)
+                aux_channels = channels
         levels = _levels(img_resolution, channel_mult, model_channels)
         self.enc = torch.nn.ModuleDict()
-        channels, aux_channels = in_channels, in_channels
-        for level, res, level_channels in levels:
-            at = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{at}_conv'] = Conv2d(in_channels=channels, out_channels=model_channels, kernel=3, **xavier)
-                channels = model_channels
-            else:
-                self.enc[f'{at}_down'] = block(channels, channels, down=True)
-                if encoder_type == 'skip':
-                    self.enc[f'{at}_aux_down'] = Conv2d(in_channels=aux_channels, out_channels=aux_channels, kernel=0, down=True, **fir)
-                    self.enc[f'{at}_aux_skip'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=1, **xavier)
-                if encoder_type == 'residual':
-                    self.enc[f'{at}_aux_residual'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=3, down=True, **fir,
-                                                            fused_resample=True, **xavier)
-                    aux_channels = channels
-            for i in range(num_blocks):
-                self.enc[f'{at}_block{i}'] = block(channels, level_channels, attention=res in attn_resolutions)
-                channels = level_channels
-        skips = [layer.out_channels for key, layer in self.enc.items() if not _role(key).startswith('aux')]
+        skips = _add_encoder(self.enc, levels, Conv2d(in_channels=in_channels, out_channels=model_channels, kernel=3, **xavier),
+                             block, num_blocks, attn_resolutions, add_aux)
+        channels = skips[-1]
 
         # Attention only in the last block of a level; the output is the sum of the 'aux_conv'
         # heads ('skip': one per level, upsampled along; 'standard': the finest only).
@@ -438,20 +452,10 @@ class DhariwalUNet(torch.nn.Module):
 
         levels = _levels(img_resolution, channel_mult, model_channels)
         self.enc = torch.nn.ModuleDict()
-        channels = in_channels
-        for level, res, level_channels in levels:
-            at = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{at}_conv'] = Conv2d(in_channels=channels, out_channels=level_channels, kernel=3, **kaiming)
-                channels = level_channels
-            else:
-                self.enc[f'{at}_down'] = block(channels, channels, down=True)
-            for i in range(num_blocks):
-                self.enc[f'{at}_block{i}'] = block(channels, level_channels, attention=res in attn_resolutions)
-                channels = level_channels
+        skips = _add_encoder(self.enc, levels, Conv2d(in_channels=in_channels, out_channels=levels[0][2], kernel=3, **kaiming),
+                             block, num_blocks, attn_resolutions)
         self.dec = torch.nn.ModuleDict()
-        channels = _add_decoder(self.dec, levels, channels, [layer.out_channels for layer in self.enc.values()], block,
-                                num_blocks, attention=lambda i, res: res in attn_resolutions)
+        channels = _add_decoder(self.dec, levels, skips[-1], skips, block, num_blocks, attention=lambda i, res: res in attn_resolutions)
         self.out_norm = GroupNorm(num_channels=channels)
         self.out_conv = Conv2d(in_channels=channels, out_channels=out_channels, kernel=3, **zero)
 

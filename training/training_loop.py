@@ -371,7 +371,7 @@ def training_loop(
         cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
-    stats_jsonl = exp_logger = grid = None
+    exp_logger = grid = None
     if rank == 0:
         exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
         if sample_grid_kwargs is not None and run_dir is not None:
@@ -435,10 +435,8 @@ def training_loop(
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
         stats = training_stats.collect()
         if rank == 0:
-            if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-            stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
+                f.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
             if exp_logger is not None:
                 exp_logger.log(stats, step=cur_nimg)
         cur_tick += 1
@@ -446,9 +444,8 @@ def training_loop(
         maintenance_time = tick_start_time - tick_end_time
 
     pbar.close()
-    for resource in (stats_jsonl, exp_logger):
-        if resource is not None:
-            resource.close()
+    if exp_logger is not None:
+        exp_logger.close()
     dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
 
