@@ -302,7 +302,8 @@ class RelayPipeline:
     loader) or an nn.Module; either may be None for a one-stage pipeline. preset: a key of
     PRESETS (its post-processing and sampler options). options: sampler options by the
     generate scripts' names; postprocess: override the preset's ('none' turns it off).
-    warn: also issue the checkpoint notes (`self.warnings`) as Python warnings.
+    warn: also issue the checkpoint notes (`self.warnings`) as Python warnings. Guide networks
+    (gnet_first, gnet_second: path, URL or nn.Module) are loaded and checked like the stages.
     fast: a training.fast_mode.FastSettings (None = exact mode, the reference's images).
     """
 

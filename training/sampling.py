@@ -166,15 +166,14 @@ def guided_denoise(net, x, sigma, class_labels, cfg_scale, gnet=None, interval=N
     (autoguidance; labels only if it has classes). interval (LO, HI): guidance only for LO < sigma
     <= HI, one plain pass elsewhere. Networks prepared for the fast mode (training.fast_mode) make
     classifier-free guidance's two passes in one batch."""
-    if interval is not None and not interval[0] < float(sigma) <= interval[1]:
-        cfg_scale = 1
-    if gnet is None and fast_mode.uses_batched_guidance(net):
-        return fast_mode.batched_guided_denoise(net, x, sigma, class_labels, cfg_scale)
-    denoised = net(x, sigma, class_labels).to(torch.float64)
-    if cfg_scale > 1:
+    if cfg_scale <= 1 or (interval is not None and not interval[0] < float(sigma) <= interval[1]):
+        return net(x, sigma, class_labels).to(torch.float64)
+    if gnet is None and getattr(net, 'batch_guidance', False):
+        main, guide = fast_mode.batched_passes(net, x, sigma, class_labels)
+    else:
+        main = net(x, sigma, class_labels)
         guide = net(x, sigma, None) if gnet is None else gnet(x, sigma, class_labels if gnet.label_dim else None)
-        denoised = cfg_scale * denoised - (cfg_scale - 1) * guide.to(torch.float64)
-    return denoised
+    return cfg_scale * main.to(torch.float64) - (cfg_scale - 1) * guide.to(torch.float64)
 
 
 def _churn(net, x, t, churn, S_min, S_max, S_noise, randn_like):
@@ -215,8 +214,9 @@ def edm_sampler(
     sde_scale=None: the deterministic steps of the reference's generate.py and
     generate_imagenet.py. A number: the steps of its generate_celebahq.py, which move to the
     noise level sqrt(t_next^2 - g^2), g = sde_scale * t_next, and add noise of std g.
-    gnet (a loaded network) and guidance_interval: see guided_denoise; with gnet, cfg_scale and
-    S_churn=0 the images equal NVlabs/edm2's edm_sampler (guidance=cfg_scale) in float64.
+    gnet (a loaded network) and guidance_interval: see guided_denoise. With gnet (and no churn,
+    or churn at every level) the images are NVlabs/edm2's edm_sampler's in float64, guidance =
+    cfg_scale, up to the last bit of the mix (edm2 takes guide.lerp(main, w)).
     """
     levels = time_steps(num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), rho, latents.device)
     t = _ending_at_zero(net, levels)
@@ -264,8 +264,9 @@ def blur_sampler(
     truncation_t as its time scaling); a step keeps sqrt(1 - s_noise^2) of the noise, renews the
     rest, and the last one returns the denoiser's output. S_churn=None: the reference's
     generate.py and generate_imagenet.py; a number: the churn of its generate_celebahq.py, which
-    only the denoiser sees (one more draw per step, even for no churn). trace: a dict that
-    receives 'start', the noisy starting point.
+    only the denoiser sees (one more draw per step, even for no churn). gnet and
+    guidance_interval: see guided_denoise. trace: a dict that receives 'start', the noisy
+    starting point.
     """
     k = int(up_scale)
     levels = blur_time_steps(net, num_steps, sigma_min, sigma_max, rho, truncation_sigma, latents.device)
