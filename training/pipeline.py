@@ -258,7 +258,7 @@ def class_labels(label_dim, seeds, class_idx, device):
     if not label_dim:
         return None
     index = torch.as_tensor(seeds if class_idx is None else [class_idx] * len(seeds), device=device)
-    return torch.eye(label_dim, device=device)[index % label_dim]
+    return torch.nn.functional.one_hot(index % label_dim, label_dim).to(torch.float32)  # Not eye(label_dim): N x label_dim only.
 
 #----------------------------------------------------------------------------
 # Loading.
