@@ -37,41 +37,35 @@ from training.pipeline import POSTPROCESS, PRESETS, RelayPipeline, image_path
 
 def load_image(path):
     """Image file -> (C, H, W) uint8 numpy, through the project's one image reader (16-bit
-    greyscale keeps its top 8 bits, palettes become RGB). DatasetError names the file."""
-    with open(path, 'rb') as f:
-        arr = data_files.read_image(f, path)
+    greyscale keeps its top 8 bits, palettes become RGB). UserError (a DatasetError) names the file."""
+    try:
+        with open(path, 'rb') as f:
+            arr = data_files.read_image(f, path)
+    except OSError as err:
+        raise data_files.DatasetError(f'{path}: cannot read it ({err.strerror or err})') from None
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def find_input_image(indir, seed):
-    return next((p for p in (image_path(indir, seed, True), image_path(indir, seed, False)) if os.path.isfile(p)), None)
-
-
-def check_indir(indir, todo, pipe):
-    """Every first-stage image of `todo` is in --indir, readable and of the size the relay needs,
-    before starting."""
-    need = pipe.first_shape
+def find_indir(indir, todo, pipe):
+    """The first-stage image of every seed of `todo` in --indir ({seed: path}), each checked to be
+    readable and of the size the relay needs, before starting."""
+    need, paths = pipe.first_shape, {}
     for seed in todo:
-        path = find_input_image(indir, seed)
-        if path is None:
+        paths[seed] = next((p for p in (image_path(indir, seed, True), image_path(indir, seed, False)) if os.path.isfile(p)), None)
+        if paths[seed] is None:
             raise dnnlib.UserError(f'--indir "{indir}" lacks the first-stage image of seed {seed} ({image_path(indir, seed)}); '
                                    f'run the first stage for every seed, or leave that seed out')
         try:
-            with open(path, 'rb') as f:
-                width, height, channels = data_files.read_header(f, path)
+            with open(paths[seed], 'rb') as f:
+                width, height, channels = data_files.read_header(f, paths[seed])
         except (OSError, data_files.DatasetError) as e:
-            raise dnnlib.UserError(f'--indir file {path} is not a readable image ({getattr(e, "reason", e)}); replace or remove it') from None
+            raise dnnlib.UserError(f'--indir file {paths[seed]} is not a readable image ({getattr(e, "reason", e)}); '
+                                   f'replace or remove it') from None
         if (channels, height, width) != need:
-            raise dnnlib.UserError(f'--indir image {path} is {width}x{height} with {channels} channels, but the second stage needs '
-                                   f'{need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
+            raise dnnlib.UserError(f'--indir image {paths[seed]} is {width}x{height} with {channels} channels, but the second stage '
+                                   f'needs {need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
                                    f'--up_scale_second={pipe.second_kwargs["up_scale"]})')
-
-
-def read_indir(indir, seeds):
-    try:
-        return np.stack([load_image(find_input_image(indir, s)) for s in seeds])
-    except (OSError, ValueError) as e:
-        raise dnnlib.UserError(f'--indir: cannot read the first-stage images of seeds {seeds[0]}..{seeds[-1]} ({e}); replace or remove them') from None
+    return paths
 
 
 def is_done(path, shape):
@@ -100,20 +94,12 @@ def write_grid(outdir, seeds, subdirs):
         return
     try:
         images = [load_image(image_path(outdir, s, subdirs)) for s in seeds if os.path.isfile(image_path(outdir, s, subdirs))]
-    except (OSError, data_files.DatasetError) as e:
-        raise dnnlib.UserError(f'the images are written, but not the grid {dest}: {getattr(e, "message", e)}') from None
+    except data_files.DatasetError as e:
+        raise dnnlib.UserError(f'the images are written, but not the grid {dest}: {e.message}') from None
     pipeline.save_png(sample_grid.tile(np.stack(images).transpose(0, 2, 3, 1)).transpose(2, 0, 1), dest)
 
 #----------------------------------------------------------------------------
 # The generation loop.
-
-def _check_paths(outdir, indir, stages):
-    pipeline.check_outdir(outdir)
-    if stages == 'second' and not os.path.isdir(indir):
-        raise dnnlib.UserError(f'--indir "{indir}" is not a folder')
-    if stages == 'second' and os.path.realpath(indir) == os.path.realpath(outdir):  # Symbolic links resolved.
-        raise dnnlib.UserError('--outdir must differ from --indir (the relay would replace the first-stage images)')
-
 
 @torch.no_grad()
 def generate_images(
@@ -136,7 +122,11 @@ def generate_images(
     if not seeds:
         raise dnnlib.UserError('--seeds is empty')
     max_batch_size = pipeline.convert(sampling.Number(1, integer=True), max_batch_size, '--batch')
-    _check_paths(outdir, indir, stages)
+    pipeline.check_outdir(outdir)
+    if stages == 'second' and not os.path.isdir(indir):
+        raise dnnlib.UserError(f'--indir "{indir}" is not a folder')
+    if stages == 'second' and os.path.realpath(indir) == os.path.realpath(outdir):  # Symbolic links resolved.
+        raise dnnlib.UserError('--outdir must differ from --indir (the relay would replace the first-stage images)')
     dist.init()
     device = torch.device(device) if device is not None else dist.get_device()
 
@@ -155,8 +145,7 @@ def generate_images(
     res = pipe.net_second.img_resolution if stages != 'first' else pipe.first_shape[1]
     todo = [s for s in seeds if not is_done(image_path(outdir, s, subdirs), (pipe.first_shape[0], res, res))]
     dist.barrier()
-    if stages == 'second':
-        check_indir(indir, todo, pipe)
+    first_paths = find_indir(indir, todo, pipe) if stages == 'second' else None
     if verbose:
         dist.print0(f'Generating {len(todo)} images to "{outdir}" ({len(seeds) - len(todo)} of {len(seeds)} already there)...')
         first, second = pipeline.stage_kwargs(pipe.options)  # Guides by their names, not as loaded networks.
@@ -165,7 +154,7 @@ def generate_images(
         dist.print0('sampling mode:', pipe.fast.describe())
 
     generated = []
-    read_first = (lambda indices: read_indir(indir, [todo[i] for i in indices])) if stages == 'second' else None
+    read_first = (lambda indices: np.stack([load_image(first_paths[todo[i]]) for i in indices])) if stages == 'second' else None
     with tqdm.tqdm(total=len(todo), unit='img', disable=(dist.get_rank() != 0 or not verbose), dynamic_ncols=True) as bar:
         for batch in pipe.batches(todo, max_batch_size, class_idx, stages, read_first, second_noise, distributed=True):
             for seed, image in zip(batch.seeds, batch.images):

@@ -133,10 +133,8 @@ def detect(batches, detectors, num_items, stats_only=False, progress=True):
 
 def compute_activations(source, detectors, batch_size=64, num_workers=3, stats_only=False, progress=True):
     """`detect` over an image source (`open_images`), sharded across the torchrun processes in
-    the reference generate.py's batches (torch_utils.distributed.split_batches)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    batches = dist.split_batches(len(source), batch_size, world)
-    mine = [(b.tolist(), sum(map(len, batches[:i - rank + world]))) for i, b in enumerate(batches) if i % world == rank and len(b)]
+    the reference generate.py's batches (torch_utils.distributed.my_batches)."""
+    mine = dist.my_batches(len(source), batch_size)
     loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers,
                                          prefetch_factor=(2 if num_workers > 0 else None))
     # A folder or zip gives (images, labels).

@@ -78,6 +78,14 @@ def split_batches(num_items: int, batch_size: int, world_size: int) -> list:
     return list(torch.arange(num_items).tensor_split(num_batches))
 
 
+def my_batches(num_items: int, batch_size: int, distributed: bool = True) -> list:
+    """This process's non-empty batches of split_batches (all of them with distributed=False), as
+    (index list, how many items all processes have done once this step is over)."""
+    rank, world = (get_rank(), get_world_size()) if distributed else (0, 1)
+    batches = split_batches(num_items, batch_size, world)
+    return [(b.tolist(), sum(map(len, batches[:i - rank + world]))) for i, b in enumerate(batches) if i % world == rank and len(b)]
+
+
 def shutdown() -> None:
     """Leave the process group (registered at exit by init(); safe to call twice)."""
     if torch.distributed.is_initialized():

@@ -56,12 +56,9 @@ class FastSettings:
         return not (self.batch_guidance or self.precision != 'fp32' or self.tf32 or self.channels_last or self.compile)
 
     def describe(self):
-        if self.exact:
-            return 'exact'
-        parts = [self.precision]
-        parts += [name for name, on in [('batched-guidance', self.batch_guidance), ('tf32', self.tf32),
-                                        ('channels-last', self.channels_last), ('compile', self.compile)] if on]
-        return 'fast (' + ', '.join(parts) + ')'
+        on = [name for name, value in [('batched-guidance', self.batch_guidance), ('tf32', self.tf32),
+                                       ('channels-last', self.channels_last), ('compile', self.compile)] if value]
+        return 'exact' if self.exact else f'fast ({", ".join([self.precision, *on])})'
 
 
 EXACT = FastSettings()
@@ -88,41 +85,28 @@ def settings_from_options(fast=False, precision=None, tf32=None, channels_last=F
 # The wrapped U-Net: autocast, memory layout, optional compilation.
 
 class _Autocast(torch.nn.Module):
-    """Runs `module` under autocast (and channels-last input); the output gets the input's dtype back."""
+    """Runs `module` under autocast (and channels-last input), the output back in the input's
+    dtype; with settings.compile through torch.compile, falling back to the eager call (with one
+    warning) when compilation fails."""
 
     def __init__(self, module, settings):
         super().__init__()
-        self.module = module
-        self.autocast_dtype = PRECISIONS[settings.precision]
-        self.channels_last = settings.channels_last
-
-    def forward(self, x, *args, **kwargs):
-        dtype = x.dtype
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            y = self.module(x, *args, **kwargs)
-        if torch.is_tensor(y):
-            y = y.to(dtype).contiguous()
-        return y
-
-
-class _CompiledOrEager(torch.nn.Module):
-    """torch.compile of `module`, falling back to `module` itself when compilation fails."""
-
-    def __init__(self, module, backend):
-        super().__init__()
-        self.module = module
-        self.backend = backend
+        self.module, self.settings, self.failed = module, settings, False
         object.__setattr__(self, 'compiled', None)  # Kept out of the module tree.
-        self.failed = False
+
+    def run(self, x, *args, **kwargs):
+        dtype, autocast_dtype = x.dtype, PRECISIONS[self.settings.precision]
+        if self.settings.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            y = self.module(x, *args, **kwargs)
+        return y.to(dtype).contiguous() if torch.is_tensor(y) else y
 
     def forward(self, *args, **kwargs):
-        if not self.failed:
+        if self.settings.compile and not self.failed:
             try:
                 if self.compiled is None:
-                    object.__setattr__(self, 'compiled', torch.compile(self.module, backend=self.backend))
+                    object.__setattr__(self, 'compiled', torch.compile(self.run, backend=self.settings.compile_backend))
                 return self.compiled(*args, **kwargs)
             except Exception as err:  # pylint: disable=broad-exception-caught
                 # Anything from dynamo/inductor (missing compiler, unsupported op or platform).
@@ -131,7 +115,7 @@ class _CompiledOrEager(torch.nn.Module):
                 reason = ' '.join(str(err).split())[:300]
                 warnings.warn(f'torch.compile failed ({type(err).__name__}: {reason}); running the network without compilation',
                               RuntimeWarning, stacklevel=2)
-        return self.module(*args, **kwargs)
+        return self.run(*args, **kwargs)
 
 
 def _shallow_copy(module):
@@ -173,14 +157,13 @@ class FastNetwork(torch.nn.Module):
         self.settings = settings
         self.batch_guidance = settings.batch_guidance
         inner = net._modules.get('model') if isinstance(net, torch.nn.Module) else None
-        wrap = lambda m: _CompiledOrEager(_Autocast(m, settings), settings.compile_backend) if settings.compile else _Autocast(m, settings)  # noqa: E731
         if inner is not None:
             runner = _shallow_copy(net)
-            runner._modules['model'] = wrap(inner)
+            runner._modules['model'] = _Autocast(inner, settings)
             if 'use_fp16' in runner.__dict__:
                 runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
         else:
-            runner = wrap(net)
+            runner = _Autocast(net, settings)
         self.runner = runner
 
     def __getattr__(self, name):

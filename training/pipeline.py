@@ -411,19 +411,15 @@ class RelayPipeline:
         a batch's seeds, their positions in `seeds`, their uint8 (N, C, H, W) images (the pixels
         generate.py writes, post-processing included) and how many images all processes have
         made once this step is over. distributed: only this process's share, split as the
-        reference generate.py does (torch_utils.distributed.split_batches). read_first: for
+        reference generate.py does (torch_utils.distributed.my_batches). read_first: for
         stages='second', a function from a batch's indices to their uint8 first-stage images."""
         seeds = check_seeds(seeds)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        batches = dist.split_batches(len(seeds), batch_size, world)
-        for step in range(len(batches) // world):
-            indices = batches[step * world + rank]
-            if len(indices):
-                part = [seeds[i] for i in indices]
-                first = read_first(indices) if read_first is not None else None
-                images = self.sample(part, class_idx, first, stages, second_noise)
-                images = apply_postprocess(to_uint8(images).cpu(), self.postprocess)
-                yield dnnlib.EasyDict(seeds=part, indices=indices, images=images, done=sum(map(len, batches[:(step + 1) * world])))
+        for indices, done in dist.my_batches(len(seeds), batch_size, distributed):
+            part = [seeds[i] for i in indices]
+            first = read_first(indices) if read_first is not None else None
+            images = self.sample(part, class_idx, first, stages, second_noise)
+            images = apply_postprocess(to_uint8(images).cpu(), self.postprocess)
+            yield dnnlib.EasyDict(seeds=part, indices=indices, images=images, done=done)
 
     def __call__(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', batch_size=64):
         """uint8 (N, C, H, W) images for `seeds` (the pixels generate.py writes), in batches of

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import dnnlib
 from training import fast_mode, loss, pipeline, sampling
 
 
@@ -66,11 +65,7 @@ class SampleGrid:
         if not self.relay:
             res = net.img_resolution
             latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
-            # One-hot seed % label_dim, as generate.py's, built row by row: a dataset with a class
-            # 99999 must not cost an identity matrix of 100000^2.
-            labels = None
-            if self.label_dim:
-                labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32)
+            labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)  # Seed % label_dim, as generate.py.
             out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
             return tile(to_uint8(out))
         up_scale = self.relay['up_scale']
@@ -85,6 +80,5 @@ class SampleGrid:
     def write(self, net, path):
         """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""
         grid = self.sample(net)
-        with dnnlib.util.atomic_write(path, 'wb') as f:
-            pipeline.uint8_to_pil(grid.transpose(2, 0, 1)).save(f, format='PNG')
+        pipeline.save_png(grid.transpose(2, 0, 1), path)
         return grid
