@@ -354,8 +354,7 @@ def choose_mode(src, s):
 @contextlib.contextmanager
 def results_of(settings, workers):
     """A function items -> iterator of process_item results in order, in this process
-    (workers=1) or in spawned worker processes."""
-    init_worker(settings)
+    (workers=1, with the settings convert gave init_worker) or in spawned worker processes."""
     if workers == 1:
         yield lambda items: map(process_item, items)
         return

@@ -16,7 +16,6 @@ Files:
                 are those of the DINOv2 features.
 """
 
-import os
 import zipfile
 
 import numpy as np
@@ -76,13 +75,8 @@ class _NpzImages(torch.utils.data.Dataset):
 def open_images(path):
     """Dataset of uint8 CHW images from an ADM-style .npz, or of (image, label) from a folder or
     a zip (training.dataset.ImageFolderDataset)."""
-    if os.path.isfile(path) and path.lower().endswith('.npz'):
-        source = _NpzImages(path)
-    elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
-        source = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
-    else:
-        raise dnnlib.UserError(f'{path}: ' + ('expected a folder of images, a .zip dataset or an ADM-style .npz'
-                                              if os.path.exists(path) else 'no such file or folder'))
+    # ImageFolderDataset refuses anything but a folder or a zip with one DatasetError (a UserError) line.
+    source = _NpzImages(path) if str(path).lower().endswith('.npz') else ImageFolderDataset(path=path)
     if source.image_shape[0] not in (1, 3):
         raise dnnlib.UserError(f'{path}: images have {source.image_shape[0]} channels; the detector needs 1 (gray) or 3 (RGB)')
     return source

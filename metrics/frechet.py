@@ -102,10 +102,7 @@ class StatsAccumulator:
     """
 
     def __init__(self, dim, device=torch.device('cpu')):
-        self.dim = dim
-        self.device = torch.device(device)
-        self.n = 0
-        self.shift = None
+        self.dim, self.device, self.n, self.shift = dim, torch.device(device), 0, None
         self.s1 = torch.zeros([dim], dtype=torch.float64, device=self.device)
         self.s2 = torch.zeros([dim, dim], dtype=torch.float64, device=self.device)
 

@@ -150,8 +150,7 @@ class InceptionV3(torch.nn.Module):
 
     def forward(self, images):
         x = images.to(self.fc.weight.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.repeat([1, 3, 1, 1])
+        x = x.repeat([1, 3, 1, 1]) if x.shape[1] == 1 else x
         x = tf_resize_bilinear(x, self.resolution, self.resolution)
         x = (x - 128) * 0.0078125
         x = POOLS['max'](self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))

@@ -27,13 +27,6 @@ import dnnlib
 
 #----------------------------------------------------------------------------
 
-def _error_bound_coef(dim):
-    # |D32 - D64| <= coef * (|u|^2 + |v|^2) for D = |u|^2 - 2 u.v + |v|^2, counting the cast of
-    # the features to float32, a dot product of `dim` terms in any summation order and the
-    # final additions: about (dim + 12) ulps. We take twice that for headroom.
-    return (2 * dim + 24) * 2.0 ** -24
-
-
 class _FeatureSet:
     """One feature set. Screening uses a float32 copy shifted by a common vector (distances do
     not change; smaller norms mean a tighter error bound); exact recomputation uses the
@@ -50,7 +43,10 @@ class _FeatureSet:
         self.sq64 = torch.cat([(self.f32[a:a + chunk].double() ** 2).sum(1) for a in range(0, self.n, chunk)])
         self.sq32 = self.sq64.to(torch.float32)
         self.nrm64 = torch.from_numpy(np.einsum('ij,ij->i', x, x, dtype=np.float64)).to(device)  # Unshifted.
-        self.t = _error_bound_coef(self.dim) * self.sq64  # Per-point share of the float32 error bound.
+        # Per-point share of the float32 error bound: |D32 - D64| <= coef * (|u|^2 + |v|^2) for
+        # D = |u|^2 - 2 u.v + |v|^2, counting the cast of the features to float32, a dot product of
+        # `dim` terms in any summation order and the final additions: about (dim + 12) ulps; twice that for headroom.
+        self.t = (2 * self.dim + 24) * 2.0 ** -24 * self.sq64
         self.t_max = self.t.max().item()
 
     def rows64(self, idx):

@@ -40,7 +40,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._path, self._use_pyspng, self._zip, self._zip_pid = path, use_pyspng, None, None
         self._cache = {} if cache else None
         if not os.path.isdir(path) and not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
-            problem = 'must be a folder or a .zip file' if os.path.exists(path) else 'no such folder or zip file'
+            problem = 'must be a folder or a .zip file' if os.path.exists(path) else 'no such file or folder'
             raise DatasetError(f'{path}: {problem}')
         try:
             self._names = data_files.list_files(path)  # Regular, visible files only: no FIFO can block a read.

@@ -154,17 +154,13 @@ class FastNetwork(torch.nn.Module):
     def __init__(self, net, settings):
         super().__init__()
         object.__setattr__(self, 'original', net)  # Not a submodule: parameters are listed once.
-        self.settings = settings
-        self.batch_guidance = settings.batch_guidance
+        self.settings, self.batch_guidance = settings, settings.batch_guidance
         inner = net._modules.get('model') if isinstance(net, torch.nn.Module) else None
+        self.runner = _Autocast(net, settings) if inner is None else _shallow_copy(net)
         if inner is not None:
-            runner = _shallow_copy(net)
-            runner._modules['model'] = _Autocast(inner, settings)
-            if 'use_fp16' in runner.__dict__:
-                runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
-        else:
-            runner = _Autocast(net, settings)
-        self.runner = runner
+            self.runner._modules['model'] = _Autocast(inner, settings)
+            if 'use_fp16' in self.runner.__dict__:
+                self.runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
 
     def __getattr__(self, name):
         try:
