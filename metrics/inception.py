@@ -15,6 +15,7 @@ inception_score.py).
 """
 
 import collections
+import functools
 
 import numpy as np
 import torch
@@ -54,13 +55,7 @@ class Mixed(torch.nn.Module):
         return POOLS[step](x) if step in POOLS else getattr(self, step)(x)
 
     def forward(self, x):
-        outs = []
-        for branch in self.branches:
-            y = x
-            for step in branch:
-                y = self.step(y, step)
-            outs.append(y)
-        return torch.cat(outs, dim=1)
+        return torch.cat([functools.reduce(self.step, branch, x) for branch in self.branches], dim=1)
 
 
 K17, K71, P17, P71 = (1, 7), (7, 1), (0, 3), (3, 0)  # The factorised 7x7 convolutions and their padding.

@@ -102,17 +102,11 @@ def is_image_name(name):
 
 class _Budget(io.RawIOBase):
     """Read-only view of binary file `f` that refuses to read past `limit` bytes (PIL reads
-    through read(); readline() and the like come from io.RawIOBase)."""
+    through read(), seek() and tell(); readline() and the like come from io.RawIOBase)."""
 
     def __init__(self, f, name, limit, what):
         super().__init__()
         self.f, self.name, self.limit, self.what = f, name, limit, what
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
 
     def seek(self, pos, whence=io.SEEK_SET):
         return self.f.seek(pos, whence)
