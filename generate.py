@@ -51,7 +51,7 @@ def find_indir(indir, todo, pipe):
     readable and of the size the relay needs, before starting."""
     need, paths = pipe.first_shape, {}
     for seed in todo:
-        paths[seed] = next((p for p in (image_path(indir, seed, True), image_path(indir, seed, False)) if os.path.isfile(p)), None)
+        paths[seed] = next((p for p in (image_path(indir, seed), image_path(indir, seed, False)) if os.path.isfile(p)), None)
         if paths[seed] is None:
             raise dnnlib.UserError(f'--indir "{indir}" lacks the first-stage image of seed {seed} ({image_path(indir, seed)}); '
                                    f'run the first stage for every seed, or leave that seed out')

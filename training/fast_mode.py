@@ -118,14 +118,6 @@ class _Autocast(torch.nn.Module):
         return self.run(*args, **kwargs)
 
 
-def _shallow_copy(module):
-    # Same class and attributes, own table of submodules; parameters and buffers are shared.
-    clone = object.__new__(type(module))
-    clone.__dict__.update(module.__dict__)
-    clone.__dict__['_modules'] = dict(module._modules)
-    return clone
-
-
 def set_tf32(enabled):
     """TF32 matmuls and cuDNN convolutions both on or both off (PyTorch's defaults differ:
     matmuls off, convolutions on); returns the previous pair."""
@@ -156,9 +148,11 @@ class FastNetwork(torch.nn.Module):
         object.__setattr__(self, 'original', net)  # Not a submodule: parameters are listed once.
         self.settings, self.batch_guidance = settings, settings.batch_guidance
         inner = net._modules.get('model') if isinstance(net, torch.nn.Module) else None
-        self.runner = _Autocast(net, settings) if inner is None else _shallow_copy(net)
+        # With a U-Net, a shallow copy of `net` runs: same class and attributes, its own table of
+        # submodules (the U-Net wrapped); parameters and buffers are shared.
+        self.runner = _Autocast(net, settings) if inner is None else object.__new__(type(net))
         if inner is not None:
-            self.runner._modules['model'] = _Autocast(inner, settings)
+            self.runner.__dict__.update(net.__dict__, _modules=dict(net._modules, model=_Autocast(inner, settings)))
             if 'use_fp16' in self.runner.__dict__:
                 self.runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
 
