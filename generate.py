@@ -62,8 +62,8 @@ def find_indir(indir, todo, pipe):
             raise dnnlib.UserError(f'--indir file {paths[seed]} is not a readable image ({getattr(e, "reason", e)}); '
                                    f'replace or remove it') from None
         if (channels, height, width) != need:
-            raise dnnlib.UserError(f'--indir image {paths[seed]} is {width}x{height} with {channels} channels, but the second stage '
-                                   f'needs {need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
+            raise dnnlib.UserError(f'--indir image {paths[seed]} is {width}x{height} with {channels} channels, but the second '
+                                   f'stage needs {need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
                                    f'--up_scale_second={pipe.second_kwargs["up_scale"]})')
     return paths
 
