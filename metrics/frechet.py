@@ -38,18 +38,11 @@ DATA_TOL = 1e-12     # ... plus this much of the largest squared mean (rounding 
 
 
 def _refuse_non_psd(sigma, mu, what, eigenvalues=None):
-    """Refuse a covariance with an eigenvalue below minus its rounding (eigenvalues given, or
-    through a Cholesky factor of S + slack I, which exists iff none is). A zero covariance, of
-    constant features, is valid."""
+    """Refuse a covariance with an eigenvalue (given, or computed here) below minus its rounding.
+    A zero covariance, of constant features, is valid."""
     slack = PSD_TOL * float(np.abs(np.diag(sigma)).sum()) + DATA_TOL * float(np.max(mu ** 2, initial=0))
-    if eigenvalues is not None:
-        ok = eigenvalues.size == 0 or float(eigenvalues.min()) >= -slack
-    else:
-        try:
-            ok = np.linalg.cholesky(sigma + slack * np.eye(sigma.shape[0])) is not None
-        except np.linalg.LinAlgError:
-            ok = False
-    if not ok and sigma.any():
+    eigenvalues = np.linalg.eigvalsh(sigma) if eigenvalues is None else eigenvalues
+    if eigenvalues.size and float(eigenvalues.min()) < -slack and sigma.any():
         raise dnnlib.UserError(f'{what}: covariance is not positive semi-definite; the file is damaged or not a covariance')
 
 

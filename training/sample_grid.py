@@ -68,13 +68,12 @@ class SampleGrid:
             labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)  # Seed % label_dim, as generate.py.
             out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
             return tile(to_uint8(out))
-        up_scale = self.relay['up_scale']
+        # The training's relay settings as blur_sampler's arguments (up_scale, blur_sigma_max, s_block, truncation_t).
+        relay = {pipeline.SAMPLER_OPTIONS[option].key: self.relay[key] for key, option in pipeline.RELAY_SETTINGS.items()}
         real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
-        start = F.interpolate(F.avg_pool2d(real, up_scale), scale_factor=up_scale, mode='nearest')
+        start = F.interpolate(F.avg_pool2d(real, relay['up_scale']), scale_factor=relay['up_scale'], mode='nearest')
         labels = self.labels.to(self.device) if self.labels is not None else None
-        out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, num_steps=self.num_steps, up_scale=up_scale,
-                                    blur_sigma_max=self.relay['blur_sigma_max'], truncation_t=self.relay['prob_length'],
-                                    s_block=self.relay['block_scale'])
+        out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, num_steps=self.num_steps, **relay)
         return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
 
     def write(self, net, path):
