@@ -516,7 +516,7 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
               type=click.Choice(SMALL_POLICIES))
 @click.option('--compress-level', help='PNG zlib level; 0 = uncompressed, fastest to decode in training', metavar='0-9',
               type=click.IntRange(0, 9), default=0, show_default=True)
-def main(source, dest, max_images, transform, resolution, workers, strict, small, compress_level):
+def main(workers, **kwargs):
     """Convert images into a dataset folder or zip for train.py (EDM's format).
 
     \b
@@ -542,9 +542,7 @@ def main(source, dest, max_images, transform, resolution, workers, strict, small
     python dataset_tool.py --source=downloads/imagenet/train --dest=datasets/imagenet-256x256.zip \\
         --transform=center-crop-dhariwal --resolution=256x256
     """
-    workers = workers if workers is not None else min(8, usable_cpus())
-    convert(source, dest, max_images=max_images, transform=transform, resolution=resolution, workers=workers,
-            strict=strict, small=small, compress_level=compress_level)
+    convert(workers=workers if workers is not None else min(8, usable_cpus()), **kwargs)
 
 #----------------------------------------------------------------------------
 

@@ -66,17 +66,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     # invertible F, F^T S2 F has as many negative eigenvalues as S2 (Sylvester's law of inertia).
     try:
         f = np.linalg.cholesky(sigma1)
-        f_invertible = True
     except np.linalg.LinAlgError:
         w, v = np.linalg.eigh(sigma1)
         _refuse_non_psd(sigma1, mu1, what[0], w)
         f = v * np.sqrt(np.maximum(w, 0))  # Tiny negative eigenvalues are rounding noise.
-        f_invertible = False
         _refuse_non_psd(sigma2, mu2, what[1])  # F^T S2 F sees S2 only on the range of S1.
     a = f.T @ sigma2 @ f
     ev = np.linalg.eigvalsh((a + a.T) / 2)
-    if f_invertible and ev.size and float(ev.min()) < -PSD_TOL * float(np.abs(ev).sum()):
-        _refuse_non_psd(sigma2, mu2, what[1])  # Negative, or S2's rounding: S2's own check decides.
+    if ev.size and float(ev.min()) < -PSD_TOL * float(np.abs(ev).sum()):
+        _refuse_non_psd(sigma2, mu2, what[1])  # Negative, or S2's rounding: S2's own check decides (again, for a singular S1).
     tr_covmean = np.sqrt(np.maximum(ev, 0)).sum()
 
     diff = mu1 - mu2
