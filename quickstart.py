@@ -177,11 +177,10 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
         write_shapes_folder(raw, num_images)
 
     # 2. Datasets at both resolutions.
-    data = {}
-    for res in (64, 16):
-        data[res] = os.path.join(outdir, f'shapes-{res}x{res}.zip')
-        if not os.path.isfile(data[res]):
-            run_step(['dataset_tool.py', f'--source={raw}', f'--dest={data[res]}', f'--resolution={res}x{res}'])
+    data = {res: os.path.join(outdir, f'shapes-{res}x{res}.zip') for res in (64, 16)}
+    for res, path in data.items():
+        if not os.path.isfile(path):
+            run_step(['dataset_tool.py', f'--source={raw}', f'--dest={path}', f'--resolution={res}x{res}'])
 
     # 3. Both stages.
     net_first = train_stage(outdir, 'first-stage', data[16], FIRST_STAGE, kimg_first)

@@ -36,9 +36,6 @@ def kernel_inception_distance(sample, ref, num_subsets=KID_SUBSETS, subset_size=
         raise dnnlib.UserError(f'KID subset size {subset_size} exceeds the number of samples ({len(sample)} sample, '
                                f'{len(ref)} reference); pass a smaller --kid-subset-size')
     rng = np.random.RandomState(seed)
-    mmds = np.zeros(num_subsets)
-    for i in range(num_subsets):
-        x = sample[rng.choice(len(sample), subset_size, replace=False)].astype(np.float64)
-        y = ref[rng.choice(len(ref), subset_size, replace=False)].astype(np.float64)
-        mmds[i] = polynomial_mmd2(x, y)
+    pick = lambda x: x[rng.choice(len(x), subset_size, replace=False)].astype(np.float64)  # noqa: E731
+    mmds = [polynomial_mmd2(pick(sample), pick(ref)) for _ in range(num_subsets)]  # Sample rows drawn first, as there.
     return float(np.mean(mmds)), float(np.std(mmds))
