@@ -45,9 +45,6 @@ from training import data_files
 #----------------------------------------------------------------------------
 # Presets as data.
 
-TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
-SMALL_POLICIES = ['upscale', 'skip', 'error']
-
 # What to do with an input smaller than the target when --small is not given: what EDM and ADM
 # do. EDM's center-crop-wide drops such images; all other modes upsample them (ImageNet has a few
 # images with a short side under 256, and ADM's crop upsamples them with BICUBIC).
@@ -507,13 +504,13 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
               type=str, required=True)
 @click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT',
               type=click.IntRange(min=1))
-@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice(TRANSFORMS))
+@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice([t for t in TRANSFORM_FUNCTIONS if t]))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
 @click.option('--workers', help='Decode/resize processes, at most one per CPU (more are capped); the output is the '
               'same for any value  [default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--strict', help='Refuse unreadable inputs instead of skipping them', is_flag=True)
 @click.option('--small', help='Inputs smaller than the target  [default: skip for center-crop-wide, else upscale]',
-              type=click.Choice(SMALL_POLICIES))
+              type=click.Choice(['upscale', 'skip', 'error']))
 @click.option('--compress-level', help='PNG zlib level; 0 = uncompressed, fastest to decode in training', metavar='0-9',
               type=click.IntRange(0, 9), default=0, show_default=True)
 def main(workers, **kwargs):
