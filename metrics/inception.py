@@ -129,8 +129,7 @@ class InceptionV3(torch.nn.Module):
 
     def __init__(self, resolution=299, num_classes=1008, spatial_channels=7):
         super().__init__()
-        self.resolution = resolution
-        self.spatial_channels = spatial_channels
+        self.resolution, self.spatial_channels = resolution, spatial_channels
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)

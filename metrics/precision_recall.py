@@ -33,8 +33,7 @@ class _FeatureSet:
     original values in float64 with the reference's formula."""
 
     def __init__(self, x, shift, device, chunk=8192):
-        self.n, self.dim = x.shape
-        self.device = device
+        (self.n, self.dim), self.device = x.shape, device
         self.src = torch.from_numpy(np.ascontiguousarray(x))  # Host, original dtype.
         f32 = np.empty(x.shape, dtype=np.float32)
         for a in range(0, self.n, chunk):

@@ -55,9 +55,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{path}: images are {self.image_shape[2]}x{self.image_shape[1]}, '
                                f'expected {resolution}x{resolution}')
         self._check_headers()
-        labels = None
-        if use_labels and 'dataset.json' in self._names:
-            labels = self._read('dataset.json', lambda f, where: data_files.read_labels(f, where, self._images))
+        read_labels = lambda f, where: data_files.read_labels(f, where, self._images)  # noqa: E731  None for {"labels": null}.
+        labels = self._read('dataset.json', read_labels) if use_labels and 'dataset.json' in self._names else None
         self._labels = labels if labels is not None else np.zeros([len(self._images), 0], dtype=np.float32)
         self.label_dim = int(self._labels.max()) + 1 if self._labels.dtype == np.int64 else self._labels.shape[1]
 

@@ -263,10 +263,11 @@ def class_labels(label_dim, seeds, class_idx, device):
 #----------------------------------------------------------------------------
 # Loading.
 
-def load_stage(network, stage, device, option='network'):
+def load_stage(network, stage, device, option='network', guided=None):
     """(network, its training record: training.loss.training_record) for a path, URL or
     nn.Module; UserError names the option (--network_STAGE or --gnet_STAGE) and the problem,
-    including a checkpoint trained for the other stage."""
+    including a checkpoint trained for the other stage. guided: the loaded network that this one
+    guides (autoguidance), which it must serve: same resolution and channels, the same classes or none."""
     flag, data = f'--{option}_{stage}', {'ema': network}
     if not isinstance(network, torch.nn.Module):
         try:
@@ -279,18 +280,12 @@ def load_stage(network, stage, device, option='network'):
     if record.stage is not None and record.stage != stage:
         raise dnnlib.UserError(f'{flag} "{network}" is a {record.stage}-stage checkpoint (trained with '
                                f'{record.loss}); pass it as --{option}_{record.stage}')
+    if guided is not None and ((net.img_resolution, net.img_channels) != (guided.img_resolution, guided.img_channels)
+                               or net.label_dim not in (0, guided.label_dim)):
+        raise dnnlib.UserError(f'{flag} is {net.img_resolution} px, {net.img_channels} channels, label_dim {net.label_dim}, '
+                               f'but --network_{stage} is {guided.img_resolution} px, {guided.img_channels} channels, label_dim '
+                               f'{guided.label_dim}; pass a guide of the same shape (unconditional or with the same classes)')
     return net.eval().requires_grad_(False).to(device), record
-
-
-def load_guide(gnet, net, stage, device):
-    """The guide network of `net` (autoguidance), checked to serve it: same stage, resolution and
-    channels, and the same classes or none."""
-    guide, _ = load_stage(gnet, stage, device, 'gnet')
-    if (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels) or guide.label_dim not in (0, net.label_dim):
-        raise dnnlib.UserError(f'--gnet_{stage} is {guide.img_resolution} px, {guide.img_channels} channels, label_dim {guide.label_dim}, '
-                               f'but --network_{stage} is {net.img_resolution} px, {net.img_channels} channels, label_dim '
-                               f'{net.label_dim}; pass a guide of the same shape (unconditional or with the same classes)')
-    return guide
 
 #----------------------------------------------------------------------------
 # The pipeline.
@@ -324,7 +319,7 @@ class RelayPipeline:
         self.fast = fast if fast is not None else fast_mode.EXACT
         for stage, net, kwargs in (('first', self.net_first, self.first_kwargs), ('second', self.net_second, self.second_kwargs)):
             if net is not None and kwargs['gnet'] is not None:  # A guide of a stage that is not run is not loaded.
-                kwargs['gnet'] = fast_mode.prepare(load_guide(kwargs['gnet'], net, stage, self.device), self.fast)
+                kwargs['gnet'] = fast_mode.prepare(load_stage(kwargs['gnet'], stage, self.device, 'gnet', net)[0], self.fast)
                 if kwargs['cfg_scale'] <= 1:
                     self.warnings.append(f'--gnet_{stage} is not used with --cfg_scale_{stage}={kwargs["cfg_scale"]}; pass a weight > 1')
             if net is not None and not net.label_dim and kwargs['gnet'] is None and kwargs['cfg_scale'] > 1:
