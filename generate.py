@@ -117,7 +117,6 @@ def generate_images(
     Raises dnnlib.UserError with one line for bad input, before anything is written.
     """
     stages = pipeline.choose_stages(sampler_stages, network_first is not None, network_second is not None, indir is not None)
-    pipeline.resolve_options(preset, sampler_kwargs)
     seeds = list(dict.fromkeys(pipeline.check_seeds(seeds)))  # Repeats dropped, order kept.
     if not seeds:
         raise dnnlib.UserError('--seeds is empty')

@@ -49,8 +49,7 @@ class _FeatureSet:
         self.t_max = self.t.max().item()
 
     def rows64(self, idx):
-        idx = torch.as_tensor(idx).cpu()
-        return self.src.index_select(0, idx).to(self.device, torch.float64)
+        return self.src.index_select(0, torch.as_tensor(idx).cpu()).to(self.device, torch.float64)
 
 
 def _sqdist32(a, b, a0, a1, b0, b1):

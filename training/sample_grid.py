@@ -63,8 +63,7 @@ class SampleGrid:
 
     def _sample(self, net, rnd):
         if not self.relay:
-            res = net.img_resolution
-            latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
+            latents = rnd.randn([len(self.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=self.device)
             labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)  # Seed % label_dim, as generate.py.
             out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
             return tile(to_uint8(out))
