@@ -69,10 +69,10 @@ def reconstruct_phema(indir, outdir, outstd, outkimg=None, max_error=0.05, verbo
     sums, first = None, None
     for i, snapshot in enumerate(tqdm.tqdm(snapshots, unit='snapshot', disable=not verbose)):
         data = training.load_checkpoint(snapshot.path)  # The last one (of the output time) becomes the template.
-        kind = type(data['ema']).__name__, dict(data['ema'].init_kwargs), training_record(data)
+        kind = type(data['ema']).__name__, dict(getattr(data['ema'], 'init_kwargs', {})), training_record(data)
         first = first or (snapshot.path, kind)
-        if kind != first[1]:
-            raise dnnlib.UserError(f'{snapshot.path}: another network or stage than {first[0]}; '
+        if kind != first[1] or not isinstance(data['ema'], torch.nn.Module):
+            raise dnnlib.UserError(f'{snapshot.path}: not a network of the kind and stage of {first[0]}; '
                                    f'give --indir the snapshots of one run')
         sums = sums or [{n: torch.zeros_like(p, dtype=torch.float64) for n, p in data['ema'].named_parameters()} for _ in outstd]
         for total, coef in zip(sums, coefs[i]):

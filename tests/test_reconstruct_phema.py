@@ -21,6 +21,7 @@ import training
 from conftest import run_cli
 from reference_restatement import ref_solve_posthoc_coefficients
 from test_snapshot_compat import build_tree
+from torch_utils import checkpoint
 from training import phema, training_loop
 
 TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--blocks=1', '--workers=0', '--seed=1', '--augment=0', '--batch=4',
@@ -147,7 +148,10 @@ def test_bad_requests_are_one_line(runs, tmp_path):
     mixed = tmp_path / 'mixed'
     shutil.copytree(runs['first'], mixed)
     shutil.copy(os.path.join(runs['second'], 'phema-000000_024-0.100.pkl'), mixed / 'phema-000000_024-0.200.pkl')
-    assert 'another network or stage than' in run(f'--indir={mixed}', '--outstd=0.07', out)
+    assert 'not a network of the kind and stage of' in run(f'--indir={mixed}', '--outstd=0.07', out)
+    os.remove(mixed / 'phema-000000_024-0.200.pkl')
+    checkpoint.save_snapshot(str(mixed / 'phema-000000_024-0.200.pkl'), dict(ema=123))
+    assert 'phema-000000_024-0.200.pkl: not a network of the kind' in run(f'--indir={mixed}', '--outstd=0.07', out)
     assert not os.path.exists(tmp_path / 'out')
     # An existing output is never replaced.
     os.makedirs(tmp_path / 'out')
