@@ -39,7 +39,8 @@ def dct_matrix(k: int, dtype: torch.dtype = torch.float64, device='cpu') -> torc
     return mat.to(dtype=dtype, device=device)
 
 
-def _block_transform(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
+def block_dct(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Orthonormal 2-D DCT-II of every k x k block of `x` (..., H, W), in image layout (or its inverse)."""
     if x.ndim < 2 or x.shape[-1] % k != 0 or x.shape[-2] % k != 0:
         raise ValueError(f'Image size {tuple(x.shape[-2:])} is not divisible by the block size {k}')
     mat = dct_matrix(k, x.dtype, x.device)
@@ -49,14 +50,7 @@ def _block_transform(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
     return torch.matmul(y.reshape(-1, k), right).reshape(x.shape)
 
 
-def block_dct(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Orthonormal 2-D DCT-II of every k x k block of `x` (..., H, W), in image layout."""
-    return _block_transform(x, k, inverse=False)
-
-
-def block_idct(coefs: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of `block_dct`."""
-    return _block_transform(coefs, k, inverse=True)
+block_idct = functools.partial(block_dct, inverse=True)
 
 
 def scale_frequencies(coefs: torch.Tensor, factor: torch.Tensor, k: int) -> torch.Tensor:
