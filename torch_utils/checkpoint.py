@@ -81,9 +81,12 @@ def _numpy_scalar(dtype, data):
     return np.frombuffer(data, _numpy_dtype(dtype), count=1)[0]  # Refuses data shorter than the dtype.
 
 
+_NDARRAY = object()  # What a pickle's numpy.ndarray stands for: _numpy_array's first argument, nothing callable.
+
+
 def _numpy_array(cls, shape, dtype):
     # numpy pickles an array as an empty one that BUILD then fills from the file's bytes.
-    if cls is not np.ndarray or shape != (0,):
+    if cls is not _NDARRAY or shape != (0,):
         raise CheckpointError(f'numpy array rebuild with shape {str(shape)[:40]} (numpy writes (0,) and fills it from the file)')
     return np.ndarray(shape, _numpy_dtype(dtype))
 
@@ -96,7 +99,7 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     'torch_utils.persistence._reconstruct_persistent_obj': _persistent,
     'dnnlib.util.EasyDict': dnnlib.EasyDict, 'dnnlib.EasyDict': dnnlib.EasyDict,
     **{f'torch.nn.modules.container.{name}': type(name, (Container,), {}) for name in ('ModuleDict', 'ModuleList', 'Sequential')},
-    'numpy.dtype': _numpy_dtype, 'numpy.ndarray': np.ndarray,
+    'numpy.dtype': _numpy_dtype, 'numpy.ndarray': _NDARRAY,
     **{f'numpy.dtypes.{type(np.dtype(c)).__name__}': type(np.dtype(c)) for c in '?bhilqBHILQefdFD'},  # BUILD targets.
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
@@ -187,7 +190,8 @@ def _torch_load(file):
     else:
         _check_globals(_Clamped(file), pickles=5)
         file.seek(0)
-    with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()]):
+    # np.ndarray under a name no pickle reaches (_check_globals): torch lets BUILD fill arrays of allowed types only.
+    with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()] + [(np.ndarray, 'BUILD target')]):
         try:
             return torch.load(file, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError as err:
