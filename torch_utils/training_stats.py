@@ -56,8 +56,7 @@ def collect():
     the previous call; a statistic that got no values since then keeps its previous summary."""
     names = list(_pending)
     if names:
-        device = _sync_device or torch.device('cpu')
-        sums = torch.stack([_pending[name].to(device) for name in names])
+        sums = torch.stack([_pending[name].to(_sync_device or 'cpu') for name in names])
         if _sync_device is not None:
             torch.distributed.all_reduce(sums)
         for name, row in zip(names, sums.cpu().tolist()):

@@ -373,10 +373,8 @@ class SongUNet(torch.nn.Module):
         block = lambda cin, cout, **kw: UNetBlock(in_channels=cin, out_channels=cout, **kw, **blocks)
 
         # The mapping network, layer by layer in the reference's order of creation.
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == 'positional' \
+            else FourierEmbedding(num_channels=noise_channels)
         self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **xavier) if label_dim else None
         self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **xavier) if augment_dim else None
         self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
