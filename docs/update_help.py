@@ -26,6 +26,7 @@ CLIS = [
     ('evaluate-refs', 'evaluate', 'evaluate.py', ['refs']),
     ('checkpoint-export', 'torch_utils.checkpoint', 'python -m torch_utils.checkpoint', ['export']),
     ('quickstart', 'quickstart', 'quickstart.py', []),
+    ('reconstruct-phema', 'reconstruct_phema', 'reconstruct_phema.py', []),
 ]
 
 
