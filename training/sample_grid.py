@@ -87,13 +87,18 @@ class SampleGrid:
                 labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32) if self.label_dim else None
                 out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
                 return tile(to_uint8(out))
-            real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
-            low = F.avg_pool2d(real, self.up_scale)
-            start = F.interpolate(low, scale_factor=self.up_scale, mode='nearest')
-            labels = self.labels.to(self.device) if self.labels is not None else None
-            out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like,
-                                        num_steps=self.num_steps, **self.relay_kwargs)
+            start, out = self.relay_batch(net, list(range(len(self.seeds))))
             return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+
+    def relay_batch(self, net, indices, **options):
+        """(start, output) of the relay from the grid's images `indices`, each with its seed's
+        generator: the training's settings and num_steps, or blur_sampler `options` (metrics.sweep)."""
+        real = self.images[indices].to(self.device).to(torch.float32) / 127.5 - 1
+        start = F.interpolate(F.avg_pool2d(real, self.up_scale), scale_factor=self.up_scale, mode='nearest')
+        labels = self.labels[indices].to(self.device) if self.labels is not None else None
+        rnd = sampling.StackedRandomGenerator(self.device, [self.seeds[i] for i in indices])
+        options = dict(num_steps=self.num_steps, **self.relay_kwargs) | options
+        return start, sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, **options)
 
     def write(self, net, path):
         """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""
