@@ -85,11 +85,9 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
 
 
 def max_levels(resolution):
-    """How many resolution levels a network can have: the image halves at every level below the first."""
-    levels = 1
-    while resolution % (1 << levels) == 0 and levels < MAX_LEVELS:
-        levels += 1
-    return levels
+    """How many resolution levels a network can have: the image halves at every level below the
+    first, so one more than the times 2 divides the resolution (its lowest set bit's position)."""
+    return min((resolution & -resolution).bit_length(), MAX_LEVELS)
 
 #----------------------------------------------------------------------------
 # Options: the rules between them (click has checked each value).

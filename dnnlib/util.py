@@ -329,13 +329,10 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
 def format_time(seconds: float) -> str:
     """Compact human-readable duration: '42s', '3m 05s', '2h 07m 09s', '1d 04h 13m'."""
     s = int(round(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+    units = [(s // 86400, 'd'), (s // 3600 % 24, 'h'), (s // 60 % 60, 'm'), (s % 60, 's')]
+    while len(units) > 1 and units[0][0] == 0:  # From the largest unit that is not zero, three at most.
+        units.pop(0)
+    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02d}{unit}' for i, (value, unit) in enumerate(units[:3]))
 
 
 class Logger(contextlib.AbstractContextManager):

@@ -2,8 +2,9 @@
 dataset images), recorded in RUN_DIR/metrics-<tag>.jsonl and plotted in RUN_DIR/metrics-<tag>.png.
 
 `evaluate.py sweep` measures the snapshots of a run folder; `train.py --metrics` measures each
-snapshot as the training writes it. Both go through RunMetrics, so their figures agree; its
-measurement leaves the global random states as they were and reports to training_stats.
+snapshot as the training writes it. Both go through RunMetrics, so their figures agree. The
+sampling draws from per-seed generators only, never from the global random streams that the
+training draws from (tests/test_sweep.py checks that the weights stay bit-identical).
 
 What a snapshot's images are (RunMetrics.measure): a first-stage run, EDM's sampler from seeds
 0..num-1 (as evaluate.py gen samples them); a second-stage run, the relay after a given first
@@ -136,8 +137,7 @@ class RunMetrics:
             pipe = pipeline.RelayPipeline(*((self.first, net) if record.stage == 'second' else (net, None)), preset=preset,
                                           device=self.device, warn=False, **options)
             make = lambda idx: pipe(idx.tolist(), batch_size=len(idx))
-        with sample_grid.preserved_random_state(self.device):  # The training's streams stay untouched.
-            sample = features(make, self.num, self.batch, self.detectors)
+        sample = features(make, self.num, self.batch, self.detectors)
         results, names = sample and compute_metrics(metrics, sample, self.ref)[0], [name for m in metrics for name in RESULTS[m]]
         for name in names if self.stats else ():
             training_stats.report0(f'Metrics/{name}', results[name] if results else 0)  # Rank 0's values; the others register names.

@@ -85,7 +85,8 @@ def test_blur_sigma_of_noise_level_is_bit_exact():
 
 
 def test_blur_identity_and_dc():
-    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    # Seeded: the variance order compares two different images (a few seeds in 2000 reverse it).
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(blurring.blur(x, 0.0, 4), x, atol=1e-12)
     y = blurring.blur(x, torch.tensor([1.0, 3.0]), 4)
     block_mean = lambda z: z.reshape(2, 3, 2, 4, 3, 4).mean(dim=(3, 5))

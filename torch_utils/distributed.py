@@ -12,10 +12,6 @@ import dnnlib
 from torch_utils import training_stats
 
 
-def is_torchrun() -> bool:
-    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-
-
 def get_device() -> torch.device:
     """The device this process should use: its own GPU under torchrun, else cuda:0, else CPU."""
     if torch.cuda.is_available():
@@ -25,7 +21,7 @@ def get_device() -> torch.device:
 
 def init() -> None:
     """Join the torchrun process group if there is one; idempotent; a no-op for one process."""
-    if is_torchrun() and not torch.distributed.is_initialized():
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not torch.distributed.is_initialized():  # Under torchrun.
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(get_device())

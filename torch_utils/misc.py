@@ -12,15 +12,12 @@ import torch
 _constants = {}
 
 
-def constant(value, shape=None, dtype=None, device=None, memory_format=None):
-    value = np.asarray(value)
-    dtype = dtype or torch.get_default_dtype()
-    device = torch.device(device or 'cpu')
-    memory_format = memory_format or torch.contiguous_format
-    key = (value.tobytes(), value.shape, value.dtype, None if shape is None else tuple(shape), dtype, device, memory_format)
+def constant(value, shape=None, dtype=None, device=None):
+    value, dtype, device = np.asarray(value), dtype or torch.get_default_dtype(), torch.device(device or 'cpu')
+    key = (value.tobytes(), value.shape, value.dtype, None if shape is None else tuple(shape), dtype, device)
     if key not in _constants:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        _constants[key] = (tensor if shape is None else tensor.expand(shape)).contiguous(memory_format=memory_format)
+        _constants[key] = (tensor if shape is None else tensor.expand(shape)).contiguous()
     return _constants[key]
 
 #----------------------------------------------------------------------------

@@ -49,14 +49,6 @@ def rotate2d(theta, **kw):
     return matrix([cos, -sin, 0], [sin, cos, 0], [0, 0, 1], **kw)
 
 
-def translate3d(tx, ty, tz, **kw):
-    return matrix([1, 0, 0, tx], [0, 1, 0, ty], [0, 0, 1, tz], [0, 0, 0, 1], **kw)
-
-
-def scale3d(sx, sy, sz, **kw):
-    return matrix([sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1], **kw)
-
-
 def rotate3d(axis, theta, **kw):
     """Rotation by theta around the unit vector `axis` (Rodrigues' formula)."""
     x, y, z = axis[..., 0], axis[..., 1], axis[..., 2]
@@ -175,12 +167,12 @@ class AugmentPipe:
         if self.brightness > 0:
             w = self._gate(torch.randn([N], device=device), self.brightness, [N])
             b = w * self.brightness_std
-            M = translate3d(b, b, b) @ M
+            M = matrix([1, 0, 0, b], [0, 1, 0, b], [0, 0, 1, b], [0, 0, 0, 1]) @ M  # Shift along every channel.
             labels.append(w)
         if self.contrast > 0:
             w = self._gate(torch.randn([N], device=device), self.contrast, [N])
             c = w.mul(self.contrast_std).exp2()
-            M = scale3d(c, c, c) @ M
+            M = matrix([c, 0, 0, 0], [0, c, 0, 0], [0, 0, c, 0], [0, 0, 0, 1]) @ M  # Scale every channel.
             labels.append(w)
         if self.lumaflip > 0:
             w = self._gate(torch.randint(2, [N, 1, 1], device=device), self.lumaflip, [N, 1, 1])

@@ -1,6 +1,6 @@
 """Training losses. Each is called as `loss_fn(net=, images=, labels=, augment_pipe=)` on a batch
 of images in [-1, 1] and returns the weighted squared error per pixel, shape [N, C, H, W]; the
-training loop sums it and normalises it (training/training_loop.py, LOSS_NORMS).
+training loop sums it and normalises it (training/training_loop.py, its loss_norm option).
 
 Order of random draws (kept from the reference so a given seed trains the same way): the noise
 level first ([N, 1, 1, 1]), then the augmentation pipe's draws, then the Gaussian noise.

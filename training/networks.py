@@ -96,16 +96,13 @@ class Conv2d(torch.nn.Module):
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
         fused = self.fused_resample and w is not None
-        conv_pad = w_pad
-        if self.up:
+        if self.up:  # Fused: the upsampling takes over part of the convolution's padding.
             x = _fir(x, f, up=True, pad=max(f_pad - w_pad, 0) if fused else f_pad)
-            conv_pad = max(w_pad - f_pad, 0) if fused else w_pad
+            w_pad = max(w_pad - f_pad, 0) if fused else w_pad
         if self.down and not fused:
             x = _fir(x, f, up=False, pad=f_pad)
-        if self.down and fused:
-            conv_pad = w_pad + f_pad
         if w is not None:
-            x = torch.nn.functional.conv2d(x, w, padding=conv_pad)
+            x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad if self.down and fused else w_pad)
         if self.down and fused:
             x = _fir(x, f, up=False, pad=0)
         if self.bias is not None:
@@ -176,14 +173,9 @@ class UNetBlock(torch.nn.Module):
                  channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=[1,1], resample_proj=False,
                  adaptive_scale=True, init=dict(), init_zero=dict(init_weight=0), init_attn=None, eff_attn=False):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
         self.num_heads = (num_heads if num_heads is not None else out_channels // channels_per_head) if attention else 0
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
-        self.eff_attn = eff_attn
+        self.dropout, self.skip_scale, self.adaptive_scale, self.eff_attn = dropout, skip_scale, adaptive_scale, eff_attn
         resample = dict(up=up, down=down, resample_filter=resample_filter)
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
@@ -257,8 +249,9 @@ class FourierEmbedding(torch.nn.Module):
 # '<res>x<res>_<role>'; the encoder keeps every non-auxiliary output for the decoder, whose
 # blocks take it back (concatenated) wherever their input is wider than the running tensor.
 
-def _levels(img_resolution, channel_mult):
-    return [(level, img_resolution >> level, mult) for level, mult in enumerate(channel_mult)]
+def _levels(img_resolution, channel_mult, model_channels):
+    """(level, resolution, channels) from the finest level to the coarsest."""
+    return [(level, img_resolution >> level, model_channels * mult) for level, mult in enumerate(channel_mult)]
 
 
 def _drop_labels(labels, p, training, x):
@@ -273,10 +266,79 @@ def _role(key):
     return key.split('_', 1)[1]
 
 
-def _decoder_block(block, x, emb, skips):
-    if x.shape[1] != block.in_channels:
-        x = torch.cat([x, skips.pop()], dim=1)
-    return block(x, emb)
+def _add_encoder(enc, levels, first_conv, block, num_blocks, attn_resolutions, add_aux=None):
+    """The encoder from the finest level: first_conv there, a downsampling block on every other
+    level (after which add_aux(at, channels) adds that level's 'aux' layers), then num_blocks
+    blocks per level. Returns the output channels of each non-auxiliary layer, for the decoder."""
+    for level, res, level_channels in levels:
+        at = f'{res}x{res}'
+        if level == 0:
+            enc[f'{at}_conv'] = first_conv
+            channels = first_conv.out_channels
+        else:
+            enc[f'{at}_down'] = block(channels, channels, down=True)
+            if add_aux is not None:
+                add_aux(at, channels)
+        for i in range(num_blocks):
+            enc[f'{at}_block{i}'] = block(channels, level_channels, attention=res in attn_resolutions)
+            channels = level_channels
+    return [layer.out_channels for key, layer in enc.items() if not _role(key).startswith('aux')]
+
+
+def _add_decoder(dec, levels, channels, skips, block, num_blocks, attention, add_heads=None):
+    """The decoder from the coarsest level: two blocks there (an upsampling one elsewhere), then
+    num_blocks + 1 blocks that each take back a skip; attention(i, res) says which blocks attend,
+    add_heads(level, at, channels) adds a level's output layers."""
+    for level, res, level_channels in reversed(levels):
+        at = f'{res}x{res}'
+        if level == len(levels) - 1:
+            dec[f'{at}_in0'] = block(channels, channels, attention=True)
+            dec[f'{at}_in1'] = block(channels, channels)
+        else:
+            dec[f'{at}_up'] = block(channels, channels, up=True)
+        for i in range(num_blocks + 1):
+            cin, channels = channels + skips.pop(), level_channels
+            dec[f'{at}_block{i}'] = block(cin, channels, attention=attention(i, res))
+        if add_heads is not None:
+            add_heads(level, at, channels)
+    return channels
+
+
+def _encode(enc, x, emb):
+    """The encoder's last output and the outputs kept for the decoder. The 'aux' layers of the
+    'skip' and 'residual' encoders run a second path fed by the image, resampled."""
+    skips, aux = [], x
+    for key, layer in enc.items():
+        role = _role(key)
+        if role == 'aux_down':
+            aux = layer(aux)
+        elif role == 'aux_skip':
+            x = skips[-1] = x + layer(aux)
+        elif role == 'aux_residual':
+            x = skips[-1] = aux = (x + layer(aux)) / np.sqrt(2)
+        else:
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+    return x, skips
+
+
+def _decode(dec, x, emb, skips):
+    """The decoder's last output and the sum of its 'aux_conv' heads (None without heads)."""
+    out = normed = None
+    for key, layer in dec.items():
+        role = _role(key)
+        if role == 'aux_up':
+            out = layer(out)
+        elif role == 'aux_norm':
+            normed = layer(x)
+        elif role == 'aux_conv':
+            head = layer(silu(normed))
+            out = head if out is None else head + out
+        else:
+            if x.shape[1] != layer.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+    return x, out
 
 #----------------------------------------------------------------------------
 # DDPM++ / NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through Stochastic
@@ -322,48 +384,34 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
         self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **xavier)
 
-        # Encoder. 'skip' and 'residual' add a second path (aux) fed by the image, resampled.
-        levels = _levels(img_resolution, channel_mult)
+        # 'skip' and 'residual' encoders add a second path (aux) fed by the image, resampled.
+        aux_channels = in_channels
+        def add_aux(at, channels):
+            nonlocal aux_channels
+            if encoder_type == 'skip':
+                self.enc[f'{at}_aux_down'] = Conv2d(in_channels=aux_channels, out_channels=aux_channels, kernel=0, down=True, **fir)
+                self.enc[f'{at}_aux_skip'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=1, **xavier)
+            if encoder_type == 'residual':
+                self.enc[f'{at}_aux_residual'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=3, down=True, **fir,
+                                                        fused_resample=True, **xavier)
+                aux_channels = channels
+        levels = _levels(img_resolution, channel_mult, model_channels)
         self.enc = torch.nn.ModuleDict()
-        channels, aux_channels = in_channels, in_channels
-        for level, res, mult in levels:
-            at = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{at}_conv'] = Conv2d(in_channels=channels, out_channels=model_channels, kernel=3, **xavier)
-                channels = model_channels
-            else:
-                self.enc[f'{at}_down'] = block(channels, channels, down=True)
-                if encoder_type == 'skip':
-                    self.enc[f'{at}_aux_down'] = Conv2d(in_channels=aux_channels, out_channels=aux_channels, kernel=0, down=True, **fir)
-                    self.enc[f'{at}_aux_skip'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=1, **xavier)
-                if encoder_type == 'residual':
-                    self.enc[f'{at}_aux_residual'] = Conv2d(in_channels=aux_channels, out_channels=channels, kernel=3, down=True, **fir,
-                                                            fused_resample=True, **xavier)
-                    aux_channels = channels
-            for i in range(num_blocks):
-                self.enc[f'{at}_block{i}'] = block(channels, model_channels * mult, attention=res in attn_resolutions)
-                channels = model_channels * mult
-        skips = [layer.out_channels for key, layer in self.enc.items() if not _role(key).startswith('aux')]
+        skips = _add_encoder(self.enc, levels, Conv2d(in_channels=in_channels, out_channels=model_channels, kernel=3, **xavier),
+                             block, num_blocks, attn_resolutions, add_aux)
+        channels = skips[-1]
 
-        # Decoder. Attention only in the last block of a level; the output is the sum of the
-        # 'aux_conv' heads ('skip': one per level, upsampled along; 'standard': the finest only).
-        self.dec = torch.nn.ModuleDict()
-        for level, res, mult in reversed(levels):
-            at = f'{res}x{res}'
-            if level == len(levels) - 1:
-                self.dec[f'{at}_in0'] = block(channels, channels, attention=True)
-                self.dec[f'{at}_in1'] = block(channels, channels)
-            else:
-                self.dec[f'{at}_up'] = block(channels, channels, up=True)
-            for i in range(num_blocks + 1):
-                cin = channels + skips.pop()
-                channels = model_channels * mult
-                self.dec[f'{at}_block{i}'] = block(cin, channels, attention=(i == num_blocks and res in attn_resolutions))
+        # Attention only in the last block of a level; the output is the sum of the 'aux_conv'
+        # heads ('skip': one per level, upsampled along; 'standard': the finest only).
+        def add_heads(level, at, channels):
             if decoder_type == 'skip' or level == 0:
                 if decoder_type == 'skip' and level < len(levels) - 1:
                     self.dec[f'{at}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, **fir)
                 self.dec[f'{at}_aux_norm'] = GroupNorm(num_channels=channels, eps=1e-6)
                 self.dec[f'{at}_aux_conv'] = Conv2d(in_channels=channels, out_channels=out_channels, kernel=3, **near_zero)
+        self.dec = torch.nn.ModuleDict()
+        _add_decoder(self.dec, levels, channels, skips, block, num_blocks,
+                     attention=lambda i, res: i == num_blocks and res in attn_resolutions, add_heads=add_heads)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         emb = self.map_noise(noise_labels)
@@ -374,33 +422,8 @@ class SongUNet(torch.nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
-
-        skips, aux = [], x
-        for key, layer in self.enc.items():
-            role = _role(key)
-            if role == 'aux_down':
-                aux = layer(aux)
-            elif role == 'aux_skip':
-                x = skips[-1] = x + layer(aux)
-            elif role == 'aux_residual':
-                x = skips[-1] = aux = (x + layer(aux)) / np.sqrt(2)
-            else:
-                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
-                skips.append(x)
-
-        out = normed = None
-        for key, layer in self.dec.items():
-            role = _role(key)
-            if role == 'aux_up':
-                out = layer(out)
-            elif role == 'aux_norm':
-                normed = layer(x)
-            elif role == 'aux_conv':
-                head = layer(silu(normed))
-                out = head if out is None else head + out
-            else:
-                x = _decoder_block(layer, x, emb, skips)
-        return out
+        x, skips = _encode(self.enc, x, emb)
+        return _decode(self.dec, x, emb, skips)[1]
 
 #----------------------------------------------------------------------------
 # ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"), in EDM's form.
@@ -427,33 +450,12 @@ class DhariwalUNet(torch.nn.Module):
         self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal',
                                  init_weight=np.sqrt(label_dim)) if label_dim else None)
 
-        levels = _levels(img_resolution, channel_mult)
+        levels = _levels(img_resolution, channel_mult, model_channels)
         self.enc = torch.nn.ModuleDict()
-        channels = in_channels
-        for level, res, mult in levels:
-            at = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{at}_conv'] = Conv2d(in_channels=channels, out_channels=model_channels * mult, kernel=3, **kaiming)
-                channels = model_channels * mult
-            else:
-                self.enc[f'{at}_down'] = block(channels, channels, down=True)
-            for i in range(num_blocks):
-                self.enc[f'{at}_block{i}'] = block(channels, model_channels * mult, attention=res in attn_resolutions)
-                channels = model_channels * mult
-        skips = [layer.out_channels for layer in self.enc.values()]
-
+        skips = _add_encoder(self.enc, levels, Conv2d(in_channels=in_channels, out_channels=levels[0][2], kernel=3, **kaiming),
+                             block, num_blocks, attn_resolutions)
         self.dec = torch.nn.ModuleDict()
-        for level, res, mult in reversed(levels):
-            at = f'{res}x{res}'
-            if level == len(levels) - 1:
-                self.dec[f'{at}_in0'] = block(channels, channels, attention=True)
-                self.dec[f'{at}_in1'] = block(channels, channels)
-            else:
-                self.dec[f'{at}_up'] = block(channels, channels, up=True)
-            for i in range(num_blocks + 1):
-                cin = channels + skips.pop()
-                channels = model_channels * mult
-                self.dec[f'{at}_block{i}'] = block(cin, channels, attention=res in attn_resolutions)
+        channels = _add_decoder(self.dec, levels, skips[-1], skips, block, num_blocks, attention=lambda i, res: res in attn_resolutions)
         self.out_norm = GroupNorm(num_channels=channels)
         self.out_conv = Conv2d(in_channels=channels, out_channels=out_channels, kernel=3, **zero)
 
@@ -465,13 +467,8 @@ class DhariwalUNet(torch.nn.Module):
         if self.map_label is not None:
             emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training, x))
         emb = silu(emb)
-
-        skips = []
-        for layer in self.enc.values():
-            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
-            skips.append(x)
-        for block in self.dec.values():
-            x = _decoder_block(block, x, emb, skips)
+        x, skips = _encode(self.enc, x, emb)
+        x, _ = _decode(self.dec, x, emb, skips)
         return self.out_conv(silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
@@ -483,17 +480,13 @@ _UNETS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
 
 class _Preconditioned(torch.nn.Module):
-    def _set_up(self, img_resolution, img_channels, label_dim, use_fp16):
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-
-    def _build_model(self, model_type, out_channels, model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, out_channels):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim, self.use_fp16 = img_resolution, img_channels, label_dim, use_fp16
         if model_type not in _UNETS:
             raise ValueError(f'Unknown model_type "{model_type}"; expected one of {", ".join(_UNETS)}')
-        self.model = _UNETS[model_type](img_resolution=self.img_resolution, in_channels=self.img_channels,
-                                        out_channels=out_channels, label_dim=self.label_dim, **model_kwargs)
+        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=out_channels,
+                                        label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x = x.to(torch.float32)
@@ -520,16 +513,10 @@ class _Preconditioned(torch.nn.Module):
 class VPPrecond(_Preconditioned):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000,
                  epsilon_t=1e-5, model_type='SongUNet', **model_kwargs):
-        super().__init__()
-        self._set_up(img_resolution, img_channels, label_dim, use_fp16)
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.M = M
-        self.epsilon_t = epsilon_t
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, img_channels)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         with torch.device('cpu'):  # Host scalars, also when the checkpoint loader builds on the meta device.
-            self.sigma_min = float(self.sigma(epsilon_t))
-            self.sigma_max = float(self.sigma(1))
-        self._build_model(model_type, img_channels, model_kwargs)
+            self.sigma_min, self.sigma_max = float(self.sigma(epsilon_t)), float(self.sigma(1))
 
     def coefficients(self, sigma):
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
@@ -549,11 +536,8 @@ class VPPrecond(_Preconditioned):
 class VEPrecond(_Preconditioned):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100,
                  model_type='SongUNet', **model_kwargs):
-        super().__init__()
-        self._set_up(img_resolution, img_channels, label_dim, use_fp16)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self._build_model(model_type, img_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, img_channels)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
@@ -565,20 +549,15 @@ class VEPrecond(_Preconditioned):
 class iDDPMPrecond(_Preconditioned):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
                  model_type='DhariwalUNet', **model_kwargs):
-        super().__init__()
-        self._set_up(img_resolution, img_channels, label_dim, use_fp16)
-        self.C_1 = C_1
-        self.C_2 = C_2
-        self.M = M
-        self._build_model(model_type, img_channels * 2, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, img_channels * 2)
+        self.C_1, self.C_2, self.M = C_1, C_2, M
         u = torch.zeros(M + 1)
         if not u.is_meta:  # On the meta device (the checkpoint loader) the levels come from the file.
             for j in range(M, 0, -1):
                 ratio = (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1)
                 u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
         self.register_buffer('u', u)
-        self.sigma_min = None if u.is_meta else float(u[M - 1])
-        self.sigma_max = None if u.is_meta else float(u[0])
+        self.sigma_min, self.sigma_max = (None, None) if u.is_meta else (float(u[M - 1]), float(u[0]))
 
     def coefficients(self, sigma):
         index = self.round_sigma(sigma, return_index=True)
@@ -602,12 +581,8 @@ class iDDPMPrecond(_Preconditioned):
 class EDMPrecond(_Preconditioned):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float('inf'),
                  sigma_data=0.5, model_type='DhariwalUNet', **model_kwargs):
-        super().__init__()
-        self._set_up(img_resolution, img_channels, label_dim, use_fp16)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
-        self._build_model(model_type, img_channels, model_kwargs)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, img_channels)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
     def coefficients(self, sigma):
         var_data, var = self.sigma_data ** 2, sigma ** 2

@@ -1,16 +1,15 @@
 """Samples while training: a small fixed-seed grid of the EMA network, one PNG per snapshot.
 
 First stage: EDM's sampler (`training.sampling`, its defaults but `num_steps`) from the seeds'
-latents, class labels seed % label_dim as generate.py. Second stage (BlurLoss): the relay from real dataset images, downsampled by
-`up_scale` and upsampled back (nearest), as a first-stage output would be; the PNG shows those
-inputs above the relay's outputs. The same seeds and the same images every time, so the grids
-of one run are comparable.
+latents, class labels seed % label_dim as generate.py. Second stage (BlurLoss): the relay from
+real dataset images, downsampled by `up_scale` and upsampled back (nearest), as a first-stage
+output would be; the PNG shows those inputs above the relay's outputs. The same seeds and the
+same images every time, so the grids of one run are comparable.
 
 The grid never touches the training's random streams: every draw comes from per-seed
 generators, and the global CPU/CUDA/numpy states are restored afterwards in any case.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -33,23 +32,8 @@ def tile(images, columns=None):
     n, h, w, c = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / columns))
-    grid = np.zeros([rows * h, columns * w, c], dtype=np.uint8)
-    for idx, img in enumerate(images):
-        y, x = divmod(idx, columns)
-        grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = img
-    return grid
-
-
-@contextlib.contextmanager
-def preserved_random_state(device):
-    """Restore the global torch (CPU and `device`'s CUDA) and numpy random states on exit."""
-    np_state = np.random.get_state()
-    cuda_devices = [device] if device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
+    padded = np.concatenate([images, np.zeros([rows * columns - n, h, w, c], dtype=np.uint8)])
+    return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
 
 
 class SampleGrid:
@@ -58,46 +42,50 @@ class SampleGrid:
         # The training's precision: bf16 autocast around the U-Net; fp16 is the network's own use_fp16.
         self.fast = fast_mode.FastSettings(precision='bf16') if precision == 'bf16' else None
         self.seeds = list(range(seed, seed + num_images))
-        self.num_steps = num_steps
-        self.label_dim = dataset.label_dim
-        record = loss.training_record(loss_kwargs)
-        self.relay = record.stage == 'second'
-        self.inputs = None
+        self.num_steps, self.label_dim = num_steps, dataset.label_dim
+        self.relay = loss.training_record(loss_kwargs).relay  # BlurLoss's settings; empty for the first stage.
         if self.relay:
-            self.up_scale = record.relay['up_scale']
-            self.relay_kwargs = dict(up_scale=self.up_scale, blur_sigma_max=record.relay['blur_sigma_max'],
-                                     truncation_t=record.relay['prob_length'], s_block=record.relay['block_scale'])
             # Evenly spaced images of the dataset, read once: the same inputs at every snapshot.
-            indices = np.linspace(0, len(dataset) - 1, num_images).round().astype(np.int64)
-            items = [dataset[int(idx)] for idx in indices]
+            items = [dataset[int(idx)] for idx in np.linspace(0, len(dataset) - 1, num_images).round()]
             self.images = torch.as_tensor(np.stack([image for image, _label in items]))
             self.labels = torch.as_tensor(np.stack([label for _image, label in items])) if self.label_dim else None
 
     @torch.no_grad()
     def sample(self, net):
-        """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image."""
-        net = fast_mode.prepare(net, self.fast) if self.fast is not None else net
-        with preserved_random_state(self.device):
-            rnd = sampling.StackedRandomGenerator(self.device, self.seeds)
-            res = net.img_resolution
-            if not self.relay:
-                latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
-                # One-hot seed % label_dim, as generate.py's, built row by row: a dataset with a class
-                # 99999 must not cost an identity matrix of 100000^2.
-                labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32) if self.label_dim else None
-                out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
-                return tile(to_uint8(out))
-            start, out = self.relay_batch(net, list(range(len(self.seeds))))
-            return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+        """The grid of `net` (an eval-mode network on `device`) as one (H, W, C) uint8 image. The
+        global torch (CPU and `device`'s CUDA) and numpy random states are restored afterwards."""
+        net = fast_mode.prepare(net, self.fast)
+        numpy_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
+                return self._sample(net, sampling.StackedRandomGenerator(self.device, self.seeds))
+        finally:
+            np.random.set_state(numpy_state)
 
-    def relay_batch(self, net, indices, **options):
-        """(start, output) of the relay from the grid's images `indices`, each with its seed's
-        generator: the training's settings and num_steps, or blur_sampler `options` (metrics.sweep)."""
+    def _sample(self, net, rnd):
+        if not self.relay:
+            res = net.img_resolution
+            latents = rnd.randn([len(self.seeds), net.img_channels, res, res], device=self.device)
+            # One-hot seed % label_dim, as generate.py's, built row by row: a dataset with a class
+            # 99999 must not cost an identity matrix of 100000^2.
+            labels = None
+            if self.label_dim:
+                labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32)
+            out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
+            return tile(to_uint8(out))
+        start, out = self.relay_batch(net, list(range(len(self.seeds))), rnd)
+        return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+
+    def relay_batch(self, net, indices, rnd=None, **options):
+        """(start, output) of the relay from the grid's images `indices` with their seeds' generators
+        (rnd: those generators): the training's settings and num_steps, or blur_sampler `options`."""
+        up_scale = self.relay['up_scale']
         real = self.images[indices].to(self.device).to(torch.float32) / 127.5 - 1
-        start = F.interpolate(F.avg_pool2d(real, self.up_scale), scale_factor=self.up_scale, mode='nearest')
+        start = F.interpolate(F.avg_pool2d(real, up_scale), scale_factor=up_scale, mode='nearest')
         labels = self.labels[indices].to(self.device) if self.labels is not None else None
-        rnd = sampling.StackedRandomGenerator(self.device, [self.seeds[i] for i in indices])
-        options = dict(num_steps=self.num_steps, **self.relay_kwargs) | options
+        rnd = rnd or sampling.StackedRandomGenerator(self.device, [self.seeds[i] for i in indices])
+        options = dict(num_steps=self.num_steps, up_scale=up_scale, blur_sigma_max=self.relay['blur_sigma_max'],
+                       truncation_t=self.relay['prob_length'], s_block=self.relay['block_scale']) | options
         return start, sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, **options)
 
     def write(self, net, path):

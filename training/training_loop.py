@@ -31,10 +31,12 @@ import time
 import numpy as np
 import psutil
 import torch
+import tqdm
 
 import dnnlib
 import training
 from metrics import sweep as metrics_sweep
+from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
@@ -77,8 +79,7 @@ class RunLock:
     run ends (process exit releases it too)."""
 
     def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, RUN_LOCK_NAME)
-        self.file = None
+        self.path, self.file = os.path.join(run_dir, RUN_LOCK_NAME), None
         try:
             import fcntl
         except ImportError:  # No flock on this platform: run unlocked.
@@ -236,9 +237,6 @@ def load_transfer_weights(path, net, ema, partial=False):
 #              mean of the summed loss over the whole batch once DDP averages the gradients;
 #              independent of resolution and batch size.
 
-LOSS_NORMS = ('reference', 'edm')
-
-
 def reference_loss_divisor(images):
     return 32 if images.shape[-1] == 64 else 256
 
@@ -297,7 +295,7 @@ def training_loop(
     logger              = None,     # None / 'none' / 'tensorboard' / 'aim' / 'wandb'.
     logger_kwargs       = {},       # Extra options of the tracker (repo, project, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
-    loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see LOSS_NORMS.
+    loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see above.
     metrics_kwargs      = None,     # metrics.sweep.for_training options (metrics, num, ref, detector), None = no metrics.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
@@ -320,18 +318,14 @@ def training_loop(
     rounds = per_process // batch_gpu
     if batch_size != batch_gpu * rounds * world:
         raise dnnlib.UserError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
-    if loss_norm not in LOSS_NORMS:
-        raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(LOSS_NORMS)}')
-    loss_divisor = reference_loss_divisor if loss_norm == 'reference' else (lambda _images: per_process)
+    divisors = dict(reference=reference_loss_divisor, edm=lambda _images: per_process)
+    if loss_norm not in divisors:
+        raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(divisors)}')
 
     # Dataset. The iterator is made before the network: it draws a seed from the global generator.
     dist.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    loader_kwargs = dict(data_loader_kwargs)
-    if loader_kwargs.get('num_workers', 0) == 0:  # Options that exist only with worker processes.
-        loader_kwargs.pop('prefetch_factor', None)
-        loader_kwargs.pop('multiprocessing_context', None)
-    loader_kwargs['pin_memory'] = loader_kwargs.get('pin_memory', False) and device.type == 'cuda'
+    loader_kwargs = dict(data_loader_kwargs, pin_memory=data_loader_kwargs.get('pin_memory', False) and device.type == 'cuda')
     sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=seed)
     batches = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
 
@@ -379,16 +373,15 @@ def training_loop(
         cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
-    stats_jsonl = exp_logger = grid = pbar = None
+    exp_logger = grid = None
     if rank == 0:
         exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
         if sample_grid_kwargs is not None and run_dir is not None:
             from training.sample_grid import SampleGrid
             grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
-        if progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty()):
-            import tqdm
-            pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img',
-                             unit_scale=True, dynamic_ncols=True, leave=False, file=sys.__stderr__)  # The terminal, not log.txt.
+    terminal = progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty())
+    pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
+                     dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
 
     # Every rank: the measurement is spread over them.
     run_metrics = metrics_sweep.for_training(run_dir, dataset, loss_kwargs, device, **metrics_kwargs) if metrics_kwargs else None
@@ -406,10 +399,9 @@ def training_loop(
             with ddp.no_sync() if ddp is not train_net and round_idx < rounds - 1 else contextlib.nullcontext():
                 images, labels = next(batches)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                loss = loss_fn(net=ddp, images=images, labels=labels.to(device), augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / loss_divisor(images)).backward()
+                loss.sum().mul(loss_scaling / divisors[loss_norm](images)).backward()
 
         # Learning rate ramped up linearly over lr_rampup_kimg; non-finite gradients made finite.
         lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
@@ -430,17 +422,13 @@ def training_loop(
 
         # Once per tick (and at the end): status line, snapshots, stats.
         cur_nimg += batch_size
-        if pbar is not None:
-            pbar.update(batch_size)
+        pbar.update(batch_size)
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
         tick_end_time, line = _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg,
                                            maintenance_time, device)
-        if pbar is not None:
-            pbar.write(line)  # Keeps the bar intact; Logger still copies the line to log.txt.
-        else:
-            dist.print0(line)
+        (dist.print0 if pbar.disable else pbar.write)(line)  # pbar.write keeps the bar intact; log.txt still gets the line.
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
@@ -454,19 +442,17 @@ def training_loop(
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
         stats = training_stats.collect()
         if rank == 0:
-            if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-            stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
+                f.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
             if exp_logger is not None:
                 exp_logger.log(stats, step=cur_nimg)
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         maintenance_time = tick_start_time - tick_end_time
 
-    for resource in (pbar, stats_jsonl, exp_logger):
-        if resource is not None:
-            resource.close()
+    pbar.close()
+    if exp_logger is not None:
+        exp_logger.close()
     dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
 
@@ -481,27 +467,15 @@ def _plain(value):
 
 
 def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs):
-    from torch_utils import checkpoint
-    data = dict(ema=ema, loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe, dataset_kwargs=_plain(dataset_kwargs))
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            value = copy.deepcopy(value).eval().requires_grad_(False)
-            misc.check_ddp_consistency(value)
-            data[key] = value.cpu()
-    if dist.get_rank() != 0:
-        return None
-    path = os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl')
-    checkpoint.save_snapshot(path, data)
-    return path
+    misc.check_ddp_consistency(ema)
+    if dist.get_rank() == 0:
+        data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe,
+                    dataset_kwargs=_plain(dataset_kwargs))
+        checkpoint.save_snapshot(os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl'), data)
 
 
-def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs=None):
-    from torch_utils import checkpoint
-    if dist.get_rank() != 0:
-        return None
-    path = os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt')
-    data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg)
-    if loss_kwargs is not None:
-        data['loss_kwargs'] = _plain(loss_kwargs)  # Records the stage, for --resume's check.
-    checkpoint.save_training_state(path, data)
-    return path
+def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs):
+    # loss_kwargs records the stage, for --resume's check.
+    if dist.get_rank() == 0:
+        data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg, loss_kwargs=_plain(loss_kwargs))
+        checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt'), data)
