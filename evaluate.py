@@ -38,7 +38,7 @@ from metrics.dinov2 import DINOV2_VITL14_URL
 from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS
 from metrics.sweep import load_detectors, open_reference
 from torch_utils import distributed as dist
-from training import loss, pipeline, sample_grid
+from training import loss, pipeline
 from training.dataset import ImageFolderDataset
 
 FEATURES = ['inception', 'dinov2']
@@ -333,13 +333,12 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
     if (stage == 'second') != (relay_from_data or network_first is not None):
         raise dnnlib.UserError(f'{snapshots[0][1]} is a {stage}-stage snapshot: ' + ('give --network_first for the relay, or --relay-from-data'
                                if stage == 'second' else '--network_first and --relay-from-data are for second-stage runs'))
-    grid = None
-    if relay_from_data:
-        kwargs = {k: v for k, v in (data.get('dataset_kwargs') or {}).items() if k in ('path', 'resolution', 'max_size', 'use_labels', 'xflip')}
-        grid = sample_grid.SampleGrid(ImageFolderDataset(**dict(kwargs, path=data_path or kwargs.get('path', ''))), data, num_images=num, device=device)
-    run = run_metrics.RunMetrics(run_dir, metrics, num, ref_path, detector, dinov2, trust_detector, preset, options, network_first, grid,
-                                 batch, device)
-    todo = [(kimg, path, missing) for kimg, path in snapshots if (missing := run.missing(os.path.basename(path)))]
+    kwargs = {k: v for k, v in (data.get('dataset_kwargs') or {}).items() if k in ('path', 'resolution', 'max_size', 'use_labels', 'xflip')}
+    dataset = ImageFolderDataset(**dict(kwargs, path=data_path or kwargs.get('path', ''))) if relay_from_data else None
+    run = run_metrics.RunMetrics(run_dir, metrics, num, ref_path, detector, dinov2, trust_detector, preset, options, network_first, dataset,
+                                 data, batch, device)
+    done = {(line['snapshot'], line['metric']) for line in run.lines}
+    todo = [(kimg, path, missing) for kimg, path in snapshots if (missing := [m for m in metrics if (os.path.basename(path), m) not in done])]
     dist.print0(f'{len(snapshots) - len(todo)} of {len(snapshots)} snapshots already measured; results in {run.path}.jsonl')
     for kimg, path, missing in tqdm.tqdm(todo, unit='snapshot', disable=dist.get_rank() != 0):
         data = dist.rank0_first(lambda: training.load_checkpoint(path))

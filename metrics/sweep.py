@@ -2,7 +2,8 @@
 dataset images), recorded in RUN_DIR/metrics-<tag>.jsonl and plotted in RUN_DIR/metrics-<tag>.png.
 
 `evaluate.py sweep` measures the snapshots of a run folder; `train.py --metrics` measures each
-snapshot as the training writes it. Both go through RunMetrics, so their figures agree. The
+snapshot as the training writes it. Both go through RunMetrics (the training's with
+the settings of a default sweep), so their figures and their record agree. The
 sampling draws from per-seed generators only, never from the global random streams that the
 training draws from (tests/test_sweep.py checks that the weights stay bit-identical).
 
@@ -70,8 +71,7 @@ def open_reference(ref_path, metrics, flag='--ref'):
         local, info = refs.resolve(ref_path, verbose=True)
     except (OSError, ValueError) as err:
         raise dnnlib.UserError(f'{flag} {ref_path}: {err}') from None
-    ref = acts.FeatureSet(local, name=ref_path)
-    check_inputs(metrics, None, ref)
+    check_inputs(metrics, None, ref := acts.FeatureSet(local, name=ref_path))
     return ref, info
 
 
@@ -101,13 +101,16 @@ class RunMetrics:
     stats: also report each measurement and its cost to training_stats (the training's stats.jsonl)."""
 
     def __init__(self, run_dir, metrics, num, ref=None, detector=DEFAULT_DETECTOR_URL, dinov2=DINOV2_VITL14_URL, trust_detector=False,
-                 preset='generate', options=None, network_first=None, grid=None, batch=64, device=None, ref_flag='--ref', stats=False):
-        self.metrics, self.num, self.grid, self.batch, self.device, self.stats = metrics, num, grid, batch, device, stats
+                 preset='generate', options=None, network_first=None, dataset=None, loss_kwargs=None, batch=64, device=None,
+                 ref_flag='--ref', stats=False):
+        self.metrics, self.num, self.batch, self.device, self.stats = metrics, num, batch, device, stats
+        relay = dataset is not None and loss.training_record(loss_kwargs).stage == 'second'
+        self.grid = grid = sample_grid.SampleGrid(dataset, loss_kwargs, num_images=num, device=device) if relay else None
         self.settings = dict(preset=preset, options=options or {}, ref=ref, detector=detector, dinov2=dinov2, network_first=network_first,
                              relay_from_data=grid is not None)
         self.first = dist.rank0_first(lambda: pipeline.load_stage(network_first, 'first', device)[0]) if network_first else None
         self.detectors = load_detectors(metric_features(metrics), detector, dinov2, trust_detector)
-        self.ref = (features(lambda idx: grid.images[idx], num, batch, self.detectors, 'the dataset images') if ref is None and grid is not None
+        self.ref = (features(lambda i: grid.images[i], num, batch, self.detectors, 'the dataset images') if ref is None and grid is not None
                     else dist.rank0_first(lambda: open_reference(ref, metrics, ref_flag)[0]))
         self.tag = f'{num}-{hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]}'
         self.path, self.lines = run_dir and os.path.join(run_dir, f'metrics-{self.tag}'), []
@@ -118,20 +121,15 @@ class RunMetrics:
                 except ValueError as err:
                     raise dnnlib.UserError(f'{self.path}.jsonl: not JSON lines ({err}); move it away to measure anew') from None
 
-    def missing(self, snapshot):
-        """The metrics not yet recorded for a snapshot (file name)."""
-        return [m for m in self.metrics if not any(line['snapshot'] == snapshot and line['metric'] == m for line in self.lines)]
-
-    def measure(self, net, loss_record, snapshot, kimg, metrics=None):
+    def measure(self, net, source, snapshot, kimg, metrics=None):
         """{name: value} of the metrics of the EMA network `net` of a snapshot on rank 0, recorded
-        and plotted; None elsewhere. Collective. loss_record: the snapshot or the training's
+        and plotted; None elsewhere. Collective. source: the snapshot or the training's
         loss_kwargs (what training.loss.training_record reads). The images: seeds 0..num-1 of the
         first stage, or of the relay after network_first, or the relay of the grid's images."""
-        start, metrics, preset, record = time.time(), metrics or self.metrics, self.settings['preset'], loss.training_record(loss_record)
+        start, metrics, preset, record = time.time(), metrics or self.metrics, self.settings['preset'], loss.training_record(source)
         options = pipeline.resolve_options(preset, self.settings['options'], record.relay)[0]
-        net = net.eval().requires_grad_(False).to(self.device)
-        if self.grid is not None:
-            kwargs = pipeline.stage_kwargs(options)[1]
+        if self.grid is not None:  # (The pipeline prepares the network itself.)
+            kwargs, net = pipeline.stage_kwargs(options)[1], net.eval().requires_grad_(False).to(self.device)
             make = lambda idx: pipeline.to_uint8(self.grid.relay_batch(net, idx, **kwargs)[1]).cpu()
         else:
             pipe = pipeline.RelayPipeline(*((self.first, net) if record.stage == 'second' else (net, None)), preset=preset,
@@ -140,14 +138,13 @@ class RunMetrics:
         sample = features(make, self.num, self.batch, self.detectors)
         results, names = sample and compute_metrics(metrics, sample, self.ref)[0], [name for m in metrics for name in RESULTS[m]]
         for name in names if self.stats else ():
-            training_stats.report0(f'Metrics/{name}', results[name] if results else 0)  # Rank 0's values; the others register names.
+            training_stats.report0(f'Metrics/{name}', results[name] if results else 0)  # The other ranks register the names.
         seconds = training_stats.report0('Timing/metrics_sec', time.time() - start) if self.stats else time.time() - start
-        dist.print0(f'Metrics of {snapshot}: ' + ', '.join(f'{name} {results[name]:g}' for name in names if results) + f' ({seconds:.1f} s)')
+        dist.print0(f'Metrics of {snapshot}: ' + ', '.join(f'{n} {results[n]:g}' for n in names if results) + f' ({seconds:.1f} s)')
         if self.path is not None and results:
             new = [dict(snapshot=snapshot, kimg=kimg, metric=m, name=name, value=results[name], num=self.num, seconds=seconds,
                         options=options, settings=self.settings) for m in metrics for name in RESULTS[m]]
-            self.lines = sorted([line for line in self.lines if (line['snapshot'], line['metric']) not in
-                                 {(snapshot, m) for m in metrics}] + new, key=lambda line: line['kimg'])
+            self.lines = sorted({(x['snapshot'], x['name']): x for x in self.lines + new}.values(), key=lambda x: x['kimg'])  # New ones win.
             pipeline.save(self.path + '.jsonl', lambda f: f.writelines(json.dumps(line) + '\n' for line in self.lines), 'w')
             plot(self.lines, self.path + '.png')
         return results
@@ -161,17 +158,8 @@ def plot(lines, path):
     for ax, name in zip(fig.subplots(len(names), 1, squeeze=False)[:, 0], names):
         kimg, value, snapshot = zip(*[(line['kimg'], line['value'], line['snapshot']) for line in lines if line['name'] == name])
         best = (max if name in ('Inception Score', 'Precision', 'Recall') else min)(range(len(value)), key=value.__getitem__)
-        ax.plot(kimg, value, 'o-')
-        ax.plot(kimg[best], value[best], '*', markersize=14)
+        ax.plot(kimg, value, '.-', [kimg[best]], [value[best]], 'r*', markersize=10)
         ax.set(xlabel='kimg', ylabel=name, title=f'best {name} {value[best]:.4g} at {kimg[best]:g} kimg ({snapshot[best]})')
         drawn[name] = (kimg, value, snapshot, best)
     pipeline.save(path, lambda f: fig.savefig(f, format='png'))
     return drawn
-
-
-def for_training(run_dir, dataset, loss_kwargs, device, metrics, num, ref=None, detector=DEFAULT_DETECTOR_URL, trust_detector=False):
-    """RunMetrics of train.py --metrics: the settings of a default `evaluate.py sweep` (with
-    --relay-from-data in a second-stage run), so the two share one record."""
-    grid = sample_grid.SampleGrid(dataset, loss_kwargs, num_images=num, device=device)  # Reads the images of a relay run only.
-    return RunMetrics(run_dir, metrics, num, ref, detector, trust_detector=trust_detector, grid=grid if grid.relay else None, device=device,
-                      ref_flag='--metrics-ref', stats=True)

@@ -296,7 +296,7 @@ def training_loop(
     logger_kwargs       = {},       # Extra options of the tracker (repo, project, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
     loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see above.
-    metrics_kwargs      = None,     # metrics.sweep.for_training options (metrics, num, ref, detector), None = no metrics.
+    metrics_kwargs      = None,     # metrics.sweep.RunMetrics options (metrics, num, ref, detector, trust_detector), None = off.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
     options = {name: value for name, value in locals().items() if name not in ('progress_bar', 'device')}  # For the tracker.
@@ -383,8 +383,9 @@ def training_loop(
     pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
                      dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
 
-    # Every rank: the measurement is spread over them.
-    run_metrics = metrics_sweep.for_training(run_dir, dataset, loss_kwargs, device, **metrics_kwargs) if metrics_kwargs else None
+    # On every rank: the measurement is spread over them. The settings of a default evaluate.py sweep (--relay-from-data for a relay).
+    run_metrics = metrics_sweep.RunMetrics(run_dir, **metrics_kwargs, dataset=dataset, loss_kwargs=loss_kwargs, device=device,
+                                           ref_flag='--metrics-ref', stats=True) if metrics_kwargs else None
 
     dist.print0(f'Training for {total_kimg:g} kimg...\n')
     cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
