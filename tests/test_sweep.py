@@ -131,6 +131,12 @@ def test_sweep_errors(setup, tmp_path):
     assert res.exit_code == 1 and 'mixes stages' in res.output, res.output
     res = run_cli(evaluate.main, 'sweep', '--run', s['run'], '-m', 'fidd')
     assert res.exit_code == 2 and "'fidd' is not one of" in res.output
+    common = ['--outdir', tmp_path / 'runs', '--data', s['d'] / 'data', '--dry-run']
+    for extra, message in [(['--metrics=fid10k'], 'needs --metrics-ref'), (['--metrics=fid10k,is5'], 'one sample count'),
+                           (['--metrics=fld10k', '--metrics-ref=x'], 'such as fid10k')]:
+        res = run_cli(train.main, *common, *extra)
+        assert res.exit_code == 1 and message in res.output and not os.path.exists(tmp_path / 'runs'), res.output
+    assert run_cli(train.main, *common, '--metrics=is2,fid_2', '--metrics-ref=x').exit_code == 0
 
 
 def test_train_metrics_equal_sweep_and_leave_weights_unchanged(setup, tmp_path):
@@ -154,8 +160,8 @@ def test_train_metrics_equal_sweep_and_leave_weights_unchanged(setup, tmp_path):
     # stats.jsonl and the log hold the figures; a sweep of the same snapshots gives them too, in the same file.
     with open(tmp_path / 'on' / 'stats.jsonl', encoding='utf-8') as f:
         stats = [json.loads(line) for line in f]
-    assert [round(line['Metrics/FID']['mean'], 4) for line in stats] == [round(r['value'], 4) for r in _records(tmp_path / 'on')
-                                                                            if r['name'] == 'FID']
+    fids = [r['value'] for r in _records(tmp_path / 'on') if r['name'] == 'FID']
+    assert [line['Metrics/FID']['mean'] for line in stats] == pytest.approx(fids, rel=1e-6)  # Reported in float32.
     assert all(line['Timing/metrics_sec']['mean'] > 0 for line in stats)
     assert 'Metrics of network-snapshot-000000_008.pkl: FID ' in (tmp_path / 'on' / 'log.txt').read_text()
     records = _records(tmp_path / 'on')
