@@ -159,8 +159,9 @@ def generate_images(
         check_indir(indir, todo, pipe)
     if verbose:
         dist.print0(f'Generating {len(todo)} images to "{outdir}" ({len(seeds) - len(todo)} of {len(seeds)} already there)...')
-        dist.print0('first stage config:', pipe.first_kwargs if stages != 'second' else None)
-        dist.print0('second stage config:', pipe.second_kwargs if stages != 'first' else None)
+        first, second = pipeline.stage_kwargs(pipe.options)  # Guides by their names, not as loaded networks.
+        dist.print0('first stage config:', first if stages != 'second' else None)
+        dist.print0('second stage config:', second if stages != 'first' else None)
         dist.print0('sampling mode:', pipe.fast.describe())
 
     generated = []

@@ -1,9 +1,10 @@
 """The reference implementation's maths, re-stated plainly for tests and benchmarks (one copy):
 the stacked per-seed generators, the time steps, per-block scipy DCTs, get_alpha_t's blur
-schedule through scipy one noise level at a time, the 16-roll block noise, both samplers, EDM's
-max_size subset, BlurLoss, the training loop, dataset_tool's crops (EDM's, ADM's), and the ADM
-evaluator's Frechet distance (sqrtm) and precision/recall (numpy float64). Slow on purpose: it
-follows the reference's operations, so the optimised code can be checked against it."""
+schedule through scipy one noise level at a time, the 16-roll block noise, both samplers, EDM2's
+autoguided sampler, EDM's max_size subset, BlurLoss, the training loop, dataset_tool's crops
+(EDM's, ADM's), and the ADM evaluator's Frechet distance (sqrtm) and precision/recall (numpy
+float64). Slow on purpose: it follows the reference's operations, so the optimised code can be
+checked against it."""
 
 import copy
 
@@ -151,6 +152,36 @@ def ref_blur(net, latents, labels, randn_like, num_steps=18, sigma_min=0.008, si
         x = ref_dct(coef_u * u_cur + coef_d * (d_cur + d_prime) / 2, k, inverse=True) + s_noise * t_next * noise(x_e)
     return x
 
+
+#----------------------------------------------------------------------------
+# NVlabs/edm2's sampler (generate_images.py, edm_sampler) in float64, for autoguidance: the guide
+# `gnet` gets the labels too, its output is moved toward the main one by guide.lerp(main, guidance),
+# and the churn noise is drawn only where churn applies. `interval` (lo, hi): the guidance interval
+# of Kynkaanniemi et al. 2024, guidance only where lo < t <= hi (not in edm2).
+
+def ref_edm2(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, guidance=1,
+             S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, randn_like=torch.randn_like, interval=None):
+    def denoise(x, t):
+        main = net(x, t, labels).to(torch.float64)
+        if guidance == 1 or (interval is not None and not interval[0] < t <= interval[1]):
+            return main
+        return gnet(x, t, labels).to(torch.float64).lerp(main, guidance)
+
+    levels = torch.cat([ref_steps(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    x = noise.to(torch.float64) * levels[0]
+    for i in range(num_steps):
+        t, t_next = levels[i], levels[i + 1]
+        t_hat, x_hat = t, x
+        if S_churn > 0 and S_min <= t <= S_max:
+            gamma = min(S_churn / num_steps, np.sqrt(2) - 1)
+            t_hat = t + gamma * t
+            x_hat = x + (t_hat ** 2 - t ** 2).sqrt() * S_noise * randn_like(x)
+        slope = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * slope
+        if i < num_steps - 1:
+            slope_next = (x - denoise(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * slope + 0.5 * slope_next)
+    return x
 
 #----------------------------------------------------------------------------
 # EDM's dataset (training/dataset.py, Dataset.__init__): which images max_size keeps.

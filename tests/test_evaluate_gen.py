@@ -73,6 +73,8 @@ def test_gen_equals_png_route(setup):
     assert res.exit_code != 0 and 'Traceback' not in res.output
     res = CliRunner().invoke(evaluate.main, _gen_args(s, '--dest', str(d / 'gen.npz')))
     assert res.exit_code != 0 and 'already exists' in res.output
+    res = CliRunner().invoke(evaluate.main, _gen_args(s, f'--gnet_second={s["first"]}'))  # The guide options reach the pipeline.
+    assert res.exit_code != 0 and '--gnet_second is 8 px' in res.output and 'Traceback' not in res.output
 
 
 def test_gen_independent_of_process_count(setup):

@@ -138,10 +138,10 @@ def test_batched_guidance_is_one_pass_of_2n(nets):
         assert rec.calls == [(6, 6)]
         ref = 2.5 * net(x, sigma, _labels()).to(torch.float64) - 1.5 * net(x, sigma, None).to(torch.float64)
         rec.calls.clear()
-        fast_mode.batched_guided_denoise(rec, x, sigma, None, 2.5)  # No labels: both passes are one call.
+        sampling.guided_denoise(rec, x, sigma, None, 2.5)  # No labels: both passes are one call.
         assert rec.calls == [(3, None)]
         rec.calls.clear()
-        fast_mode.batched_guided_denoise(rec, x, sigma, _labels(), 1.0)  # No guidance: one plain pass.
+        sampling.guided_denoise(rec, x, sigma, _labels(), 1.0)  # No guidance: one plain pass.
         assert rec.calls == [(3, 3)]
     assert out.dtype == torch.float64
     assert (out - ref).abs().max() < 1e-5
@@ -153,7 +153,7 @@ def test_per_image_sigma_is_batched_too():
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     with torch.no_grad():
-        out = fast_mode.batched_guided_denoise(fast, x, sigma, _labels(), 2.0)
+        out = sampling.guided_denoise(fast, x, sigma, _labels(), 2.0)
         ref = 2.0 * net(x, sigma, _labels()).to(torch.float64) - net(x, sigma, None).to(torch.float64)
     assert (out - ref).abs().max() < 1e-5
 
@@ -246,7 +246,7 @@ def test_every_option_combination_runs(nets, monkeypatch):
     x = torch.randn([3, 3, 8, 8], dtype=torch.float64)
     sigma = torch.tensor(0.8, dtype=torch.float64)
     with torch.no_grad():
-        ref = fast_mode.batched_guided_denoise(net, x, sigma, _labels(), 2.0)
+        ref = sampling.guided_denoise(net, x, sigma, _labels(), 2.0)
         for precision, batch, tf32, channels_last, compile in itertools.product(
                 fast_mode.PRECISIONS, [False, True], [False, True], [False, True], [False, True]):
             settings = FastSettings(batch_guidance=batch, precision=precision, tf32=tf32, channels_last=channels_last, compile=compile)

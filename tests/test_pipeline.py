@@ -162,3 +162,11 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert scope['images'].shape == (4, 3, 32, 32) and scope['images'].dtype == torch.uint8
     assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'seed0.png')), scope['images'][0].permute(1, 2, 0).numpy())
     assert scope['low'].shape == (2, 3, 8, 8) and scope['high'].shape == (2, 3, 32, 32)
+
+
+def test_class_labels_allocate_per_image_not_label_dim_squared():
+    # A network's label_dim comes from its file; eye(label_dim) would ask 4 TB here.
+    labels = pipeline.class_labels(10**6, [3, 10**6 + 7], None, 'cpu')
+    assert labels.shape == (2, 10**6) and labels.dtype == torch.float32
+    assert labels.sum().item() == 2 and labels[0, 3] == 1 and labels[1, 7] == 1
+    assert torch.equal(pipeline.class_labels(5, [0, 1, 2], 4, 'cpu'), torch.eye(5)[[4, 4, 4]])

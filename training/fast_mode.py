@@ -6,8 +6,8 @@ TF32 turned off for matmuls and convolutions alike (PyTorch leaves TF32 convolut
 told). Fast mode switches on, each separately:
 
 - batch_guidance: classifier-free guidance's conditional and unconditional passes as one forward
-  of twice the batch (`batched_guided_denoise`, which `training.sampling.guided_denoise` calls
-  for networks prepared here);
+  of twice the batch (`batched_passes`, which `training.sampling.guided_denoise` calls for
+  networks prepared here; a separate guide network of autoguidance is a second call);
 - precision: the U-Net under `torch.autocast` in fp16 (default) or bf16 ('fp32' = no autocast).
   The preconditioning around it (c_in, c_skip, c_out) stays float32 and the sampler float64;
   a network's own `use_fp16` is switched off in the fast copy, so autocast alone decides.
@@ -209,25 +209,17 @@ def prepare(net, settings):
 #----------------------------------------------------------------------------
 # Guidance.
 
-def uses_batched_guidance(net):
-    return bool(getattr(net, 'batch_guidance', False))
-
-
-def batched_guided_denoise(net, x, sigma, class_labels, cfg_scale):
-    """The guided denoiser's maths (float64 combination, guidance when cfg_scale > 1) with the
-    conditional and unconditional passes in one forward of 2N images. The unconditional half
-    gets all-zero labels, which is what the network does with `class_labels=None`."""
-    if cfg_scale > 1:
-        if class_labels is None:
-            # Both passes would be the same call: do it once.
-            cond = uncond = net(x, sigma, None).to(torch.float64)
-        else:
-            sigma = torch.as_tensor(sigma, device=x.device)
-            if sigma.numel() > 1:
-                sigma = sigma.reshape(-1).repeat(2)
-            labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
-            cond, uncond = net(torch.cat([x, x]), sigma, labels).to(torch.float64).chunk(2)
-        return cfg_scale * cond - (cfg_scale - 1) * uncond
-    return net(x, sigma, class_labels).to(torch.float64)
+def batched_passes(net, x, sigma, class_labels):
+    """Classifier-free guidance's conditional and unconditional outputs of `net` from one forward
+    of 2N images (`training.sampling.guided_denoise` mixes them). The unconditional half gets
+    all-zero labels, which is what the network does with `class_labels=None`; without labels both
+    passes are the same call, made once."""
+    if class_labels is None:
+        out = net(x, sigma, None)
+        return out, out
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.numel() > 1:
+        sigma = sigma.reshape(-1).repeat(2)
+    return net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)])).chunk(2)
 
 #----------------------------------------------------------------------------

@@ -258,28 +258,39 @@ def class_labels(label_dim, seeds, class_idx, device):
     if not label_dim:
         return None
     index = torch.as_tensor(seeds if class_idx is None else [class_idx] * len(seeds), device=device)
-    return torch.eye(label_dim, device=device)[index % label_dim]
+    return torch.nn.functional.one_hot(index % label_dim, label_dim).to(torch.float32)  # Not eye(label_dim): N x label_dim only.
 
 #----------------------------------------------------------------------------
 # Loading.
 
-def load_stage(network, stage, device):
+def load_stage(network, stage, device, option='network'):
     """(network, its training record: training.loss.training_record) for a path, URL or
-    nn.Module; UserError names the option and the problem, including a checkpoint trained for the
-    other stage."""
-    data = {'ema': network}
+    nn.Module; UserError names the option (--network_STAGE or --gnet_STAGE) and the problem,
+    including a checkpoint trained for the other stage."""
+    flag, data = f'--{option}_{stage}', {'ema': network}
     if not isinstance(network, torch.nn.Module):
         try:
             data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
         except (dnnlib.UserError, OSError) as err:
-            raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": {getattr(err, "message", err)}') from None
+            raise dnnlib.UserError(f'Cannot load {flag} "{network}": {getattr(err, "message", err)}') from None
     net, record = data['ema'], loss.training_record(data)
     if not isinstance(net, torch.nn.Module):
-        raise dnnlib.UserError(f'Cannot load --network_{stage} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
+        raise dnnlib.UserError(f'Cannot load {flag} "{network}": its "ema" entry is a {type(net).__name__}, not a network')
     if record.stage is not None and record.stage != stage:
-        raise dnnlib.UserError(f'--network_{stage} "{network}" is a {record.stage}-stage checkpoint (trained with '
-                               f'{record.loss}); pass it as --network_{record.stage}')
+        raise dnnlib.UserError(f'{flag} "{network}" is a {record.stage}-stage checkpoint (trained with '
+                               f'{record.loss}); pass it as --{option}_{record.stage}')
     return net.eval().requires_grad_(False).to(device), record
+
+
+def load_guide(gnet, net, stage, device):
+    """The guide network of `net` (autoguidance), checked to serve it: same stage, resolution and
+    channels, and the same classes or none."""
+    guide, _ = load_stage(gnet, stage, device, 'gnet')
+    if (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels) or guide.label_dim not in (0, net.label_dim):
+        raise dnnlib.UserError(f'--gnet_{stage} is {guide.img_resolution} px, {guide.img_channels} channels, label_dim {guide.label_dim}, '
+                               f'but --network_{stage} is {net.img_resolution} px, {net.img_channels} channels, label_dim '
+                               f'{net.label_dim}; pass a guide of the same shape (unconditional or with the same classes)')
+    return guide
 
 #----------------------------------------------------------------------------
 # The pipeline.
@@ -291,7 +302,8 @@ class RelayPipeline:
     loader) or an nn.Module; either may be None for a one-stage pipeline. preset: a key of
     PRESETS (its post-processing and sampler options). options: sampler options by the
     generate scripts' names; postprocess: override the preset's ('none' turns it off).
-    warn: also issue the checkpoint notes (`self.warnings`) as Python warnings.
+    warn: also issue the checkpoint notes (`self.warnings`) as Python warnings. Guide networks
+    (gnet_first, gnet_second: path, URL or nn.Module) are loaded and checked like the stages.
     fast: a training.fast_mode.FastSettings (None = exact mode, the reference's images).
     """
 
@@ -309,14 +321,18 @@ class RelayPipeline:
         self.options, self.warnings = resolve_options(preset, options, record.relay if record else {})  # The checkpoint's relay settings.
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
-        for stage, net in (('first', self.net_first), ('second', self.net_second)):
-            if net is not None and not net.label_dim and self.options[f'cfg_scale_{stage}'] > 1:
+        self.fast = fast if fast is not None else fast_mode.EXACT
+        for stage, net, kwargs in (('first', self.net_first, self.first_kwargs), ('second', self.net_second, self.second_kwargs)):
+            if net is not None and kwargs['gnet'] is not None:  # A guide of a stage that is not run is not loaded.
+                kwargs['gnet'] = fast_mode.prepare(load_guide(kwargs['gnet'], net, stage, self.device), self.fast)
+                if kwargs['cfg_scale'] <= 1:
+                    self.warnings.append(f'--gnet_{stage} is not used with --cfg_scale_{stage}={kwargs["cfg_scale"]}; pass a weight > 1')
+            if net is not None and not net.label_dim and kwargs['gnet'] is None and kwargs['cfg_scale'] > 1:
                 self.warnings.append(f'--cfg_scale_{stage}={self.options[f"cfg_scale_{stage}"]} on an unconditional network: '
                                      f'guidance compares the network with itself, which doubles the cost and changes no '
                                      f'image; pass --cfg_scale_{stage}=1')
         for note in self.warnings if warn else ():
             warnings.warn(note, stacklevel=2)
-        self.fast = fast if fast is not None else fast_mode.EXACT
         self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) if n is not None else None
                                            for n in (self.net_first, self.net_second))
 
