@@ -128,12 +128,11 @@ class RunMetrics:
         first stage, or of the relay after network_first, or the relay of the grid's images."""
         start, metrics, preset, record = time.time(), metrics or self.metrics, self.settings['preset'], loss.training_record(source)
         options = pipeline.resolve_options(preset, self.settings['options'], record.relay)[0]
-        if self.grid is not None:  # (The pipeline prepares the network itself.)
-            kwargs, net = pipeline.stage_kwargs(options)[1], net.eval().requires_grad_(False).to(self.device)
-            make = lambda idx: pipeline.to_uint8(self.grid.relay_batch(net, idx, **kwargs)[1]).cpu()
+        pipe = pipeline.RelayPipeline(*((self.first, net) if record.stage == 'second' else (net, None)), preset=preset, device=self.device,
+                                      warn=False, **options)  # The networks (guides too) prepared, and the options checked.
+        if self.grid is not None:
+            make = lambda idx: pipeline.to_uint8(self.grid.relay_batch(pipe.net_second, idx, **pipe.second_kwargs)[1]).cpu()
         else:
-            pipe = pipeline.RelayPipeline(*((self.first, net) if record.stage == 'second' else (net, None)), preset=preset,
-                                          device=self.device, warn=False, **options)
             make = lambda idx: pipe(idx.tolist(), batch_size=len(idx))
         sample = features(make, self.num, self.batch, self.detectors)
         results, names = sample and compute_metrics(metrics, sample, self.ref)[0], [name for m in metrics for name in RESULTS[m]]

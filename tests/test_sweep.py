@@ -3,6 +3,7 @@ measures one, resumable, plotted; the training's weights untouched by the measur
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -108,12 +109,14 @@ def test_relay_from_data_defaults_to_the_dataset_images(setup, tmp_path):
                   '--trust-detector', '--workers=0')
     assert res.exit_code == 0, res.output
     figures = []
-    for ref in [[], ['--ref', tmp_path / 'data.npz']]:
+    guided = ['--gnet_second', os.path.join(run, 'network-snapshot-000000_004.pkl'), '--cfg_scale_second=2']
+    for extra in [[], ['--ref', tmp_path / 'data.npz'], guided]:
         res = run_cli(evaluate.main, 'sweep', '--run', run, '--relay-from-data', '-m', 'fid', '--num=6', '--detector', s['det'],
-                      '--trust-detector', '--num_steps_second=4', *ref)
+                      '--trust-detector', '--num_steps_second=4', *extra)
         assert res.exit_code == 0, res.output
-        figures.append([float(line.split(': ')[1].split()[0]) for line in res.output.splitlines() if line.startswith('Best FID')])
-    assert figures[0] == pytest.approx(figures[1], rel=1e-6) and len(os.listdir(run)) == 3 + 4  # Two tags.
+        figures.append([float(v) for v in re.findall(r'Metrics of \S+: FID (\S+)', res.output)])
+    assert figures[0] == pytest.approx(figures[1], rel=1e-6) and len(os.listdir(run)) == 3 + 6  # Three tags.
+    assert len(figures[0]) == 3 and figures[2] != pytest.approx(figures[0], rel=1e-3)  # Autoguidance (a gen option) changes images.
 
 
 def test_sweep_errors(setup, tmp_path):
