@@ -141,7 +141,7 @@ def resolve_options(ctx):
         raise dnnlib.UserError(f'--outdir={opts.outdir} is --data or inside it: run folders and sample grids would become part '
                                f'of the dataset; choose an --outdir outside {opts.data}')
     if opts.metrics and opts.metrics_ref is None and opts.precond != 'blur' and set(opts.metrics.metrics) - {'is'}:
-        raise dnnlib.UserError('--metrics needs --metrics-ref (a path, URL or name of `evaluate.py refs`) but for is, or with --precond=blur')
+        raise dnnlib.UserError('--metrics needs --metrics-ref (a path, URL or name of `evaluate.py refs`); only is, or a --precond=blur run, needs none')
     loggers.check_installed(opts.logger)  # Now rather than after creating the run folder.
     if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise dnnlib.UserError('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
