@@ -195,11 +195,8 @@ def read_idx(path, magic, ndim):
 
 def open_mnist(path):
     labels_path = path.replace('-images-idx3-ubyte.gz', '-labels-idx1-ubyte.gz')
-    try:
-        images = read_idx(path, 0x803, 3)
-        labels = read_idx(labels_path, 0x801, 1) if os.path.isfile(labels_path) else None
-    except (OSError, ValueError, EOFError, zlib.error) as err:
-        raise UserError(f'cannot read MNIST file: {err}') from None
+    images = read_idx(path, 0x803, 3)
+    labels = read_idx(labels_path, 0x801, 1) if os.path.isfile(labels_path) else None
     src = Source(kind='mnist', path=path, refs=images, mode='L')
     if images.shape[1:] == (28, 28):
         src.refs = np.pad(images, [(0, 0), (2, 2), (2, 2)])  # 28 => 32 with black borders, as EDM.
@@ -209,48 +206,16 @@ def open_mnist(path):
         src.labels = class_labels(labels, len(images), labels_path)
     return src
 
-class NpyMember:
-    """One C-ordered array of an .npz, read a few items at a time (50k ImageNet-256 samples are
-    10 GB). Its header must fit in the bytes the member holds (deflate expands at most about 1032
-    times), so a small file cannot claim a billion images."""
-    def __init__(self, path, key):
-        self.path, self.key, self._file = path, key, None
-        with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as f:
-            info, self.names = z.getinfo(f'{key}.npy'), z.namelist()
-            version = np.lib.format.read_magic(f)
-            if version not in [(1, 0), (2, 0)]:
-                raise ValueError(f'{key}: unsupported .npy format version {version}')
-            self.shape, fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
-            self._start = f.tell()
-        if fortran:
-            raise ValueError(f'{key} is stored in Fortran order; save np.ascontiguousarray(x) instead')
-        holds = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(info.file_size, 1032 * info.compress_size)
-        needed = self._start + int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
-        if needed > holds:
-            raise ValueError(f'{key} claims shape {list(self.shape)} ({needed} bytes) but the file holds only {holds} bytes')
-        self._item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-
-    def read(self, first, count):
-        """Items first .. first + count - 1."""
-        if self._file is None:
-            self._file = zipfile.ZipFile(self.path).open(f'{self.key}.npy')
-        self._file.seek(self._start + first * self._item_bytes)
-        data = self._file.read(count * self._item_bytes)
-        if len(data) != count * self._item_bytes:
-            raise ValueError(f'{self.key} is truncated at item {first + len(data) // max(self._item_bytes, 1)}')
-        return np.frombuffer(data, self.dtype).reshape((count,) + self.shape[1:])
-
 def open_npz(path):
-    try:
-        images, labels = NpyMember(path, 'arr_0'), None
-        shape = images.shape
-        if 'arr_1.npy' in images.names:
-            member = NpyMember(path, 'arr_1')
-            if member.shape != shape[:1] or member.dtype.kind not in 'iu':
-                raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
-            labels = class_labels(member.read(0, shape[0]), shape[0], f'{path}: arr_1')
-    except (KeyError, ValueError, OSError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as err:
-        raise UserError(f'cannot read {path} as an ADM-style .npz (arr_0 = NHWC uint8 images): {err}') from None
+    images, labels = data_files.NpyMember(path, 'arr_0'), None
+    shape = images.shape
+    if images.fortran:  # Its rows are not contiguous: reading one would read them all.
+        raise ValueError('arr_0 is stored in Fortran order; save np.ascontiguousarray(x) instead')
+    if 'arr_1' in data_files.npz_keys(path):
+        member = data_files.NpyMember(path, 'arr_1')
+        if member.shape != shape[:1] or member.dtype.kind not in 'iu':
+            raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
+        labels = class_labels(member[:], shape[0], f'{path}: arr_1')
     if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
         raise UserError(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
                         f'got {images.dtype} {list(shape)}')
@@ -258,18 +223,20 @@ def open_npz(path):
     return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 
 def open_source(path):
-    kinds = {'.zip': open_files, '.npz': open_npz, '-images-idx3-ubyte.gz': open_mnist, '.tar.gz': open_cifar10,
-             '.tgz': open_cifar10, '.tar': open_cifar10}
+    cifar10 = (open_cifar10, 'CIFAR-10 tarball')  # Name ending (a folder: None) -> opener, and its kind in messages.
+    kinds = {None: (open_files, 'folder'), '.zip': (open_files, 'zip file'), '.npz': (open_npz, 'ADM-style .npz'),
+             '-images-idx3-ubyte.gz': (open_mnist, 'MNIST file'), '.tar.gz': cifar10, '.tgz': cifar10, '.tar': cifar10}
     if not os.path.isdir(path) and not os.path.isfile(path):
         raise UserError(f'--source {path}: no such file or folder')
-    opener = open_files if os.path.isdir(path) else next((f for e, f in kinds.items() if path.lower().endswith(e)), None)
-    if opener is None:
+    ending = None if os.path.isdir(path) else next((e for e in kinds if e and path.lower().endswith(e)), 'unknown')
+    if ending not in kinds:
         raise UserError(f'--source {path}: unknown kind; expected a folder, a .zip of images, '
                         f'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or an ADM-style .npz')
+    opener, what = kinds[ending]
     try:
         return opener(path)
-    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:  # A folder or zip that cannot be listed or read.
-        raise UserError(f'cannot read {"folder" if os.path.isdir(path) else "zip file"} {path}: {err}') from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as err:  # Damaged or not of its kind.
+        raise UserError(f'cannot read {what} {path}: {err}') from None
 
 #----------------------------------------------------------------------------
 # Transforms of uint8 HW or HWC arrays to a width x height target.
@@ -341,8 +308,8 @@ def open_item(s, ref):
             return data_files.decode_image(f, ref)
     if s.kind == 'npz':
         if 'npz' not in _worker:
-            _worker['npz'] = NpyMember(s.path, 'arr_0')
-        ref = _worker['npz'].read(ref, 1)[0]
+            _worker['npz'] = data_files.NpyMember(s.path, 'arr_0')
+        ref = _worker['npz'][ref:ref + 1][0]
     arr = np.ascontiguousarray(ref)
     return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 

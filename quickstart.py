@@ -150,7 +150,8 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
               type=FiniteFloatRange(min=0, min_open=True), default=20, show_default=True)
 @click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
               type=FiniteFloatRange(min=0, min_open=True), default=10, show_default=True)
-@click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True)
+@click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True,
+              callback=lambda ctx, param, text: (text, len(seed_list_type(MAX_SEEDS).convert(text, param, ctx))))  # generate.py gets the text.
 @click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=seed_list_type(MAX_RELAY_SEEDS),
               default='0-5', show_default=True)
 @click.option('--steps-first', help='First-stage sampling steps', metavar='INT', type=click.IntRange(min=2),
@@ -163,10 +164,7 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     Every step is skipped when its output already exists in --outdir, so re-running continues an
     interrupted quickstart and never retrains what is there.
     """
-    try:  # Checked here, before any work; generate.py gets them as written.
-        seed_count = len(seed_list_type(MAX_SEEDS).convert(seeds, None, None))
-    except click.BadParameter as err:
-        raise dnnlib.UserError(f'--seeds must look like 0-63 or 1,2,5-10: {err.message}') from None
+    seeds, seed_count = seeds  # As written, and how many (checked by the option).
     problem = dnnlib.util.folder_write_problem(outdir)
     if problem:
         raise dnnlib.UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
@@ -202,12 +200,10 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     relay_figure(net_first, net_second, relay_seeds, relay_png, steps_first, steps_second)
 
     print(f'\nDone. Everything is in {os.path.abspath(outdir)}')
-    print(f'  datasets:         {data[16]}, {data[64]}')
-    print(f'  first stage:      {net_first}')
-    print(f'  second stage:     {net_second}')
-    print(f'  samples:          {samples}/ ({seed_count} PNGs)')
-    print(f'  sample grid:      {os.path.normpath(samples)}-grid.png')
-    print(f'  relay picture:    {relay_png} (columns: first stage, upsampled, second-stage start, final)')
+    for what, where in [('datasets', f'{data[16]}, {data[64]}'), ('first stage', net_first), ('second stage', net_second),
+                        ('samples', f'{samples}/ ({seed_count} PNGs)'), ('sample grid', f'{os.path.normpath(samples)}-grid.png'),
+                        ('relay picture', f'{relay_png} (columns: first stage, upsampled, second-stage start, final)')]:
+        print(f'  {what + ":":18s}{where}')
     print('Sample again with your own options:')
     print(f'  python generate.py --network_first={net_first} --network_second={net_second} --outdir=... --seeds=...')
 

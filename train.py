@@ -27,7 +27,7 @@ from dnnlib.util import FiniteFloatRange
 from metrics import compute, detector
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import loggers
+from training import loggers, phema
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
@@ -234,6 +234,8 @@ def setup_training_config(opts, dataset, world=1):
              batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, loss_norm=opts.loss_norm,
              cudnn_benchmark=opts.bench, precision=opts.precision, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap,
              state_dump_ticks=opts.dump)
+    if opts.ema_std:  # Only when given: runs without it keep their options file as before.
+        c.ema_std = opts.ema_std
     c.sample_grid_kwargs = dnnlib.EasyDict(num_images=opts.grid, num_steps=opts.grid_steps, seed=0) if opts.grid > 0 else None
     c.logger = opts.logger
     if opts.metrics:
@@ -267,7 +269,7 @@ def effective_precision(precision, device):
 
 def memory_problem(c, dataset, world, device):
     """Why a batch per accumulation round cannot fit, or None: its activations, with the weights,
-    gradients, Adam's moments and the EMA (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
+    gradients, Adam's moments and the EMAs (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
     compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
     per_process = c.batch_size // world
     batch_gpu = min(c.batch_gpu or per_process, per_process)
@@ -282,7 +284,7 @@ def memory_problem(c, dataset, world, device):
     except (RuntimeError, ValueError) as err:  # E.g. channel counts that group normalisation cannot split.
         raise dnnlib.UserError(f'this network (--arch/--cbase/--cres/--blocks) cannot run: {str(err).splitlines()[0][:200]}') from None
     per_image //= 1 if c.precision == 'fp32' else 2  # Half-precision activations (the meta pass runs in float32).
-    fixed = sum(p.numel() for p in net.parameters()) * 4 * 5
+    fixed = sum(p.numel() for p in net.parameters()) * 4 * (5 + len(c.get('ema_std', [])))
     free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else psutil.virtual_memory().available
     if fixed + batch_gpu * per_image > free:
         fits, gib = max(int((free - fixed) // per_image), 0), lambda n: f'{n / 2**30:.3g} GB'
@@ -306,7 +308,7 @@ def _next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-RUN_FILES = re.compile(r'training_options\.json|log\.txt|stats\.jsonl|(network-snapshot-|training-state-|samples-)\d.*')
+RUN_FILES = re.compile(r'training_options\.json|log\.txt|stats\.jsonl|(network-snapshot-|training-state-|samples-|phema-)\d.*')
 
 
 def choose_run_dir(opts, desc):
@@ -394,6 +396,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--lr',             help='Learning rate (Adam moves each weight by about this much per step)', metavar='FLOAT', type=FiniteFloatRange(0, 1, min_open=True), default=1e-4, show_default=True)
 @click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=NONNEGATIVE, default=10000, show_default=True)
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=NONNEGATIVE, default=0.5, show_default=True)
+@click.option('--ema-std',        help='Post-hoc EMA: also keep power-function EMAs of these relative stds (e.g. 0.050,0.100), saved as phema-*.pkl with every snapshot for reconstruct_phema.py; one more copy of the weights per std on every GPU', metavar='LIST', type=str, callback=phema.parse_stds)
 @click.option('--dropout',        help='Dropout probability', metavar='FLOAT',                       type=FRACTION, default=0.13, show_default=True)
 @click.option('--label-dropout',  help='Probability of training on an empty class label (for classifier-free guidance; needs --cond=1)', metavar='FLOAT', type=FRACTION, default=0, show_default=True)
 @click.option('--augment',        help='Augment probability', metavar='FLOAT',                       type=FRACTION, default=0.12, show_default=True)

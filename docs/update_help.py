@@ -27,6 +27,7 @@ CLIS = [
     ('evaluate-sweep', 'evaluate', 'evaluate.py', ['sweep']),
     ('checkpoint-export', 'torch_utils.checkpoint', 'python -m torch_utils.checkpoint', ['export']),
     ('quickstart', 'quickstart', 'quickstart.py', []),
+    ('reconstruct-phema', 'reconstruct_phema', 'reconstruct_phema.py', []),
 ]
 
 

@@ -16,7 +16,6 @@ Files:
                 are those of the DINOv2 features.
 """
 
-import math
 import os
 import zipfile
 
@@ -26,6 +25,8 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import data_files
+from training.dataset import ImageFolderDataset
 
 from .frechet import StatsAccumulator
 
@@ -39,8 +40,6 @@ STATS_KEYS = {'feat': ('mu', 'sigma'), 's_feat': ('mu_s', 'sigma_s'), 'dinov2': 
 
 def spatial_chw_to_hwc_index(dim, channels=SPATIAL_CHANNELS):
     """Index that reorders a (C, H, W)-flattened s_feat vector into ADM's (H, W, C) order."""
-    if dim % channels != 0:
-        raise ValueError(f's_feat has {dim} values, not a multiple of {channels} channels')
     return np.arange(dim).reshape(channels, dim // channels).T.reshape(-1)
 
 
@@ -49,73 +48,12 @@ def spatial_stats_to_hwc(mu, sigma):
     return mu[idx], sigma[idx][:, idx]
 
 #----------------------------------------------------------------------------
-# Arrays in .npz files, read row by row.
-
-class NpyMember:
-    """One array of an .npz, read by rows without the rest. Its header must claim exactly the
-    bytes the member holds (a tiny file cannot make us allocate terabytes); a stored member is
-    memory-mapped, a deflated one decompressed only as far as the rows read (a 3 MB file of
-    zeros cannot fill the memory with gigabytes). Rows come back in native byte order."""
-
-    def __init__(self, path, key):
-        self.path, self.key, self._data = path, key, None
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(key + '.npy')
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f'unsupported .npy format version {version}')
-                self.shape, self.fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
-                self.offset = f.tell()
-        if self.dtype.hasobject or self.dtype.itemsize == 0:
-            raise ValueError(f'{key} holds {self.dtype}, not numbers')
-        need = math.prod(self.shape) * self.dtype.itemsize
-        if self.offset + need != info.file_size:
-            raise ValueError(f'its header claims shape {list(self.shape)} of {self.dtype} ({need:,} bytes), but the member '
-                             f'holds {max(info.file_size - self.offset, 0):,} bytes (truncated or forged)')
-        self.stored = info.compress_type == zipfile.ZIP_STORED and math.prod(self.shape) > 0 and len(self.shape) > 0
-        self.header_offset = info.header_offset
-
-    def __len__(self):
-        return self.shape[0] if self.shape else 1
-
-    def _open(self):
-        if self.stored:  # The bytes sit unchanged in the file: map them.
-            with open(self.path, 'rb') as f:
-                f.seek(self.header_offset)
-                local = f.read(30)  # The member's local header, then its name and extra field.
-            start = self.header_offset + 30 + int.from_bytes(local[26:28], 'little') + int.from_bytes(local[28:30], 'little')
-            return np.memmap(self.path, dtype=self.dtype, mode='r', offset=start + self.offset, shape=self.shape,
-                             order='F' if self.fortran else 'C')
-        f = zipfile.ZipFile(self.path).open(self.key + '.npy')
-        if self.fortran or not self.shape:  # Rows are not contiguous: the whole array, once.
-            return np.lib.format.read_array(f, allow_pickle=False)
-        return f
-
-    def rows(self, start=0, stop=None):
-        stop = len(self) if stop is None else min(stop, len(self))
-        if math.prod(self.shape) == 0:
-            return np.zeros([max(stop - start, 0), *self.shape[1:]] if self.shape else [], dtype=self.dtype.newbyteorder('='))
-        if self._data is None:
-            self._data = self._open()
-        if isinstance(self._data, np.ndarray):
-            out = self._data[start:stop] if self.shape else self._data
-        else:
-            row = math.prod(self.shape[1:]) * self.dtype.itemsize
-            self._data.seek(self.offset + start * row)
-            out = np.frombuffer(self._data.read((stop - start) * row), dtype=self.dtype).reshape(-1, *self.shape[1:])
-        return np.array(out, dtype=self.dtype.newbyteorder('='))  # A writable copy in native byte order.
-
-    def __getstate__(self):  # DataLoader workers open the file again.
-        return dict(self.__dict__, _data=None)
-
-#----------------------------------------------------------------------------
 # Image sources.
 
 class _NpzImages(torch.utils.data.Dataset):
     def __init__(self, path):
         try:
-            self.member = NpyMember(path, 'arr_0')
+            self.member = data_files.NpyMember(path, 'arr_0')
         except KeyError:
             raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
@@ -130,7 +68,7 @@ class _NpzImages(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         try:
-            return np.ascontiguousarray(self.member.rows(idx, idx + 1)[0].transpose(2, 0, 1))
+            return np.ascontiguousarray(self.member[idx:idx + 1][0].transpose(2, 0, 1))
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
 
@@ -141,7 +79,6 @@ def open_images(path):
     if os.path.isfile(path) and path.lower().endswith('.npz'):
         source = _NpzImages(path)
     elif os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith('.zip')):
-        from training.dataset import ImageFolderDataset  # pylint: disable=import-outside-toplevel
         source = ImageFolderDataset(path=path)  # Refuses with a DatasetError (a UserError).
     else:
         raise dnnlib.UserError(f'{path}: ' + ('expected a folder of images, a .zip dataset or an ADM-style .npz'
@@ -160,7 +97,7 @@ def detect(batches, detectors, num_items, stats_only=False, progress=True):
     of every detector output in item order, or with stats_only the float64 statistics
     (STATS_KEYS: mu/sigma, mu_s/sigma_s, mu_dinov2/sigma_dinov2); None on the other ranks.
     Collective: every rank calls it, with or without batches."""
-    device = detectors[0].device
+    device = next(detectors[0].parameters()).device
 
     def run(images):
         images = torch.as_tensor(images)
@@ -244,40 +181,37 @@ class FeatureSet:
     """Named arrays of one set of images, as the metrics read them: per-image activations
     (feat/s_feat/logits/dinov2), statistics (mu/sigma/mu_s/sigma_s/...) or an ADM reference batch
     (statistics + arr_0 images). `source`: a dict of arrays, or the path or URL of an .npz whose
-    members are read when asked for, in chunks where the work allows (NpyMember). `name`: how
-    messages call it (default: the path)."""
+    members are read when asked for, in chunks where the work allows (data_files.NpyMember).
+    `name`: how messages call it (default: the path)."""
 
     def __init__(self, source, name=None):
-        self.path, self.arrays, self.members = name or ('the samples' if isinstance(source, dict) else source), None, {}
-        if isinstance(source, dict):
-            self.arrays, self.keys = source, set(source)
+        self.path, self.members = name or ('the samples' if isinstance(source, dict) else source), {}
+        if isinstance(source, dict):  # Arrays slice as the file's members do.
+            self.members, self.keys = {k: np.asarray(v) for k, v in source.items()}, set(source)
             return
         try:
             self.local = dnnlib.util.open_url(source, return_filename=True, verbose=False)
-            with zipfile.ZipFile(self.local) as z:
-                self.keys = {name[:-4] for name in z.namelist() if name.endswith('.npy')}
+            self.keys = data_files.npz_keys(self.local)
         except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{source}: cannot read as .npz ({err})') from None
 
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _from_file(self, key, read):
+    def _read(self, key, read):
         try:
             if key not in self.members:
-                self.members[key] = NpyMember(self.local, key)
+                self.members[key] = data_files.NpyMember(self.local, key)
             return read(self.members[key])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
             raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
 
     def shape(self, key):
-        return tuple(np.shape(self.arrays[key])) if self.arrays is not None else self._from_file(key, lambda m: tuple(m.shape))
+        return self._read(key, lambda m: tuple(m.shape))
 
     def get(self, key, start=0, stop=None):
         """The whole array, or its rows start..stop-1."""
-        if self.arrays is not None:
-            return np.asarray(self.arrays[key])[start:stop]
-        return self._from_file(key, lambda m: m.rows(start, stop))
+        return self._read(key, lambda m: m[start:stop])
 
     def features(self, key, chunk=None):
         """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator

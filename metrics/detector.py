@@ -18,7 +18,6 @@ Formats, chosen by file name:
          nothing runs.
 """
 
-import os
 import urllib.parse
 
 import torch
@@ -32,13 +31,9 @@ from .inception import load_inception_state_dict
 DEFAULT_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
 
-def _file_name(spec):
-    return os.path.basename(urllib.parse.urlparse(spec).path) if dnnlib.util.is_url(spec, allow_file_urls=True) else os.path.basename(spec)
-
-
 class NvidiaInception(torch.nn.Module):
     """NVIDIA's Inception pickle behind InceptionV3's interface: uint8-valued images [N, C, H, W]
-    -> dict(feat, s_feat, logits), float32; `fc` is its classifier, `device` where it runs."""
+    -> dict(feat, s_feat, logits), float32; `fc` is its classifier."""
 
     def __init__(self, net):
         super().__init__()
@@ -49,12 +44,8 @@ class NvidiaInception(torch.nn.Module):
         except AttributeError as err:
             raise dnnlib.UserError(f'pickle does not look like NVIDIA\'s Inception detector ({err})') from None
 
-    @property
-    def device(self):
-        return self.fc.weight.device
-
     def forward(self, images):
-        images = images.to(self.device)
+        images = images.to(self.fc.weight.device)
         self.spatial.clear()
         feat = self.net(images.repeat([1, 3, 1, 1]) if images.shape[1] == 1 else images, return_features=True).to(torch.float32)
         s_feat = self.spatial.pop()[:, :SPATIAL_CHANNELS].flatten(1).to(torch.float32)
@@ -65,7 +56,7 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
     """The detector at `spec` (path or URL), in eval mode without gradients: InceptionV3 from a
     pytorch-fid state dict (weights only), or NvidiaInception from a .pkl, which runs code from
     the file and is loaded only with trust_pickle=True."""
-    is_pickle = _file_name(spec).lower().endswith('.pkl')
+    is_pickle = urllib.parse.urlparse(spec).path.lower().endswith('.pkl')  # The file name of a path or URL.
     if is_pickle and not trust_pickle:
         raise dnnlib.UserError(f'{spec}: a .pkl detector runs the code stored in it when loaded; pass --trust-detector '
                                f'if you trust this file (e.g. NVIDIA\'s published Inception pickle), or use a pytorch-fid .pth detector')
@@ -75,7 +66,7 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
             if verbose:
                 print(f'Running the code in trusted detector pickle {spec} (SHA-256 {dnnlib.util.file_sha256(path)})', flush=True)
             with open(path, 'rb') as f:
-                net = persistence.load_trusted_pickle(f)
+                net = NvidiaInception(persistence.load_trusted_pickle(f))
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
             if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
@@ -87,12 +78,6 @@ def load_detector(spec=DEFAULT_DETECTOR_URL, device=torch.device('cpu'), verbose
             if not (torch.is_tensor(resolution) and resolution.numel() == 1 and float(resolution) in range(75, 300)):
                 raise ValueError(f'its "resolution" entry {resolution!r} is not a whole number of pixels in 75..299')
             net = load_inception_state_dict(state, resolution=int(resolution))
-    except Exception as err:  # pylint: disable=broad-exception-caught  # Foreign files raise anything.
+        return net.eval().requires_grad_(False).to(device)
+    except Exception as err:  # pylint: disable=broad-exception-caught  # Foreign files and trusted modules raise anything.
         raise dnnlib.UserError(f'cannot load detector {spec}: {err}') from None
-    if not isinstance(net, torch.nn.Module):
-        raise dnnlib.UserError(f'{spec}: unpickled a {type(net).__name__}, not a torch module')
-    try:
-        net = net.eval().requires_grad_(False).to(device)
-    except (AttributeError, RuntimeError, TypeError) as err:
-        raise dnnlib.UserError(f'{spec}: the detector module is unusable ({type(err).__name__}: {err})') from None
-    return NvidiaInception(net) if is_pickle else net

@@ -105,7 +105,7 @@ class DINOv2ViT(torch.nn.Module):
         return self.norm(tokens)[:, 0]
 
 
-def config_from_state_dict(state, spec='the state dict'):
+def config_from_state_dict(state):
     """Constructor arguments of DINOv2ViT that fit a state dict with the official key names."""
     try:
         dim = state['cls_token'].shape[-1]
@@ -114,9 +114,9 @@ def config_from_state_dict(state, spec='the state dict'):
         depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
         hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
     except (KeyError, IndexError, AttributeError) as err:
-        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (missing or malformed {err})') from None
+        raise ValueError(f'not a DINOv2 ViT state dict (missing or malformed {err})') from None
     if dim % HEAD_DIM != 0 or hidden % dim != 0 or depth == 0:
-        raise dnnlib.UserError(f'{spec}: not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
+        raise ValueError(f'not a DINOv2 ViT state dict (width {dim}, MLP {hidden}, {depth} blocks)')
     return dict(dim=dim, depth=depth, num_heads=dim // HEAD_DIM, patch_size=patch_size,
                 img_size=grid * patch_size, mlp_ratio=hidden // dim)
 
@@ -130,12 +130,8 @@ class DINOv2Detector(torch.nn.Module):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
 
-    @property
-    def device(self):
-        return self.net.cls_token.device
-
     def preprocess(self, images):
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.net.cls_token.device, torch.float32)
         x = x.repeat([1, 3, 1, 1]) if x.shape[1] == 1 else x
         x = torch.nn.functional.interpolate(x, size=(RESOLUTION, RESOLUTION), mode='bicubic', antialias=True) / 255
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
@@ -150,14 +146,11 @@ def load_dinov2(spec=DINOV2_VITL14_URL, device=torch.device('cpu'), verbose=True
     try:
         path = dnnlib.util.open_url(spec, verbose=verbose, return_filename=True, max_bytes=DINOV2_MAX_BYTES)
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as err:  # pylint: disable=broad-exception-caught  # torch.load raises many kinds.
-        raise dnnlib.UserError(f'cannot load DINOv2 weights {spec}: {err}') from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise dnnlib.UserError(f'{spec}: not a DINOv2 state dict (expected a dict of tensors)')
-    with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
-        net = DINOv2ViT(**config_from_state_dict(state, spec))
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise dnnlib.UserError(f'{spec}: does not fit the DINOv2 ViT architecture ({" ".join(str(err).split()[:40])})') from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError('not a DINOv2 state dict (expected a dict of tensors)')
+        with torch.device('meta'):  # No second copy of the weights: the loaded tensors are assigned.
+            net = DINOv2ViT(**config_from_state_dict(state))
+        net.load_state_dict(state, strict=True, assign=True)  # Names and shapes must fit exactly.
+    except Exception as err:  # pylint: disable=broad-exception-caught  # torch.load and load_state_dict raise many kinds.
+        raise dnnlib.UserError(f'cannot load DINOv2 weights {spec}: {" ".join(str(err).split()[:40])}') from None
     return DINOv2Detector(net.to(device=device, dtype=torch.float32))

@@ -146,8 +146,6 @@ def compute_statistics(features, batch_size=8192, device=None):
     its [n, D] blocks (then never held whole)."""
     blocks = features
     if isinstance(features, np.ndarray):
-        if features.ndim != 2:
-            raise dnnlib.UserError(f'activations have shape {list(features.shape)}; expected [N, D]')
         blocks = (features[i:i + batch_size] for i in range(0, len(features), batch_size))
     acc = None
     for block in blocks:

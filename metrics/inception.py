@@ -14,20 +14,18 @@ reference's NVIDIA detector hook gives them, `logits` = feat @ W^T (no bias, see
 inception_score.py).
 """
 
+import collections
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 #----------------------------------------------------------------------------
 
-class BasicConv2d(torch.nn.Module):
-    def __init__(self, in_channels, out_channels, **conv_kwargs):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
-        self.bn = torch.nn.BatchNorm2d(out_channels, eps=0.001)  # TF's epsilon; used in eval mode (running statistics).
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+def BasicConv2d(in_channels, out_channels, **conv_kwargs):  # pylint: disable=invalid-name  # torchvision's name.
+    """Convolution, batch norm (TF's epsilon; used in eval mode, with running statistics), ReLU."""
+    return torch.nn.Sequential(collections.OrderedDict(conv=torch.nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs),
+                                                       bn=torch.nn.BatchNorm2d(out_channels, eps=0.001), relu=torch.nn.ReLU()))
 
 
 # Pooling steps of the mixed blocks: TF's 'SAME' 3x3 average (padded positions not counted), the
@@ -150,12 +148,8 @@ class InceptionV3(torch.nn.Module):
         self.Mixed_7b, self.Mixed_7c = mixed_e(1280, 'avg'), mixed_e(2048, 'max1')
         self.fc = torch.nn.Linear(2048, num_classes)
 
-    @property
-    def device(self):
-        return self.fc.weight.device
-
     def forward(self, images):
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.fc.weight.device, torch.float32)
         if x.shape[1] == 1:
             x = x.repeat([1, 3, 1, 1])
         x = tf_resize_bilinear(x, self.resolution, self.resolution)

@@ -34,17 +34,6 @@ def _error_bound_coef(dim):
     return (2 * dim + 24) * 2.0 ** -24
 
 
-def check_features(x, what, k):
-    x = np.asarray(x)
-    problem = (f'activations have shape {list(x.shape)}; expected [N, D]' if x.ndim != 2 else
-               f'{x.shape[0]} samples; need at least {k + 1}' if x.shape[0] <= k else
-               f'activations have dtype {x.dtype}; expected floating point' if not np.issubdtype(x.dtype, np.floating) else
-               'activations contain NaN or inf' if not np.isfinite(x).all() else None)
-    if problem:
-        raise dnnlib.UserError(f'{what}: {problem}')
-    return x
-
-
 class _FeatureSet:
     """One feature set. Screening uses a float32 copy shifted by a common vector (distances do
     not change; smaller norms mean a tighter error bound); exact recomputation uses the
@@ -203,8 +192,11 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
 
 
 def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, return_info=False):
-    """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats."""
-    ref_feats, sample_feats = check_features(ref_feats, 'reference', k), check_features(sample_feats, 'sample', k)
+    """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats. The
+    features are [N, D] arrays of finite numbers, as activations.FeatureSet.features gives them."""
+    for what, feats in (('reference', ref_feats), ('sample', sample_feats)):
+        if len(feats) <= k:
+            raise dnnlib.UserError(f'{what}: {len(feats)} samples; need at least {k + 1}')
     if ref_feats.shape[1] != sample_feats.shape[1]:
         raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
                                f'reference has {ref_feats.shape[1]}')

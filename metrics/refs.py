@@ -27,10 +27,6 @@ class Reference:
     num_images: int      # Images behind the reference (what precision/recall compare against).
     sha256: str = None   # Published hash, where one exists (none does today).
 
-    @property
-    def max_bytes(self):
-        return int(self.approx_bytes * 1.5) + 64 * _MB
-
 
 REFERENCES = {
     'celebahq-256': Reference(
@@ -66,7 +62,8 @@ def resolve(spec, verbose=True):
     ref = REFERENCES.get(spec)
     if ref is None:
         return spec, None
-    return dnnlib.util.open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=ref.max_bytes), ref
+    max_bytes = int(ref.approx_bytes * 1.5) + 64 * _MB  # What the contents imply, plus a margin.
+    return dnnlib.util.open_url(ref.url, return_filename=True, verbose=verbose, sha256=ref.sha256, max_bytes=max_bytes), ref
 
 
 def describe():

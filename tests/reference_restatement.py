@@ -359,3 +359,30 @@ def ref_precision_recall(ref_feats, sample_feats, k=3, batch=10000, num_chunks=4
             ref_in[b0:b0 + batch] |= np.any(d <= r_smp[c0:c0 + batch], axis=1)
             smp_in[c0:c0 + batch] |= np.any(d <= r_ref[b0:b0 + batch][:, None], axis=0)
     return float(np.mean(smp_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
+
+#----------------------------------------------------------------------------
+# EDM2's post-hoc EMA (NVlabs/edm2 training/phema.py), one profile pair at a time in Python floats.
+
+def ref_std_to_exp(std):
+    inv = float(std) ** -2
+    return float(max(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real))
+
+
+def ref_power_function_beta(std, t_next, t_delta):
+    return (1.0 - t_delta / t_next) ** (ref_std_to_exp(std) + 1.0)
+
+
+def ref_power_function_correlation(t_a, std_a, t_b, std_b):
+    g_a, g_b = ref_std_to_exp(std_a), ref_std_to_exp(std_b)
+    scale = (g_a + 1.0) * (g_b + 1.0) / (g_a + g_b + 1.0)
+    if t_a < t_b:
+        return scale * (t_a / t_b) ** g_b / t_b
+    return scale * (t_a / t_b) ** -g_a / t_a
+
+
+def ref_solve_posthoc_coefficients(in_t, in_std, out_t, out_std):
+    inputs = list(zip(in_t, in_std))
+    gram = np.array([[ref_power_function_correlation(*a, *b) for b in inputs] for a in inputs])
+    cross = np.array([[ref_power_function_correlation(*a, t, s) for t, s in zip(out_t, out_std)] for a in inputs])
+    coefs = np.linalg.solve(gram, cross)
+    return coefs / coefs.sum(axis=0, keepdims=True)

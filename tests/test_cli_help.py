@@ -14,6 +14,7 @@ import generate
 import generate_celebahq
 import generate_imagenet
 import quickstart
+import reconstruct_phema
 import train
 from torch_utils import checkpoint
 
@@ -30,6 +31,7 @@ COMMANDS = {
     'evaluate.py gen': evaluate.main.commands['gen'],
     'checkpoint export': checkpoint.main.commands['export'],
     'quickstart.py': quickstart.main,
+    'reconstruct_phema.py': reconstruct_phema.main,
 }
 
 

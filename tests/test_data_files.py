@@ -386,3 +386,45 @@ def test_padded_files_cost_memory_by_their_pixels(tmp_path):
     assert int(growth_mb) < 100, f'reading the padded files grew the process by {growth_mb} MB'
     skipped = (tmp_path / 'case1.zip.out.skipped.txt').read_text()
     assert skipped.startswith('000000.png\tmore than ') and 'for 16x16 pixels' in skipped, skipped
+
+#----------------------------------------------------------------------------
+# Arrays of .npz files (dataset_tool's ADM source, evaluate's activation files): one reader.
+
+def _member_bytes(shape, extra=b''):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
+    return buf.getvalue() + bytes(int(np.prod(shape))) + extra
+
+def test_npz_member_must_hold_exactly_what_its_header_claims(tmp_path):
+    rows = np.arange(24, dtype='>i4').reshape(6, 4)  # Big-endian comes back native.
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / 'ok.npz', x=rows, f=np.asfortranarray(rows), e=np.zeros([0, 3]), s=np.float64(2))
+        got = {k: data_files.NpyMember(str(tmp_path / 'ok.npz'), k) for k in data_files.npz_keys(tmp_path / 'ok.npz')}
+        assert np.array_equal(got['x'][2:5], rows[2:5]) and got['x'][:].dtype == np.dtype('=i4') and got['x'][-2:].shape == (2, 4)
+        assert np.array_equal(got['f'][1:3], rows[1:3]) and got['e'][:].shape == (0, 3) and got['s'][:] == 2
+    for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # Longer or shorter than the header says.
+        for data in (_member_bytes((4, 3), extra=b'\0'), _member_bytes((4, 3))[:-1]):
+            with zipfile.ZipFile(tmp_path / 'bad.npz', 'w', compression=compression) as z:
+                z.writestr('x.npy', data)
+            with pytest.raises(ValueError, match='truncated or forged'):
+                data_files.NpyMember(str(tmp_path / 'bad.npz'), 'x')
+
+def test_npz_member_deflated_beyond_deflate_ratio_is_refused(tmp_path):
+    # Zip sizes and .npy header agree, but claim more than deflate can expand the member's
+    # compressed bytes to (a zip bomb): refused before anything is decompressed or allocated.
+    def forged_npz(claim):
+        header = _member_bytes((claim - 128,))[:128]
+        assert header.endswith(b'\n') and len(_member_bytes((1,))) == 129  # 128-byte headers either way.
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        stream, crc = deflate.compress(header + bytes(1000)) + deflate.flush(), zlib.crc32(header + bytes(1000))
+        local = struct.pack('<4s5H3I2H', b'PK\x03\x04', 20, 0, 8, 0, 0x21, crc, len(stream), claim, 5, 0) + b'x.npy'
+        central = struct.pack('<4s6H3I5H2I', b'PK\x01\x02', 20, 20, 0, 8, 0, 0x21, crc, len(stream), claim, 5, 0, 0, 0, 0, 0, 0)
+        end = struct.pack('<4s4H2IH', b'PK\x05\x06', 0, 0, 1, 1, len(central) + 5, len(local) + len(stream), 0)
+        (tmp_path / 'bomb.npz').write_bytes(local + stream + central + b'x.npy' + end)
+        return len(stream)
+    compressed = forged_npz(1128)
+    assert data_files.NpyMember(str(tmp_path / 'bomb.npz'), 'x').shape == (1000,)  # Within the ratio: read.
+    claim = data_files.MAX_DEFLATE_RATIO * (compressed + 16)
+    assert claim > data_files.MAX_DEFLATE_RATIO * forged_npz(claim)
+    with pytest.raises(ValueError, match='truncated or forged'):
+        data_files.NpyMember(str(tmp_path / 'bomb.npz'), 'x')

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 import dnnlib
 import evaluate
-from metrics import detector as detector_mod
 from dnnlib import UserError
 from metrics.detector import DEFAULT_DETECTOR_URL, load_detector
 from torch_utils import persistence
@@ -52,7 +51,7 @@ def test_pickle_detector_needs_trust(evil):
         assert not marker.exists()
     # With explicit trust the code does run (this is what the flag allows), proving the file
     # above was live and that only the missing flag kept it from running.
-    with pytest.raises(UserError, match='evil-inception.pkl: the detector module is unusable'):
+    with pytest.raises(UserError, match='evil-inception.pkl: pickle does not look like NVIDIA\'s Inception detector'):
         load_detector(str(path), verbose=False, trust_pickle=True)
     assert marker.read_text() == 'detector code ran'
 
@@ -101,4 +100,6 @@ def test_pth_detector_is_a_weights_only_load(tmp_path):
     with pytest.raises(UserError, match=r'pt_inception\.pth'):
         load_detector(str(path), verbose=False, trust_pickle=True)  # Trust is about .pkl only.
     assert not marker.exists()
-    assert detector_mod._file_name(path.as_uri()) == 'pt_inception.pth'
+    torch.save({'x': torch.zeros(2)}, path)
+    with pytest.raises(UserError, match=r'pt_inception\.pth: not an Inception-v3 state dict'):  # Its file:// URL names a .pth.
+        load_detector(path.as_uri(), verbose=False)

@@ -8,8 +8,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from metrics import activations as acts
 from dnnlib import UserError
+from metrics import activations as acts
+from metrics.compute import compute_metrics
 from metrics.frechet import StatsAccumulator, compute_statistics, frechet_distance
 from metrics.inception import InceptionV3, load_inception_state_dict, tf_resize_bilinear
 from metrics.inception_score import inception_score
@@ -139,8 +140,8 @@ def test_precision_recall_bad_input():
         precision_recall(a, a[:3])
     b = a.copy()
     b[3, 2] = np.inf
-    with pytest.raises(UserError, match='NaN or inf'):
-        precision_recall(a, b)
+    with pytest.raises(UserError, match='the samples: feat contains NaN or inf'):  # Checked where features are read.
+        compute_metrics(['pr'], acts.FeatureSet({'feat': b}), acts.FeatureSet({'feat': a}, name='ref'))
 
 #----------------------------------------------------------------------------
 # Inception score.
@@ -157,8 +158,8 @@ def test_inception_score_by_hand():
     # Identical predictions everywhere: IS = 1; one-hot-like distinct classes: IS ~ classes.
     assert inception_score(np.zeros([8, 4]), split_size=5000) == pytest.approx(1.0)
     assert inception_score(np.eye(4) * 60, split_size=5000) == pytest.approx(4.0, rel=1e-6)
-    with pytest.raises(UserError):
-        inception_score(np.full([3, 4], np.nan))
+    with pytest.raises(UserError, match='logits contains NaN or inf'):  # Checked where logits are read.
+        compute_metrics(['is'], acts.FeatureSet({'logits': np.full([3, 4], np.nan)}))
 
 #----------------------------------------------------------------------------
 # Inception module pieces and layouts.

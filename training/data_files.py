@@ -1,8 +1,9 @@
-"""Reading the files of a dataset: image files -> uint8 arrays, dataset.json -> labels.
+"""Reading the files of a dataset: image files -> uint8 arrays, dataset.json -> labels, arrays of
+an .npz (ADM sample batches, activation and statistics files) -> rows.
 
-The one reader used by training (training/dataset.py), evaluation (metrics/activations.py, through
-the dataset) and dataset_tool.py, so that a file gives the same pixels everywhere. No torch here:
-dataset_tool's worker processes import this module.
+The one reader used by training (training/dataset.py), evaluation (metrics/activations.py) and
+dataset_tool.py, so that a file gives the same pixels everywhere. No torch here: dataset_tool's
+worker processes import this module.
 
 Pixel rules, per PIL mode:
 - 1, L, LA, RGB, RGBA: as stored (1 becomes 0/255).
@@ -303,8 +304,12 @@ def parse_labels(meta, name):
     return table
 
 
-def labels_array(table, image_names, name):
-    """Labels of `image_names` in order: int64 [N] class indices or float32 [N, D]."""
+def read_labels(f, name, image_names):
+    """Labels of `image_names` in order from the dataset.json in binary file `f`: int64 [N] class
+    indices or float32 [N, D], or None where it says {"labels": null}."""
+    table = parse_labels(read_json(f, name, len(image_names)), name)
+    if table is None:
+        return None
     missing = [f for f in image_names if f not in table]
     if missing:
         raise DatasetError(f'{name}: no label for {missing[0]} ({len(missing)} images without labels)')
@@ -312,3 +317,76 @@ def labels_array(table, image_names, name):
     if values and isinstance(values[0], int):
         return np.array(values, dtype=np.int64)
     return np.array(values, dtype=np.float32).reshape(len(values), -1)
+
+#----------------------------------------------------------------------------
+# Arrays of .npz files, read by rows.
+
+MAX_DEFLATE_RATIO = 1032  # Deflate expands its input at most about this many times.
+
+
+def npz_keys(path):
+    """Names of the arrays in the .npz at `path`."""
+    with zipfile.ZipFile(path) as z:
+        return {name[:-4] for name in z.namelist() if name.endswith('.npy')}
+
+
+class NpyMember:
+    """One array of an .npz, read by rows without the rest (50k ImageNet-256 samples are 10 GB).
+    Its header must claim exactly the bytes the member holds, and a deflated member holds at most
+    MAX_DEFLATE_RATIO times its compressed size: a small file can make us allocate neither what its
+    header claims nor gigabytes of zeros. A stored member is memory-mapped, a deflated one
+    decompressed only as far as the rows read (a Fortran-ordered one whole, once). Rows come back
+    in native byte order."""
+
+    def __init__(self, path, key):
+        self.path, self.key, self._data = path, key, None
+        with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as f:
+            info = z.getinfo(f'{key}.npy')
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f'{key}: unsupported .npy format version {version}')
+            self.shape, self.fortran, self.dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
+            self.offset = f.tell()
+        if self.dtype.hasobject or self.dtype.itemsize == 0:
+            raise ValueError(f'{key} holds {self.dtype}, not numbers')
+        stored = info.compress_type == zipfile.ZIP_STORED
+        holds = info.file_size if stored else min(info.file_size, MAX_DEFLATE_RATIO * info.compress_size)
+        need = math.prod(self.shape) * self.dtype.itemsize
+        if self.offset + need != holds:
+            raise ValueError(f'{key}: its header claims shape {list(self.shape)} of {self.dtype} ({need:,} bytes), but the '
+                             f'member holds {max(holds - self.offset, 0):,} bytes (truncated or forged)')
+        self.stored = stored and need > 0 and len(self.shape) > 0
+        self.header_offset = info.header_offset
+
+    def __len__(self):
+        return self.shape[0] if self.shape else 1
+
+    def _open(self):
+        if self.stored:  # The bytes sit unchanged in the file: map them.
+            with open(self.path, 'rb') as f:
+                f.seek(self.header_offset)
+                local = f.read(30)  # The member's local header, then its name and extra field.
+            start = self.header_offset + 30 + int.from_bytes(local[26:28], 'little') + int.from_bytes(local[28:30], 'little')
+            return np.memmap(self.path, dtype=self.dtype, mode='r', offset=start + self.offset, shape=self.shape,
+                             order='F' if self.fortran else 'C')
+        f = zipfile.ZipFile(self.path).open(f'{self.key}.npy')
+        if self.fortran or len(self.shape) == 0 or 0 in self.shape:  # Rows not contiguous, or none: whole, once.
+            return np.lib.format.read_array(f, allow_pickle=False)
+        return f
+
+    def __getitem__(self, rows):
+        """The rows of a slice (step 1), as numpy slices them, in a writable array in native byte order."""
+        start, stop, _ = rows.indices(len(self))
+        stop = max(start, stop)
+        if self._data is None:
+            self._data = self._open()
+        if isinstance(self._data, np.ndarray):
+            out = self._data[start:stop] if self.shape else self._data
+        else:
+            row = math.prod(self.shape[1:]) * self.dtype.itemsize
+            self._data.seek(self.offset + start * row)
+            out = np.frombuffer(self._data.read((stop - start) * row), dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+        return np.array(out, dtype=self.dtype.newbyteorder('='))
+
+    def __getstate__(self):  # DataLoader workers open the file again.
+        return dict(self.__dict__, _data=None)

@@ -55,7 +55,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{path}: images are {self.image_shape[2]}x{self.image_shape[1]}, '
                                f'expected {resolution}x{resolution}')
         self._check_headers()
-        labels = self._read_labels() if use_labels else None
+        labels = None
+        if use_labels and 'dataset.json' in self._names:
+            labels = self._read('dataset.json', lambda f, where: data_files.read_labels(f, where, self._images))
         self._labels = labels if labels is not None else np.zeros([len(self._images), 0], dtype=np.float32)
         self.label_dim = int(self._labels.max()) + 1 if self._labels.dtype == np.int64 else self._labels.shape[1]
 
@@ -137,12 +139,3 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if size != (w, h, c):
                 raise DatasetError(f'{self._path}: mixed image sizes: {self._images[which]} is {"x".join(map(str, size))}, '
                                    f'{self._images[0]} is {w}x{h}x{c}; resize them all first (dataset_tool.py)')
-
-    def _read_labels(self):
-        """int64 [N] class indices or float32 [N, D] from dataset.json, or None without labels."""
-        if 'dataset.json' not in self._names:
-            return None
-        def parse(f, where):
-            table = data_files.parse_labels(data_files.read_json(f, where, len(self._images)), where)
-            return None if table is None else data_files.labels_array(table, self._images, where)
-        return self._read('dataset.json', parse)

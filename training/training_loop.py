@@ -4,6 +4,8 @@ snapshots, stats.jsonl) on one process or under torchrun with DistributedDataPar
 Outputs in run_dir:
   network-snapshot-<N>.pkl  dict(ema, loss_kwargs, augment_pipe, dataset_kwargs)   every `snapshot_ticks`
   training-state-<N>.pt     dict(net, ema, optimizer_state, step, loss_kwargs)     every `state_dump_ticks`
+                            (and phema: {std: network} with `ema_std`)
+  phema-<N>-<std>.pkl       a snapshot of the power-function EMA of each `ema_std`  with every snapshot
   samples-<N>.png           fixed-seed sample grid of the EMA (rank 0)            with every snapshot
   stats.jsonl               one line of averaged statistics per tick
 <N> = images seen so far: KKKKKK (whole thousands, the reference's names) or KKKKKK_III when
@@ -43,6 +45,7 @@ from torch_utils import training_stats
 from training import fast_mode
 from training import loggers
 from training import loss as training_loss
+from training import phema
 
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
@@ -174,7 +177,7 @@ def _state_problem(data, net, optimizer):
     return None
 
 
-def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
+def load_training_state(path, net, ema, optimizer, loss_kwargs=None, power_emas=None):
     """Copy net/ema weights and the optimizer state from a training-state file; return the
     number of images it had seen ('step'; from the file name if absent). Refuses a state of
     another preconditioner or, where the state's loss is known, of the other relay stage, and
@@ -192,9 +195,16 @@ def load_training_state(path, net, ema, optimizer, loss_kwargs=None):
         raise dnnlib.UserError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
                                f'{_stage(ours)} stage; resume with the --precond of the original run, '
                                f'or start from its weights with --transfer')
+    saved = data.get('phema') if isinstance(data.get('phema'), dict) else {}
+    missing = [std for std in (power_emas.emas if power_emas else []) if not isinstance(saved.get(std), torch.nn.Module)]
+    if missing:
+        raise dnnlib.UserError(f'{path}: holds no power-function EMA of std {missing[0]:.3f} (it has: '
+                               f'{", ".join(map(str, saved)) or "none"}); resume with the --ema-std of the original run')
     try:
         misc.copy_params_and_buffers(data['net'], net, require_all=True)
         misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
+        for std, power_ema in power_emas.emas.items() if power_emas else []:
+            misc.copy_params_and_buffers(saved[std], power_ema, require_all=True)
     except ValueError as err:
         raise dnnlib.UserError(f'{path}: does not match this network ({err}); '
                                f'use the same --arch/--cbase/--cres/--precond as the original run') from None
@@ -280,6 +290,7 @@ def training_loop(
     total_kimg          = 200000,   # Training length in thousands of images.
     ema_halflife_kimg   = 500,      # EMA half-life in thousands of images.
     ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up coefficient, None = no ramp-up.
+    ema_std             = None,     # Post-hoc EMA: relative stds of power-function EMAs kept beside the classic one.
     lr_rampup_kimg      = 10000,    # Learning-rate warm-up length.
     loss_scaling        = 1,        # Loss scaling against fp16 under/overflow.
     kimg_per_tick       = 50,       # Progress line (and stats line) interval.
@@ -361,6 +372,7 @@ def training_loop(
         sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
         ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    power_emas = phema.PowerFunctionEMA(net, ema_std) if ema_std else None
 
     # Transfer learning or resume: rank 0 reads (and downloads) first, the others wait without
     # the process group's deadline, then read from the cache.
@@ -370,7 +382,7 @@ def training_loop(
         dist.rank0_first(lambda: load_transfer_weights(resume_pkl, net, ema, partial=transfer_partial))
     if resume_state_dump:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs=loss_kwargs))
+        cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs, power_emas))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
     exp_logger = grid = None
@@ -423,6 +435,8 @@ def training_loop(
 
         # Once per tick (and at the end): status line, snapshots, stats.
         cur_nimg += batch_size
+        if power_emas is not None:
+            power_emas.update(cur_nimg, batch_size)
         pbar.update(batch_size)
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
@@ -433,6 +447,9 @@ def training_loop(
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
                                   dataset_kwargs=dataset_kwargs)
+            for std, power_ema in power_emas.emas.items() if power_emas is not None else []:
+                save_network_snapshot(run_dir, cur_nimg, ema=power_ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
+                                      dataset_kwargs=dataset_kwargs, name=f'phema-{nimg_suffix(cur_nimg)}-{std:.3f}.pkl')
             if grid is not None:
                 image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
                 if exp_logger is not None:
@@ -440,7 +457,8 @@ def training_loop(
             if run_metrics is not None:
                 run_metrics.measure(ema, loss_kwargs, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl', cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs)
+            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs,
+                                power_emas=power_emas)
         stats = training_stats.collect()
         if rank == 0:
             with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
@@ -467,16 +485,18 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs):
+def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs, name=None):
     misc.check_ddp_consistency(ema)
     if dist.get_rank() == 0:
         data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe,
                     dataset_kwargs=_plain(dataset_kwargs))
-        checkpoint.save_snapshot(os.path.join(run_dir, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl'), data)
+        checkpoint.save_snapshot(os.path.join(run_dir, name or f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl'), data)
 
 
-def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs):
+def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas=None):
     # loss_kwargs records the stage, for --resume's check.
     if dist.get_rank() == 0:
         data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg, loss_kwargs=_plain(loss_kwargs))
+        if power_emas is not None:
+            data['phema'] = power_emas.emas
         checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt'), data)
