@@ -9,7 +9,7 @@ with the ADM evaluator's definitions (the protocol of the RDM paper).
     python evaluate.py calc -m fid -m sfid -m is -m pr --activations_sample=samples.npz --ref=adm-imagenet-256
 
     # Or straight from the networks: one relay (gen), every snapshot of a training run (sweep).
-    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run=training-runs/00000-... -m fid --ref=adm-imagenet-256 --num=10000
+    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run-dir=training-runs/00000-... -m fid --ref=adm-imagenet-256 --num-images=10000
 
 File formats are described in metrics/activations.py. In short: activation files hold `feat`
 (2048), `s_feat` (2023) and `logits` (1008, for IS); the reference's own activation files
@@ -296,10 +296,10 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
 # sweep: metrics of every snapshot of a training run.
 
 @main.command()
-@click.option('--run', 'run_dir',     help='Training run folder (its network-snapshot-*.pkl)', metavar='DIR', required=True)
+@click.option('--run-dir', '--run', 'run_dir', help='Training run folder (its network-snapshot-*.pkl)', metavar='DIR', required=True)
 @METRIC_OPTION
 @click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`  [default with --relay-from-data: the dataset images]', metavar='NPZ|URL|NAME')
-@click.option('--num',                help='Images per snapshot: seeds 0..num-1, or as many dataset images with --relay-from-data', metavar='INT', type=click.IntRange(min=2, max=pipeline.MAX_SEEDS), default=10000, show_default=True)
+@click.option('--num-images', '--num', 'num', help='Images per snapshot: seeds 0..num-1, or as many dataset images with --relay-from-data', metavar='INT', type=click.IntRange(min=2, max=pipeline.MAX_SEEDS), default=10000, show_default=True)
 @click.option('--preset',             help='Sampler settings and post-processing of a generate script', type=click.Choice(list(pipeline.PRESETS)), default='generate', show_default=True)
 @click.option('--network_first',      help='Second-stage run: the first stage whose images the relay takes', metavar='PATH|URL')
 @click.option('--relay-from-data',    help='Second-stage run: relay the run\'s dataset images downsampled by up_scale, as its sample grid (the second stage alone)', is_flag=True)
@@ -319,8 +319,11 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
     what the file lacks. First-stage runs sample with EDM's sampler; second-stage runs relay the
     images of --network_first, or with --relay-from-data those of the run's dataset.
 
+    Under torchrun spell --run and --num as --run-dir and --num-images: torchrun's own parser
+    takes --run for --run-path and --num for --numa-binding.
+
     \b
-    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run=training-runs/00001-... -m fid --ref=adm-imagenet-256
+    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run-dir=training-runs/00001-... -m fid --ref=adm-imagenet-256
     """
     dist.init()
     device, options = dist.get_device(), {k: v for k, v in sampler_options.items() if v is not None}

@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
 
 
 def _sweep(s, run, *extra):
-    return run_cli(evaluate.main, 'sweep', '--run', run, '-m', 'fid', '-m', 'is', '--ref', s['ref'], '--detector', s['det'], '--trust-detector',
+    return run_cli(evaluate.main, 'sweep', '--run-dir', run, '-m', 'fid', '-m', 'is', '--ref', s['ref'], '--detector', s['det'], '--trust-detector',
                    '--num=5', '--preset=celebahq', *FAST, *extra)
 
 
@@ -111,7 +111,7 @@ def test_relay_from_data_defaults_to_the_dataset_images(setup, tmp_path):
     figures = []
     guided = ['--gnet_second', os.path.join(run, 'network-snapshot-000000_004.pkl'), '--cfg_scale_second=2']
     for extra in [[], ['--ref', tmp_path / 'data.npz'], guided]:
-        res = run_cli(evaluate.main, 'sweep', '--run', run, '--relay-from-data', '-m', 'fid', '--num=6', '--detector', s['det'],
+        res = run_cli(evaluate.main, 'sweep', '--run-dir', run, '--relay-from-data', '-m', 'fid', '--num=6', '--detector', s['det'],
                       '--trust-detector', '--num_steps_second=4', *extra)
         assert res.exit_code == 0, res.output
         figures.append([float(v) for v in re.findall(r'Metrics of \S+: FID (\S+)', res.output)])
