@@ -29,7 +29,6 @@ import re
 import time
 
 import click
-from matplotlib.figure import Figure
 
 import dnnlib
 from torch_utils import distributed as dist
@@ -152,6 +151,7 @@ class RunMetrics:
 def plot(lines, path):
     """Draw the record's results against kimg into a PNG, one panel per result, the best marked;
     returns what it drew: {name: (kimgs, values, snapshots, index of the best)}."""
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel  # Only here: the rest runs without it.
     drawn, names = {}, list(dict.fromkeys(line['name'] for line in lines))
     fig = Figure(figsize=(6, 2.5 * len(names)), layout='constrained')
     for ax, name in zip(fig.subplots(len(names), 1, squeeze=False)[:, 0], names):

@@ -148,7 +148,7 @@ def test_train_metrics_equal_sweep_and_leave_weights_unchanged(setup, tmp_path):
     data = tmp_path / 'data'
     write_images(data, list(rng.integers(0, 256, [8, 16, 16, 3], dtype=np.uint8)))
     common = ['--data', data, '--duration=0.000008', '--tick=0.004', '--snap=1', '--dump=1', '--nosubdir', '--arch=ddpmpp', '--cbase=8',
-              '--cres=1,1', '--blocks=1', '--workers=0', '--seed=1', '--augment=0', '--batch=4', '--grid=0']
+              '--cres=1,1', '--blocks=1', '--workers=0', '--seed=1', '--augment=0', '--batch=4', '--grid=0', '--lr=1e-2', '--lr-rampup=0']
     res = run_cli(train.main, '--outdir', tmp_path / 'on', *common, '--metrics=fid5,is5', '--metrics-ref', s['ref'],
                   '--metrics-detector', s['det'], '--trust-detector')
     assert res.exit_code == 0, res.output
@@ -164,7 +164,7 @@ def test_train_metrics_equal_sweep_and_leave_weights_unchanged(setup, tmp_path):
     with open(tmp_path / 'on' / 'stats.jsonl', encoding='utf-8') as f:
         stats = [json.loads(line) for line in f]
     fids = [r['value'] for r in _records(tmp_path / 'on') if r['name'] == 'FID']
-    assert [line['Metrics/FID']['mean'] for line in stats] == pytest.approx(fids, rel=1e-6)  # Reported in float32.
+    assert [line['Metrics/FID']['mean'] for line in stats] == pytest.approx(fids, rel=1e-6) and fids[0] != fids[1]  # float32 in stats.
     assert all(line['Timing/metrics_sec']['mean'] > 0 for line in stats)
     assert 'Metrics of network-snapshot-000000_008.pkl: FID ' in (tmp_path / 'on' / 'log.txt').read_text()
     records = _records(tmp_path / 'on')
