@@ -73,14 +73,20 @@ class SampleGrid:
                 labels = F.one_hot(torch.tensor(self.seeds) % self.label_dim, self.label_dim).to(self.device, torch.float32)
             out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
             return tile(to_uint8(out))
-        up_scale = self.relay['up_scale']
-        real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
-        start = F.interpolate(F.avg_pool2d(real, up_scale), scale_factor=up_scale, mode='nearest')
-        labels = self.labels.to(self.device) if self.labels is not None else None
-        out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, num_steps=self.num_steps, up_scale=up_scale,
-                                    blur_sigma_max=self.relay['blur_sigma_max'], truncation_t=self.relay['prob_length'],
-                                    s_block=self.relay['block_scale'])
+        start, out = self.relay_batch(net, list(range(len(self.seeds))), rnd)
         return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+
+    def relay_batch(self, net, indices, rnd=None, **options):
+        """(start, output) of the relay from the grid's images `indices` with their seeds' generators
+        (rnd: those generators): the training's settings and num_steps, or blur_sampler `options`."""
+        up_scale = self.relay['up_scale']
+        real = self.images[indices].to(self.device).to(torch.float32) / 127.5 - 1
+        start = F.interpolate(F.avg_pool2d(real, up_scale), scale_factor=up_scale, mode='nearest')
+        labels = self.labels[indices].to(self.device) if self.labels is not None else None
+        rnd = rnd or sampling.StackedRandomGenerator(self.device, [self.seeds[i] for i in indices])
+        options = dict(num_steps=self.num_steps, up_scale=up_scale, blur_sigma_max=self.relay['blur_sigma_max'],
+                       truncation_t=self.relay['prob_length'], s_block=self.relay['block_scale']) | options
+        return start, sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, **options)
 
     def write(self, net, path):
         """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""
