@@ -8,6 +8,9 @@ with the ADM evaluator's definitions (the protocol of the RDM paper).
     # 2. Metrics (--ref: a path, a URL or a published set by name; `evaluate.py refs` lists them).
     python evaluate.py calc -m fid -m sfid -m is -m pr --activations_sample=samples.npz --ref=adm-imagenet-256
 
+    # Or straight from the networks: one relay (gen), every snapshot of a training run (sweep).
+    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run-dir=training-runs/00000-... -m fid --ref=adm-imagenet-256 --num-images=10000
+
 File formats are described in metrics/activations.py. In short: activation files hold `feat`
 (2048), `s_feat` (2023) and `logits` (1008, for IS); the reference's own activation files
 (feat/s_feat only) work as they are, IS then computes the logits from `feat` with the detector.
@@ -22,16 +25,21 @@ import re
 import click
 import numpy as np
 import torch
+import tqdm
 
 import dnnlib
+import training
 from metrics import activations as acts
 from metrics import refs
-from metrics.compute import METRICS, check_inputs, compute_metrics
+from metrics import sweep as run_metrics
+from metrics.compute import METRICS, compute_metrics
 from metrics.detector import DEFAULT_DETECTOR_URL, load_detector
-from metrics.dinov2 import DINOV2_VITL14_URL, load_dinov2
+from metrics.dinov2 import DINOV2_VITL14_URL
 from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS
+from metrics.sweep import load_detectors, open_reference
 from torch_utils import distributed as dist
-from training import pipeline
+from training import loss, pipeline
+from training.dataset import ImageFolderDataset
 
 FEATURES = ['inception', 'dinov2']
 
@@ -108,19 +116,6 @@ def save_arrays(path, arrays):
     print(f'Saved {", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())} to {path}')
 
 
-def load_detectors(features, detector, dinov2, trust_detector=False):
-    """The detectors of the requested feature kinds; rank 0 loads first (a download lands in the
-    cache once), the others wait without a deadline."""
-    device, verbose, dets = dist.get_device(), dist.get_rank() == 0, []
-    if 'inception' in features:
-        dist.print0(f'Loading detector {detector} ...')
-        dets.append(dist.rank0_first(lambda: load_detector(detector, device=device, verbose=verbose, trust_pickle=trust_detector)))
-    if 'dinov2' in features:
-        dist.print0(f'Loading DINOv2 weights {dinov2} ...')
-        dets.append(dist.rank0_first(lambda: load_dinov2(dinov2, device=device, verbose=verbose)))
-    return dets
-
-
 def protocol_warnings(results, sample_count, ref_count, ref_info=None):
     """One-line warnings where a run departs from the paper's evaluation protocol (not errors)."""
     lines = []
@@ -135,22 +130,6 @@ def protocol_warnings(results, sample_count, ref_count, ref_info=None):
             protocol = '; '.join(f'{n:,} for {what}' for n, what in expected.items())
             lines.append(f'warning: precision/recall against {ref_count:,} reference images; the paper\'s protocol uses {protocol}')
     return lines
-
-
-def open_reference(ref_path, metrics, flag='--ref'):
-    """(FeatureSet, refs.Reference or None) of --ref, checked for what the metrics read (a
-    published set is downloaded into the cache); (None, None) when no metric needs it."""
-    if ref_path is None:
-        if any(m != 'is' for m in metrics):
-            raise click.UsageError(f'{flag} is required for fid, sfid, pr, kid and fd_dinov2 (a path, URL or name; see `evaluate.py refs`)')
-        return None, None
-    try:
-        local, info = refs.resolve(ref_path, verbose=True)
-    except (OSError, ValueError) as err:
-        raise dnnlib.UserError(f'--ref {ref_path}: {err}') from None
-    ref = acts.FeatureSet(local, name=ref_path)
-    check_inputs(metrics, None, ref)
-    return ref, info
 
 
 def report(metrics, sample, ref, ref_info, json_path, record, **kwargs):
@@ -296,8 +275,7 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
     pipe.check_class(class_idx)
     for note in pipe.warnings:
         dist.print0(f'warning: {note}')
-    dets = load_detectors(['inception'] * any(m != 'fd_dinov2' for m in metrics) + ['dinov2'] * ('fd_dinov2' in metrics),
-                          detector, dinov2, trust_detector)
+    dets = load_detectors(run_metrics.metric_features(metrics), detector, dinov2, trust_detector)
 
     def batches():
         for b in pipe.batches(seeds, batch, class_idx, distributed=True):
@@ -313,6 +291,65 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
         report(metrics, acts.FeatureSet(result), ref, ref_info, json_path, dict(network_first=network_first, network_second=network_second,
                preset=preset, num_samples=len(seeds), activations_ref=ref_path))
     on_rank0(finish)
+
+#----------------------------------------------------------------------------
+# sweep: metrics of every snapshot of a training run.
+
+@main.command()
+@click.option('--run-dir', '--run', 'run_dir', help='Training run folder (its network-snapshot-*.pkl)', metavar='DIR', required=True)
+@METRIC_OPTION
+@click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`  [default with --relay-from-data: the dataset images]', metavar='NPZ|URL|NAME')
+@click.option('--num-images', '--num', 'num', help='Images per snapshot: seeds 0..num-1, or as many dataset images with --relay-from-data', metavar='INT', type=click.IntRange(min=2, max=pipeline.MAX_SEEDS), default=10000, show_default=True)
+@click.option('--preset',             help='Sampler settings and post-processing of a generate script', type=click.Choice(list(pipeline.PRESETS)), default='generate', show_default=True)
+@click.option('--network_first',      help='Second-stage run: the first stage whose images the relay takes', metavar='PATH|URL')
+@click.option('--relay-from-data',    help='Second-stage run: relay the run\'s dataset images downsampled by up_scale, as its sample grid (the second stage alone)', is_flag=True)
+@click.option('--data', 'data_path',  help='The run\'s dataset for --relay-from-data  [default: the path its snapshots record]', metavar='ZIP|DIR')
+@click.option('--batch',              help='Images per batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@DETECTOR
+@TRUST_DETECTOR
+@DINOV2
+@pipeline.sampler_click_options('preset / checkpoint')
+def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_data, data_path, batch, detector, trust_detector, dinov2,
+          **sampler_options):
+    """Measure every network snapshot of a training run (under torchrun too); the best is printed at the end.
+
+    Results go to RUN/metrics-<tag>.jsonl, one line per snapshot and metric, as each snapshot is
+    done, and RUN/metrics-<tag>.png plots them against kimg; tag = --num and 8 hex digits of the
+    SHA-1 of the other settings (metrics/sweep.py). A rerun with the same settings measures only
+    what the file lacks. First-stage runs sample with EDM's sampler; second-stage runs relay the
+    images of --network_first, or with --relay-from-data those of the run's dataset.
+
+    Under torchrun spell --run and --num as --run-dir and --num-images: torchrun's own parser
+    takes --run for --run-path and --num for --numa-binding.
+
+    \b
+    torchrun --standalone --nproc_per_node=8 evaluate.py sweep --run-dir=training-runs/00001-... -m fid --ref=adm-imagenet-256
+    """
+    dist.init()
+    device, options = dist.get_device(), {k: v for k, v in sampler_options.items() if v is not None}
+    pipeline.resolve_options(preset, options)
+    snapshots = run_metrics.snapshots(run_dir)
+    if not snapshots:
+        raise dnnlib.UserError(f'{run_dir}: no network-snapshot-*.pkl in it; give the folder of a training run')
+    data = dist.rank0_first(lambda: training.load_checkpoint(snapshots[0][1]))
+    stage = loss.training_record(data).stage
+    if (stage == 'second') != (relay_from_data or network_first is not None):
+        raise dnnlib.UserError(f'{snapshots[0][1]} is a {stage}-stage snapshot: ' + ('give --network_first for the relay, or --relay-from-data'
+                               if stage == 'second' else '--network_first and --relay-from-data are for second-stage runs'))
+    kwargs = {k: v for k, v in (data.get('dataset_kwargs') or {}).items() if k in ('path', 'resolution', 'max_size', 'use_labels', 'xflip')}
+    dataset = ImageFolderDataset(**dict(kwargs, path=data_path or kwargs.get('path', ''))) if relay_from_data else None
+    run = run_metrics.RunMetrics(run_dir, metrics, num, ref_path, detector, dinov2, trust_detector, preset, options, network_first, dataset,
+                                 data, batch, device)
+    done = {(line['snapshot'], line['metric']) for line in run.lines}
+    todo = [(kimg, path, missing) for kimg, path in snapshots if (missing := [m for m in metrics if (os.path.basename(path), m) not in done])]
+    dist.print0(f'{len(snapshots) - len(todo)} of {len(snapshots)} snapshots already measured; results in {run.path}.jsonl')
+    for kimg, path, missing in tqdm.tqdm(todo, unit='snapshot', disable=dist.get_rank() != 0):
+        data = dist.rank0_first(lambda: training.load_checkpoint(path))
+        if loss.training_record(data).stage != stage:
+            raise dnnlib.UserError(f'{run_dir} mixes stages: {path} is not a {stage}-stage snapshot like {snapshots[0][1]}; sweep one run at a time')
+        run.measure(data['ema'], data, os.path.basename(path), kimg, missing)
+    for name, (kimg, value, snapshot, best) in run_metrics.plot(run.lines, run.path + '.png').items() if dist.get_rank() == 0 else ():
+        print(f'Best {name}: {value[best]:g} at {snapshot[best]} ({kimg[best]:g} kimg)')
 
 #----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from click.core import ParameterSource
 
 import dnnlib
 from dnnlib.util import FiniteFloatRange
+from metrics import compute, detector
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import loggers, phema
@@ -108,6 +109,14 @@ def _parse_cres(_ctx, _param, text):
     return [int(part) for part in parts]
 
 
+def _parse_metrics(_ctx, _param, text):
+    """--metrics: comma-separated <metric><count>, the count in images or thousands (10k), one count for all."""
+    found = [re.fullmatch(rf'({"|".join(compute.METRICS)})_?(\d+k?)', part.strip()) for part in text.split(',')] if text else []
+    if text and (not all(found) or len({m[2] for m in found}) != 1 or int(found[0][2].replace('k', '000')) < 2):
+        raise click.BadParameter(f'{text}: give metrics of one sample count (at least 2), such as fid10k or fid10k,fd_dinov2_10k')
+    return text and dnnlib.EasyDict(metrics=[m[1] for m in found], num=int(found[0][2].replace('k', '000')))
+
+
 def resolve_options(ctx):
     """The option set of a parsed command line (click context), with --precision reconciled with
     the reference's --fp16 and the rules between options checked."""
@@ -131,6 +140,8 @@ def resolve_options(ctx):
     if os.path.isdir(opts.data) and os.path.commonpath([os.path.realpath(opts.outdir), os.path.realpath(opts.data)]) == os.path.realpath(opts.data):
         raise dnnlib.UserError(f'--outdir={opts.outdir} is --data or inside it: run folders and sample grids would become part '
                                f'of the dataset; choose an --outdir outside {opts.data}')
+    if opts.metrics and opts.metrics_ref is None and opts.precond != 'blur' and set(opts.metrics.metrics) - {'is'}:
+        raise dnnlib.UserError('--metrics needs --metrics-ref (a path, URL or name of `evaluate.py refs`); only is, or a --precond=blur run, needs none')
     loggers.check_installed(opts.logger)  # Now rather than after creating the run folder.
     if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise dnnlib.UserError('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
@@ -227,6 +238,8 @@ def setup_training_config(opts, dataset, world=1):
         c.ema_std = opts.ema_std
     c.sample_grid_kwargs = dnnlib.EasyDict(num_images=opts.grid, num_steps=opts.grid_steps, seed=0) if opts.grid > 0 else None
     c.logger = opts.logger
+    if opts.metrics:
+        c.metrics_kwargs = dnnlib.EasyDict(opts.metrics, ref=opts.metrics_ref, detector=opts.metrics_detector, trust_detector=opts.trust_detector)
     c.logger_kwargs = dnnlib.EasyDict(repo=opts.aim_repo, experiment=opts.exp_name, tag=opts.exp_tag)
     if opts.logger == 'wandb':
         c.logger_kwargs.project = opts.wandb_project
@@ -417,6 +430,11 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--exp-name',       help='Experiment / run name (with --logger=aim or wandb)', metavar='STR', type=str, default='')
 @click.option('--exp-tag',        help='Experiment tag (with --logger=aim or wandb)', metavar='STR', type=str, default='')
 @click.option('--no-aim',         help='Accepted for compatibility; aim is off unless --logger=aim', is_flag=True)
+# Metrics of every snapshot (evaluate.py sweep's, into the same metrics-*.jsonl).
+@click.option('--metrics',        help='Metrics of every snapshot, with their sample count: fid10k, fd_dinov2_10k, is50, ...  [default: none]', metavar='LIST', type=str, callback=_parse_metrics)
+@click.option('--metrics-ref',    help='Reference of --metrics: path, URL or a name from `evaluate.py refs`  [default with --precond=blur: the dataset images]', metavar='NPZ|URL|NAME', type=str)
+@click.option('--metrics-detector', help='Inception detector of --metrics (NVIDIA .pkl, needs --trust-detector, or pytorch-fid .pth)', metavar='PATH|URL', type=str, default=detector.DEFAULT_DETECTOR_URL, show_default=True)
+@click.option('--trust-detector', help='Allow a .pkl detector to run the code stored in it (NVIDIA\'s Inception pickle, the default)', is_flag=True)
 # Relay (blurring diffusion) stage, --precond=blur.
 @click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--block-scale',    help='Scale of block noise addition', metavar='FLOAT',             type=FRACTION, default=0.15, show_default=True)

@@ -24,6 +24,7 @@ CLIS = [
     ('evaluate-calc', 'evaluate', 'evaluate.py', ['calc']),
     ('evaluate-gen', 'evaluate', 'evaluate.py', ['gen']),
     ('evaluate-refs', 'evaluate', 'evaluate.py', ['refs']),
+    ('evaluate-sweep', 'evaluate', 'evaluate.py', ['sweep']),
     ('checkpoint-export', 'torch_utils.checkpoint', 'python -m torch_utils.checkpoint', ['export']),
     ('quickstart', 'quickstart', 'quickstart.py', []),
     ('reconstruct-phema', 'reconstruct_phema', 'reconstruct_phema.py', []),

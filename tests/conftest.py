@@ -1,8 +1,11 @@
 """Shared test setup: CPU only, few threads, deterministic."""
 
 
+import importlib
 import json
 import os
+import pickle
+import sys
 import zipfile
 
 import PIL.Image
@@ -35,6 +38,18 @@ def tiny_relay_checkpoints(tmp_path_factory):
                                           loss_fn=loss.BlurLoss(up_scale=4, block_scale=0.15)))
     return first, second
 
+
+def perturbed_net(res, seed):
+    """A tiny first-stage network (SongUNet, 8 channels) at `res` px, its weights shifted by seeded
+    noise so that networks of other seeds give other images."""
+    torch.manual_seed(seed)
+    net = networks.EDMPrecond(img_resolution=res, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
 #----------------------------------------------------------------------------
 # Shared builders: image datasets and command-line runs.
 
@@ -63,3 +78,46 @@ def zip_folder(folder, zip_path):
 def run_cli(command, *args, **kwargs):
     """A click command run in this process (CliRunner) with its arguments as strings."""
     return CliRunner().invoke(command, [str(a) for a in args], **kwargs)
+
+
+FAKE_NVIDIA_DETECTOR_SRC = '''
+"""A tiny stand-in with the NVIDIA Inception pickle's interface (layers.mixed_6.conv, output)."""
+import torch
+from torch_utils import persistence
+
+@persistence.persistent_class
+class FakeInception(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.Module()
+        self.layers.conv0 = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.layers.mixed_6 = torch.nn.Module()
+        self.layers.mixed_6.conv = torch.nn.Conv2d(8, 9, 3, padding=1)
+        self.proj = torch.nn.Linear(9 * 16, 32)
+        self.output = torch.nn.Linear(32, 10)
+
+    def forward(self, img, return_features=False):
+        x = img.to(torch.float32) / 127.5 - 1
+        x = torch.nn.functional.interpolate(x, size=(20, 20), mode='bilinear')
+        x = torch.relu(self.layers.conv0(x))
+        s = torch.relu(self.layers.mixed_6.conv(x))
+        f = self.proj(torch.nn.functional.adaptive_avg_pool2d(s, 4).flatten(1))
+        return f if return_features else self.output(f)
+'''
+
+
+def write_fake_nvidia_detector(folder, seed=3):
+    """A pickle of FakeInception (feat 32, 10 classes; loads with trust_pickle=True) in `folder`; its path."""
+    mod_dir = folder / 'fake_mod'
+    mod_dir.mkdir(exist_ok=True)
+    (mod_dir / 'h4_fake_nvidia_detector.py').write_text(FAKE_NVIDIA_DETECTOR_SRC)
+    sys.path.insert(0, str(mod_dir))
+    try:
+        net = importlib.import_module('h4_fake_nvidia_detector').FakeInception(seed=seed)
+    finally:
+        sys.path.remove(str(mod_dir))
+    path = folder / 'inception-test.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(net, f)
+    return str(path)

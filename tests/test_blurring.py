@@ -172,7 +172,7 @@ def test_blur_loss_defaults_and_statistics():
 
 
 def test_blur_loss_is_persistent():
-    from torch_utils import persistence
-    assert persistence.is_persistent(BlurLoss(block_scale=0.15))
+    import pickle
+    assert b'_reconstruct_persistent_obj' in pickle.dumps(BlurLoss(block_scale=0.15))
 
 #----------------------------------------------------------------------------

@@ -182,11 +182,27 @@ def test_numpy_rebuild_cannot_hand_out_uninitialised_memory(tmp_path):
         path.write_bytes(raw)
         with pytest.raises(checkpoint.CheckpointError, match='numpy dtype|not a plain numeric'):
             checkpoint.load_checkpoint(str(path), require_ema=False)
-    good = tmp_path / 'numpy.pkl'
+    # numpy.ndarray called directly (REDUCE) or through NEWOBJ: an uninitialised array of any size the
+    # file names (here 2**30 elements, 8 GB), in a .pkl and in a .pt alike.
+    for opcode in (b'R', b'\x81'):
+        body = b'cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85' + opcode
+        path.write_bytes(b'\x80\x02}X\x03\x00\x00\x00ema' + body + b's.')
+        pt = tmp_path / 'ndarray.pt'
+        with zipfile.ZipFile(pt, 'w') as zf:
+            zf.writestr('archive/data.pkl', b'\x80\x02}X\x03\x00\x00\x00ema' + body + b's.')
+            zf.writestr('archive/byteorder', 'little')
+            zf.writestr('archive/version', '3\n')
+        for bad in (path, pt):
+            with pytest.raises(checkpoint.CheckpointError, match='not callable|not a type'):
+                checkpoint.load_checkpoint(str(bad))
     value = dict(ema=None, a=np.arange(6, dtype=np.float32).reshape(2, 3), s=np.float64(2.5), i=np.int64(7))
-    good.write_bytes(pickle.dumps(value, protocol=4))
-    got = checkpoint.load_checkpoint(str(good))
-    assert np.array_equal(got['a'], value['a']) and got['a'].dtype == np.float32 and got['s'] == 2.5 and got['i'] == 7
+    for good in (tmp_path / 'numpy.pkl', tmp_path / 'numpy.pt'):
+        if good.suffix == '.pt':
+            torch.save(value, good)
+        else:
+            good.write_bytes(pickle.dumps(value, protocol=4))
+        got = checkpoint.load_checkpoint(str(good))
+        assert np.array_equal(got['a'], value['a']) and got['a'].dtype == np.float32 and got['s'] == 2.5 and got['i'] == 7
 
 
 def test_overlapping_tensor_views_are_refused(tmp_path):

@@ -2,10 +2,8 @@
 formats (random weights the test writes), sharded runs under torchrun (gloo, 2 processes),
 calc on every input file kind, and bad input."""
 
-import importlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 import zipfile
@@ -17,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import evaluate
+from conftest import write_fake_nvidia_detector
 from metrics import activations as acts
 from metrics.detector import load_detector
 from metrics.frechet import compute_statistics
@@ -26,33 +25,6 @@ from metrics.inception_score import inception_score
 from metrics.precision_recall import precision_recall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-FAKE_NVIDIA_DETECTOR_SRC = '''
-"""A tiny stand-in with the NVIDIA Inception pickle's interface (layers.mixed_6.conv, output)."""
-import torch
-from torch_utils import persistence
-
-@persistence.persistent_class
-class FakeInception(torch.nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = torch.nn.Module()
-        self.layers.conv0 = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.layers.mixed_6 = torch.nn.Module()
-        self.layers.mixed_6.conv = torch.nn.Conv2d(8, 9, 3, padding=1)
-        self.proj = torch.nn.Linear(9 * 16, 32)
-        self.output = torch.nn.Linear(32, 10)
-
-    def forward(self, img, return_features=False):
-        x = img.to(torch.float32) / 127.5 - 1
-        x = torch.nn.functional.interpolate(x, size=(20, 20), mode='bilinear')
-        x = torch.relu(self.layers.conv0(x))
-        s = torch.relu(self.layers.mixed_6.conv(x))
-        f = self.proj(torch.nn.functional.adaptive_avg_pool2d(s, 4).flatten(1))
-        return f if return_features else self.output(f)
-'''
-
 
 def _run(args):
     result = CliRunner().invoke(evaluate.main, args, catch_exceptions=True)
@@ -98,19 +70,7 @@ def pth_detector(tmp_dir):
 
 @pytest.fixture(scope='module')
 def pkl_detector(tmp_dir):
-    mod_dir = tmp_dir / 'fake_mod'
-    mod_dir.mkdir()
-    (mod_dir / 'h4_fake_nvidia_detector.py').write_text(FAKE_NVIDIA_DETECTOR_SRC)
-    sys.path.insert(0, str(mod_dir))
-    try:
-        module = importlib.import_module('h4_fake_nvidia_detector')
-        net = module.FakeInception(seed=3)
-    finally:
-        sys.path.remove(str(mod_dir))
-    path = tmp_dir / 'inception-test.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(net, f)
-    return str(path)
+    return write_fake_nvidia_detector(tmp_dir)
 
 
 @pytest.fixture(scope='module')

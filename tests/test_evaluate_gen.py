@@ -12,25 +12,15 @@ import torch
 from click.testing import CliRunner
 
 import evaluate
+from conftest import perturbed_net as _net
 import generate_celebahq
 from metrics.inception import InceptionV3
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
-from training import networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
 FAST = ['--num_steps_first=3', '--num_steps_second=4']
 SEEDS = '3,5,1001,8,9'
-
-
-def _net(res, seed):
-    torch.manual_seed(seed)
-    net = networks.EDMPrecond(img_resolution=res, img_channels=3, label_dim=0, **TINY)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
 
 
 @pytest.fixture(scope='module')

@@ -69,7 +69,8 @@ class Container:
 
 
 def _numpy_dtype(spec, align=False, copy=False):
-    spec = spec.decode('latin1') if isinstance(spec, bytes) else spec
+    # A dtype object (which a BUILD may have altered) is rebuilt from its string and checked again.
+    spec = spec.str if isinstance(spec, np.dtype) else spec.decode('latin1') if isinstance(spec, bytes) else spec
     dtype = np.dtype(spec[:8], bool(align), bool(copy)) if isinstance(spec, str) else None
     if dtype is None or dtype.kind not in 'biufc':  # Plain numbers: no objects, records or strings.
         raise CheckpointError(f'numpy dtype {str(spec)[:20]!r} is not a plain numeric type')
@@ -77,22 +78,20 @@ def _numpy_dtype(spec, align=False, copy=False):
 
 
 def _numpy_scalar(dtype, data):
-    # np.frombuffer refuses a dtype that a BUILD made claim to hold objects (pointers).
-    if not isinstance(dtype, np.dtype) or dtype.kind not in 'biufc' or not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise CheckpointError('numpy scalar of unexpected form')
-    return np.frombuffer(data, dtype)[0]
+    return np.frombuffer(data, _numpy_dtype(dtype), count=1)[0]  # Refuses data shorter than the dtype.
+
+
+_NDARRAY = object()  # What a pickle's numpy.ndarray stands for: _numpy_array's first argument, nothing callable.
 
 
 def _numpy_array(cls, shape, dtype):
     # numpy pickles an array as an empty one that BUILD then fills from the file's bytes.
-    if cls is not np.ndarray or shape != (0,):
+    if cls is not _NDARRAY or shape != (0,):
         raise CheckpointError(f'numpy array rebuild with shape {str(shape)[:40]} (numpy writes (0,) and fills it from the file)')
-    return np.ndarray(shape, _numpy_dtype(dtype.str) if isinstance(dtype, np.dtype) else _numpy_dtype(dtype))
+    return np.ndarray(shape, _numpy_dtype(dtype))
 
 
-def _storage(data):
-    if not isinstance(data, bytes):
-        raise CheckpointError('tensor storage of unexpected form')
+def _storage(data):  # torch.storage._load_from_bytes(data), through our reader.
     return _torch_load(io.BytesIO(data))
 
 
@@ -100,7 +99,7 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     'torch_utils.persistence._reconstruct_persistent_obj': _persistent,
     'dnnlib.util.EasyDict': dnnlib.EasyDict, 'dnnlib.EasyDict': dnnlib.EasyDict,
     **{f'torch.nn.modules.container.{name}': type(name, (Container,), {}) for name in ('ModuleDict', 'ModuleList', 'Sequential')},
-    'numpy.dtype': _numpy_dtype, 'numpy.ndarray': np.ndarray,
+    'numpy.dtype': _numpy_dtype, 'numpy.ndarray': _NDARRAY,
     **{f'numpy.dtypes.{type(np.dtype(c)).__name__}': type(np.dtype(c)) for c in '?bhilqBHILQefdFD'},  # BUILD targets.
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
@@ -191,7 +190,8 @@ def _torch_load(file):
     else:
         _check_globals(_Clamped(file), pickles=5)
         file.seek(0)
-    with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()]):
+    # np.ndarray under a name no pickle reaches (_check_globals): torch lets BUILD fill arrays of allowed types only.
+    with torch.serialization.safe_globals([(obj, name) for name, obj in ALLOWED.items()] + [(np.ndarray, 'BUILD target')]):
         try:
             return torch.load(file, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError as err:
@@ -257,10 +257,9 @@ def build(cls, args, kwargs, where, file_tensors):
     try:
         with torch.device('meta'), _OpBudget(10_000 + 16 * len(file_tensors), where):
             obj = cls(*args, **kwargs)
-    except CheckpointError:
-        raise
     except Exception as err:  # pylint: disable=broad-except  Arguments from a file can raise anything.
-        raise CheckpointError(f'{where}: cannot build it from its constructor arguments ({type(err).__name__}: {str(err)[:200]})') from None
+        reason = f'cannot build it from its constructor arguments ({type(err).__name__}: {str(err)[:200]})'
+        raise err if isinstance(err, CheckpointError) else CheckpointError(f'{where}: {reason}') from None
     if not isinstance(obj, torch.nn.Module):
         return obj
     ours = dict(obj.named_parameters(remove_duplicate=False), **dict(obj.named_buffers(remove_duplicate=False)))
@@ -268,13 +267,11 @@ def build(cls, args, kwargs, where, file_tensors):
     if sum(t.numel() for t in ours.values()) > 8 * held + (1 << 16):
         raise CheckpointError(f'{where}: its constructor arguments describe tensors of far more than the file holds '
                               f'({held:,} elements); refusing to build it')
+    describe = lambda t: 'none' if t is None else f'{list(t.shape)} ({t.dtype})'  # noqa: E731
     for name in sorted(set(file_tensors) | set(ours)):
         theirs, mine = file_tensors.get(name), ours.get(name)
-        if theirs is None or mine is None:
-            raise CheckpointError(f'{where}: tensor "{name}" is {"missing from" if theirs is None else "unexpected in"} the file')
-        if (theirs.shape, theirs.dtype) != (mine.shape, mine.dtype):
-            raise CheckpointError(f'{where}: tensor "{name}" has shape {list(theirs.shape)} ({theirs.dtype}) in the file '
-                                  f'but {list(mine.shape)} ({mine.dtype}) here')
+        if theirs is None or mine is None or (theirs.shape, theirs.dtype) != (mine.shape, mine.dtype):
+            raise CheckpointError(f'{where}: tensor "{name}" has shape {describe(theirs)} in the file but {describe(mine)} here')
     obj.load_state_dict({name: t.detach() for name, t in file_tensors.items()}, assign=True)
     for name, param in obj.named_parameters(remove_duplicate=False):
         param.requires_grad_(file_tensors[name].requires_grad)  # assign=True kept the meta parameters' flag.

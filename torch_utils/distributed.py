@@ -25,8 +25,7 @@ def init() -> None:
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(get_device())
-        backend = 'nccl' if use_cuda else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method='env://',
+        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method='env://',
                                              timeout=datetime.timedelta(minutes=30))
         # A CPU group without a practical deadline, for waiting on long work of one rank
         # (a multi-GB download): the main group's collectives time out after 30 minutes.

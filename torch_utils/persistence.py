@@ -75,11 +75,6 @@ def persistent_class(orig_class):
     return Decorated
 
 
-def is_persistent(obj):
-    """True for a decorated class or an instance of one."""
-    return obj in _decorated if isinstance(obj, type) else type(obj) in _decorated
-
-
 def get_registered_class(class_name, error=pickle.UnpicklingError):
     """The decorated class for a pickled `class_name`; `error` saying why not."""
     cls = _registry.get(class_name, False)

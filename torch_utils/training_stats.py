@@ -30,13 +30,8 @@ def init_multiprocessing(rank, sync_device):
 
 def report(name, value):
     """Add the values of `value` (tensor, array, list or number) to statistic `name`; returns value."""
-    values = torch.as_tensor(value)
+    values = torch.as_tensor(value).detach().flatten().to(torch.float32)  # Empty: zero moments, the name registered.
     sums = _pending.get(name)
-    if values.numel() == 0:
-        if sums is None:
-            _pending[name] = torch.zeros([3], dtype=torch.float64)
-        return value
-    values = values.detach().flatten().to(torch.float32)
     moments = torch.stack([torch.ones_like(values).sum(), values.sum(), values.square().sum()]).to(torch.float64)
     _pending[name] = moments if sums is None else sums.add_(moments.to(sums.device))
     return value
@@ -61,8 +56,7 @@ def collect():
     the previous call; a statistic that got no values since then keeps its previous summary."""
     names = list(_pending)
     if names:
-        device = _sync_device or torch.device('cpu')
-        sums = torch.stack([_pending[name].to(device) for name in names])
+        sums = torch.stack([_pending[name].to(_sync_device or 'cpu') for name in names])
         if _sync_device is not None:
             torch.distributed.all_reduce(sums)
         for name, row in zip(names, sums.cpu().tolist()):

@@ -39,7 +39,8 @@ def dct_matrix(k: int, dtype: torch.dtype = torch.float64, device='cpu') -> torc
     return mat.to(dtype=dtype, device=device)
 
 
-def _block_transform(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
+def block_dct(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Orthonormal 2-D DCT-II of every k x k block of `x` (..., H, W), in image layout (or its inverse)."""
     if x.ndim < 2 or x.shape[-1] % k != 0 or x.shape[-2] % k != 0:
         raise ValueError(f'Image size {tuple(x.shape[-2:])} is not divisible by the block size {k}')
     mat = dct_matrix(k, x.dtype, x.device)
@@ -49,14 +50,7 @@ def _block_transform(x: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
     return torch.matmul(y.reshape(-1, k), right).reshape(x.shape)
 
 
-def block_dct(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Orthonormal 2-D DCT-II of every k x k block of `x` (..., H, W), in image layout."""
-    return _block_transform(x, k, inverse=False)
-
-
-def block_idct(coefs: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of `block_dct`."""
-    return _block_transform(coefs, k, inverse=True)
+block_idct = functools.partial(block_dct, inverse=True)
 
 
 def scale_frequencies(coefs: torch.Tensor, factor: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,14 +71,6 @@ def blur_sigma_from_u(u, blur_sigma_max: float) -> torch.Tensor:
     return blur_sigma_max * torch.sin(u * torch.pi / 2) ** 2
 
 
-def _exp_float32(x: torch.Tensor) -> torch.Tensor:
-    # CPU exp has a SIMD path and a scalar tail path that may differ by one ulp; pad so that
-    # every element takes the SIMD path, as the reference's large tiled grid does.
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % 64
-    return torch.exp(torch.nn.functional.pad(flat, (0, pad)))[:flat.numel()].reshape(x.shape)
-
-
 def attenuation(blur_sigma, k: int, min_scale: float = 0.001) -> torch.Tensor:
     """Per-frequency damping of the blur: (*blur_sigma.shape, k, k), float32.
 
@@ -95,7 +81,11 @@ def attenuation(blur_sigma, k: int, min_scale: float = 0.001) -> torch.Tensor:
     freqs = torch.pi * torch.linspace(0, k - 1, k, device=blur_sigma.device) / k  # f = pi * (i, j) / k, float32 as the reference.
     fsq = freqs[:, None] ** 2 + freqs[None, :] ** 2
     t = (blur_sigma ** 2 / 2).to(torch.float32)
-    return _exp_float32(-fsq * t[..., None, None]) * (1 - min_scale) + min_scale
+    exponent = (-fsq * t[..., None, None]).reshape(-1)
+    # CPU exp has a SIMD path and a scalar tail path that may differ by one ulp; pad so that
+    # every element takes the SIMD path, as the reference's large tiled grid does.
+    damping = torch.exp(torch.nn.functional.pad(exponent, (0, (-exponent.numel()) % 64)))[:exponent.numel()]
+    return damping.reshape(*t.shape, k, k) * (1 - min_scale) + min_scale
 
 
 def blur_sigma_of_noise_level(sigma: float, prob_length: float = 0.93, blur_sigma_max: float = 3) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from training import blurring
+from training import blurring, networks
 
 
 def edm_weight(sigma, sigma_data):
@@ -45,9 +45,7 @@ class VPLoss(_DenoisingLoss):
     def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
-    def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+    sigma = networks.VPPrecond.sigma  # The schedule of the VP preconditioning, from the same three settings.
 
     def levels(self, shape, device):
         sigma = self.sigma(1 + torch.rand(shape, device=device) * (self.epsilon_t - 1))

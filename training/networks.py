@@ -34,8 +34,6 @@ _INIT_GAINS = {
 
 
 def weight_init(shape, mode, fan_in, fan_out):
-    if mode not in _INIT_GAINS:
-        raise ValueError(f'Invalid init mode "{mode}"')
     kind, gain = _INIT_GAINS[mode]
     unit = torch.rand(*shape) * 2 - 1 if kind == 'uniform' else torch.randn(*shape)
     return gain(fan_in, fan_out) * unit
@@ -375,10 +373,8 @@ class SongUNet(torch.nn.Module):
         block = lambda cin, cout, **kw: UNetBlock(in_channels=cin, out_channels=cout, **kw, **blocks)
 
         # The mapping network, layer by layer in the reference's order of creation.
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == 'positional' \
+            else FourierEmbedding(num_channels=noise_channels)
         self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **xavier) if label_dim else None
         self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **xavier) if augment_dim else None
         self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
@@ -497,8 +493,7 @@ class _Preconditioned(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        fp16 = self.use_fp16 and not force_fp32 and x.device.type == 'cuda'
-        dtype = torch.float16 if fp16 else torch.float32
+        dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == 'cuda' else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)  # bf16 training runs under autocast.
@@ -523,8 +518,7 @@ class VPPrecond(_Preconditioned):
 
     def sigma(self, t):
         t = torch.as_tensor(t)
-        exponent = 0.5 * self.beta_d * (t ** 2) + self.beta_min * t
-        return (exponent.exp() - 1).sqrt()
+        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
         log_term = (1 + torch.as_tensor(sigma) ** 2).log()

@@ -67,13 +67,20 @@ class SampleGrid:
             labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)  # Seed % label_dim, as generate.py.
             out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
             return tile(to_uint8(out))
+        start, out = self.relay_batch(net, list(range(len(self.seeds))), rnd)
+        return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+
+    def relay_batch(self, net, indices, rnd=None, **options):
+        """(start, output) of the relay from the grid's images `indices` with their seeds' generators
+        (rnd: those generators): the training's settings and num_steps, or blur_sampler `options`."""
         # The training's relay settings as blur_sampler's arguments (up_scale, blur_sigma_max, s_block, truncation_t).
         relay = {pipeline.SAMPLER_OPTIONS[option].key: self.relay[key] for key, option in pipeline.RELAY_SETTINGS.items()}
-        real = self.images.to(self.device).to(torch.float32) / 127.5 - 1
+        real = self.images[indices].to(self.device).to(torch.float32) / 127.5 - 1
         start = F.interpolate(F.avg_pool2d(real, relay['up_scale']), scale_factor=relay['up_scale'], mode='nearest')
-        labels = self.labels.to(self.device) if self.labels is not None else None
-        out = sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, num_steps=self.num_steps, **relay)
-        return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+        labels = self.labels[indices].to(self.device) if self.labels is not None else None
+        rnd = rnd or sampling.StackedRandomGenerator(self.device, [self.seeds[i] for i in indices])
+        options = dict(num_steps=self.num_steps, **relay) | options
+        return start, sampling.blur_sampler(net, start, labels, randn_like=rnd.randn_like, **options)
 
     def write(self, net, path):
         """Sample and save the grid as a PNG at `path` atomically; returns the grid image."""

@@ -37,6 +37,7 @@ import tqdm
 
 import dnnlib
 import training
+from metrics import sweep as metrics_sweep
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from torch_utils import misc
@@ -306,6 +307,7 @@ def training_loop(
     logger_kwargs       = {},       # Extra options of the tracker (repo, project, experiment, tag).
     progress_bar        = None,     # tqdm bar over images; None = only when stderr is a terminal.
     loss_norm           = 'reference', # Divisor of the summed loss: 'reference' (RDM's) or 'edm'; see above.
+    metrics_kwargs      = None,     # metrics.sweep.RunMetrics options (metrics, num, ref, detector, trust_detector), None = off.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
     options = {name: value for name, value in locals().items() if name not in ('progress_bar', 'device')}  # For the tracker.
@@ -393,6 +395,10 @@ def training_loop(
     pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
                      dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
 
+    # On every rank: the measurement is spread over them. The settings of a default evaluate.py sweep (--relay-from-data for a relay).
+    run_metrics = metrics_sweep.RunMetrics(run_dir, **metrics_kwargs, dataset=dataset, loss_kwargs=loss_kwargs, device=device,
+                                           ref_flag='--metrics-ref', stats=True) if metrics_kwargs else None
+
     dist.print0(f'Training for {total_kimg:g} kimg...\n')
     cur_tick = int(cur_nimg // (1000 * kimg_per_tick))
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
@@ -448,6 +454,8 @@ def training_loop(
                 image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
                 if exp_logger is not None:
                     exp_logger.log_image('samples', image, step=cur_nimg)
+            if run_metrics is not None:
+                run_metrics.measure(ema, loss_kwargs, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl', cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs,
                                 power_emas=power_emas)
