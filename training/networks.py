@@ -518,7 +518,8 @@ class VPPrecond(_Preconditioned):
 
     def sigma(self, t):
         t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        growth = (0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp()  # exp(integral of beta).
+        return (growth - 1).sqrt()
 
     def sigma_inv(self, sigma):
         log_term = (1 + torch.as_tensor(sigma) ** 2).log()
