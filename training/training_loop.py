@@ -50,7 +50,8 @@ from training import phema
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
 
-_STATE_RE = re.compile(r'training-state-(\d+)(?:_(\d{3}))?\.pt')
+NIMG = r'(\d+)(?:_(\d{3}))?'  # nimg_suffix's two forms: groups 1 and 2.
+TRAINING_STATE = rf'training-state-{NIMG}\.pt'
 
 
 def nimg_suffix(cur_nimg):
@@ -59,17 +60,22 @@ def nimg_suffix(cur_nimg):
     return f'{kimg:06d}' if rest == 0 else f'{kimg:06d}_{rest:03d}'
 
 
-def training_state_nimg(path):
-    """Images seen according to a training-state file name, or None if the name is not one."""
-    m = _STATE_RE.fullmatch(os.path.basename(path))
-    return None if m is None else int(m.group(1)) * 1000 + int(m.group(2) or 0)
+def training_state_nimg(path, pattern=TRAINING_STATE):
+    """Images seen according to a run file's name (a training state's by default), or None."""
+    m = re.fullmatch(pattern, os.path.basename(path))
+    return None if m is None else int(m[1]) * 1000 + int(m[2] or 0)
+
+
+def run_files(folder, pattern):
+    """(nimg, path, match) of the files in folder whose names match `pattern` (NIMG first), in training order."""
+    found = [(training_state_nimg(name, pattern), os.path.join(folder, name), re.fullmatch(pattern, name)) for name in os.listdir(folder)]
+    return sorted(f for f in found if f[0] is not None and os.path.isfile(f[1]))
 
 
 def find_latest_training_state(run_dir):
     """Path of the training-state-*.pt with the most images seen in a run folder, or None."""
-    states = [(training_state_nimg(name), name) for name in os.listdir(run_dir)]
-    states = [(nimg, name) for nimg, name in states if nimg is not None and os.path.isfile(os.path.join(run_dir, name))]
-    return os.path.join(run_dir, max(states)[1]) if states else None
+    states = run_files(run_dir, TRAINING_STATE)
+    return states[-1][1] if states else None
 
 #----------------------------------------------------------------------------
 # One training run per folder: an exclusive lock on a file in it, held for the run.
