@@ -75,9 +75,8 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
     """Network constructor options for train.py's --arch/--precond/--cbase/--cres choices."""
     kwargs = dnnlib.EasyDict(ARCH_PRESETS['adm256' if arch == 'adm' and resolution == 256 else arch])
     kwargs.update(eff_attn=eff_attn, class_name=PRECOND_PRESETS[precond][0])
-    for name, value in [('model_channels', cbase), ('channel_mult', cres), ('num_blocks', blocks)]:
-        if value is not None:
-            kwargs[name] = value
+    given = dict(model_channels=cbase, channel_mult=cres, num_blocks=blocks)
+    kwargs.update({name: value for name, value in given.items() if value is not None})  # Else the architecture's.
     if augment:
         kwargs.augment_dim = 9
     kwargs.update(dropout=dropout, label_dropout=label_dropout, use_fp16=fp16)
