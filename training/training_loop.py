@@ -60,16 +60,16 @@ def nimg_suffix(cur_nimg):
     return f'{kimg:06d}' if rest == 0 else f'{kimg:06d}_{rest:03d}'
 
 
-def training_state_nimg(path, pattern=TRAINING_STATE):
-    """Images seen according to a run file's name (a training state's by default), or None."""
-    m = re.fullmatch(pattern, os.path.basename(path))
+def training_state_nimg(path):
+    """Images seen according to a training-state file name, or None if the name is not one."""
+    m = re.fullmatch(TRAINING_STATE, os.path.basename(path))
     return None if m is None else int(m[1]) * 1000 + int(m[2] or 0)
 
 
 def run_files(folder, pattern):
     """(nimg, path, match) of the files in folder whose names match `pattern` (NIMG first), in training order."""
-    found = [(training_state_nimg(name, pattern), os.path.join(folder, name), re.fullmatch(pattern, name)) for name in os.listdir(folder)]
-    return sorted(f for f in found if f[0] is not None and os.path.isfile(f[1]))
+    found = [(m, os.path.join(folder, name)) for name in os.listdir(folder) if (m := re.fullmatch(pattern, name))]
+    return sorted((int(m[1]) * 1000 + int(m[2] or 0), path, m) for m, path in found if os.path.isfile(path))
 
 
 def find_latest_training_state(run_dir):
