@@ -38,7 +38,7 @@ from metrics.dinov2 import DINOV2_VITL14_URL
 from metrics.kid import KID_MAX_SUBSETS, KID_SUBSET_SIZE, KID_SUBSETS
 from metrics.sweep import load_detectors, open_reference
 from torch_utils import distributed as dist
-from training import loss, pipeline
+from training import loss, pipeline, training_loop
 from training.dataset import ImageFolderDataset
 
 FEATURES = ['inception', 'dinov2']
@@ -328,7 +328,7 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
     dist.init()
     device, options = dist.get_device(), {k: v for k, v in sampler_options.items() if v is not None}
     pipeline.resolve_options(preset, options)
-    snapshots = run_metrics.snapshots(run_dir)
+    snapshots = training_loop.run_files(run_dir, rf'network-snapshot-{training_loop.NIMG}\.pkl')
     if not snapshots:
         raise dnnlib.UserError(f'{run_dir}: no network-snapshot-*.pkl in it; give the folder of a training run')
     data = dist.rank0_first(lambda: training.load_checkpoint(snapshots[0][1]))
@@ -341,13 +341,13 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
     run = run_metrics.RunMetrics(run_dir, metrics, num, ref_path, detector, dinov2, trust_detector, preset, options, network_first, dataset,
                                  data, batch, device)
     done = {(line['snapshot'], line['metric']) for line in run.lines}
-    todo = [(kimg, path, missing) for kimg, path in snapshots if (missing := [m for m in metrics if (os.path.basename(path), m) not in done])]
+    todo = [(nimg, path, missing) for nimg, path, _ in snapshots if (missing := [m for m in metrics if (os.path.basename(path), m) not in done])]
     dist.print0(f'{len(snapshots) - len(todo)} of {len(snapshots)} snapshots already measured; results in {run.path}.jsonl')
-    for kimg, path, missing in tqdm.tqdm(todo, unit='snapshot', disable=dist.get_rank() != 0):
+    for nimg, path, missing in tqdm.tqdm(todo, unit='snapshot', disable=dist.get_rank() != 0):
         data = dist.rank0_first(lambda: training.load_checkpoint(path))
         if loss.training_record(data).stage != stage:
             raise dnnlib.UserError(f'{run_dir} mixes stages: {path} is not a {stage}-stage snapshot like {snapshots[0][1]}; sweep one run at a time')
-        run.measure(data['ema'], data, os.path.basename(path), kimg, missing)
+        run.measure(data['ema'], data, os.path.basename(path), nimg / 1000, missing)
     for name, (kimg, value, snapshot, best) in run_metrics.plot(run.lines, run.path + '.png').items() if dist.get_rank() == 0 else ():
         print(f'Best {name}: {value[best]:g} at {snapshot[best]} ({kimg[best]:g} kimg)')
 

@@ -21,13 +21,14 @@ import training
 from torch_utils import checkpoint
 from training import phema
 from training.loss import training_record
-from training.training_loop import nimg_suffix
+from training.training_loop import NIMG, nimg_suffix, run_files
 
 
 def choose_snapshots(indir, outkimg, outstd):
     """The run's snapshots up to the output time (default: the latest stored), that time, and the
     coefficients [snapshot, std] and profile error of each std of `outstd` there."""
-    snapshots = phema.list_snapshots(indir) if os.path.isdir(indir) else []
+    found = run_files(indir, rf'phema-{NIMG}-(\d\.\d{{3}})\.pkl') if os.path.isdir(indir) else []
+    snapshots = [dnnlib.EasyDict(nimg=nimg, std=float(m[3]), path=path) for nimg, path, m in found]  # By time, then std.
     if not snapshots:
         raise dnnlib.UserError(f'--indir={indir} holds no phema-*.pkl snapshots; train with --ema-std to store them')
     times = sorted({s.nimg for s in snapshots})

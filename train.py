@@ -75,9 +75,8 @@ def network_kwargs_for(arch, resolution, precond='edm', cbase=None, cres=None, b
     """Network constructor options for train.py's --arch/--precond/--cbase/--cres choices."""
     kwargs = dnnlib.EasyDict(ARCH_PRESETS['adm256' if arch == 'adm' and resolution == 256 else arch])
     kwargs.update(eff_attn=eff_attn, class_name=PRECOND_PRESETS[precond][0])
-    for name, value in [('model_channels', cbase), ('channel_mult', cres), ('num_blocks', blocks)]:
-        if value is not None:
-            kwargs[name] = value
+    given = dict(model_channels=cbase, channel_mult=cres, num_blocks=blocks)
+    kwargs.update({name: value for name, value in given.items() if value is not None})  # Else the architecture's.
     if augment:
         kwargs.augment_dim = 9
     kwargs.update(dropout=dropout, label_dropout=label_dropout, use_fp16=fp16)
@@ -182,16 +181,14 @@ def cache_fits(dataset, workers, processes_per_node):
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
     from training.training_loop import find_latest_training_state, training_state_nimg
-    if os.path.isdir(path):
-        state = find_latest_training_state(path)
-        if state is None:
-            raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
-        path = state
-    elif not os.path.isfile(path):
+    state = find_latest_training_state(path) if os.path.isdir(path) else path
+    if state is None:
+        raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
+    if not os.path.isfile(state):
         raise dnnlib.UserError(f'--resume: no such file or folder: {path}')
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours.
-        raise dnnlib.UserError(f'--resume: {path} is not a training state written by train.py (training-state-*.pt)')
-    return path, (training_state_nimg(path) or 0) / 1000
+    if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
+        raise dnnlib.UserError(f'--resume: {state} is not a training state written by train.py (training-state-*.pt)')
+    return state, (training_state_nimg(state) or 0) / 1000
 
 
 def setup_training_config(opts, dataset, world=1):

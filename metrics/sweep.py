@@ -25,7 +25,6 @@ whole snapshots only, and what it holds is not measured again.
 import hashlib
 import json
 import os
-import re
 import time
 
 import click
@@ -41,7 +40,6 @@ from .compute import check_inputs, compute_metrics
 from .detector import DEFAULT_DETECTOR_URL, load_detector
 from .dinov2 import DINOV2_VITL14_URL, load_dinov2
 
-SNAPSHOT = re.compile(r'network-snapshot-(\d+)(?:_(\d{3}))?\.pkl')
 RESULTS = {'fid': ['FID'], 'sfid': ['sFID'], 'is': ['Inception Score'], 'pr': ['Precision', 'Recall'], 'kid': ['KID', 'KID std'],
            'fd_dinov2': ['FD_DINOv2']}
 
@@ -77,12 +75,6 @@ def open_reference(ref_path, metrics, flag='--ref'):
 def metric_features(metrics):
     """The feature kinds (evaluate.py activations --features) that the metrics read."""
     return ['inception'] * any(m != 'fd_dinov2' for m in metrics) + ['dinov2'] * ('fd_dinov2' in metrics)
-
-
-def snapshots(run_dir):
-    """(kimg, path) of the run's network snapshots, in training order."""
-    found = [(int(m[1]) + int(m[2] or 0) / 1000, os.path.join(run_dir, m[0])) for m in map(SNAPSHOT.fullmatch, os.listdir(run_dir)) if m]
-    return sorted(found)
 
 
 def features(make, num, batch, detectors, name=None):

@@ -8,7 +8,6 @@ Equation and algorithm numbers are the paper's.
 """
 
 import copy
-import os
 import re
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 import dnnlib
 
 MAX_STD = 0.289  # Just above sqrt(1/12), the std of gamma = 0 (a plain average); larger has no power function.
-SNAPSHOT_RE = re.compile(r'phema-(\d+)(?:_(\d{3}))?-(\d\.\d{3})\.pkl')  # phema-<nimg_suffix>-<std>.pkl
 
 
 def std_to_exp(std):
@@ -73,13 +71,6 @@ def parse_stds(_ctx, param, text):
         raise dnnlib.UserError(f'--{param.name.replace("_", "-")}={text}: give relative standard deviations above 0 and '
                                f'below {MAX_STD} with at most three decimals, separated by commas, such as 0.050,0.100')
     return sorted(set(stds))
-
-
-def list_snapshots(folder):
-    """The power-function snapshots training wrote in `folder`: EasyDict(nimg, std, path), sorted."""
-    found = [(m, os.path.join(folder, name)) for name in os.listdir(folder) if (m := SNAPSHOT_RE.fullmatch(name))]
-    found = [dnnlib.EasyDict(nimg=int(m[1]) * 1000 + int(m[2] or 0), std=float(m[3]), path=path) for m, path in found]
-    return sorted(found, key=lambda s: (s.nimg, s.std))
 
 
 class PowerFunctionEMA:

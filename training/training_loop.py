@@ -50,7 +50,8 @@ from training import phema
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
 
-_STATE_RE = re.compile(r'training-state-(\d+)(?:_(\d{3}))?\.pt')
+NIMG = r'(\d+)(?:_(\d{3}))?'  # nimg_suffix's two forms: groups 1 and 2.
+TRAINING_STATE = rf'training-state-{NIMG}\.pt'
 
 
 def nimg_suffix(cur_nimg):
@@ -61,15 +62,20 @@ def nimg_suffix(cur_nimg):
 
 def training_state_nimg(path):
     """Images seen according to a training-state file name, or None if the name is not one."""
-    m = _STATE_RE.fullmatch(os.path.basename(path))
-    return None if m is None else int(m.group(1)) * 1000 + int(m.group(2) or 0)
+    m = re.fullmatch(TRAINING_STATE, os.path.basename(path))
+    return None if m is None else int(m[1]) * 1000 + int(m[2] or 0)
+
+
+def run_files(folder, pattern):
+    """(nimg, path, match) of the files in folder whose names match `pattern` (NIMG first), in training order."""
+    found = [(m, os.path.join(folder, name)) for name in os.listdir(folder) if (m := re.fullmatch(pattern, name))]
+    return sorted((int(m[1]) * 1000 + int(m[2] or 0), path, m) for m, path in found if os.path.isfile(path))
 
 
 def find_latest_training_state(run_dir):
     """Path of the training-state-*.pt with the most images seen in a run folder, or None."""
-    states = [(training_state_nimg(name), name) for name in os.listdir(run_dir)]
-    states = [(nimg, name) for nimg, name in states if nimg is not None and os.path.isfile(os.path.join(run_dir, name))]
-    return os.path.join(run_dir, max(states)[1]) if states else None
+    states = run_files(run_dir, TRAINING_STATE)
+    return states[-1][1] if states else None
 
 #----------------------------------------------------------------------------
 # One training run per folder: an exclusive lock on a file in it, held for the run.
@@ -126,17 +132,6 @@ def _stage(record):
     return 'second (relay, --precond=blur)' if record.stage == 'second' else f'first ({record.loss})'
 
 
-def _recorded_training(path, data):
-    """training.loss.training_record of a training state: what the state records, else what the
-    training_options.json beside it says."""
-    record = training_loss.training_record(data)
-    if record.loss is None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')) as f:
-                record = training_loss.training_record(json.load(f)['loss_kwargs'])
-    return record
-
-
 def _bad_number(value, low, high):
     return isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high
 
@@ -190,7 +185,11 @@ def load_training_state(path, net, ema, optimizer, loss_kwargs=None, power_emas=
     if type(data['net']).__name__ != type(net).__name__:
         raise dnnlib.UserError(f'{path}: holds a {type(data["net"]).__name__} network and this run builds {type(net).__name__}; '
                                f'resume with the --precond of the original run')
-    theirs, ours = _recorded_training(path, data), training_loss.training_record(loss_kwargs or {})
+    theirs, ours = training_loss.training_record(data), training_loss.training_record(loss_kwargs or {})
+    if theirs.loss is None:  # Not recorded in the state: what the training_options.json beside it says.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'training_options.json')) as f:
+                theirs = training_loss.training_record(json.load(f)['loss_kwargs'])
     if None not in (theirs.stage, ours.stage) and theirs.stage != ours.stage:
         raise dnnlib.UserError(f'{path}: is a {_stage(theirs)} stage training state and this run trains the '
                                f'{_stage(ours)} stage; resume with the --precond of the original run, '
@@ -372,7 +371,7 @@ def training_loop(
         sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
         ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    power_emas = phema.PowerFunctionEMA(net, ema_std) if ema_std else None
+    power_emas = phema.PowerFunctionEMA(net, ema_std or [])  # No copies without ema_std.
 
     # Transfer learning or resume: rank 0 reads (and downloads) first, the others wait without
     # the process group's deadline, then read from the cache.
@@ -435,8 +434,7 @@ def training_loop(
 
         # Once per tick (and at the end): status line, snapshots, stats.
         cur_nimg += batch_size
-        if power_emas is not None:
-            power_emas.update(cur_nimg, batch_size)
+        power_emas.update(cur_nimg, batch_size)
         pbar.update(batch_size)
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
@@ -445,17 +443,16 @@ def training_loop(
                                            maintenance_time, device)
         (dist.print0 if pbar.disable else pbar.write)(line)  # pbar.write keeps the bar intact; log.txt still gets the line.
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-            save_network_snapshot(run_dir, cur_nimg, ema=ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
-                                  dataset_kwargs=dataset_kwargs)
-            for std, power_ema in power_emas.emas.items() if power_emas is not None else []:
-                save_network_snapshot(run_dir, cur_nimg, ema=power_ema, loss_kwargs=loss_kwargs, augment_pipe=augment_pipe,
-                                      dataset_kwargs=dataset_kwargs, name=f'phema-{nimg_suffix(cur_nimg)}-{std:.3f}.pkl')
+            name = f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl'
+            power = {f'phema-{nimg_suffix(cur_nimg)}-{std:.3f}.pkl': power_ema for std, power_ema in power_emas.emas.items()}
+            for file_name, snapshot_ema in {name: ema, **power}.items():
+                save_network_snapshot(run_dir, file_name, snapshot_ema, loss_kwargs, augment_pipe, dataset_kwargs)
             if grid is not None:
                 image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
                 if exp_logger is not None:
                     exp_logger.log_image('samples', image, step=cur_nimg)
             if run_metrics is not None:
-                run_metrics.measure(ema, loss_kwargs, f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl', cur_nimg / 1000)
+                run_metrics.measure(ema, loss_kwargs, name, cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs,
                                 power_emas=power_emas)
@@ -485,18 +482,18 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def save_network_snapshot(run_dir, cur_nimg, ema, loss_kwargs, augment_pipe, dataset_kwargs, name=None):
+def save_network_snapshot(run_dir, name, ema, loss_kwargs, augment_pipe, dataset_kwargs):
     misc.check_ddp_consistency(ema)
     if dist.get_rank() == 0:
         data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe,
                     dataset_kwargs=_plain(dataset_kwargs))
-        checkpoint.save_snapshot(os.path.join(run_dir, name or f'network-snapshot-{nimg_suffix(cur_nimg)}.pkl'), data)
+        checkpoint.save_snapshot(os.path.join(run_dir, name), data)
 
 
 def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas=None):
     # loss_kwargs records the stage, for --resume's check.
     if dist.get_rank() == 0:
         data = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg, loss_kwargs=_plain(loss_kwargs))
-        if power_emas is not None:
+        if power_emas is not None and power_emas.emas:
             data['phema'] = power_emas.emas
         checkpoint.save_training_state(os.path.join(run_dir, f'training-state-{nimg_suffix(cur_nimg)}.pt'), data)
