@@ -296,7 +296,8 @@ def gen(network_first, network_second, preset, seeds, class_idx, postprocess, ba
 # sweep: metrics of every snapshot of a training run.
 
 @main.command()
-@click.option('--run-dir', '--run', 'run_dir', help='Training run folder (its network-snapshot-*.pkl)', metavar='DIR', required=True)
+@click.option('--run-dir', '--run', 'run_dir', help='Training run folder (its network-snapshot-*.pkl)', metavar='DIR', required=True,
+              type=click.Path(exists=True, file_okay=False))
 @METRIC_OPTION
 @click.option('--ref',                'ref_path', help='Reference: path, URL, or a name from `evaluate.py refs`  [default with --relay-from-data: the dataset images]', metavar='NPZ|URL|NAME')
 @click.option('--num-images', '--num', 'num', help='Images per snapshot: seeds 0..num-1, or as many dataset images with --relay-from-data', metavar='INT', type=click.IntRange(min=2, max=pipeline.MAX_SEEDS), default=10000, show_default=True)

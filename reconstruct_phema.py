@@ -89,7 +89,8 @@ def reconstruct_phema(indir, outdir, outstd, outkimg=None, max_error=0.05, verbo
 
 
 @click.command()
-@click.option('--indir',     help='Training run folder holding phema-*.pkl (train.py --ema-std)', metavar='DIR', required=True)
+@click.option('--indir',     help='Training run folder holding phema-*.pkl (train.py --ema-std)', metavar='DIR', required=True,
+              type=click.Path(exists=True, file_okay=False))
 @click.option('--list', 'list_only', help='List the stored snapshots and the reconstructable stds, then exit', is_flag=True)
 @click.option('--outstd',    help='Relative standard deviations to reconstruct, e.g. 0.070,0.120', metavar='LIST', callback=phema.parse_stds)
 @click.option('--outkimg',   help='Training time to reconstruct (a stored one)  [default: latest]', metavar='KIMG', type=dnnlib.util.FiniteFloatRange(min=0, min_open=True))

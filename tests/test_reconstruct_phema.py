@@ -135,7 +135,9 @@ def test_bad_requests_are_one_line(runs, tmp_path):
     run = lambda *args: _error(run_cli(reconstruct_phema.main, *args))  # noqa: E731
     out = f'--outdir={tmp_path / "out"}'
     assert 'holds no phema-*.pkl snapshots; train with --ema-std' in run(f'--indir={tmp_path}', '--outstd=0.07', out)
-    assert 'holds no phema-*.pkl' in run(f'--indir={tmp_path / "missing"}', '--list')
+    for missing in (tmp_path / 'missing', os.path.join(runs['first'], 'phema-000000_024-0.100.pkl')):  # No such folder; a file.
+        result = run_cli(reconstruct_phema.main, f'--indir={missing}', '--list')
+        assert result.exit_code == 2 and "Invalid value for '--indir'" in result.output, result.output
     assert 'no snapshot of that time; choose one of 0.004, 0.012, 0.02, 0.024' in run(f'--indir={runs["first"]}', '--outstd=0.07', out, '--outkimg=0.016')
     for bad in ('0', '-0.1', '0.3', 'nan', '0.0705', 'x'):
         assert f'--outstd={bad}: give relative standard deviations' in run(f'--indir={runs["first"]}', f'--outstd={bad}', out)

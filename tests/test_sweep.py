@@ -134,6 +134,9 @@ def test_sweep_errors(setup, tmp_path):
     assert res.exit_code == 1 and 'mixes stages' in res.output, res.output
     res = run_cli(evaluate.main, 'sweep', '--run', s['run'], '-m', 'fidd')
     assert res.exit_code == 2 and "'fidd' is not one of" in res.output
+    for missing in (tmp_path / 'missing', s['first']):  # No such folder; a file.
+        res = run_cli(evaluate.main, 'sweep', '--run-dir', missing, '-m', 'fid')
+        assert res.exit_code == 2 and "Invalid value for '--run-dir'" in res.output, res.output
     common = ['--outdir', tmp_path / 'runs', '--data', s['d'] / 'data', '--dry-run']
     for extra, message in [(['--metrics=fid10k'], 'needs --metrics-ref'), (['--metrics=fid10k,is5'], 'one sample count'),
                            (['--metrics=fld10k', '--metrics-ref=x'], 'such as fid10k')]:
