@@ -136,35 +136,24 @@ def compute_activations(source, detectors, batch_size=64, num_workers=3, stats_o
     return detect(((idx, imgs, done) for (idx, done), imgs in zip(mine, images)), detectors, len(source), stats_only, progress)
 
 
-def _gather0(tensor):
-    """The tensors of all ranks, concatenated, on rank 0's CPU (None elsewhere); collective."""
-    if dist.get_world_size() == 1:
-        return tensor.cpu()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
-    torch.distributed.gather(tensor, gather_list=parts, dst=0)
-    return torch.cat(parts).cpu() if parts is not None else None
-
-
 def gather_rows(rows, indices, num_items, width, device, chunk_rows=4096):
     """Every rank's rows on rank 0, in item order: `rows` are this rank's [n, width] tensors of
     the items `indices` (lists of the same lengths). Returns float32 [num_items, width] on rank 0,
-    None elsewhere. Collective; moves chunk_rows rows per rank at a time through `device`."""
+    None elsewhere. Collective: chunk_rows rows at a time, each rank fills the rows of its items
+    and zeros elsewhere, and the ranks' chunks are summed into rank 0 through `device` (every
+    item comes from one rank, so the sum is its row: x + 0 == x)."""
+    rows = torch.cat(rows) if rows else torch.zeros([0, width])
     indices = torch.cat(indices) if indices else torch.zeros([0], dtype=torch.int64)
-    count = torch.tensor([len(indices)], device=device)
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    padded = torch.zeros([int(count), width], dtype=torch.float32)
-    where = torch.full([int(count)], -1, dtype=torch.int64)  # -1: padding.
-    if len(indices):
-        padded[:len(indices)], where[:len(indices)] = torch.cat(rows), indices
-    where = _gather0(where.to(device))
-    result = np.zeros([num_items, width], dtype=np.float32)
-    for r0 in range(0, len(padded), chunk_rows):
-        part = _gather0(padded[r0:r0 + chunk_rows].to(device))
-        if part is not None:
-            idx = where.reshape(dist.get_world_size(), -1)[:, r0:r0 + chunk_rows].reshape(-1)
-            result[idx[idx >= 0].numpy()] = part[idx >= 0].numpy()
-    return result if dist.get_rank() == 0 else None
+    result = np.zeros([num_items, width], dtype=np.float32) if dist.get_rank() == 0 else None
+    for r0 in range(0, num_items, chunk_rows):
+        chunk = torch.zeros([min(chunk_rows, num_items - r0), width])
+        mine = (indices >= r0) & (indices < r0 + chunk_rows)
+        chunk[indices[mine] - r0] = rows[mine]
+        if dist.get_world_size() > 1:
+            torch.distributed.reduce(chunk := chunk.to(device), dst=0)
+        if result is not None:
+            result[r0:r0 + len(chunk)] = chunk.cpu().numpy()
+    return result
 
 #----------------------------------------------------------------------------
 # Feature sets for the metrics: an .npz file, or arrays in memory.
