@@ -97,15 +97,8 @@ def check_writable(path, option, suffix=None):
 
 def on_rank0(fn):
     """fn() on rank 0 only, while the others wait for it without a deadline; an error of rank 0
-    is raised there, and on the others as one pointing to it."""
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except Exception as err:  # pylint: disable=broad-exception-caught  # Raised below, once the others know.
-            error = err
-    if not dist.all_ok(error is None, patient=True):
-        raise error or dnnlib.UserError('rank 0 failed; see its message')
+    is raised there, and on the others as one pointing to it (dist.rank0_first)."""
+    dist.rank0_first(lambda: fn() if dist.get_rank() == 0 else None)
 
 
 def save_arrays(path, arrays):
@@ -180,21 +173,19 @@ def _is_logits(detector, is_bias, trust_detector, batch):
     computed from feat with the detector's classifier; is_bias adds the bias as the reference
     evaluate.py does."""
     def logits(sample):
-        if sample.has('logits') and not is_bias:
+        stored = sample.has('logits')
+        if stored and not is_bias:
             return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
-        what = 'Adding the classifier bias of' if sample.has('logits') else f'No logits in {sample.path}: computing them from feat with'
+        what = 'Adding the classifier bias of' if stored else f'No logits in {sample.path}: computing them from feat with'
         click.echo(f'{what} {detector} ...', err=True)
         fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
-        if sample.has('logits'):
-            out = sample.features('logits')
-        else:
-            feat = sample.features('feat')
-            if feat.shape[1] != fc.in_features:
-                raise dnnlib.UserError(f'{sample.path}: feat has {feat.shape[1]} values per image; the detector\'s classifier '
-                                       f'takes {fc.in_features} (was feat made with another detector?)')
-            w = fc.weight.to(torch.float32)
-            out = np.concatenate([(torch.as_tensor(feat[i:i + batch], dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
-                                  for i in range(0, len(feat), batch)])
+        blocks = sample.features('logits' if stored else 'feat', chunk=batch)  # Checked [N, D].
+        if not stored and sample.shape('feat')[1] != fc.in_features:
+            raise dnnlib.UserError(f'{sample.path}: feat has {sample.shape("feat")[1]} values per image; the detector\'s classifier '
+                                   f'takes {fc.in_features} (was feat made with another detector?)')
+        w = fc.weight.to(torch.float32)
+        out = np.concatenate([block if stored else (torch.as_tensor(block, dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
+                              for block in blocks])
         return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
     return logits
 
