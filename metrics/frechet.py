@@ -93,15 +93,14 @@ class StatsAccumulator:
     """
 
     def __init__(self, dim, device=torch.device('cpu')):
-        self.dim, self.device, self.n, self.shift = dim, torch.device(device), 0, None
+        self.dim, self.device, self.n = dim, torch.device(device), 0
         self.s1 = torch.zeros([dim], dtype=torch.float64, device=self.device)
+        self.shift = torch.zeros_like(self.s1)  # The mean of the first rows, once they come.
         self.s2 = torch.zeros([dim, dim], dtype=torch.float64, device=self.device)
 
     def update(self, x):
         x = torch.as_tensor(x).to(self.device, torch.float64).reshape(-1, self.dim)
-        if x.shape[0] == 0:
-            return
-        if self.shift is None:
+        if self.n == 0 and len(x):
             self.shift = x.mean(dim=0)
         xc = x - self.shift
         self.s1 += xc.sum(dim=0)
@@ -117,8 +116,7 @@ class StatsAccumulator:
                 torch.distributed.all_reduce(t)
             return t
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
-        shift = self.shift if self.shift is not None else torch.zeros_like(self.s1)
-        mean = shift + self.s1 / max(self.n, 1)
+        mean = self.shift + self.s1 / max(self.n, 1)
         m2 = self.s2 - torch.outer(self.s1, self.s1) / max(self.n, 1)
         n_total = total(n.clone())
         if n_total.item() < 2:
