@@ -187,13 +187,10 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
 
 def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, return_info=False):
     """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats. The
-    features are [N, D] arrays of finite numbers, as activations.FeatureSet.features gives them."""
+    features are [N, D] arrays of finite numbers of equal D, as compute.compute_metrics checks them."""
     for what, feats in (('reference', ref_feats), ('sample', sample_feats)):
         if len(feats) <= k:
             raise dnnlib.UserError(f'{what}: {len(feats)} samples; need at least {k + 1}')
-    if ref_feats.shape[1] != sample_feats.shape[1]:
-        raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
-                               f'reference has {ref_feats.shape[1]}')
     # Scaling both sets by a power of two changes no decision and, in floating point, no rounding.
     # Far from 1 (features x 1e20, or x 1e-20), one that brings the largest magnitude near 1 keeps
     # every squared distance within float32's range (the reference's float32 radii would overflow).
