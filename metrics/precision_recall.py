@@ -125,13 +125,9 @@ class _Radii:
         return self.exact[rows]
 
     def _full_row(self, row):
-        fs = self.fs
-        u = fs.rows64([row])
-        parts = []
-        for b0 in range(0, fs.n, self.block):
-            idx = torch.arange(b0, min(b0 + self.block, fs.n))
-            parts.append(_sqdist64(fs, [row], u, fs, idx.to(fs.device), fs.rows64(idx))[0])
-        return torch.cat(parts).kthvalue(self.k + 1).values
+        fs, u = self.fs, self.fs.rows64([row])
+        d = [_sqdist64(fs, [row], u, fs, idx.to(fs.device), fs.rows64(idx))[0] for idx in torch.arange(fs.n).split(self.block)]
+        return torch.cat(d).kthvalue(self.k + 1).values
 
 
 def _settle(a, rows, b, radii_b, block):
@@ -139,8 +135,7 @@ def _settle(a, rows, b, radii_b, block):
     hit = torch.zeros([len(rows)], dtype=torch.bool, device=a.device)
     u = a.rows64(rows)
     r32, slack = radii_b.r32, radii_b.slack
-    for b0 in range(0, b.n, block):
-        idx = torch.arange(b0, min(b0 + block, b.n), device=a.device)
+    for idx in torch.arange(b.n, device=a.device).split(block):
         d = _sqdist64(a, rows, u, b, idx, b.rows64(idx))  # [rows, block]
         lo, hi = (r32 - slack)[None, idx], (r32 + slack)[None, idx]
         hit |= (d <= lo).any(dim=1)
