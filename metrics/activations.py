@@ -51,25 +51,19 @@ def spatial_stats_to_hwc(mu, sigma):
 
 class _NpzImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        try:
-            self.member = data_files.NpyMember(path, 'arr_0')
-        except KeyError:
-            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
-        shape = self.member.shape
-        if len(shape) != 4 or shape[3] not in (1, 3) or self.member.dtype != np.uint8:
-            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
+        self.file = FeatureSet(path)  # Its members are read by rows, a failure is one line naming the file.
+        if not self.file.has('arr_0'):
+            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
+        shape, dtype = self.file.read('arr_0', lambda m: (m.shape, m.dtype))
+        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
+            raise dnnlib.UserError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
         self.image_shape = [shape[3], shape[1], shape[2]]
 
     def __len__(self):
-        return len(self.member)
+        return self.file.shape('arr_0')[0]
 
     def __getitem__(self, idx):
-        try:
-            return np.ascontiguousarray(self.member[idx:idx + 1][0].transpose(2, 0, 1))
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
+        return np.ascontiguousarray(self.file.get('arr_0', idx, idx + 1)[0].transpose(2, 0, 1))
 
 
 def open_images(path):
@@ -129,8 +123,7 @@ def compute_activations(source, detectors, batch_size=64, num_workers=3, stats_o
     """`detect` over an image source (`open_images`), sharded across the torchrun processes in
     the reference generate.py's batches (torch_utils.distributed.my_batches)."""
     mine = dist.my_batches(len(source), batch_size)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers,
-                                         prefetch_factor=(2 if num_workers > 0 else None))
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers)
     # A folder or zip gives (images, labels).
     images = (batch[0] if isinstance(batch, (list, tuple)) else batch for batch in loader)
     return detect(((idx, imgs, done) for (idx, done), imgs in zip(mine, images)), detectors, len(source), stats_only, progress)
@@ -179,20 +172,21 @@ class FeatureSet:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _read(self, key, read):
+    def read(self, key, read):
+        """read(the array `key`): an np.ndarray, or a data_files.NpyMember that reads rows when sliced."""
         try:
             if key not in self.members:
                 self.members[key] = data_files.NpyMember(self.local, key)
             return read(self.members[key])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err}); is the file complete?') from None
 
     def shape(self, key):
-        return self._read(key, lambda m: tuple(m.shape))
+        return self.read(key, lambda m: tuple(m.shape))
 
     def get(self, key, start=0, stop=None):
         """The whole array, or its rows start..stop-1."""
-        return self._read(key, lambda m: m[start:stop])
+        return self.read(key, lambda m: m[start:stop])
 
     def features(self, key, chunk=None):
         """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator
