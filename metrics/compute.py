@@ -54,11 +54,11 @@ def _statistics(fs, metric, batch):
     key, mu, sigma = FRECHET[metric]
     if fs.has(mu, sigma):
         return fs.get(mu), fs.get(sigma), None
-    width = fs.shape(key)[-1]
-    if metric == 'sfid' and width % activations.SPATIAL_CHANNELS:
-        raise dnnlib.UserError(f'{fs.path}: s_feat has {width} values per image, not a multiple of the '
+    blocks = fs.features(key, chunk=batch)  # Checked [N, D]; read in blocks, the file is never held whole.
+    if metric == 'sfid' and fs.shape(key)[1] % activations.SPATIAL_CHANNELS:
+        raise dnnlib.UserError(f'{fs.path}: s_feat has {fs.shape(key)[1]} values per image, not a multiple of the '
                                f'{activations.SPATIAL_CHANNELS} channels of mixed_6/conv; was it made by another detector?')
-    stats = compute_statistics(fs.features(key, chunk=batch))  # In blocks: the file is never held whole.
+    stats = compute_statistics(blocks)
     return *(activations.spatial_stats_to_hwc(*stats) if metric == 'sfid' else stats), fs.shape(key)[0]
 
 
@@ -75,8 +75,8 @@ def compute_metrics(metrics, sample, ref=None, is_logits=None, batch=8192, kid_s
             counts.update({fs.path: n for fs, n in ((sample, n1), (ref, n2)) if n is not None})
             values = [frechet_distance(mu1, sigma1, mu2, sigma2, what=(sample.path, ref.path))]
         elif metric == 'is':
-            counts[sample.path] = sample.shape('logits' if sample.has('logits') else 'feat')[0]
             values = [inception_score(is_logits(sample) if is_logits else sample.features('logits', chunk=5000))]
+            counts[sample.path] = sample.shape('logits' if sample.has('logits') else 'feat')[0]  # Checked [N, D] by now.
         else:
             smp, rf = sample.features('feat'), ref.features('feat')
             if smp.shape[1] != rf.shape[1]:
