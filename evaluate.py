@@ -41,8 +41,6 @@ from torch_utils import distributed as dist
 from training import loss, pipeline, training_loop
 from training.dataset import ImageFolderDataset
 
-FEATURES = ['inception', 'dinov2']
-
 #----------------------------------------------------------------------------
 # The one error handler: what a library, a reader process or the disk raises becomes one line.
 
@@ -145,7 +143,7 @@ def report(metrics, sample, ref, ref_info, json_path, record, **kwargs):
 @click.option('--workers',            help='Data loader worker processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @TRUST_DETECTOR
 @click.option('--stats-only', 'stats_only', help='Write only mu/sigma/mu_s/sigma_s (streamed; for huge reference sets)', is_flag=True)
-@click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(FEATURES), multiple=True, default=['inception'], show_default=True)
+@click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(['inception', 'dinov2']), multiple=True, default=['inception'], show_default=True)
 @DINOV2
 def activations(data_path, dest_path, detector, trust_detector, batch, workers, stats_only, features, dinov2):
     """Compute Inception (and/or DINOv2) activations, or only their statistics, of a set of images.
@@ -348,8 +346,7 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
 @main.command(name='refs')
 def refs_command():
     """List the published reference sets that `calc --ref NAME` downloads (once, into the cache)."""
-    for line in refs.describe():
-        print(line)
+    print('\n'.join(refs.describe()))
 
 #----------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class StatsAccumulator:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def compute_statistics(features, batch_size=8192, device=None):
+def compute_statistics(features, batch_size=8192):
     """Mean and covariance (np.cov convention), float64, of an [N, D] array or of an iterable of
     its [n, D] blocks (then never held whole)."""
     blocks = features
@@ -135,7 +135,7 @@ def compute_statistics(features, batch_size=8192, device=None):
         blocks = (features[i:i + batch_size] for i in range(0, len(features), batch_size))
     acc = None
     for block in blocks:
-        acc = acc or StatsAccumulator(block.shape[1], device=torch.device(device) if device is not None else dist.get_device())
+        acc = acc or StatsAccumulator(block.shape[1], dist.get_device())
         acc.update(torch.from_numpy(np.ascontiguousarray(block)))
     return (acc or StatsAccumulator(0)).finalize(distributed=False)  # Refuses fewer than 2 rows.
 

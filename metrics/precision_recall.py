@@ -77,9 +77,9 @@ class _Radii:
     def __init__(self, fs, k, block, num_candidates=8):
         self.fs, self.k, self.block = fs, k, block
         n, dev = fs.n, fs.device
-        m = min(max(num_candidates, k + 1), n)
-        best_v = torch.full([n, m], float('inf'), dtype=torch.float32, device=dev)
-        best_i = torch.zeros([n, m], dtype=torch.int64, device=dev)
+        self.m = m = min(max(num_candidates, k + 1), n)
+        self.best_v = best_v = torch.full([n, m], float('inf'), dtype=torch.float32, device=dev)
+        self.best_i = best_i = torch.zeros([n, m], dtype=torch.int64, device=dev)
         # Upper triangle of blocks only: each distance block serves its rows and its columns.
         for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
@@ -91,7 +91,6 @@ class _Radii:
                 if c0 != r0:
                     v, i = d.topk(min(m, r1 - r0), dim=0, largest=False, sorted=False)
                     best_v[c0:c1], best_i[c0:c1] = _merge_smallest(best_v[c0:c1], best_i[c0:c1], v.T, i.T + r0, m)
-        self.m, self.best_v, self.best_i = m, best_v, best_i
         self.r32 = best_v[:, k].double()
         # k-th order statistics move by at most the largest element error: |r32 - r| <= t_i + t_max;
         # rounding r to float32 adds half an ulp (we allow one).
