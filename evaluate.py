@@ -48,10 +48,9 @@ class _Commands(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:  # --help (a RuntimeError).
-            raise
         except (dnnlib.UserError, OSError, RuntimeError) as err:
-            if isinstance(err, click.ClickException) and '\n' not in err.message:
+            # --help exits through click.exceptions.Exit (a RuntimeError); a one-line ClickException is fine as it is.
+            if isinstance(err, click.exceptions.Exit) or (isinstance(err, click.ClickException) and '\n' not in err.message):
                 raise
             # DataLoader workers re-raise a reader's error with the worker's traceback in its text:
             # keep its last line, without the exception's type name; of other texts the first line.

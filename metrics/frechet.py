@@ -27,7 +27,7 @@ def _check_stats(mu, sigma, what):
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if float(np.abs(sigma - sigma.T).max(initial=0.0)) > SYMMETRY_TOL * scale:
         raise dnnlib.UserError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
-    return mu, sigma
+    return mu, (sigma + sigma.T) / 2  # Symmetric up to rounding; made exact, as eigh reads one triangle only.
 
 
 # A covariance from a file must be symmetric positive semi-definite up to rounding: the square
@@ -54,9 +54,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     if mu1.shape != mu2.shape:
         raise dnnlib.UserError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
                                f'{what[1]} has {mu2.shape[0]}')
-
-    # Symmetrize: covariances from files can be off by rounding, eigh reads one triangle only.
-    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
 
     # Any factor S1 = F F^T gives eig(S1 S2) = eig(F^T S2 F): F^-1 (S1 S2) F = F^T S2 F.
     # Cholesky is the cheapest factor; a singular S1 (fewer samples than dimensions, dead
@@ -130,11 +127,10 @@ class StatsAccumulator:
 def compute_statistics(features, batch_size=8192):
     """Mean and covariance (np.cov convention), float64, of an [N, D] array or of an iterable of
     its [n, D] blocks (then never held whole)."""
-    blocks = features
     if isinstance(features, np.ndarray):
-        blocks = (features[i:i + batch_size] for i in range(0, len(features), batch_size))
+        features = [features[i:i + batch_size] for i in range(0, len(features), batch_size)]  # Views, no copies.
     acc = None
-    for block in blocks:
+    for block in features:
         acc = acc or StatsAccumulator(block.shape[1], dist.get_device())
         acc.update(torch.from_numpy(np.ascontiguousarray(block)))
     return (acc or StatsAccumulator(0)).finalize(distributed=False)  # Refuses fewer than 2 rows.
