@@ -40,6 +40,7 @@ from .compute import RESULTS, check_inputs, compute_metrics
 from .detector import DEFAULT_DETECTOR_URL, load_detector
 from .dinov2 import DINOV2_VITL14_URL, load_dinov2
 
+
 def load_detectors(features, detector, dinov2, trust_detector=False):
     """The detectors of the requested feature kinds; rank 0 loads first (a download lands in the
     cache once), the others wait without a deadline."""
