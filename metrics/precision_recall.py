@@ -148,10 +148,9 @@ def _settle(a, rows, b, radii_b, block):
 def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
     """(precision, recall, info): samples inside some reference ball, reference points inside
     some sample ball, with d <= r as in the reference."""
-    dev = ref.device
     r_ref32, r_smp32 = radii_ref.r32.to(torch.float32), radii_smp.r32.to(torch.float32)
     # Running minima over the other set of D32 - r32, for each side.
-    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=dev) for fs in (smp, ref))
+    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=fs.device) for fs in (smp, ref))
     for r0 in range(0, ref.n, block):
         r1 = min(r0 + block, ref.n)
         for c0 in range(0, smp.n, block):
