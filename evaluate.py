@@ -165,26 +165,24 @@ def activations(data_path, dest_path, detector, trust_detector, batch, workers, 
 
 #----------------------------------------------------------------------------
 
-def _is_logits(detector, is_bias, trust_detector, batch):
+def _is_logits(sample, detector, is_bias, trust_detector, batch):
     """The Inception Score's logits of a sample: stored (ADM: without the classifier's bias), or
     computed from feat with the detector's classifier; is_bias adds the bias as the reference
     evaluate.py does."""
-    def logits(sample):
-        stored = sample.has('logits')
-        if stored and not is_bias:
-            return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
-        what = 'Adding the classifier bias of' if stored else f'No logits in {sample.path}: computing them from feat with'
-        click.echo(f'{what} {detector} ...', err=True)
-        fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
-        blocks = sample.features('logits' if stored else 'feat', chunk=batch)  # Checked [N, D].
-        if not stored and sample.shape('feat')[1] != fc.in_features:
-            raise dnnlib.UserError(f'{sample.path}: feat has {sample.shape("feat")[1]} values per image; the detector\'s classifier '
-                                   f'takes {fc.in_features} (was feat made with another detector?)')
-        w = fc.weight.to(torch.float32)
-        out = np.concatenate([block if stored else (torch.as_tensor(block, dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
-                              for block in blocks])
-        return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
-    return logits
+    stored = sample.has('logits')
+    if stored and not is_bias:
+        return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
+    what = 'Adding the classifier bias of' if stored else f'No logits in {sample.path}: computing them from feat with'
+    click.echo(f'{what} {detector} ...', err=True)
+    fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
+    blocks = sample.features('logits' if stored else 'feat', chunk=batch)  # Checked [N, D].
+    if not stored and sample.shape('feat')[1] != fc.in_features:
+        raise dnnlib.UserError(f'{sample.path}: feat has {sample.shape("feat")[1]} values per image; the detector\'s classifier '
+                               f'takes {fc.in_features} (was feat made with another detector?)')
+    w = fc.weight.to(torch.float32)
+    out = np.concatenate([block if stored else (torch.as_tensor(block, dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
+                          for block in blocks])
+    return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
 
 
 @main.command()
@@ -214,8 +212,8 @@ def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bia
         ref, ref_info = open_reference(ref_path, metrics, '--activations_ref')
         sample = acts.FeatureSet(sample_path)
         report(metrics, sample, ref, ref_info, json_path, dict(activations_sample=sample_path, activations_ref=ref_path),
-               is_logits=_is_logits(detector, is_bias, trust_detector, batch), batch=batch, kid_subsets=kid_subsets,
-               kid_subset_size=kid_subset_size)
+               is_logits=lambda fs: _is_logits(fs, detector, is_bias, trust_detector, batch), batch=batch,
+               kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     dist.init()
     on_rank0(work)
 
