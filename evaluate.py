@@ -41,8 +41,6 @@ from torch_utils import distributed as dist
 from training import loss, pipeline, training_loop
 from training.dataset import ImageFolderDataset
 
-FEATURES = ['inception', 'dinov2']
-
 #----------------------------------------------------------------------------
 # The one error handler: what a library, a reader process or the disk raises becomes one line.
 
@@ -50,10 +48,9 @@ class _Commands(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:  # --help (a RuntimeError).
-            raise
         except (dnnlib.UserError, OSError, RuntimeError) as err:
-            if isinstance(err, click.ClickException) and '\n' not in err.message:
+            # --help exits through click.exceptions.Exit (a RuntimeError); a one-line ClickException is fine as it is.
+            if isinstance(err, click.exceptions.Exit) or (isinstance(err, click.ClickException) and '\n' not in err.message):
                 raise
             # DataLoader workers re-raise a reader's error with the worker's traceback in its text:
             # keep its last line, without the exception's type name; of other texts the first line.
@@ -97,15 +94,8 @@ def check_writable(path, option, suffix=None):
 
 def on_rank0(fn):
     """fn() on rank 0 only, while the others wait for it without a deadline; an error of rank 0
-    is raised there, and on the others as one pointing to it."""
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except Exception as err:  # pylint: disable=broad-exception-caught  # Raised below, once the others know.
-            error = err
-    if not dist.all_ok(error is None, patient=True):
-        raise error or dnnlib.UserError('rank 0 failed; see its message')
+    is raised there, and on the others as one pointing to it (dist.rank0_first)."""
+    dist.rank0_first(lambda: fn() if dist.get_rank() == 0 else None)
 
 
 def save_arrays(path, arrays):
@@ -152,7 +142,7 @@ def report(metrics, sample, ref, ref_info, json_path, record, **kwargs):
 @click.option('--workers',            help='Data loader worker processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @TRUST_DETECTOR
 @click.option('--stats-only', 'stats_only', help='Write only mu/sigma/mu_s/sigma_s (streamed; for huge reference sets)', is_flag=True)
-@click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(FEATURES), multiple=True, default=['inception'], show_default=True)
+@click.option('--features', 'features', help='Features to compute (repeatable): Inception (FID/sFID/IS/PR/KID), DINOv2 (FD-DINOv2)', metavar='inception|dinov2', type=click.Choice(['inception', 'dinov2']), multiple=True, default=['inception'], show_default=True)
 @DINOV2
 def activations(data_path, dest_path, detector, trust_detector, batch, workers, stats_only, features, dinov2):
     """Compute Inception (and/or DINOv2) activations, or only their statistics, of a set of images.
@@ -175,28 +165,24 @@ def activations(data_path, dest_path, detector, trust_detector, batch, workers, 
 
 #----------------------------------------------------------------------------
 
-def _is_logits(detector, is_bias, trust_detector, batch):
+def _is_logits(sample, detector, is_bias, trust_detector, batch):
     """The Inception Score's logits of a sample: stored (ADM: without the classifier's bias), or
     computed from feat with the detector's classifier; is_bias adds the bias as the reference
     evaluate.py does."""
-    def logits(sample):
-        if sample.has('logits') and not is_bias:
-            return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
-        what = 'Adding the classifier bias of' if sample.has('logits') else f'No logits in {sample.path}: computing them from feat with'
-        click.echo(f'{what} {detector} ...', err=True)
-        fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
-        if sample.has('logits'):
-            out = sample.features('logits')
-        else:
-            feat = sample.features('feat')
-            if feat.shape[1] != fc.in_features:
-                raise dnnlib.UserError(f'{sample.path}: feat has {feat.shape[1]} values per image; the detector\'s classifier '
-                                       f'takes {fc.in_features} (was feat made with another detector?)')
-            w = fc.weight.to(torch.float32)
-            out = np.concatenate([(torch.as_tensor(feat[i:i + batch], dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
-                                  for i in range(0, len(feat), batch)])
-        return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
-    return logits
+    stored = sample.has('logits')
+    if stored and not is_bias:
+        return sample.features('logits', chunk=5000)  # The splits of the score, one at a time.
+    what = 'Adding the classifier bias of' if stored else f'No logits in {sample.path}: computing them from feat with'
+    click.echo(f'{what} {detector} ...', err=True)
+    fc = load_detector(detector, device=dist.get_device(), trust_pickle=trust_detector).fc
+    blocks = sample.features('logits' if stored else 'feat', chunk=batch)  # Checked [N, D].
+    if not stored and sample.shape('feat')[1] != fc.in_features:
+        raise dnnlib.UserError(f'{sample.path}: feat has {sample.shape("feat")[1]} values per image; the detector\'s classifier '
+                               f'takes {fc.in_features} (was feat made with another detector?)')
+    w = fc.weight.to(torch.float32)
+    out = np.concatenate([block if stored else (torch.as_tensor(block, dtype=torch.float32, device=w.device) @ w.T).cpu().numpy()
+                          for block in blocks])
+    return out + fc.bias.detach().cpu().numpy().astype(out.dtype) if is_bias else out
 
 
 @main.command()
@@ -226,8 +212,8 @@ def calc(metrics, sample_path, ref_path, detector, trust_detector, batch, is_bia
         ref, ref_info = open_reference(ref_path, metrics, '--activations_ref')
         sample = acts.FeatureSet(sample_path)
         report(metrics, sample, ref, ref_info, json_path, dict(activations_sample=sample_path, activations_ref=ref_path),
-               is_logits=_is_logits(detector, is_bias, trust_detector, batch), batch=batch, kid_subsets=kid_subsets,
-               kid_subset_size=kid_subset_size)
+               is_logits=lambda fs: _is_logits(fs, detector, is_bias, trust_detector, batch), batch=batch,
+               kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     dist.init()
     on_rank0(work)
 
@@ -357,8 +343,7 @@ def sweep(run_dir, metrics, ref_path, num, preset, network_first, relay_from_dat
 @main.command(name='refs')
 def refs_command():
     """List the published reference sets that `calc --ref NAME` downloads (once, into the cache)."""
-    for line in refs.describe():
-        print(line)
+    print('\n'.join(refs.describe()))
 
 #----------------------------------------------------------------------------
 

@@ -51,25 +51,19 @@ def spatial_stats_to_hwc(mu, sigma):
 
 class _NpzImages(torch.utils.data.Dataset):
     def __init__(self, path):
-        try:
-            self.member = data_files.NpyMember(path, 'arr_0')
-        except KeyError:
-            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])') from None
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            raise dnnlib.UserError(f'{path}: cannot read .npz ({err})') from None
-        shape = self.member.shape
-        if len(shape) != 4 or shape[3] not in (1, 3) or self.member.dtype != np.uint8:
-            raise dnnlib.UserError(f'{path}: arr_0 is {self.member.dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
+        self.file = FeatureSet(path)  # Its members are read by rows, a failure is one line naming the file.
+        if not self.file.has('arr_0'):
+            raise dnnlib.UserError(f'{path}: no arr_0 in the .npz (expected ADM-style uint8 images [N, H, W, C])')
+        shape, dtype = self.file.read('arr_0', lambda m: (m.shape, m.dtype))
+        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
+            raise dnnlib.UserError(f'{path}: arr_0 is {dtype} {list(shape)}; expected uint8 [N, H, W, 1 or 3]')
         self.image_shape = [shape[3], shape[1], shape[2]]
 
     def __len__(self):
-        return len(self.member)
+        return self.file.shape('arr_0')[0]
 
     def __getitem__(self, idx):
-        try:
-            return np.ascontiguousarray(self.member[idx:idx + 1][0].transpose(2, 0, 1))
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.member.path}: cannot read arr_0 ({err}); is the file complete?') from None
+        return np.ascontiguousarray(self.file.get('arr_0', idx, idx + 1)[0].transpose(2, 0, 1))
 
 
 def open_images(path):
@@ -129,42 +123,30 @@ def compute_activations(source, detectors, batch_size=64, num_workers=3, stats_o
     """`detect` over an image source (`open_images`), sharded across the torchrun processes in
     the reference generate.py's batches (torch_utils.distributed.my_batches)."""
     mine = dist.my_batches(len(source), batch_size)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers,
-                                         prefetch_factor=(2 if num_workers > 0 else None))
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for idx, _done in mine], num_workers=num_workers)
     # A folder or zip gives (images, labels).
     images = (batch[0] if isinstance(batch, (list, tuple)) else batch for batch in loader)
     return detect(((idx, imgs, done) for (idx, done), imgs in zip(mine, images)), detectors, len(source), stats_only, progress)
 
 
-def _gather0(tensor):
-    """The tensors of all ranks, concatenated, on rank 0's CPU (None elsewhere); collective."""
-    if dist.get_world_size() == 1:
-        return tensor.cpu()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
-    torch.distributed.gather(tensor, gather_list=parts, dst=0)
-    return torch.cat(parts).cpu() if parts is not None else None
-
-
 def gather_rows(rows, indices, num_items, width, device, chunk_rows=4096):
     """Every rank's rows on rank 0, in item order: `rows` are this rank's [n, width] tensors of
     the items `indices` (lists of the same lengths). Returns float32 [num_items, width] on rank 0,
-    None elsewhere. Collective; moves chunk_rows rows per rank at a time through `device`."""
+    None elsewhere. Collective: chunk_rows rows at a time, each rank fills the rows of its items
+    and zeros elsewhere, and the ranks' chunks are summed into rank 0 through `device` (every
+    item comes from one rank, so the sum is its row: x + 0 == x)."""
+    rows = torch.cat(rows) if rows else torch.zeros([0, width])
     indices = torch.cat(indices) if indices else torch.zeros([0], dtype=torch.int64)
-    count = torch.tensor([len(indices)], device=device)
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    padded = torch.zeros([int(count), width], dtype=torch.float32)
-    where = torch.full([int(count)], -1, dtype=torch.int64)  # -1: padding.
-    if len(indices):
-        padded[:len(indices)], where[:len(indices)] = torch.cat(rows), indices
-    where = _gather0(where.to(device))
-    result = np.zeros([num_items, width], dtype=np.float32)
-    for r0 in range(0, len(padded), chunk_rows):
-        part = _gather0(padded[r0:r0 + chunk_rows].to(device))
-        if part is not None:
-            idx = where.reshape(dist.get_world_size(), -1)[:, r0:r0 + chunk_rows].reshape(-1)
-            result[idx[idx >= 0].numpy()] = part[idx >= 0].numpy()
-    return result if dist.get_rank() == 0 else None
+    result = np.zeros([num_items, width], dtype=np.float32) if dist.get_rank() == 0 else None
+    for r0 in range(0, num_items, chunk_rows):
+        chunk = torch.zeros([min(chunk_rows, num_items - r0), width])
+        mine = (indices >= r0) & (indices < r0 + chunk_rows)
+        chunk[indices[mine] - r0] = rows[mine]
+        if dist.get_world_size() > 1:
+            torch.distributed.reduce(chunk := chunk.to(device), dst=0)
+        if result is not None:
+            result[r0:r0 + len(chunk)] = chunk.cpu().numpy()
+    return result
 
 #----------------------------------------------------------------------------
 # Feature sets for the metrics: an .npz file, or arrays in memory.
@@ -190,20 +172,21 @@ class FeatureSet:
     def has(self, *keys):
         return all(k in self.keys for k in keys)
 
-    def _read(self, key, read):
+    def read(self, key, read):
+        """read(the array `key`): an np.ndarray, or a data_files.NpyMember that reads rows when sliced."""
         try:
             if key not in self.members:
                 self.members[key] = data_files.NpyMember(self.local, key)
             return read(self.members[key])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err})') from None
+            raise dnnlib.UserError(f'{self.path}: cannot read {key} ({err}); is the file complete?') from None
 
     def shape(self, key):
-        return self._read(key, lambda m: tuple(m.shape))
+        return self.read(key, lambda m: tuple(m.shape))
 
     def get(self, key, start=0, stop=None):
         """The whole array, or its rows start..stop-1."""
-        return self._read(key, lambda m: m[start:stop])
+        return self.read(key, lambda m: m[start:stop])
 
     def features(self, key, chunk=None):
         """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator

@@ -18,14 +18,13 @@ from .inception_score import inception_score
 from .kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from .precision_recall import precision_recall
 
-METRICS = ['fid', 'sfid', 'is', 'pr', 'kid', 'fd_dinov2']
+# The results of each metric (printed names), in the order they are computed and printed.
+RESULTS = {'fid': ['FID'], 'sfid': ['sFID'], 'is': ['Inception Score'], 'pr': ['Precision', 'Recall'], 'kid': ['KID', 'KID std'],
+           'fd_dinov2': ['FD_DINOv2']}
+METRICS = list(RESULTS)
 
-# Printed name, per-image key and statistics keys of each Frechet metric.
-FRECHET = {
-    'fid': ('FID', 'feat', 'mu', 'sigma'),
-    'sfid': ('sFID', 's_feat', 'mu_s', 'sigma_s'),
-    'fd_dinov2': ('FD_DINOv2', 'dinov2', 'mu_dinov2', 'sigma_dinov2'),
-}
+# Per-image key and statistics keys of each Frechet metric.
+FRECHET = {'fid': ('feat', 'mu', 'sigma'), 'sfid': ('s_feat', 'mu_s', 'sigma_s'), 'fd_dinov2': ('dinov2', 'mu_dinov2', 'sigma_dinov2')}
 
 
 def _lacks(fs, what, needs):
@@ -42,9 +41,9 @@ def check_inputs(metrics, sample, ref):
     for metric in metrics:
         for fs in [fs for fs in (sample, ref) if fs is not None]:
             if metric in FRECHET:
-                name, key, mu, sigma = FRECHET[metric]
+                key, mu, sigma = FRECHET[metric]
                 if not (fs.has(key) or fs.has(mu, sigma)):
-                    raise _lacks(fs, name, f'{key} or {mu}/{sigma}')
+                    raise _lacks(fs, RESULTS[metric][0], f'{key} or {mu}/{sigma}')
             elif metric in ('pr', 'kid') and not fs.has('feat'):
                 raise _lacks(fs, 'Precision/recall' if metric == 'pr' else 'KID', 'per-image feat (statistics are not enough)')
         if metric == 'is' and sample is not None and not sample.has('logits') and not sample.has('feat'):
@@ -52,14 +51,14 @@ def check_inputs(metrics, sample, ref):
 
 
 def _statistics(fs, metric, batch):
-    _name, key, mu, sigma = FRECHET[metric]
+    key, mu, sigma = FRECHET[metric]
     if fs.has(mu, sigma):
         return fs.get(mu), fs.get(sigma), None
-    width = fs.shape(key)[-1]
-    if metric == 'sfid' and width % activations.SPATIAL_CHANNELS:
-        raise dnnlib.UserError(f'{fs.path}: s_feat has {width} values per image, not a multiple of the '
+    blocks = fs.features(key, chunk=batch)  # Checked [N, D]; read in blocks, the file is never held whole.
+    if metric == 'sfid' and fs.shape(key)[1] % activations.SPATIAL_CHANNELS:
+        raise dnnlib.UserError(f'{fs.path}: s_feat has {fs.shape(key)[1]} values per image, not a multiple of the '
                                f'{activations.SPATIAL_CHANNELS} channels of mixed_6/conv; was it made by another detector?')
-    stats = compute_statistics(fs.features(key, chunk=batch))  # In blocks: the file is never held whole.
+    stats = compute_statistics(blocks)
     return *(activations.spatial_stats_to_hwc(*stats) if metric == 'sfid' else stats), fs.shape(key)[0]
 
 
@@ -74,15 +73,16 @@ def compute_metrics(metrics, sample, ref=None, is_logits=None, batch=8192, kid_s
         if metric in FRECHET:
             (mu1, sigma1, n1), (mu2, sigma2, n2) = (_statistics(fs, metric, batch) for fs in (sample, ref))
             counts.update({fs.path: n for fs, n in ((sample, n1), (ref, n2)) if n is not None})
-            results[FRECHET[metric][0]] = frechet_distance(mu1, sigma1, mu2, sigma2, what=(sample.path, ref.path))
+            values = [frechet_distance(mu1, sigma1, mu2, sigma2, what=(sample.path, ref.path))]
         elif metric == 'is':
-            counts[sample.path] = sample.shape('logits' if sample.has('logits') else 'feat')[0]
-            results['Inception Score'] = inception_score(is_logits(sample) if is_logits else sample.features('logits', chunk=5000))
+            values = [inception_score(is_logits(sample) if is_logits else sample.features('logits', chunk=5000))]
+            counts[sample.path] = sample.shape('logits' if sample.has('logits') else 'feat')[0]  # Checked [N, D] by now.
         else:
             smp, rf = sample.features('feat'), ref.features('feat')
+            if smp.shape[1] != rf.shape[1]:
+                raise dnnlib.UserError(f'feature dimensions differ: {sample.path} has {smp.shape[1]}, {ref.path} has {rf.shape[1]}')
             counts.update({sample.path: len(smp), ref.path: len(rf)})
-            if metric == 'pr':
-                results['Precision'], results['Recall'] = precision_recall(rf, smp)
-            else:
-                results['KID'], results['KID std'] = kernel_inception_distance(smp, rf, num_subsets=kid_subsets, subset_size=kid_subset_size)
+            values = (precision_recall(rf, smp) if metric == 'pr'
+                      else kernel_inception_distance(smp, rf, num_subsets=kid_subsets, subset_size=kid_subset_size))
+        results.update(zip(RESULTS[metric], values))
     return results, counts

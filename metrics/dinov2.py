@@ -33,7 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_DIM = 64                       # Every released DINOv2 ViT has 64 channels per head.
 POS_EMBED_OFFSET = 0.1              # DINOv2's interpolate_offset.
-FEATURE_KEY = 'dinov2'              # Key of the features in activation files.
 
 
 #----------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class DINOv2Detector(torch.nn.Module):
         return (x - mean) / std
 
     def forward(self, images):
-        return {FEATURE_KEY: self.net(self.preprocess(images)).to(torch.float32)}
+        return {'dinov2': self.net(self.preprocess(images)).to(torch.float32)}  # The key in activation files.
 
 
 def load_dinov2(spec=DINOV2_VITL14_URL, device=torch.device('cpu'), verbose=True):

@@ -27,7 +27,7 @@ def _check_stats(mu, sigma, what):
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if float(np.abs(sigma - sigma.T).max(initial=0.0)) > SYMMETRY_TOL * scale:
         raise dnnlib.UserError(f'{what}: covariance is not symmetric; the file is damaged or not a covariance')
-    return mu, sigma
+    return mu, (sigma + sigma.T) / 2  # Symmetric up to rounding; made exact, as eigh reads one triangle only.
 
 
 # A covariance from a file must be symmetric positive semi-definite up to rounding: the square
@@ -54,9 +54,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     if mu1.shape != mu2.shape:
         raise dnnlib.UserError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
                                f'{what[1]} has {mu2.shape[0]}')
-
-    # Symmetrize: covariances from files can be off by rounding, eigh reads one triangle only.
-    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
 
     # Any factor S1 = F F^T gives eig(S1 S2) = eig(F^T S2 F): F^-1 (S1 S2) F = F^T S2 F.
     # Cholesky is the cheapest factor; a singular S1 (fewer samples than dimensions, dead
@@ -93,15 +90,14 @@ class StatsAccumulator:
     """
 
     def __init__(self, dim, device=torch.device('cpu')):
-        self.dim, self.device, self.n, self.shift = dim, torch.device(device), 0, None
+        self.dim, self.device, self.n = dim, torch.device(device), 0
         self.s1 = torch.zeros([dim], dtype=torch.float64, device=self.device)
+        self.shift = torch.zeros_like(self.s1)  # The mean of the first rows, once they come.
         self.s2 = torch.zeros([dim, dim], dtype=torch.float64, device=self.device)
 
     def update(self, x):
         x = torch.as_tensor(x).to(self.device, torch.float64).reshape(-1, self.dim)
-        if x.shape[0] == 0:
-            return
-        if self.shift is None:
+        if self.n == 0 and len(x):
             self.shift = x.mean(dim=0)
         xc = x - self.shift
         self.s1 += xc.sum(dim=0)
@@ -117,8 +113,7 @@ class StatsAccumulator:
                 torch.distributed.all_reduce(t)
             return t
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
-        shift = self.shift if self.shift is not None else torch.zeros_like(self.s1)
-        mean = shift + self.s1 / max(self.n, 1)
+        mean = self.shift + self.s1 / max(self.n, 1)
         m2 = self.s2 - torch.outer(self.s1, self.s1) / max(self.n, 1)
         n_total = total(n.clone())
         if n_total.item() < 2:
@@ -129,15 +124,14 @@ class StatsAccumulator:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def compute_statistics(features, batch_size=8192, device=None):
+def compute_statistics(features, batch_size=8192):
     """Mean and covariance (np.cov convention), float64, of an [N, D] array or of an iterable of
     its [n, D] blocks (then never held whole)."""
-    blocks = features
     if isinstance(features, np.ndarray):
-        blocks = (features[i:i + batch_size] for i in range(0, len(features), batch_size))
+        features = [features[i:i + batch_size] for i in range(0, len(features), batch_size)]  # Views, no copies.
     acc = None
-    for block in blocks:
-        acc = acc or StatsAccumulator(block.shape[1], device=torch.device(device) if device is not None else dist.get_device())
+    for block in features:
+        acc = acc or StatsAccumulator(block.shape[1], dist.get_device())
         acc.update(torch.from_numpy(np.ascontiguousarray(block)))
     return (acc or StatsAccumulator(0)).finalize(distributed=False)  # Refuses fewer than 2 rows.
 

@@ -14,11 +14,10 @@ import torch
 def inception_score(logits, split_size=5000):
     """IS of finite [N, classes] logits, or of an iterable of its splits (read one at a time), as
     activations.FeatureSet.features gives them."""
-    splits = logits
     if isinstance(logits, np.ndarray):
-        splits = (logits[i:i + split_size] for i in range(0, len(logits), split_size))
+        logits = [logits[i:i + split_size] for i in range(0, len(logits), split_size)]  # Views, no copies.
     scores = []
-    for split in splits:
+    for split in logits:
         log_p = torch.log_softmax(torch.from_numpy(np.asarray(split, dtype=np.float64)), dim=1)
         log_mean = torch.logsumexp(log_p, dim=0) - np.log(len(split))  # log of mean p over the split
         scores.append(float(torch.exp((log_p.exp() * (log_p - log_mean[None, :])).sum(dim=1).mean())))

@@ -28,10 +28,8 @@ def polynomial_mmd2(x, y, degree=3, coef0=1):
 
 
 def kernel_inception_distance(sample, ref, num_subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEED):
-    """(KID mean, KID std) of sample features [N, D] against reference features [M, D], finite (as
-    activations.FeatureSet.features gives them); subset_size >= 2, num_subsets >= 1."""
-    if sample.shape[1] != ref.shape[1]:
-        raise dnnlib.UserError(f'KID needs features of equal width; got {list(sample.shape)} and {list(ref.shape)}')
+    """(KID mean, KID std) of sample features [N, D] against reference features [M, D], finite and of
+    equal D (as compute.compute_metrics checks them); subset_size >= 2, num_subsets >= 1."""
     if min(len(sample), len(ref)) < subset_size:
         raise dnnlib.UserError(f'KID subset size {subset_size} exceeds the number of samples ({len(sample)} sample, '
                                f'{len(ref)} reference); pass a smaller --kid-subset-size')

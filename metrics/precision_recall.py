@@ -77,9 +77,9 @@ class _Radii:
     def __init__(self, fs, k, block, num_candidates=8):
         self.fs, self.k, self.block = fs, k, block
         n, dev = fs.n, fs.device
-        m = min(max(num_candidates, k + 1), n)
-        best_v = torch.full([n, m], float('inf'), dtype=torch.float32, device=dev)
-        best_i = torch.zeros([n, m], dtype=torch.int64, device=dev)
+        self.m = m = min(max(num_candidates, k + 1), n)
+        self.best_v = best_v = torch.full([n, m], float('inf'), dtype=torch.float32, device=dev)
+        self.best_i = best_i = torch.zeros([n, m], dtype=torch.int64, device=dev)
         # Upper triangle of blocks only: each distance block serves its rows and its columns.
         for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
@@ -91,7 +91,6 @@ class _Radii:
                 if c0 != r0:
                     v, i = d.topk(min(m, r1 - r0), dim=0, largest=False, sorted=False)
                     best_v[c0:c1], best_i[c0:c1] = _merge_smallest(best_v[c0:c1], best_i[c0:c1], v.T, i.T + r0, m)
-        self.m, self.best_v, self.best_i = m, best_v, best_i
         self.r32 = best_v[:, k].double()
         # k-th order statistics move by at most the largest element error: |r32 - r| <= t_i + t_max;
         # rounding r to float32 adds half an ulp (we allow one).
@@ -125,13 +124,9 @@ class _Radii:
         return self.exact[rows]
 
     def _full_row(self, row):
-        fs = self.fs
-        u = fs.rows64([row])
-        parts = []
-        for b0 in range(0, fs.n, self.block):
-            idx = torch.arange(b0, min(b0 + self.block, fs.n))
-            parts.append(_sqdist64(fs, [row], u, fs, idx.to(fs.device), fs.rows64(idx))[0])
-        return torch.cat(parts).kthvalue(self.k + 1).values
+        fs, u = self.fs, self.fs.rows64([row])
+        d = [_sqdist64(fs, [row], u, fs, idx.to(fs.device), fs.rows64(idx))[0] for idx in torch.arange(fs.n).split(self.block)]
+        return torch.cat(d).kthvalue(self.k + 1).values
 
 
 def _settle(a, rows, b, radii_b, block):
@@ -139,8 +134,7 @@ def _settle(a, rows, b, radii_b, block):
     hit = torch.zeros([len(rows)], dtype=torch.bool, device=a.device)
     u = a.rows64(rows)
     r32, slack = radii_b.r32, radii_b.slack
-    for b0 in range(0, b.n, block):
-        idx = torch.arange(b0, min(b0 + block, b.n), device=a.device)
+    for idx in torch.arange(b.n, device=a.device).split(block):
         d = _sqdist64(a, rows, u, b, idx, b.rows64(idx))  # [rows, block]
         lo, hi = (r32 - slack)[None, idx], (r32 + slack)[None, idx]
         hit |= (d <= lo).any(dim=1)
@@ -154,10 +148,9 @@ def _settle(a, rows, b, radii_b, block):
 def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
     """(precision, recall, info): samples inside some reference ball, reference points inside
     some sample ball, with d <= r as in the reference."""
-    dev = ref.device
     r_ref32, r_smp32 = radii_ref.r32.to(torch.float32), radii_smp.r32.to(torch.float32)
     # Running minima over the other set of D32 - r32, for each side.
-    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=dev) for fs in (smp, ref))
+    smp_min, ref_min = (torch.full([fs.n], float('inf'), device=fs.device) for fs in (smp, ref))
     for r0 in range(0, ref.n, block):
         r1 = min(r0 + block, ref.n)
         for c0 in range(0, smp.n, block):
@@ -187,13 +180,10 @@ def _evaluate_pr(ref, radii_ref, smp, radii_smp, block):
 
 def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None, return_info=False):
     """ADM's compute_prec_recall(ref, sample): returns (precision, recall) as Python floats. The
-    features are [N, D] arrays of finite numbers, as activations.FeatureSet.features gives them."""
+    features are [N, D] arrays of finite numbers of equal D, as compute.compute_metrics checks them."""
     for what, feats in (('reference', ref_feats), ('sample', sample_feats)):
         if len(feats) <= k:
             raise dnnlib.UserError(f'{what}: {len(feats)} samples; need at least {k + 1}')
-    if ref_feats.shape[1] != sample_feats.shape[1]:
-        raise dnnlib.UserError(f'feature dimensions differ: sample has {sample_feats.shape[1]}, '
-                               f'reference has {ref_feats.shape[1]}')
     # Scaling both sets by a power of two changes no decision and, in floating point, no rounding.
     # Far from 1 (features x 1e20, or x 1e-20), one that brings the largest magnitude near 1 keeps
     # every squared distance within float32's range (the reference's float32 radii would overflow).

@@ -36,12 +36,9 @@ from training import loss, pipeline, sample_grid
 
 from . import activations as acts
 from . import refs
-from .compute import check_inputs, compute_metrics
+from .compute import RESULTS, check_inputs, compute_metrics
 from .detector import DEFAULT_DETECTOR_URL, load_detector
 from .dinov2 import DINOV2_VITL14_URL, load_dinov2
-
-RESULTS = {'fid': ['FID'], 'sfid': ['sFID'], 'is': ['Inception Score'], 'pr': ['Precision', 'Recall'], 'kid': ['KID', 'KID std'],
-           'fd_dinov2': ['FD_DINOv2']}
 
 
 def load_detectors(features, detector, dinov2, trust_detector=False):

@@ -104,7 +104,7 @@ def test_loads_go_through_rank0_first(setup, tmp_path, monkeypatch):
                                                       f'--network_second={s["second"]}', *FAST])
     assert res.exit_code == 0 and len(calls) == 1, res.output
     res = CliRunner().invoke(evaluate.main, _gen_args(s, '--seeds=0-1'))
-    assert res.exit_code == 0 and len(calls) == 1 + 3, res.output  # The reference, the networks, the detector.
+    assert res.exit_code == 0 and len(calls) == 1 + 4, res.output  # The reference, the networks, the detector; the results.
     res = CliRunner().invoke(evaluate.main, ['activations', '--data', str(tmp_path / 'out'), '--dest', str(tmp_path / 'a.npz'),
                                              '--detector', s['det'], '--workers', '0'])
-    assert res.exit_code == 1 and 'need at least 2' in res.output and len(calls) == 4  # Refused before loading.
+    assert res.exit_code == 1 and 'need at least 2' in res.output and len(calls) == 5  # Refused before loading.

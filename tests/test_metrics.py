@@ -134,8 +134,8 @@ def test_precision_recall_float64_settlement():
 def test_precision_recall_bad_input():
     rng = np.random.default_rng(5)
     a = rng.standard_normal([20, 6]).astype(np.float32)
-    with pytest.raises(UserError, match='dimensions differ'):
-        precision_recall(a, rng.standard_normal([20, 7]))
+    with pytest.raises(UserError, match='dimensions differ: the samples has 7, ref has 6'):  # Checked where both are read.
+        compute_metrics(['pr'], acts.FeatureSet({'feat': rng.standard_normal([20, 7])}), acts.FeatureSet({'feat': a}, name='ref'))
     with pytest.raises(UserError, match='at least 4'):
         precision_recall(a, a[:3])
     b = a.copy()
@@ -274,8 +274,8 @@ def test_kid_against_pairwise_definition():
     assert abs(same) < far
     with pytest.raises(UserError, match='subset size 60 exceeds'):
         kernel_inception_distance(smp, ref, subset_size=60)
-    with pytest.raises(UserError, match='equal width'):
-        kernel_inception_distance(smp, ref[:, :4], subset_size=5)
+    with pytest.raises(UserError, match='dimensions differ'):  # Checked where both are read.
+        compute_metrics(['kid'], acts.FeatureSet({'feat': smp}), acts.FeatureSet({'feat': ref[:, :4]}))
 
 
 #----------------------------------------------------------------------------
