@@ -19,6 +19,7 @@ import urllib.request
 from typing import Any
 
 import click
+import psutil
 
 
 class UserError(click.ClickException):
@@ -127,37 +128,27 @@ def host_tag() -> str:
     return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname())[:40] or 'host'
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this machine may still exist (when unsure: yes)."""
-    if os.name == 'nt':  # There os.kill(pid, 0) would end the process.
-        return True
-    try:
-        os.kill(pid, 0)
-    except (OSError, OverflowError) as err:  # PermissionError: someone else's process, alive.
-        return not isinstance(err, ProcessLookupError)
-    return True
-
-
 def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    """Remove a file, or a folder and its contents (never what a link points to); one that is gone
+    already or not ours to remove stays."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             os.remove(path)
 
 
 def remove_stale_temporaries(path) -> list:
     """Remove the temporaries of `path` that dead processes of this host left; returns their paths."""
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
-    ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'(\d+)\.[0-9a-f]{8}\.tmp')
+    ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'([1-9]\d{0,8})\.[0-9a-f]{8}\.tmp')  # A pid that fits a C int.
     try:
         names = os.listdir(folder)
     except OSError:
         return []
-    stale = [os.path.join(folder, n) for n in names if (m := ours.fullmatch(n)) and not pid_alive(int(m.group(1)))]
+    stale = [os.path.join(folder, n) for n in names if (m := ours.fullmatch(n)) and not psutil.pid_exists(int(m.group(1)))]
     for full in stale:
-        with contextlib.suppress(OSError):  # Gone meanwhile, or not ours to remove: leave it.
-            _remove(full)
+        _remove(full)
     return stale
 
 
@@ -234,9 +225,8 @@ def make_cache_dir_path(*paths: str) -> str:
     return os.path.join(os.environ.get('DNNLIB_CACHE_DIR', os.path.join(xdg, 'dnnlib')), *paths)
 
 
-def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    scheme = urllib.parse.urlparse(obj).scheme if isinstance(obj, str) and '://' in obj else None
-    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+def is_url(obj: Any) -> bool:
+    return isinstance(obj, str) and '://' in obj and urllib.parse.urlparse(obj).scheme in ('http', 'https')
 
 
 def _cache_file_name(url: str) -> str:
@@ -256,8 +246,7 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
     is an HTML page or fails `check` raises UserError and never becomes `path`."""
     digest, give_up, total = hashlib.sha256(), time.monotonic() + deadline_s, 0
     with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path, 'w+b') as dst:
-        declared = response.headers.get('Content-Length', '').strip()
-        declared = int(declared) if declared.isdigit() else None
+        declared = response.length  # The Content-Length header as http.client read it; None without one.
         if declared is not None and declared > max_bytes:
             raise UserError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
         for chunk in iter(lambda: response.read1(_CHUNK), b''):
@@ -348,9 +337,8 @@ class Logger(contextlib.AbstractContextManager):
         self.close()
 
     def write(self, text: str | bytes) -> None:
-        text = text.decode() if isinstance(text, bytes) else text
         for stream in filter(None, (self.file, self.stdout)):
-            stream.write(text)
+            stream.write(text.decode() if isinstance(text, bytes) else text)
         if self.should_flush:
             self.flush()
 
