@@ -201,15 +201,18 @@ def _torch_load(file):
             raise CheckpointError(' '.join(str(err).split('WeightsUnpickler error:')[-1].split())[:200]) from None
 
 
-def _format(head):
-    """'zip', 'legacy', 'pickle' or 'safetensors' from a file's first 16 bytes; None for others."""
+def _format(path):
+    """'zip', 'legacy', 'pickle' or 'safetensors' from the file's first 16 bytes, or a refusal. Also
+    open_url's check of a download: an error page instead of a checkpoint never enters the cache."""
+    with open(path, 'rb') as f:
+        head = f.read(16)
     if head[:4] == b'PK\x03\x04':
         return 'zip'
     if head[:1] == b'\x80':
         return 'legacy' if head.startswith(LEGACY_MAGIC) else 'pickle'
     if head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < 1 << 32:
         return 'safetensors'
-    return None
+    raise dnnlib.UserError(f'not a pickle, torch.save or safetensors file (it starts with {head[:9]!r}; an error page?)')
 
 
 def read_pickle(f, encoding='ASCII'):
@@ -250,10 +253,13 @@ def _module_tree(obj, path=''):
     return tree
 
 
-def build(cls, args, kwargs, where, file_tensors):
-    """`cls(*args, **kwargs)` on the meta device, within an operation budget set by the file; a
-    network is compared tensor by tensor with `file_tensors` ({name: tensor}) and given them.
-    Draws no random numbers."""
+def build(class_name, args, kwargs, where, file_tensors):
+    """The class registered as `class_name` built from a file's (args, kwargs) on the meta device,
+    within an operation budget set by the file; a network is compared tensor by tensor with
+    `file_tensors` ({name: tensor}) and given them. Draws no random numbers."""
+    cls = persistence.get_registered_class(class_name, CheckpointError)
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f'{where} was saved without usable constructor arguments')
     try:
         with torch.device('meta'), _OpBudget(10_000 + 16 * len(file_tensors), where):
             obj = cls(*args, **kwargs)
@@ -301,15 +307,11 @@ def _adopt_attributes(obj, state, where, strict):
 
 def _rebuild(obj, where, memo):
     where = f'{where} ({obj.class_name})'
-    cls = persistence.get_registered_class(obj.class_name, CheckpointError)
-    args, kwargs = obj.state.get('_init_args'), obj.state.get('_init_kwargs')
-    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise CheckpointError(f'{where} was saved without usable constructor arguments')
     tree = _module_tree(obj)
     tensors = {_join(path, name): t for path, (_, state) in tree.items() for group in ('_parameters', '_buffers')
                for name, t in (state.get(group) or {}).items() if isinstance(t, torch.Tensor)}  # Others read as missing.
-    args, kwargs, tensors = _materialize((list(args), kwargs, tensors), where, memo)
-    built = build(cls, args, kwargs, where, tensors)
+    args, kwargs, tensors = _materialize((obj.state.get('_init_args'), obj.state.get('_init_kwargs'), tensors), where, memo)
+    built = build(obj.class_name, args, kwargs, where, tensors)
     is_net = isinstance(built, torch.nn.Module)
     ours = dict(built.named_modules(remove_duplicate=False)) if is_net else {'': built}
     for path in sorted(set(tree) | set(ours)):
@@ -363,11 +365,10 @@ def _load_safetensors(path, what, config_path):
     if config is None:
         raise CheckpointError(f'{what}: no config found (expected {config_path or "<name>.json"} or embedded metadata)')
     config = json.loads(config)
-    config = config if isinstance(config, dict) else {}
-    name, args, kwargs = config.get('class_name'), config.get('init_args', []), config.get('init_kwargs', {})
-    if not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise CheckpointError(f'{what}: its config lacks class_name, init_args or init_kwargs')
-    net = build(persistence.get_registered_class(name, CheckpointError), args, kwargs, f'{what} ({name})', tensors)
+    name = config.get('class_name') if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise CheckpointError(f'{what}: its config has no class_name')
+    net = build(name, config.get('init_args', []), config.get('init_kwargs', {}), f'{what} ({name})', tensors)
     if not isinstance(net, torch.nn.Module):
         raise CheckpointError(f'{what}: {name} is not a network')
     return dict(ema=net.eval().requires_grad_(False))
@@ -404,30 +405,19 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 #----------------------------------------------------------------------------
 # Public API.
 
-def _check_download(path):
-    """An error page instead of a checkpoint never enters the download cache."""
-    with open(path, 'rb') as f:
-        head = f.read(16)
-    if _format(head) is None:
-        raise dnnlib.UserError(f'the download is not a checkpoint (it starts with {head[:9]!r}; an error page?)')
-
-
 def load_checkpoint(path_or_url, require_ema=True):
     """The checkpoint (path or URL, downloaded once into the dnnlib cache) as a dict; networks come
     back as the registered classes. Raises CheckpointError naming the file and the problem."""
     what = str(path_or_url)
     try:
-        path = dnnlib.util.open_url(what, return_filename=True, verbose=False, max_bytes=MAX_DOWNLOAD_BYTES, check=_check_download)
-        with open(path, 'rb') as f:
-            kind = _format(f.read(16))
-            f.seek(0)
-            if kind is None:
-                raise CheckpointError('not a pickle, torch.save or safetensors file')
-            if kind == 'safetensors':
-                data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
-            else:
+        path = dnnlib.util.open_url(what, return_filename=True, verbose=False, max_bytes=MAX_DOWNLOAD_BYTES, check=_format)
+        kind = _format(path)
+        if kind == 'safetensors':
+            data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
+        else:
+            with open(path, 'rb') as f:
                 data = read_pickle(f) if kind == 'pickle' else _torch_load(path if kind == 'zip' else f)
-                data = _materialize(data, 'checkpoint', {})
+            data = _materialize(data, 'checkpoint', {})
     except dnnlib.UserError as err:
         raise CheckpointError(err.message if err.message.startswith(what) else f'{what}: {err.message}') from None
     except OSError as err:
