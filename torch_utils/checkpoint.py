@@ -91,10 +91,6 @@ def _numpy_array(cls, shape, dtype):
     return np.ndarray(shape, _numpy_dtype(dtype))
 
 
-def _storage(data):  # torch.storage._load_from_bytes(data), through our reader.
-    return _torch_load(io.BytesIO(data))
-
-
 ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both readers.
     'torch_utils.persistence._reconstruct_persistent_obj': _persistent,
     'dnnlib.util.EasyDict': dnnlib.EasyDict, 'dnnlib.EasyDict': dnnlib.EasyDict,
@@ -104,7 +100,7 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
 PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there): tensors are rebuilt as torch.load rebuilds them.
-    'torch.storage._load_from_bytes': _storage,
+    'torch.storage._load_from_bytes': lambda data: _torch_load(io.BytesIO(data)),  # Through our reader.
     **{f'{obj.__module__}.{obj.__qualname__}': obj for obj in (
         torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state,  # pylint: disable=protected-access
         collections.OrderedDict, set, frozenset, torch.Size, torch.device, codecs.encode)},
@@ -327,13 +323,13 @@ def _materialize(obj, where, memo):
     result)}; holding each object keeps its id from being reused by a later one."""
     if id(obj) in memo:
         return memo[id(obj)][1]
+    out = obj
     if isinstance(obj, Persistent):
         out = _rebuild(obj, where, memo)
     elif isinstance(obj, torch.Tensor):
         held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
         if obj.numel() > held:  # Overlapping views expand on first use.
             raise CheckpointError(f'tensor of size {tuple(obj.shape)} has more elements than its storage ({held})')
-        out = obj
     elif isinstance(obj, Container):
         raise CheckpointError(f'a bare torch.nn.{type(obj).__name__} outside a network')
     elif isinstance(obj, dict):
@@ -342,8 +338,6 @@ def _materialize(obj, where, memo):
         out.update((k, _materialize(v, f'{where}[{k!r}]', memo)) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
         out = type(obj)(_materialize(v, f'{where}[{i}]', memo) for i, v in enumerate(obj))
-    else:
-        out = obj
     memo[id(obj)] = obj, out
     return out
 
