@@ -86,19 +86,16 @@ def activation_bytes(module, *inputs, **kwargs):
     """Bytes of the tensors autograd keeps for backward in one call module(*inputs, **kwargs), each
     storage counted once, the module's own parameters and buffers not at all. On the meta device
     this costs neither memory nor compute."""
-    seen = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
-    total = [0]
+    own = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
+    saved = {}  # Storage -> bytes.
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in seen:
-            seen.add(storage._cdata)
-            total[0] += storage.nbytes()
+        saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         module(*inputs, **kwargs)
-    return total[0]
+    return sum(nbytes for storage, nbytes in saved.items() if storage not in own)
 
 #----------------------------------------------------------------------------
 
@@ -114,15 +111,12 @@ def print_module_summary(module, inputs, max_nesting=2):
 
     def leave(mod, _inputs, out):
         depth[0] -= 1
-        if depth[0] <= max_nesting:
+        if depth[0] <= max_nesting and mod in names:
             calls.append((mod, [t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]))
 
-    hooks = [hook for m in module.modules() for hook in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
+    with torch.nn.modules.module.register_module_forward_pre_hook(enter), \
+            torch.nn.modules.module.register_module_forward_hook(leave):  # Removed on exit, also on an error.
         output = module(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
     seen, rows, totals = set(), [], [0, 0]
     for mod, outs in calls:
         own = [[t for t in tensors if id(t) not in seen] for tensors in (mod.parameters(), mod.buffers())]
