@@ -244,29 +244,26 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
     """Stream `url` into `path` through atomic_write: at most `max_bytes`, within `deadline_s` (checked
     after every network read, so a server dripping bytes is stopped too). What does not have `sha256`,
     is an HTML page or fails `check` raises UserError and never becomes `path`."""
-    digest, give_up, total = hashlib.sha256(), time.monotonic() + deadline_s, 0
+    give_up = time.monotonic() + deadline_s
     with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path, 'w+b') as dst:
         declared = response.length  # The Content-Length header as http.client read it; None without one.
         if declared is not None and declared > max_bytes:
             raise UserError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
         for chunk in iter(lambda: response.read1(_CHUNK), b''):
-            total += len(chunk)
-            if total > max_bytes:
+            dst.write(chunk)
+            if dst.tell() > max_bytes:  # At most one chunk over the limit reaches the temporary.
                 raise UserError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
             if time.monotonic() > give_up:
                 raise UserError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
-            digest.update(chunk)
-            dst.write(chunk)
-        if declared is not None and total != declared:
-            raise OSError(f'download truncated: {total} of {declared} bytes')
-        if sha256 not in (None, digest.hexdigest()):
-            raise UserError(f'Downloaded {url} but its SHA-256 {digest.hexdigest()} does not match the expected {sha256}; '
-                            f'not using it')
+        if declared is not None and dst.tell() != declared:
+            raise OSError(f'download truncated: {dst.tell()} of {declared} bytes')
+        dst.flush()
+        if sha256 is not None and (found := file_sha256(dst.name)) != sha256:
+            raise UserError(f'Downloaded {url} but its SHA-256 {found} does not match the expected {sha256}; not using it')
         dst.seek(0)
         if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
             raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
         if check is not None:
-            dst.flush()
             check(dst.name)
 
 
