@@ -263,13 +263,12 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
         dst.seek(0)
         if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
             raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
-        if check is not None:
-            check(dst.name)
+        check(dst.name)
 
 
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
              return_filename: bool = False, sha256: str | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
-             deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=None):
+             deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=lambda path: None):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object (or its path).
 
     http(s) URLs are streamed, once, into the cache folder (through atomic_write); a download of
@@ -316,9 +315,8 @@ def format_time(seconds: float) -> str:
     """Compact human-readable duration: '42s', '3m 05s', '2h 07m 09s', '1d 04h 13m'."""
     s = int(round(seconds))
     units = [(s // 86400, 'd'), (s // 3600 % 24, 'h'), (s // 60 % 60, 'm'), (s % 60, 's')]
-    while len(units) > 1 and units[0][0] == 0:  # From the largest unit that is not zero, three at most.
-        units.pop(0)
-    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02d}{unit}' for i, (value, unit) in enumerate(units[:3]))
+    units = units[next(i for i, (value, _) in enumerate(units) if value or i == 3):][:3]  # From the largest non-zero unit.
+    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02d}{unit}' for i, (value, unit) in enumerate(units))
 
 
 class Logger(contextlib.AbstractContextManager):

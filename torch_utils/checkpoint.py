@@ -108,7 +108,6 @@ PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there): te
                            torch.int16, torch.int32, torch.int64, torch.bool)},
 }
 READABLE = {**ALLOWED, **PICKLE_ONLY}
-BUILDABLE = (Container, dnnlib.EasyDict, np.ndarray, np.dtype)  # What a pickle's BUILD may fill.
 
 
 def _allowed(module, name):
@@ -132,7 +131,7 @@ class _PickleReader(pickle._Unpickler):  # pylint: disable=protected-access
     def _build(self):
         # BUILD sets attributes on whatever is on the stack, classes included: only instances of a
         # few inert types may receive state.
-        if not isinstance(self.stack[-2], BUILDABLE) or isinstance(self.stack[-2], type):
+        if not isinstance(self.stack[-2], (Container, dnnlib.EasyDict, np.ndarray, np.dtype)) or isinstance(self.stack[-2], type):
             raise CheckpointError(f'the file sets the state of a {type(self.stack[-2]).__name__}')
         pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
     dispatch[pickle.BUILD[0]] = _build

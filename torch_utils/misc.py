@@ -58,9 +58,8 @@ def named_tensors(module):
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy every tensor of dst_module that src_module has under the same name; returns the
     names copied. ValueError when a shape differs, or (require_all) when src lacks a name."""
-    src = named_tensors(src_module)
-    copied = []
-    for name, tensor in named_tensors(dst_module).items():
+    src, dst = named_tensors(src_module), named_tensors(dst_module)
+    for name, tensor in dst.items():
         if name not in src:
             if require_all:
                 raise ValueError(f'the source has no tensor "{name}"')
@@ -68,8 +67,7 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
         if src[name].shape != tensor.shape:
             raise ValueError(f'"{name}" is {list(src[name].shape)} in the source and {list(tensor.shape)} here')
         tensor.copy_(src[name])
-        copied.append(name)
-    return copied
+    return [name for name in dst if name in src]
 
 
 def check_ddp_consistency(module):

@@ -19,6 +19,7 @@ NVIDIA's Inception detector pickle, and only when the user trusts that file
 """
 
 import copy
+import functools
 import inspect
 import pickle
 import sys
@@ -63,8 +64,7 @@ def persistent_class(orig_class):
                         class_name=orig_class.__name__, state=parts[2])
             return (_reconstruct_persistent_obj, (meta,), None, *parts[3:5])
 
-    for attr in ('__name__', '__qualname__', '__module__', '__doc__'):
-        setattr(Decorated, attr, getattr(orig_class, attr))
+    functools.update_wrapper(Decorated, orig_class, updated=())  # Its name, module and docstring.
     Decorated.__init__.__wrapped__ = orig_class.__init__  # inspect.signature shows the real arguments.
     _decorated.add(Decorated)
     if not orig_class.__module__.startswith('_trusted_'):
@@ -81,14 +81,11 @@ def get_registered_class(class_name, error=pickle.UnpicklingError):
     if cls is None:
         raise error(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); '
+        known = sorted(name for name, cls in _registry.items() if cls is not None and '.' not in name)
+        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(known) or "none"}); '
                     f'the module source stored in a file is never executed: load files with training.load_checkpoint / '
                     f'training.load_network, which know the project\'s classes')
     return cls
-
-
-def registered_class_names():
-    return sorted(name for name, cls in _registry.items() if cls is not None and '.' not in name)
 
 #----------------------------------------------------------------------------
 
