@@ -19,7 +19,6 @@ NVIDIA's Inception detector pickle, and only when the user trusts that file
 """
 
 import copy
-import functools
 import inspect
 import pickle
 import sys
@@ -64,7 +63,8 @@ def persistent_class(orig_class):
                         class_name=orig_class.__name__, state=parts[2])
             return (_reconstruct_persistent_obj, (meta,), None, *parts[3:5])
 
-    functools.update_wrapper(Decorated, orig_class, updated=())  # Its name, module and docstring.
+    for attr in ('__name__', '__qualname__', '__module__', '__doc__'):
+        setattr(Decorated, attr, getattr(orig_class, attr))
     Decorated.__init__.__wrapped__ = orig_class.__init__  # inspect.signature shows the real arguments.
     _decorated.add(Decorated)
     if not orig_class.__module__.startswith('_trusted_'):
@@ -81,7 +81,7 @@ def get_registered_class(class_name, error=pickle.UnpicklingError):
     if cls is None:
         raise error(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        known = sorted(name for name, cls in _registry.items() if cls is not None and '.' not in name)
+        known = sorted(name for name, entry in _registry.items() if entry is not None and '.' not in name)
         raise error(f'unknown persistent class "{class_name}" (known: {", ".join(known) or "none"}); '
                     f'the module source stored in a file is never executed: load files with training.load_checkpoint / '
                     f'training.load_network, which know the project\'s classes')
