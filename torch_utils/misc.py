@@ -36,8 +36,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rnd = np.random.RandomState(self.seed)
-        order = np.arange(self.size)
-        rnd.shuffle(order)
+        order = rnd.permutation(self.size)  # arange, then shuffle: the same draws.
         for step in itertools.count():
             pos = step % self.size
             if step % self.num_replicas == self.rank:
