@@ -142,11 +142,10 @@ def remove_stale_temporaries(path) -> list:
     """Remove the temporaries of `path` that dead processes of this host left; returns their paths."""
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
     ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'([1-9]\d{0,8})\.[0-9a-f]{8}\.tmp')  # A pid that fits a C int.
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    stale = [os.path.join(folder, n) for n in names if (m := ours.fullmatch(n)) and not psutil.pid_exists(int(m.group(1)))]
+    stale = []
+    with contextlib.suppress(OSError):  # A folder we may not list has nothing to clean.
+        stale = [os.path.join(folder, name) for name in os.listdir(folder)
+                 if (m := ours.fullmatch(name)) and not psutil.pid_exists(int(m.group(1)))]
     for full in stale:
         _remove(full)
     return stale
@@ -216,7 +215,6 @@ def file_write_problem(path) -> str | None:
 
 DEFAULT_MAX_DOWNLOAD_BYTES = 4 << 30   # A URL of unknown size: more than any detector or reference set.
 DEFAULT_DOWNLOAD_SECONDS = 4 * 3600    # Overall deadline of one download (a stalled read ends after 60 s).
-_CHUNK = 1 << 20
 
 
 def make_cache_dir_path(*paths: str) -> str:
@@ -249,7 +247,7 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
         declared = response.length  # The Content-Length header as http.client read it; None without one.
         if declared is not None and declared > max_bytes:
             raise UserError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
-        for chunk in iter(lambda: response.read1(_CHUNK), b''):
+        for chunk in iter(lambda: response.read1(1 << 20), b''):
             dst.write(chunk)
             if dst.tell() > max_bytes:  # At most one chunk over the limit reaches the temporary.
                 raise UserError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
@@ -283,8 +281,7 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
     sha256 = sha256 and sha256.lower()
     if not is_url(url):
-        parts = urllib.parse.urlparse(url)
-        path = urllib.request.url2pathname(parts.netloc + parts.path) if url.startswith('file://') else url
+        path = urllib.request.url2pathname(url.removeprefix('file://')) if url.startswith('file://') else url
         if not os.path.isfile(path):
             raise FileNotFoundError(f'No such file: {path}' + (f' (from {url})' if path != url else ''))
         if sha256 is not None and (found := file_sha256(path)) != sha256:
