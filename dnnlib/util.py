@@ -19,6 +19,7 @@ import urllib.request
 from typing import Any
 
 import click
+import psutil
 
 
 class UserError(click.ClickException):
@@ -127,37 +128,26 @@ def host_tag() -> str:
     return re.sub(r'[^0-9a-zA-Z-]', '_', socket.gethostname())[:40] or 'host'
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this machine may still exist (when unsure: yes)."""
-    if os.name == 'nt':  # There os.kill(pid, 0) would end the process.
-        return True
-    try:
-        os.kill(pid, 0)
-    except (OSError, OverflowError) as err:  # PermissionError: someone else's process, alive.
-        return not isinstance(err, ProcessLookupError)
-    return True
-
-
 def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    """Remove a file, or a folder and its contents (never what a link points to); one that is gone
+    already or not ours to remove stays."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             os.remove(path)
 
 
 def remove_stale_temporaries(path) -> list:
     """Remove the temporaries of `path` that dead processes of this host left; returns their paths."""
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
-    ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'(\d+)\.[0-9a-f]{8}\.tmp')
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    stale = [os.path.join(folder, n) for n in names if (m := ours.fullmatch(n)) and not pid_alive(int(m.group(1)))]
+    ours = re.compile(re.escape(f'.{base}.{host_tag()}-') + r'([1-9]\d{0,8})\.[0-9a-f]{8}\.tmp')  # A pid that fits a C int.
+    stale = []
+    with contextlib.suppress(OSError):  # A folder we may not list has nothing to clean.
+        stale = [os.path.join(folder, name) for name in os.listdir(folder)
+                 if (m := ours.fullmatch(name)) and not psutil.pid_exists(int(m.group(1)))]
     for full in stale:
-        with contextlib.suppress(OSError):  # Gone meanwhile, or not ours to remove: leave it.
-            _remove(full)
+        _remove(full)
     return stale
 
 
@@ -225,7 +215,6 @@ def file_write_problem(path) -> str | None:
 
 DEFAULT_MAX_DOWNLOAD_BYTES = 4 << 30   # A URL of unknown size: more than any detector or reference set.
 DEFAULT_DOWNLOAD_SECONDS = 4 * 3600    # Overall deadline of one download (a stalled read ends after 60 s).
-_CHUNK = 1 << 20
 
 
 def make_cache_dir_path(*paths: str) -> str:
@@ -234,9 +223,8 @@ def make_cache_dir_path(*paths: str) -> str:
     return os.path.join(os.environ.get('DNNLIB_CACHE_DIR', os.path.join(xdg, 'dnnlib')), *paths)
 
 
-def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    scheme = urllib.parse.urlparse(obj).scheme if isinstance(obj, str) and '://' in obj else None
-    return scheme in ('http', 'https') or (allow_file_urls and scheme == 'file')
+def is_url(obj: Any) -> bool:
+    return isinstance(obj, str) and '://' in obj and urllib.parse.urlparse(obj).scheme in ('http', 'https')
 
 
 def _cache_file_name(url: str) -> str:
@@ -254,36 +242,31 @@ def _download(url: str, path: str, max_bytes: int, deadline_s: float, sha256: st
     """Stream `url` into `path` through atomic_write: at most `max_bytes`, within `deadline_s` (checked
     after every network read, so a server dripping bytes is stopped too). What does not have `sha256`,
     is an HTML page or fails `check` raises UserError and never becomes `path`."""
-    digest, give_up, total = hashlib.sha256(), time.monotonic() + deadline_s, 0
+    give_up = time.monotonic() + deadline_s
     with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path, 'w+b') as dst:
-        declared = response.headers.get('Content-Length', '').strip()
-        declared = int(declared) if declared.isdigit() else None
+        declared = response.length  # The Content-Length header as http.client read it; None without one.
         if declared is not None and declared > max_bytes:
             raise UserError(f'Refusing to download {url}: it has {declared} bytes, more than the limit of {max_bytes}')
-        for chunk in iter(lambda: response.read1(_CHUNK), b''):
-            total += len(chunk)
-            if total > max_bytes:
+        for chunk in iter(lambda: response.read1(1 << 20), b''):
+            dst.write(chunk)
+            if dst.tell() > max_bytes:  # At most one chunk over the limit reaches the temporary.
                 raise UserError(f'Stopped downloading {url}: more than the limit of {max_bytes} bytes')
             if time.monotonic() > give_up:
                 raise UserError(f'Stopped downloading {url}: not done after {deadline_s:.0f} s')
-            digest.update(chunk)
-            dst.write(chunk)
-        if declared is not None and total != declared:
-            raise OSError(f'download truncated: {total} of {declared} bytes')
-        if sha256 not in (None, digest.hexdigest()):
-            raise UserError(f'Downloaded {url} but its SHA-256 {digest.hexdigest()} does not match the expected {sha256}; '
-                            f'not using it')
+        if declared is not None and dst.tell() != declared:
+            raise OSError(f'download truncated: {dst.tell()} of {declared} bytes')
+        dst.flush()
+        if sha256 is not None and (found := file_sha256(dst.name)) != sha256:
+            raise UserError(f'Downloaded {url} but its SHA-256 {found} does not match the expected {sha256}; not using it')
         dst.seek(0)
         if re.match(rb'\s*<(!doctype html|html)', dst.read(64), re.IGNORECASE):  # Every download here is binary.
             raise UserError(f'{url} sent an HTML page instead of the file (a login, quota or error page?); not cached')
-        if check is not None:
-            dst.flush()
-            check(dst.name)
+        check(dst.name)
 
 
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
              return_filename: bool = False, sha256: str | None = None, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
-             deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=None):
+             deadline_s: float = DEFAULT_DOWNLOAD_SECONDS, check=lambda path: None):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object (or its path).
 
     http(s) URLs are streamed, once, into the cache folder (through atomic_write); a download of
@@ -298,8 +281,7 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
         raise ValueError(f'sha256 must be 64 hex digits, got {sha256!r}')
     sha256 = sha256 and sha256.lower()
     if not is_url(url):
-        parts = urllib.parse.urlparse(url)
-        path = urllib.request.url2pathname(parts.netloc + parts.path) if url.startswith('file://') else url
+        path = urllib.request.url2pathname(url.removeprefix('file://')) if url.startswith('file://') else url
         if not os.path.isfile(path):
             raise FileNotFoundError(f'No such file: {path}' + (f' (from {url})' if path != url else ''))
         if sha256 is not None and (found := file_sha256(path)) != sha256:
@@ -330,9 +312,8 @@ def format_time(seconds: float) -> str:
     """Compact human-readable duration: '42s', '3m 05s', '2h 07m 09s', '1d 04h 13m'."""
     s = int(round(seconds))
     units = [(s // 86400, 'd'), (s // 3600 % 24, 'h'), (s // 60 % 60, 'm'), (s % 60, 's')]
-    while len(units) > 1 and units[0][0] == 0:  # From the largest unit that is not zero, three at most.
-        units.pop(0)
-    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02d}{unit}' for i, (value, unit) in enumerate(units[:3]))
+    units = units[next(i for i, (value, _) in enumerate(units) if value or i == 3):][:3]  # From the largest non-zero unit.
+    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02d}{unit}' for i, (value, unit) in enumerate(units))
 
 
 class Logger(contextlib.AbstractContextManager):
@@ -348,9 +329,8 @@ class Logger(contextlib.AbstractContextManager):
         self.close()
 
     def write(self, text: str | bytes) -> None:
-        text = text.decode() if isinstance(text, bytes) else text
         for stream in filter(None, (self.file, self.stdout)):
-            stream.write(text)
+            stream.write(text.decode() if isinstance(text, bytes) else text)
         if self.should_flush:
             self.flush()
 

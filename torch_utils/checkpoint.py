@@ -91,10 +91,6 @@ def _numpy_array(cls, shape, dtype):
     return np.ndarray(shape, _numpy_dtype(dtype))
 
 
-def _storage(data):  # torch.storage._load_from_bytes(data), through our reader.
-    return _torch_load(io.BytesIO(data))
-
-
 ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both readers.
     'torch_utils.persistence._reconstruct_persistent_obj': _persistent,
     'dnnlib.util.EasyDict': dnnlib.EasyDict, 'dnnlib.EasyDict': dnnlib.EasyDict,
@@ -104,7 +100,7 @@ ALLOWED = {  # What a checkpoint may name, by the name pickles use; for both rea
     **{f'numpy.{core}.multiarray.{name}': fn for core in ('core', '_core') for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_array))},
 }
 PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there): tensors are rebuilt as torch.load rebuilds them.
-    'torch.storage._load_from_bytes': _storage,
+    'torch.storage._load_from_bytes': lambda data: _torch_load(io.BytesIO(data)),  # Through our reader.
     **{f'{obj.__module__}.{obj.__qualname__}': obj for obj in (
         torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state,  # pylint: disable=protected-access
         collections.OrderedDict, set, frozenset, torch.Size, torch.device, codecs.encode)},
@@ -112,7 +108,6 @@ PICKLE_ONLY = {  # Names torch.load's own list holds (its entries win there): te
                            torch.int16, torch.int32, torch.int64, torch.bool)},
 }
 READABLE = {**ALLOWED, **PICKLE_ONLY}
-BUILDABLE = (Container, dnnlib.EasyDict, np.ndarray, np.dtype)  # What a pickle's BUILD may fill.
 
 
 def _allowed(module, name):
@@ -136,7 +131,7 @@ class _PickleReader(pickle._Unpickler):  # pylint: disable=protected-access
     def _build(self):
         # BUILD sets attributes on whatever is on the stack, classes included: only instances of a
         # few inert types may receive state.
-        if not isinstance(self.stack[-2], BUILDABLE) or isinstance(self.stack[-2], type):
+        if not isinstance(self.stack[-2], (Container, dnnlib.EasyDict, np.ndarray, np.dtype)) or isinstance(self.stack[-2], type):
             raise CheckpointError(f'the file sets the state of a {type(self.stack[-2]).__name__}')
         pickle._Unpickler.load_build(self)  # pylint: disable=protected-access
     dispatch[pickle.BUILD[0]] = _build
@@ -201,15 +196,18 @@ def _torch_load(file):
             raise CheckpointError(' '.join(str(err).split('WeightsUnpickler error:')[-1].split())[:200]) from None
 
 
-def _format(head):
-    """'zip', 'legacy', 'pickle' or 'safetensors' from a file's first 16 bytes; None for others."""
+def _format(path):
+    """'zip', 'legacy', 'pickle' or 'safetensors' from the file's first 16 bytes, or a refusal. Also
+    open_url's check of a download: an error page instead of a checkpoint never enters the cache."""
+    with open(path, 'rb') as f:
+        head = f.read(16)
     if head[:4] == b'PK\x03\x04':
         return 'zip'
     if head[:1] == b'\x80':
         return 'legacy' if head.startswith(LEGACY_MAGIC) else 'pickle'
     if head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < 1 << 32:
         return 'safetensors'
-    return None
+    raise dnnlib.UserError(f'not a pickle, torch.save or safetensors file (it starts with {head[:9]!r}; an error page?)')
 
 
 def read_pickle(f, encoding='ASCII'):
@@ -250,10 +248,13 @@ def _module_tree(obj, path=''):
     return tree
 
 
-def build(cls, args, kwargs, where, file_tensors):
-    """`cls(*args, **kwargs)` on the meta device, within an operation budget set by the file; a
-    network is compared tensor by tensor with `file_tensors` ({name: tensor}) and given them.
-    Draws no random numbers."""
+def build(class_name, args, kwargs, where, file_tensors):
+    """The class registered as `class_name` built from a file's (args, kwargs) on the meta device,
+    within an operation budget set by the file; a network is compared tensor by tensor with
+    `file_tensors` ({name: tensor}) and given them. Draws no random numbers."""
+    cls = persistence.get_registered_class(class_name, CheckpointError)
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f'{where} was saved without usable constructor arguments')
     try:
         with torch.device('meta'), _OpBudget(10_000 + 16 * len(file_tensors), where):
             obj = cls(*args, **kwargs)
@@ -301,15 +302,11 @@ def _adopt_attributes(obj, state, where, strict):
 
 def _rebuild(obj, where, memo):
     where = f'{where} ({obj.class_name})'
-    cls = persistence.get_registered_class(obj.class_name, CheckpointError)
-    args, kwargs = obj.state.get('_init_args'), obj.state.get('_init_kwargs')
-    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise CheckpointError(f'{where} was saved without usable constructor arguments')
     tree = _module_tree(obj)
     tensors = {_join(path, name): t for path, (_, state) in tree.items() for group in ('_parameters', '_buffers')
                for name, t in (state.get(group) or {}).items() if isinstance(t, torch.Tensor)}  # Others read as missing.
-    args, kwargs, tensors = _materialize((list(args), kwargs, tensors), where, memo)
-    built = build(cls, args, kwargs, where, tensors)
+    args, kwargs, tensors = _materialize((obj.state.get('_init_args'), obj.state.get('_init_kwargs'), tensors), where, memo)
+    built = build(obj.class_name, args, kwargs, where, tensors)
     is_net = isinstance(built, torch.nn.Module)
     ours = dict(built.named_modules(remove_duplicate=False)) if is_net else {'': built}
     for path in sorted(set(tree) | set(ours)):
@@ -325,13 +322,13 @@ def _materialize(obj, where, memo):
     result)}; holding each object keeps its id from being reused by a later one."""
     if id(obj) in memo:
         return memo[id(obj)][1]
+    out = obj
     if isinstance(obj, Persistent):
         out = _rebuild(obj, where, memo)
     elif isinstance(obj, torch.Tensor):
         held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
         if obj.numel() > held:  # Overlapping views expand on first use.
             raise CheckpointError(f'tensor of size {tuple(obj.shape)} has more elements than its storage ({held})')
-        out = obj
     elif isinstance(obj, Container):
         raise CheckpointError(f'a bare torch.nn.{type(obj).__name__} outside a network')
     elif isinstance(obj, dict):
@@ -340,8 +337,6 @@ def _materialize(obj, where, memo):
         out.update((k, _materialize(v, f'{where}[{k!r}]', memo)) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
         out = type(obj)(_materialize(v, f'{where}[{i}]', memo) for i, v in enumerate(obj))
-    else:
-        out = obj
     memo[id(obj)] = obj, out
     return out
 
@@ -363,11 +358,10 @@ def _load_safetensors(path, what, config_path):
     if config is None:
         raise CheckpointError(f'{what}: no config found (expected {config_path or "<name>.json"} or embedded metadata)')
     config = json.loads(config)
-    config = config if isinstance(config, dict) else {}
-    name, args, kwargs = config.get('class_name'), config.get('init_args', []), config.get('init_kwargs', {})
-    if not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise CheckpointError(f'{what}: its config lacks class_name, init_args or init_kwargs')
-    net = build(persistence.get_registered_class(name, CheckpointError), args, kwargs, f'{what} ({name})', tensors)
+    name = config.get('class_name') if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise CheckpointError(f'{what}: its config has no class_name')
+    net = build(name, config.get('init_args', []), config.get('init_kwargs', {}), f'{what} ({name})', tensors)
     if not isinstance(net, torch.nn.Module):
         raise CheckpointError(f'{what}: {name} is not a network')
     return dict(ema=net.eval().requires_grad_(False))
@@ -404,30 +398,19 @@ def export_safetensors(src, dst, key='ema', overwrite=False):
 #----------------------------------------------------------------------------
 # Public API.
 
-def _check_download(path):
-    """An error page instead of a checkpoint never enters the download cache."""
-    with open(path, 'rb') as f:
-        head = f.read(16)
-    if _format(head) is None:
-        raise dnnlib.UserError(f'the download is not a checkpoint (it starts with {head[:9]!r}; an error page?)')
-
-
 def load_checkpoint(path_or_url, require_ema=True):
     """The checkpoint (path or URL, downloaded once into the dnnlib cache) as a dict; networks come
     back as the registered classes. Raises CheckpointError naming the file and the problem."""
     what = str(path_or_url)
     try:
-        path = dnnlib.util.open_url(what, return_filename=True, verbose=False, max_bytes=MAX_DOWNLOAD_BYTES, check=_check_download)
-        with open(path, 'rb') as f:
-            kind = _format(f.read(16))
-            f.seek(0)
-            if kind is None:
-                raise CheckpointError('not a pickle, torch.save or safetensors file')
-            if kind == 'safetensors':
-                data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
-            else:
+        path = dnnlib.util.open_url(what, return_filename=True, verbose=False, max_bytes=MAX_DOWNLOAD_BYTES, check=_format)
+        kind = _format(path)
+        if kind == 'safetensors':
+            data = _load_safetensors(path, what, None if dnnlib.util.is_url(what) else _json_path(path))
+        else:
+            with open(path, 'rb') as f:
                 data = read_pickle(f) if kind == 'pickle' else _torch_load(path if kind == 'zip' else f)
-                data = _materialize(data, 'checkpoint', {})
+            data = _materialize(data, 'checkpoint', {})
     except dnnlib.UserError as err:
         raise CheckpointError(err.message if err.message.startswith(what) else f'{what}: {err.message}') from None
     except OSError as err:

@@ -14,9 +14,7 @@ from torch_utils import training_stats
 
 def get_device() -> torch.device:
     """The device this process should use: its own GPU under torchrun, else cuda:0, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    return torch.device('cpu')
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0'))) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def init() -> None:
@@ -46,8 +44,7 @@ def all_ok(ok: bool, patient: bool = False) -> bool:
     patient=True waits without the main group's deadline (see init)."""
     if not torch.distributed.is_initialized():
         return ok
-    device = torch.device('cpu') if patient else get_device()
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=torch.device('cpu') if patient else get_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=_patient_group if patient else None)
     return bool(flag.item())
 

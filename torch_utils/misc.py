@@ -36,8 +36,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rnd = np.random.RandomState(self.seed)
-        order = np.arange(self.size)
-        rnd.shuffle(order)
+        order = rnd.permutation(self.size)  # arange, then shuffle: the same draws.
         for step in itertools.count():
             pos = step % self.size
             if step % self.num_replicas == self.rank:
@@ -58,9 +57,8 @@ def named_tensors(module):
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy every tensor of dst_module that src_module has under the same name; returns the
     names copied. ValueError when a shape differs, or (require_all) when src lacks a name."""
-    src = named_tensors(src_module)
-    copied = []
-    for name, tensor in named_tensors(dst_module).items():
+    src, dst = named_tensors(src_module), named_tensors(dst_module)
+    for name, tensor in dst.items():
         if name not in src:
             if require_all:
                 raise ValueError(f'the source has no tensor "{name}"')
@@ -68,8 +66,7 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
         if src[name].shape != tensor.shape:
             raise ValueError(f'"{name}" is {list(src[name].shape)} in the source and {list(tensor.shape)} here')
         tensor.copy_(src[name])
-        copied.append(name)
-    return copied
+    return [name for name in dst if name in src]
 
 
 def check_ddp_consistency(module):
@@ -86,19 +83,16 @@ def activation_bytes(module, *inputs, **kwargs):
     """Bytes of the tensors autograd keeps for backward in one call module(*inputs, **kwargs), each
     storage counted once, the module's own parameters and buffers not at all. On the meta device
     this costs neither memory nor compute."""
-    seen = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
-    total = [0]
+    own = {t.untyped_storage()._cdata for t in itertools.chain(module.parameters(), module.buffers())}
+    saved = {}  # Storage -> bytes.
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in seen:
-            seen.add(storage._cdata)
-            total[0] += storage.nbytes()
+        saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         module(*inputs, **kwargs)
-    return total[0]
+    return sum(nbytes for storage, nbytes in saved.items() if storage not in own)
 
 #----------------------------------------------------------------------------
 
@@ -114,15 +108,12 @@ def print_module_summary(module, inputs, max_nesting=2):
 
     def leave(mod, _inputs, out):
         depth[0] -= 1
-        if depth[0] <= max_nesting:
+        if depth[0] <= max_nesting and mod in names:
             calls.append((mod, [t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]))
 
-    hooks = [hook for m in module.modules() for hook in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
+    with torch.nn.modules.module.register_module_forward_pre_hook(enter), \
+            torch.nn.modules.module.register_module_forward_hook(leave):  # Removed on exit, also on an error.
         output = module(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
     seen, rows, totals = set(), [], [0, 0]
     for mod, outs in calls:
         own = [[t for t in tensors if id(t) not in seen] for tensors in (mod.parameters(), mod.buffers())]

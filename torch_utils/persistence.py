@@ -81,14 +81,11 @@ def get_registered_class(class_name, error=pickle.UnpicklingError):
     if cls is None:
         raise error(f'class name "{class_name}" is ambiguous: it is defined in two modules')
     if cls is False:
-        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(registered_class_names()) or "none"}); '
+        known = sorted(name for name, entry in _registry.items() if entry is not None and '.' not in name)
+        raise error(f'unknown persistent class "{class_name}" (known: {", ".join(known) or "none"}); '
                     f'the module source stored in a file is never executed: load files with training.load_checkpoint / '
                     f'training.load_network, which know the project\'s classes')
     return cls
-
-
-def registered_class_names():
-    return sorted(name for name, cls in _registry.items() if cls is not None and '.' not in name)
 
 #----------------------------------------------------------------------------
 

@@ -44,11 +44,10 @@ def report0(name, value):
 
 
 def _summary(count, total, squares):
-    if count == 0:
-        return dnnlib.EasyDict(num=0, mean=math.nan, std=math.nan)
-    mean = total / count
-    std = 0.0 if count == 1 else math.sqrt(max(squares / count - mean * mean, 0))
-    return dnnlib.EasyDict(num=int(count), mean=mean, std=std if math.isfinite(total) else math.nan)
+    mean = total / count if count else math.nan
+    # No values or an inf/nan among them: nan; one value: 0.
+    std = math.nan if not math.isfinite(mean) else 0.0 if count == 1 else math.sqrt(max(squares / count - mean * mean, 0))
+    return dnnlib.EasyDict(num=int(count), mean=mean, std=std)
 
 
 def collect():
