@@ -301,8 +301,9 @@ def open_file(s, ref):
 def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
-        with open_file(s, ref) as f:
-            return data_files.decode_image(f, ref)
+        with open_file(s, ref) as f, data_files.open_image(f, ref) as img:
+            img.load()  # Errors surface here, not later.
+        return img
     if s.kind == 'npz':
         if 'npz' not in _worker:
             _worker['npz'] = data_files.NpyMember(s.path, 'arr_0')

@@ -130,16 +130,6 @@ def _check_pixels(w, h, name):
                            f'(a decompression bomb?); shrink it first')
 
 
-def _open(f, name):
-    """PIL image of `f`, header read (within METADATA_BYTES); its pixels may be read next within
-    the budget of its size."""
-    f = _Budget(f, name, METADATA_BYTES, 'before its pixel data')
-    img = PIL.Image.open(f)
-    _check_pixels(*img.size, name)
-    f.limit, f.what = METADATA_BYTES + BYTES_PER_PIXEL * img.size[0] * img.size[1], f'for {img.size[0]}x{img.size[1]} pixels'
-    return img
-
-
 def natural_channels(mode):
     """Channels an image of this PIL mode gives when read without a target mode."""
     return 1 if mode in GRAY_MODES else {'LA': 2, 'La': 2, 'RGBA': 4, 'RGBa': 4}.get(mode, 3)
@@ -176,29 +166,27 @@ _DECODE_REASONS = {
 
 
 @contextlib.contextmanager
-def _decoding(name):
-    """Whatever opening or decoding image `name` raises becomes one DatasetError line."""
+def open_image(f, name):
+    """PIL image of binary file `f`, its header read within METADATA_BYTES, its pixels readable
+    within the budget of its size. Whatever opening or decoding it in the block raises becomes one
+    DatasetError line naming `name`."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # We refuse those ourselves.
         try:
-            yield
+            f = _Budget(f, name, METADATA_BYTES, 'before its pixel data')
+            img = PIL.Image.open(f)
+            w, h = img.size
+            _check_pixels(w, h, name)
+            f.limit, f.what = METADATA_BYTES + BYTES_PER_PIXEL * w * h, f'for {w}x{h} pixels'
+            yield img
         except _DECODE_ERRORS as err:
             reason = _DECODE_REASONS.get(type(err)) or f'cannot decode it ({" ".join(str(err).split()) or type(err).__name__})'
             raise DatasetError(f'{name}: {reason}') from None
 
 
-def decode_image(f, name):
-    """Open and fully decode the image in binary file object `f` with PIL (errors surface here,
-    not later), within the budget of its size."""
-    with _decoding(name):
-        img = _open(f, name)
-        img.load()
-        return img
-
-
 def read_header(f, name):
     """(width, height, natural channels) from the header only (cheap)."""
-    with _decoding(name), _open(f, name) as img:
+    with open_image(f, name) as img:
         return img.size[0], img.size[1], natural_channels(img.mode)
 
 
@@ -225,13 +213,13 @@ def _read_with_pyspng(f, name):
 
 def read_image(f, name, mode=None, use_pyspng=True):
     """Decode the image in binary file object `f` (named `name` in messages) into a uint8 array
-    (see to_array). Any failure raises DatasetError with one line naming the file."""
-    with _decoding(name):
-        arr = _read_with_pyspng(f, name) if use_pyspng and pyspng is not None and mode is None else None
-        if arr is not None:
-            return arr
-        with decode_image(f, name) as img:
-            return to_array(img, name, mode)
+    (see to_array). Any failure to decode raises DatasetError with one line naming the file; the
+    caller handles errors of reading `f` (OSError and the like), as for opening it."""
+    arr = _read_with_pyspng(f, name) if use_pyspng and pyspng is not None and mode is None else None
+    if arr is not None:
+        return arr
+    with open_image(f, name) as img:
+        return to_array(img, name, mode)
 
 #----------------------------------------------------------------------------
 # dataset.json.

@@ -11,6 +11,7 @@ raise DatasetError with one line that names the file.
 
 import os
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self._zip, self._zip_pid = zipfile.ZipFile(self._path), os.getpid()
             with open(os.path.join(self._path, name), 'rb') if self._zip is None else self._zip.open(name) as f:
                 return reader(f, where)
-        except (OSError, zipfile.BadZipFile, EOFError) as err:
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
             raise DatasetError(f'{where}: cannot read it ({err})') from None
 
     def _read_image(self, which):
