@@ -360,10 +360,8 @@ def results_of(settings, workers):
         pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
     except OSError as err:
         raise UserError(f'cannot start {workers} worker processes ({err}); give fewer --workers') from None
-    try:
+    with pool:  # Leaving terminates it, which also drops work queued beyond --max-images.
         yield lambda items: pool.imap(process_item, items, chunksize=8)
-    finally:
-        pool.terminate()  # Also drops work queued beyond --max-images.
 
 #----------------------------------------------------------------------------
 # Destination: written under a temporary name (dnnlib.util.atomic_write), published only when
@@ -417,8 +415,7 @@ def take(tally, res, label, out):
                         f'{tally.first[0][1]}x{tally.first[0][0]}; use --resolution (and --transform) to make them equal')
     archive_name = f'{tally.written:08d}'[:5] + f'/img{tally.written:08d}.png'
     out.write(archive_name, png)
-    if label is not None:
-        tally.labels.append([archive_name, label])
+    tally.labels.append([archive_name, label])  # Written to dataset.json only if the source has labels.
     tally.upscaled += int(upscaled)
     if source_mode != out.mode:
         tally.converted[source_mode] = tally.converted.get(source_mode, 0) + 1

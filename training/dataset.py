@@ -39,7 +39,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         use_pyspng=True,    # Decode 8-bit PNGs with pyspng when it is installed.
     ):
         self._path, self._use_pyspng, self._zip, self._zip_pid = path, use_pyspng, None, None
-        self._cache = {} if cache else None
+        self._cache, self._caching = {}, cache
         if not os.path.isdir(path) and not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
             problem = 'must be a folder or a .zip file' if os.path.exists(path) else 'no such file or folder'
             raise DatasetError(f'{path}: {problem}')
@@ -93,11 +93,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         which = int(self._item_image[idx])
-        image = self._cache.get(which) if self._cache is not None else None
-        if image is None:
-            image = self._read_image(which)
-            if self._cache is not None:
-                self._cache[which] = image
+        image = self._cache[which] if which in self._cache else self._read_image(which)
+        if self._caching:
+            self._cache[which] = image
         if list(image.shape) != self.image_shape:
             raise DatasetError(f'{self._path}: {self._images[which]} is {list(image.shape)} (CHW), the first image '
                                f'{self.image_shape}; make them all one size first (dataset_tool.py)')
