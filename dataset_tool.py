@@ -129,7 +129,7 @@ def open_files(path):
         src.notes.append(f'ignored {ignored} {"files" if kind == "folder" else "zip members"} without an image extension')
     if 'dataset.json' in names:
         where = os.path.join(path, 'dataset.json') if kind == 'folder' else f'{path}: dataset.json'
-        with open(where, 'rb') if kind == 'folder' else zipfile.ZipFile(path).open('dataset.json') as f:
+        with data_files.open_member(path, 'dataset.json', {}) as f:
             try:
                 meta = data_files.read_json(f, where, len(src.refs))
                 table = data_files.parse_labels(meta, where)
@@ -284,24 +284,16 @@ TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wid
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
 # with --workers=1 and in pool processes otherwise; the same function, so the same bytes.
 
-_worker = {}  # Per process: the settings (convert's EasyDict) and the open zip or .npz of the source.
+_worker = {}  # Per process: the settings (convert's EasyDict), the source's open zip (open_member) or .npz.
 
 def init_worker(settings):
     _worker.clear()
     _worker['settings'] = settings
 
-def open_file(s, ref):
-    """Binary file of a folder or zip item."""
-    if s.kind == 'folder':
-        return open(os.path.join(s.path, *ref.split('/')), 'rb')
-    if 'zip' not in _worker:
-        _worker['zip'] = zipfile.ZipFile(s.path)
-    return _worker['zip'].open(ref)
-
 def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
-        with open_file(s, ref) as f, data_files.open_image(f, ref) as img:
+        with data_files.open_member(s.path, ref, _worker) as f, data_files.open_image(f, ref) as img:
             img.load()  # Errors surface here, not later.
         return img
     if s.kind == 'npz':
@@ -342,7 +334,7 @@ def choose_mode(src, s):
         return 'L' if data_files.natural_channels(src.mode) <= 2 else 'RGB'
     for ref in src.refs:
         try:
-            with open_file(s, ref) as f:
+            with data_files.open_member(s.path, ref, _worker) as f:
                 if data_files.read_header(f, ref)[2] > 2:
                     return 'RGB'
         except (data_files.DatasetError, OSError, EOFError, zipfile.BadZipFile, zlib.error):

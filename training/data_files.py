@@ -93,6 +93,17 @@ def list_files(path):
     return sorted(found)
 
 
+def open_member(path, name, opened):
+    """Binary file `name` ('a/b.png') of folder or zip `path`. The zip is opened once per process and
+    kept in dict `opened`: a forked worker must not read through its parent's zip handle, whose file
+    position both processes would move (corrupt reads, "Bad CRC-32")."""
+    if os.path.isdir(path):
+        return open(os.path.join(path, name), 'rb')
+    if opened.get('pid') != os.getpid():
+        opened.update(pid=os.getpid(), zip=zipfile.ZipFile(path))
+    return opened['zip'].open(name)
+
+
 def is_image_name(name):
     PIL.Image.init()
     return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
