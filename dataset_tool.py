@@ -131,8 +131,7 @@ def open_files(path):
         where = os.path.join(path, 'dataset.json') if kind == 'folder' else f'{path}: dataset.json'
         with data_files.open_member(path, 'dataset.json', {}) as f:
             try:
-                meta = data_files.read_json(f, where, len(src.refs))
-                table = data_files.parse_labels(meta, where)
+                meta, table = data_files.read_dataset_json(f, where, len(src.refs))
             except data_files.DatasetError as err:
                 raise UserError(f'{err.message}; fix or remove it') from None
         missing = sum(1 for n in src.refs if n not in (table or {}))

@@ -235,20 +235,6 @@ def read_image(f, name, mode=None, use_pyspng=True):
 #----------------------------------------------------------------------------
 # dataset.json.
 
-def read_json(f, name, num_images):
-    """Parse dataset.json from binary file `f`, reading at most what `num_images` can need."""
-    limit = JSON_BASE_BYTES + JSON_BYTES_PER_IMAGE * num_images
-    data = f.read(limit + 1)
-    if len(data) > limit:
-        raise DatasetError(f'{name}: larger than {limit} bytes, more than {num_images} images can need; '
-                           f'is it the right file?')
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise DatasetError(f'{name}: not valid JSON ({err}); expected {{"labels": [[file_name, label], ...]}} '
-                           f'or {{"labels": null}}') from None
-
-
 def _parse_label(value):
     """One label -> int (class index) or tuple of floats; None when it is neither."""
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
@@ -260,16 +246,27 @@ def _parse_label(value):
     return value if type(value) is int else None
 
 
-def parse_labels(meta, name):
-    """dataset.json contents -> None (no labels) or {file name: int class | tuple of floats}.
-    Checks every entry once: [file name, label] pairs, no duplicate names, labels all class
-    indices in 0..MAX_CLASSES-1 (integral floats such as 1.0 count) or all equal-length lists of
-    finite numbers. Raises DatasetError naming the file and the entry."""
+def read_dataset_json(f, name, num_images):
+    """dataset.json from binary file `f`, reading at most what `num_images` can need -> (its contents,
+    None (no labels) or {file name: int class | tuple of floats}). Checks every entry once: [file
+    name, label] pairs, no duplicate names, labels all class indices in 0..MAX_CLASSES-1 (integral
+    floats such as 1.0 count) or all equal-length lists of finite numbers. Raises DatasetError
+    naming the file and the entry."""
+    limit = JSON_BASE_BYTES + JSON_BYTES_PER_IMAGE * num_images
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DatasetError(f'{name}: larger than {limit} bytes, more than {num_images} images can need; '
+                           f'is it the right file?')
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise DatasetError(f'{name}: not valid JSON ({err}); expected {{"labels": [[file_name, label], ...]}} '
+                           f'or {{"labels": null}}') from None
     if not isinstance(meta, dict):
         raise DatasetError(f'{name}: expected {{"labels": [[file_name, label], ...]}} or {{"labels": null}}')
     entries = meta.get('labels')
     if entries is None:
-        return None
+        return meta, None
     if isinstance(entries, dict):  # {file: label}, accepted as EDM's dict() accepts it.
         entries = [[k, v] for k, v in entries.items()]
     if not isinstance(entries, list):
@@ -294,13 +291,13 @@ def parse_labels(meta, name):
         if fname in table:
             raise DatasetError(f'{where}: {fname!r} is listed twice')
         table[fname] = label
-    return table
+    return meta, table
 
 
 def read_labels(f, name, image_names):
     """Labels of `image_names` in order from the dataset.json in binary file `f`: int64 [N] class
     indices or float32 [N, D], or None where it says {"labels": null}."""
-    table = parse_labels(read_json(f, name, len(image_names)), name)
+    table = read_dataset_json(f, name, len(image_names))[1]
     if table is None:
         return None
     missing = [f for f in image_names if f not in table]
