@@ -45,11 +45,6 @@ from training import data_files
 #----------------------------------------------------------------------------
 # Presets as data.
 
-# What to do with an input smaller than the target when --small is not given: what EDM and ADM
-# do. EDM's center-crop-wide drops such images; all other modes upsample them (ImageNet has a few
-# images with a short side under 256, and ADM's crop upsamples them with BICUBIC).
-DEFAULT_SMALL = {None: 'upscale', 'center-crop': 'upscale', 'center-crop-wide': 'skip', 'center-crop-dhariwal': 'upscale'}
-
 MAX_RESOLUTION = 8192  # Per side; 8192x8192x3 is 192 MiB per image, far beyond any diffusion training size.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # Fixed zip time stamp: same input => same archive bytes.
 CIFAR10_MEMBERS = [f'cifar-10-batches-py/data_batch_{i}' for i in range(1, 6)]  # Training split, as EDM.
@@ -174,12 +169,11 @@ def open_cifar10(path):
 def read_idx(path, magic, ndim):
     """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data. Reads no more than the
     header declares (and at most MAX_IDX_BYTES), so a gzip bomb cannot fill memory."""
-    head = 4 + 4 * ndim
     with gzip.open(path, 'rb') as f:
-        header = f.read(head)
-        if len(header) < head or struct.unpack('>I', header[:4])[0] != magic:
+        header = f.read(4 + 4 * ndim)
+        found, *shape = struct.unpack(f'>{1 + ndim}I', header) if len(header) == 4 + 4 * ndim else [None]
+        if found != magic:
             raise ValueError(f'{path} is not an MNIST IDX file')
-        shape = struct.unpack(f'>{ndim}I', header[4:head])
         size = int(np.prod(shape, dtype=np.int64))
         if size > MAX_IDX_BYTES:
             raise ValueError(f'{path} declares {list(shape)} = {size} bytes of data, more than an MNIST-format file holds')
@@ -237,12 +231,6 @@ def open_source(path):
 #----------------------------------------------------------------------------
 # Transforms of uint8 HW or HWC arrays to a width x height target.
 
-# Would a w x h input need upsampling to reach the W x H target?
-IS_SMALL = {None: lambda w, h, W, H: w < W or h < H,
-            'center-crop': lambda w, h, W, H: min(w, h) < max(W, H),
-            'center-crop-wide': lambda w, h, W, H: w < W or round(W * h / w) < H,  # EDM's own test for this mode.
-            'center-crop-dhariwal': lambda w, h, W, H: min(w, h) < W}
-
 def scale(arr, width, height):
     # No transform: stretch to the target with LANCZOS (a same-size resize is a copy).
     return np.asarray(PIL.Image.fromarray(arr).resize((width, height), PIL.Image.Resampling.LANCZOS))
@@ -276,8 +264,14 @@ def center_crop_dhariwal(arr, size, _height=None):
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide,
-                       'center-crop-dhariwal': center_crop_dhariwal}
+# --transform -> (its function; would a w x h input need upsampling to reach the W x H target?;
+# what to do with such an input when --small is not given). The last is what EDM and ADM do: EDM's
+# center-crop-wide drops such images, all other modes upsample them (ImageNet has a few images with
+# a short side under 256, and ADM's crop upsamples them with BICUBIC).
+TRANSFORMS = {None: (scale, lambda w, h, W, H: w < W or h < H, 'upscale'),
+              'center-crop': (center_crop, lambda w, h, W, H: min(w, h) < max(W, H), 'upscale'),
+              'center-crop-wide': (center_crop_wide, lambda w, h, W, H: w < W or round(W * h / w) < H, 'skip'),  # EDM's test.
+              'center-crop-dhariwal': (center_crop_dhariwal, lambda w, h, W, H: min(w, h) < W, 'upscale')}
 
 #----------------------------------------------------------------------------
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
@@ -299,8 +293,7 @@ def open_item(s, ref):
         if 'npz' not in _worker:
             _worker['npz'] = data_files.NpyMember(s.path, 'arr_0')
         ref = _worker['npz'][ref:ref + 1][0]
-    arr = np.ascontiguousarray(ref)
-    return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    return PIL.Image.fromarray(ref[:, :, 0] if ref.ndim == 3 and ref.shape[2] == 1 else ref)
 
 def process_item(item):
     """(name, ref) -> ('ok', name, png_bytes, shape, source_mode, upscaled) or ('skip', name, reason);
@@ -315,13 +308,14 @@ def process_item(item):
         if s.strict:
             raise UserError(f'cannot read {name}: {reason} (--strict; without it such files are skipped)') from None
         return ('skip', name, reason)
-    upscaled = s.resolution is not None and IS_SMALL[s.transform](*img.size, *s.resolution)
+    transform, is_small, _ = TRANSFORMS[s.transform]
+    upscaled = s.resolution is not None and is_small(*img.size, *s.resolution)
     if upscaled and s.small == 'error':
         raise UserError(f'{name} is {img.size[0]}x{img.size[1]}, smaller than the {s.resolution[0]}x{s.resolution[1]} '
                         f'target; pass --small=upscale or --small=skip')
     if upscaled and s.small == 'skip':
         return ('skip', name, f'smaller than the target: {img.size[0]}x{img.size[1]}')
-    out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
+    out = arr if s.resolution is None else transform(arr, *s.resolution)
     buf = io.BytesIO()
     PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)
     return ('ok', name, buf.getvalue(), out.shape, img.mode, upscaled)
@@ -396,9 +390,8 @@ def take(tally, res, label, out):
     """Write a worker's ('ok', ...) result; the first image sets the size that all must have."""
     _, name, png, shape, source_mode, upscaled = res
     if tally.first is None:
-        h, w = shape[:2]
-        if h != w or w & (w - 1):
-            raise UserError(f'{name}: images must come out square with a power-of-two size, this one is {w}x{h}; '
+        if shape[0] != shape[1] or shape[1] & (shape[1] - 1):
+            raise UserError(f'{name}: images must come out square with a power-of-two size, this one is {shape[1]}x{shape[0]}; '
                             f'use --transform=center-crop --resolution=NxN with N a power of two')
         tally.first = (shape, name)
     elif shape != tally.first[0]:
@@ -449,7 +442,7 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
         raise UserError(f'--dest {out.dest} is inside --source {source}: the next conversion of --source would take the '
                         f'dataset for input images; choose a --dest outside it')
     settings = dnnlib.EasyDict(kind=src.kind, path=src.path, transform=transform, resolution=resolution, strict=strict,
-                               small=small or DEFAULT_SMALL[transform], compress_level=compress_level)
+                               small=small or TRANSFORMS[transform][2], compress_level=compress_level)
     init_worker(settings)
     settings.mode = out.mode = choose_mode(src, settings)  # Fixed before any pixel work, from headers, in this process.
     if workers > usable_cpus():
@@ -493,7 +486,7 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
               type=str, required=True)
 @click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT',
               type=click.IntRange(min=1))
-@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice([t for t in TRANSFORM_FUNCTIONS if t]))
+@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice([t for t in TRANSFORMS if t]))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
 @click.option('--workers', help='Decode/resize processes, at most one per CPU (more are capped); the output is the '
               'same for any value  [default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(min=1))

@@ -87,9 +87,8 @@ def list_files(path):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if _visible(d)]
-        for f in files:
-            if _visible(f) and os.path.isfile(os.path.join(folder, f)):
-                found.append(os.path.relpath(os.path.join(folder, f), path).replace(os.sep, '/'))
+        found += [os.path.relpath(os.path.join(folder, f), path).replace(os.sep, '/') for f in files
+                  if _visible(f) and os.path.isfile(os.path.join(folder, f))]
     return sorted(found)
 
 

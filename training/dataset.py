@@ -101,8 +101,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                f'{self.image_shape}; make them all one size first (dataset_tool.py)')
         label = self._labels[which].copy()
         if self._labels.dtype == np.int64:  # A class index: one-hot.
-            label = np.zeros(self.label_dim, dtype=np.float32)
-            label[self._labels[which]] = 1
+            label = (np.arange(self.label_dim) == label).astype(np.float32)
         return (image[:, :, ::-1] if self._item_mirrored[idx] else image).copy(), label
 
     # Files.
