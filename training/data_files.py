@@ -200,35 +200,19 @@ def read_header(f, name):
         return img.size[0], img.size[1], natural_channels(img.mode)
 
 
-def _read_with_pyspng(f, name):
-    """uint8 array of an 8-bit gray, GA, RGB or RGBA PNG (whose pixels pyspng returns exactly as
-    PIL does), or None for everything else (palette, 16 bit, not a PNG, and whatever pyspng cannot
-    decode, such as damaged files or GA in pyspng 0.1): PIL then decides, by the rules above."""
-    head = f.read(26)
-    f.seek(0)
-    if len(head) < 26 or head[:8] != b'\x89PNG\r\n\x1a\n' or head[12:16] != b'IHDR' or head[24] != 8 \
-            or head[25] not in (0, 2, 4, 6):
-        return None
-    w, h = struct.unpack('>II', head[16:24])
-    _check_pixels(w, h, name)
-    budget = METADATA_BYTES + BYTES_PER_PIXEL * w * h
-    data = f.read(budget + 1)
-    f.seek(0)
-    try:  # Beyond the budget PIL decides too: it stops reading at the image's end.
-        arr = pyspng.load(data) if len(data) <= budget else None
-    except RuntimeError:
-        return None
-    return arr[:, :, 0] if arr is not None and arr.ndim == 3 and arr.shape[2] == 1 else arr
-
-
 def read_image(f, name, mode=None, use_pyspng=True):
     """Decode the image in binary file object `f` (named `name` in messages) into a uint8 array
-    (see to_array). Any failure to decode raises DatasetError with one line naming the file; the
-    caller handles errors of reading `f` (OSError and the like), as for opening it."""
-    arr = _read_with_pyspng(f, name) if use_pyspng and pyspng is not None and mode is None else None
-    if arr is not None:
-        return arr
+    (see to_array). Any failure raises DatasetError with one line naming the file."""
     with open_image(f, name) as img:
+        # An 8-bit gray, GA, RGB or RGBA PNG (PIL's raw mode says the bit depth): pyspng gives PIL's
+        # pixels. What it cannot decode (damage; GA in pyspng 0.1) and files beyond the budget, PIL
+        # decides: it stops reading at the image's end.
+        if use_pyspng and pyspng is not None and mode is None and img.format == 'PNG' \
+                and img.tile[0][3] in ('L', 'LA', 'RGB', 'RGBA'):
+            img.fp.seek(0)  # The budgeted view of `f` that open_image gave PIL.
+            with contextlib.suppress(RuntimeError, DatasetError):
+                arr = pyspng.load(img.fp.read())
+                return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
         return to_array(img, name, mode)
 
 #----------------------------------------------------------------------------

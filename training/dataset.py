@@ -11,7 +11,6 @@ raise DatasetError with one line that names the file.
 
 import os
 import zipfile
-import zlib
 
 import numpy as np
 import torch
@@ -115,7 +114,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with data_files.open_member(self._path, name, self._zip) as f:  # A forked worker opens its own zip.
                 return reader(f, where)
-        except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f'{where}: cannot read it ({err})') from None
 
     def _read_image(self, which):
