@@ -287,7 +287,7 @@ def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
         with data_files.open_member(s.path, ref, _worker) as f, data_files.open_image(f, ref) as img:
-            img.load()  # Errors surface here, not later.
+            img.load()
         return img
     if s.kind == 'npz':
         if 'npz' not in _worker:
