@@ -45,11 +45,6 @@ from training import data_files
 #----------------------------------------------------------------------------
 # Presets as data.
 
-# What to do with an input smaller than the target when --small is not given: what EDM and ADM
-# do. EDM's center-crop-wide drops such images; all other modes upsample them (ImageNet has a few
-# images with a short side under 256, and ADM's crop upsamples them with BICUBIC).
-DEFAULT_SMALL = {None: 'upscale', 'center-crop': 'upscale', 'center-crop-wide': 'skip', 'center-crop-dhariwal': 'upscale'}
-
 MAX_RESOLUTION = 8192  # Per side; 8192x8192x3 is 192 MiB per image, far beyond any diffusion training size.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # Fixed zip time stamp: same input => same archive bytes.
 CIFAR10_MEMBERS = [f'cifar-10-batches-py/data_batch_{i}' for i in range(1, 6)]  # Training split, as EDM.
@@ -129,10 +124,9 @@ def open_files(path):
         src.notes.append(f'ignored {ignored} {"files" if kind == "folder" else "zip members"} without an image extension')
     if 'dataset.json' in names:
         where = os.path.join(path, 'dataset.json') if kind == 'folder' else f'{path}: dataset.json'
-        with open(where, 'rb') if kind == 'folder' else zipfile.ZipFile(path).open('dataset.json') as f:
+        with data_files.open_member(path, 'dataset.json', {}) as f:
             try:
-                meta = data_files.read_json(f, where, len(src.refs))
-                table = data_files.parse_labels(meta, where)
+                meta, table = data_files.read_dataset_json(f, where, len(src.refs))
             except data_files.DatasetError as err:
                 raise UserError(f'{err.message}; fix or remove it') from None
         missing = sum(1 for n in src.refs if n not in (table or {}))
@@ -175,12 +169,11 @@ def open_cifar10(path):
 def read_idx(path, magic, ndim):
     """One MNIST IDX file: big-endian magic, ndim sizes, then uint8 data. Reads no more than the
     header declares (and at most MAX_IDX_BYTES), so a gzip bomb cannot fill memory."""
-    head = 4 + 4 * ndim
     with gzip.open(path, 'rb') as f:
-        header = f.read(head)
-        if len(header) < head or struct.unpack('>I', header[:4])[0] != magic:
+        header = f.read(4 + 4 * ndim)
+        found, *shape = struct.unpack(f'>{1 + ndim}I', header) if len(header) == 4 + 4 * ndim else [None]
+        if found != magic:
             raise ValueError(f'{path} is not an MNIST IDX file')
-        shape = struct.unpack(f'>{ndim}I', header[4:head])
         size = int(np.prod(shape, dtype=np.int64))
         if size > MAX_IDX_BYTES:
             raise ValueError(f'{path} declares {list(shape)} = {size} bytes of data, more than an MNIST-format file holds')
@@ -238,12 +231,6 @@ def open_source(path):
 #----------------------------------------------------------------------------
 # Transforms of uint8 HW or HWC arrays to a width x height target.
 
-# Would a w x h input need upsampling to reach the W x H target?
-IS_SMALL = {None: lambda w, h, W, H: w < W or h < H,
-            'center-crop': lambda w, h, W, H: min(w, h) < max(W, H),
-            'center-crop-wide': lambda w, h, W, H: w < W or round(W * h / w) < H,  # EDM's own test for this mode.
-            'center-crop-dhariwal': lambda w, h, W, H: min(w, h) < W}
-
 def scale(arr, width, height):
     # No transform: stretch to the target with LANCZOS (a same-size resize is a copy).
     return np.asarray(PIL.Image.fromarray(arr).resize((width, height), PIL.Image.Resampling.LANCZOS))
@@ -277,38 +264,36 @@ def center_crop_dhariwal(arr, size, _height=None):
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-TRANSFORM_FUNCTIONS = {None: scale, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide,
-                       'center-crop-dhariwal': center_crop_dhariwal}
+# --transform -> (its function; would a w x h input need upsampling to reach the W x H target?;
+# what to do with such an input when --small is not given). The last is what EDM and ADM do: EDM's
+# center-crop-wide drops such images, all other modes upsample them (ImageNet has a few images with
+# a short side under 256, and ADM's crop upsamples them with BICUBIC).
+TRANSFORMS = {None: (scale, lambda w, h, W, H: w < W or h < H, 'upscale'),
+              'center-crop': (center_crop, lambda w, h, W, H: min(w, h) < max(W, H), 'upscale'),
+              'center-crop-wide': (center_crop_wide, lambda w, h, W, H: w < W or round(W * h / w) < H, 'skip'),  # EDM's test.
+              'center-crop-dhariwal': (center_crop_dhariwal, lambda w, h, W, H: min(w, h) < W, 'upscale')}
 
 #----------------------------------------------------------------------------
 # Worker side: open one item, convert its mode, transform, encode PNG. Runs in the main process
 # with --workers=1 and in pool processes otherwise; the same function, so the same bytes.
 
-_worker = {}  # Per process: the settings (convert's EasyDict) and the open zip or .npz of the source.
+_worker = {}  # Per process: the settings (convert's EasyDict), the source's open zip (open_member) or .npz.
 
 def init_worker(settings):
     _worker.clear()
     _worker['settings'] = settings
 
-def open_file(s, ref):
-    """Binary file of a folder or zip item."""
-    if s.kind == 'folder':
-        return open(os.path.join(s.path, *ref.split('/')), 'rb')
-    if 'zip' not in _worker:
-        _worker['zip'] = zipfile.ZipFile(s.path)
-    return _worker['zip'].open(ref)
-
 def open_item(s, ref):
     """PIL image of one item, fully decoded (errors surface here, not later)."""
     if s.kind in ('folder', 'zip'):
-        with open_file(s, ref) as f:
-            return data_files.decode_image(f, ref)
+        with data_files.open_member(s.path, ref, _worker) as f, data_files.open_image(f, ref) as img:
+            img.load()
+        return img
     if s.kind == 'npz':
         if 'npz' not in _worker:
             _worker['npz'] = data_files.NpyMember(s.path, 'arr_0')
         ref = _worker['npz'][ref:ref + 1][0]
-    arr = np.ascontiguousarray(ref)
-    return PIL.Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    return PIL.Image.fromarray(ref[:, :, 0] if ref.ndim == 3 and ref.shape[2] == 1 else ref)
 
 def process_item(item):
     """(name, ref) -> ('ok', name, png_bytes, shape, source_mode, upscaled) or ('skip', name, reason);
@@ -323,13 +308,14 @@ def process_item(item):
         if s.strict:
             raise UserError(f'cannot read {name}: {reason} (--strict; without it such files are skipped)') from None
         return ('skip', name, reason)
-    upscaled = s.resolution is not None and IS_SMALL[s.transform](*img.size, *s.resolution)
+    transform, is_small, _ = TRANSFORMS[s.transform]
+    upscaled = s.resolution is not None and is_small(*img.size, *s.resolution)
     if upscaled and s.small == 'error':
         raise UserError(f'{name} is {img.size[0]}x{img.size[1]}, smaller than the {s.resolution[0]}x{s.resolution[1]} '
                         f'target; pass --small=upscale or --small=skip')
     if upscaled and s.small == 'skip':
         return ('skip', name, f'smaller than the target: {img.size[0]}x{img.size[1]}')
-    out = arr if s.resolution is None else TRANSFORM_FUNCTIONS[s.transform](arr, *s.resolution)
+    out = arr if s.resolution is None else transform(arr, *s.resolution)
     buf = io.BytesIO()
     PIL.Image.fromarray(out).save(buf, format='png', compress_level=s.compress_level, optimize=False)
     return ('ok', name, buf.getvalue(), out.shape, img.mode, upscaled)
@@ -341,7 +327,7 @@ def choose_mode(src, s):
         return 'L' if data_files.natural_channels(src.mode) <= 2 else 'RGB'
     for ref in src.refs:
         try:
-            with open_file(s, ref) as f:
+            with data_files.open_member(s.path, ref, _worker) as f:
                 if data_files.read_header(f, ref)[2] > 2:
                     return 'RGB'
         except (data_files.DatasetError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
@@ -359,10 +345,8 @@ def results_of(settings, workers):
         pool = multiprocessing.get_context('spawn').Pool(workers, initializer=init_worker, initargs=(settings,))
     except OSError as err:
         raise UserError(f'cannot start {workers} worker processes ({err}); give fewer --workers') from None
-    try:
+    with pool:  # Leaving terminates it, which also drops work queued beyond --max-images.
         yield lambda items: pool.imap(process_item, items, chunksize=8)
-    finally:
-        pool.terminate()  # Also drops work queued beyond --max-images.
 
 #----------------------------------------------------------------------------
 # Destination: written under a temporary name (dnnlib.util.atomic_write), published only when
@@ -406,9 +390,8 @@ def take(tally, res, label, out):
     """Write a worker's ('ok', ...) result; the first image sets the size that all must have."""
     _, name, png, shape, source_mode, upscaled = res
     if tally.first is None:
-        h, w = shape[:2]
-        if h != w or w & (w - 1):
-            raise UserError(f'{name}: images must come out square with a power-of-two size, this one is {w}x{h}; '
+        if shape[0] != shape[1] or shape[1] & (shape[1] - 1):
+            raise UserError(f'{name}: images must come out square with a power-of-two size, this one is {shape[1]}x{shape[0]}; '
                             f'use --transform=center-crop --resolution=NxN with N a power of two')
         tally.first = (shape, name)
     elif shape != tally.first[0]:
@@ -416,8 +399,7 @@ def take(tally, res, label, out):
                         f'{tally.first[0][1]}x{tally.first[0][0]}; use --resolution (and --transform) to make them equal')
     archive_name = f'{tally.written:08d}'[:5] + f'/img{tally.written:08d}.png'
     out.write(archive_name, png)
-    if label is not None:
-        tally.labels.append([archive_name, label])
+    tally.labels.append([archive_name, label])  # Written to dataset.json only if the source has labels.
     tally.upscaled += int(upscaled)
     if source_mode != out.mode:
         tally.converted[source_mode] = tally.converted.get(source_mode, 0) + 1
@@ -460,7 +442,7 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
         raise UserError(f'--dest {out.dest} is inside --source {source}: the next conversion of --source would take the '
                         f'dataset for input images; choose a --dest outside it')
     settings = dnnlib.EasyDict(kind=src.kind, path=src.path, transform=transform, resolution=resolution, strict=strict,
-                               small=small or DEFAULT_SMALL[transform], compress_level=compress_level)
+                               small=small or TRANSFORMS[transform][2], compress_level=compress_level)
     init_worker(settings)
     settings.mode = out.mode = choose_mode(src, settings)  # Fixed before any pixel work, from headers, in this process.
     if workers > usable_cpus():
@@ -504,7 +486,7 @@ def convert(source, dest, max_images=None, transform=None, resolution=None, work
               type=str, required=True)
 @click.option('--max-images', help='Write at most this many images (the first ones in order)', metavar='INT',
               type=click.IntRange(min=1))
-@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice([t for t in TRANSFORM_FUNCTIONS if t]))
+@click.option('--transform', help='Crop/resize mode; needs --resolution', type=click.Choice([t for t in TRANSFORMS if t]))
 @click.option('--resolution', help='Output size, e.g. 256x256', metavar='WxH', type=str, callback=parse_resolution)
 @click.option('--workers', help='Decode/resize processes, at most one per CPU (more are capped); the output is the '
               'same for any value  [default: the number of CPUs, at most 8]', metavar='INT', type=click.IntRange(min=1))

@@ -145,7 +145,7 @@ def _child_reads(index):
     # fork-started DataLoader worker): it must read through a zip handle of its own.
     ds = _INHERITED['ds']
     image, _ = ds[index]
-    return ds._zip.fp.fileno(), image
+    return ds._zip['zip'].fp.fileno(), image
 
 
 def test_forked_worker_opens_its_own_zip(tmp_path):
@@ -154,7 +154,7 @@ def test_forked_worker_opens_its_own_zip(tmp_path):
     write_images(tmp_path / 'src', images)
     zip_folder(tmp_path / 'src', tmp_path / 'd.zip')
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'))
-    parent_fd = ds._zip.fp.fileno()  # Opened before the fork.
+    parent_fd = ds._zip['zip'].fp.fileno()  # Opened before the fork.
     _INHERITED['ds'] = ds
     try:
         with multiprocessing.get_context('fork').Pool(1) as pool:

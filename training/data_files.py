@@ -87,10 +87,20 @@ def list_files(path):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if _visible(d)]
-        for f in files:
-            if _visible(f) and os.path.isfile(os.path.join(folder, f)):
-                found.append(os.path.relpath(os.path.join(folder, f), path).replace(os.sep, '/'))
+        found += [os.path.relpath(os.path.join(folder, f), path).replace(os.sep, '/') for f in files
+                  if _visible(f) and os.path.isfile(os.path.join(folder, f))]
     return sorted(found)
+
+
+def open_member(path, name, opened):
+    """Binary file `name` ('a/b.png') of folder or zip `path`. The zip is opened once per process and
+    kept in dict `opened`: a forked worker must not read through its parent's zip handle, whose file
+    position both processes would move (corrupt reads, "Bad CRC-32")."""
+    if os.path.isdir(path):
+        return open(os.path.join(path, name), 'rb')
+    if opened.get('pid') != os.getpid():
+        opened.update(pid=os.getpid(), zip=zipfile.ZipFile(path))
+    return opened['zip'].open(name)
 
 
 def is_image_name(name):
@@ -130,16 +140,6 @@ def _check_pixels(w, h, name):
                            f'(a decompression bomb?); shrink it first')
 
 
-def _open(f, name):
-    """PIL image of `f`, header read (within METADATA_BYTES); its pixels may be read next within
-    the budget of its size."""
-    f = _Budget(f, name, METADATA_BYTES, 'before its pixel data')
-    img = PIL.Image.open(f)
-    _check_pixels(*img.size, name)
-    f.limit, f.what = METADATA_BYTES + BYTES_PER_PIXEL * img.size[0] * img.size[1], f'for {img.size[0]}x{img.size[1]} pixels'
-    return img
-
-
 def natural_channels(mode):
     """Channels an image of this PIL mode gives when read without a target mode."""
     return 1 if mode in GRAY_MODES else {'LA': 2, 'La': 2, 'RGBA': 4, 'RGBa': 4}.get(mode, 3)
@@ -176,79 +176,47 @@ _DECODE_REASONS = {
 
 
 @contextlib.contextmanager
-def _decoding(name):
-    """Whatever opening or decoding image `name` raises becomes one DatasetError line."""
+def open_image(f, name):
+    """PIL image of binary file `f`, its header read within METADATA_BYTES, its pixels readable
+    within the budget of its size. Whatever opening or decoding it in the block raises becomes one
+    DatasetError line naming `name`."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # We refuse those ourselves.
         try:
-            yield
+            f = _Budget(f, name, METADATA_BYTES, 'before its pixel data')
+            img = PIL.Image.open(f)
+            w, h = img.size
+            _check_pixels(w, h, name)
+            f.limit, f.what = METADATA_BYTES + BYTES_PER_PIXEL * w * h, f'for {w}x{h} pixels'
+            yield img
         except _DECODE_ERRORS as err:
             reason = _DECODE_REASONS.get(type(err)) or f'cannot decode it ({" ".join(str(err).split()) or type(err).__name__})'
             raise DatasetError(f'{name}: {reason}') from None
 
 
-def decode_image(f, name):
-    """Open and fully decode the image in binary file object `f` with PIL (errors surface here,
-    not later), within the budget of its size."""
-    with _decoding(name):
-        img = _open(f, name)
-        img.load()
-        return img
-
-
 def read_header(f, name):
     """(width, height, natural channels) from the header only (cheap)."""
-    with _decoding(name), _open(f, name) as img:
+    with open_image(f, name) as img:
         return img.size[0], img.size[1], natural_channels(img.mode)
-
-
-def _read_with_pyspng(f, name):
-    """uint8 array of an 8-bit gray, GA, RGB or RGBA PNG (whose pixels pyspng returns exactly as
-    PIL does), or None for everything else (palette, 16 bit, not a PNG, and whatever pyspng cannot
-    decode, such as damaged files or GA in pyspng 0.1): PIL then decides, by the rules above."""
-    head = f.read(26)
-    f.seek(0)
-    if len(head) < 26 or head[:8] != b'\x89PNG\r\n\x1a\n' or head[12:16] != b'IHDR' or head[24] != 8 \
-            or head[25] not in (0, 2, 4, 6):
-        return None
-    w, h = struct.unpack('>II', head[16:24])
-    _check_pixels(w, h, name)
-    budget = METADATA_BYTES + BYTES_PER_PIXEL * w * h
-    data = f.read(budget + 1)
-    f.seek(0)
-    try:  # Beyond the budget PIL decides too: it stops reading at the image's end.
-        arr = pyspng.load(data) if len(data) <= budget else None
-    except RuntimeError:
-        return None
-    return arr[:, :, 0] if arr is not None and arr.ndim == 3 and arr.shape[2] == 1 else arr
 
 
 def read_image(f, name, mode=None, use_pyspng=True):
     """Decode the image in binary file object `f` (named `name` in messages) into a uint8 array
     (see to_array). Any failure raises DatasetError with one line naming the file."""
-    with _decoding(name):
-        arr = _read_with_pyspng(f, name) if use_pyspng and pyspng is not None and mode is None else None
-        if arr is not None:
-            return arr
-        with decode_image(f, name) as img:
-            return to_array(img, name, mode)
+    with open_image(f, name) as img:
+        # An 8-bit gray, GA, RGB or RGBA PNG (PIL's raw mode says the bit depth): pyspng gives PIL's
+        # pixels. What it cannot decode (damage; GA in pyspng 0.1) and files beyond the budget, PIL
+        # decides: it stops reading at the image's end.
+        if use_pyspng and pyspng is not None and mode is None and img.format == 'PNG' \
+                and img.tile[0][3] in ('L', 'LA', 'RGB', 'RGBA'):
+            img.fp.seek(0)  # The budgeted view of `f` that open_image gave PIL.
+            with contextlib.suppress(RuntimeError, DatasetError):
+                arr = pyspng.load(img.fp.read())
+                return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+        return to_array(img, name, mode)
 
 #----------------------------------------------------------------------------
 # dataset.json.
-
-def read_json(f, name, num_images):
-    """Parse dataset.json from binary file `f`, reading at most what `num_images` can need."""
-    limit = JSON_BASE_BYTES + JSON_BYTES_PER_IMAGE * num_images
-    data = f.read(limit + 1)
-    if len(data) > limit:
-        raise DatasetError(f'{name}: larger than {limit} bytes, more than {num_images} images can need; '
-                           f'is it the right file?')
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise DatasetError(f'{name}: not valid JSON ({err}); expected {{"labels": [[file_name, label], ...]}} '
-                           f'or {{"labels": null}}') from None
-
 
 def _parse_label(value):
     """One label -> int (class index) or tuple of floats; None when it is neither."""
@@ -261,16 +229,27 @@ def _parse_label(value):
     return value if type(value) is int else None
 
 
-def parse_labels(meta, name):
-    """dataset.json contents -> None (no labels) or {file name: int class | tuple of floats}.
-    Checks every entry once: [file name, label] pairs, no duplicate names, labels all class
-    indices in 0..MAX_CLASSES-1 (integral floats such as 1.0 count) or all equal-length lists of
-    finite numbers. Raises DatasetError naming the file and the entry."""
+def read_dataset_json(f, name, num_images):
+    """dataset.json from binary file `f`, reading at most what `num_images` can need -> (its contents,
+    None (no labels) or {file name: int class | tuple of floats}). Checks every entry once: [file
+    name, label] pairs, no duplicate names, labels all class indices in 0..MAX_CLASSES-1 (integral
+    floats such as 1.0 count) or all equal-length lists of finite numbers. Raises DatasetError
+    naming the file and the entry."""
+    limit = JSON_BASE_BYTES + JSON_BYTES_PER_IMAGE * num_images
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DatasetError(f'{name}: larger than {limit} bytes, more than {num_images} images can need; '
+                           f'is it the right file?')
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise DatasetError(f'{name}: not valid JSON ({err}); expected {{"labels": [[file_name, label], ...]}} '
+                           f'or {{"labels": null}}') from None
     if not isinstance(meta, dict):
         raise DatasetError(f'{name}: expected {{"labels": [[file_name, label], ...]}} or {{"labels": null}}')
     entries = meta.get('labels')
     if entries is None:
-        return None
+        return meta, None
     if isinstance(entries, dict):  # {file: label}, accepted as EDM's dict() accepts it.
         entries = [[k, v] for k, v in entries.items()]
     if not isinstance(entries, list):
@@ -295,13 +274,13 @@ def parse_labels(meta, name):
         if fname in table:
             raise DatasetError(f'{where}: {fname!r} is listed twice')
         table[fname] = label
-    return table
+    return meta, table
 
 
 def read_labels(f, name, image_names):
     """Labels of `image_names` in order from the dataset.json in binary file `f`: int64 [N] class
     indices or float32 [N, D], or None where it says {"labels": null}."""
-    table = parse_labels(read_json(f, name, len(image_names)), name)
+    table = read_dataset_json(f, name, len(image_names))[1]
     if table is None:
         return None
     missing = [f for f in image_names if f not in table]

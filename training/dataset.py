@@ -37,8 +37,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         cache=False,        # Keep decoded images in memory.
         use_pyspng=True,    # Decode 8-bit PNGs with pyspng when it is installed.
     ):
-        self._path, self._use_pyspng, self._zip, self._zip_pid = path, use_pyspng, None, None
-        self._cache = {} if cache else None
+        self._path, self._use_pyspng, self._zip = path, use_pyspng, {}
+        self._cache, self._caching = {}, cache
         if not os.path.isdir(path) and not (os.path.isfile(path) and str(path).lower().endswith('.zip')):
             problem = 'must be a folder or a .zip file' if os.path.exists(path) else 'no such file or folder'
             raise DatasetError(f'{path}: {problem}')
@@ -92,34 +92,27 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         which = int(self._item_image[idx])
-        image = self._cache.get(which) if self._cache is not None else None
-        if image is None:
-            image = self._read_image(which)
-            if self._cache is not None:
-                self._cache[which] = image
+        image = self._cache[which] if which in self._cache else self._read_image(which)
+        if self._caching:
+            self._cache[which] = image
         if list(image.shape) != self.image_shape:
             raise DatasetError(f'{self._path}: {self._images[which]} is {list(image.shape)} (CHW), the first image '
                                f'{self.image_shape}; make them all one size first (dataset_tool.py)')
         label = self._labels[which].copy()
         if self._labels.dtype == np.int64:  # A class index: one-hot.
-            label = np.zeros(self.label_dim, dtype=np.float32)
-            label[self._labels[which]] = 1
+            label = (np.arange(self.label_dim) == label).astype(np.float32)
         return (image[:, :, ::-1] if self._item_mirrored[idx] else image).copy(), label
 
     # Files.
 
     def __getstate__(self):
-        return dict(self.__dict__, _zip=None)  # DataLoader workers open the zip themselves.
+        return dict(self.__dict__, _zip={})  # DataLoader workers open the zip themselves.
 
     def _read(self, name, reader):
         """reader(open binary file of `name`, message prefix); read errors become one DatasetError."""
         where = f'{self._path}: {name}'
         try:
-            # A forked DataLoader worker inherits the parent's open zip, whose file position both
-            # processes would move (corrupt reads, "Bad CRC-32"): each process opens its own.
-            if not os.path.isdir(self._path) and (self._zip is None or self._zip_pid != os.getpid()):
-                self._zip, self._zip_pid = zipfile.ZipFile(self._path), os.getpid()
-            with open(os.path.join(self._path, name), 'rb') if self._zip is None else self._zip.open(name) as f:
+            with data_files.open_member(self._path, name, self._zip) as f:  # A forked worker opens its own zip.
                 return reader(f, where)
         except (OSError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f'{where}: cannot read it ({err})') from None
