@@ -10,6 +10,7 @@ options not given); resolve_options adds the rules between options, setup_traini
 the training loop's keyword arguments from the options and the dataset, launch_training the run.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -335,30 +336,25 @@ def launch_training(c, opts, desc):
     """Run folder (rank 0), training_options.json, log.txt, then the training loop."""
     from training import training_loop
     dist.print0('Creating output directory...')
-    log = run_lock = None
-    if dist.get_rank() == 0:
-        while not opts.nosubdir:  # Another run may take the same id between listing and creating.
-            try:
-                os.makedirs(c.run_dir)
-                break
-            except FileExistsError:
-                c.run_dir = _next_run_dir(opts.outdir, desc)
-        os.makedirs(c.run_dir, exist_ok=True)
-        run_lock = training_loop.RunLock(c.run_dir)  # Two --nosubdir runs would mix their files.
-        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
-        log = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    try:
-        training_loop.training_loop(**c)
-    except (dnnlib.UserError, OSError) as err:
-        if log is not None and log.file is not None:
-            log.file.write(f'Error: {err}\n')  # The reason in log.txt too.
-        raise dnnlib.UserError(str(err)) from None
-    finally:
-        if log is not None:
-            log.close()
-        if run_lock is not None:
-            run_lock.release()
+    with contextlib.ExitStack() as stack:
+        log = None
+        if dist.get_rank() == 0:
+            while True:  # Another run may take the same id between listing and creating.
+                try:
+                    os.makedirs(c.run_dir, exist_ok=opts.nosubdir)
+                    break
+                except FileExistsError:
+                    c.run_dir = _next_run_dir(opts.outdir, desc)
+            stack.enter_context(training_loop.lock_run_dir(c.run_dir))  # Two --nosubdir runs would mix their files.
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+            log = stack.enter_context(dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a'))
+        try:
+            training_loop.training_loop(**c)
+        except (dnnlib.UserError, OSError) as err:
+            if log is not None:
+                log.file.write(f'Error: {err}\n')  # The reason in log.txt too.
+            raise dnnlib.UserError(str(err)) from None
 
 #----------------------------------------------------------------------------
 

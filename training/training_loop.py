@@ -83,47 +83,31 @@ def find_latest_training_state(run_dir):
 RUN_LOCK_NAME = '.train.lock'
 
 
-class RunLock:
-    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
-    run ends (process exit releases it too)."""
-
-    def __init__(self, run_dir):
-        self.path, self.file = os.path.join(run_dir, RUN_LOCK_NAME), None
-        try:
-            import fcntl
-        except ImportError:  # No flock on this platform: run unlocked.
-            return
-        existed = os.path.exists(self.path)
-        f = open(self.path, 'a+')
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The holder before us may have removed the file between our open and our lock: then
-            # the lock is on a file nobody else sees, and a third run may hold the new one.
-            held = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
-        except (BlockingIOError, FileNotFoundError):
-            held = False
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
-            f.close()
-            if not existed:
-                os.remove(self.path)
-            print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
-                  f'the lock that keeps a second run out of this folder', file=sys.stderr)
-            return
-        if not held:
-            f.close()
-            raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {self.path}); '
-                                   f'wait for it to finish or choose another --outdir')
-        self.file = f
-
-    def release(self):
-        if self.file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)  # Removed while still held: see the check above.
-            self.file.close()
-            self.file = None
+def lock_run_dir(run_dir):
+    """Take the run folder's lock or raise UserError naming the folder. Returns a context manager
+    (the locked file) whose exit, like the process's, releases the lock. The empty lock file
+    stays in the folder, as other lock libraries leave theirs: removing it on release would let
+    a run that opened it just before lock a file that the next run no longer sees."""
+    try:
+        import fcntl
+    except ImportError:  # No flock on this platform: run unlocked.
+        return contextlib.nullcontext()
+    f = open(os.path.join(run_dir, RUN_LOCK_NAME), 'a')
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {f.name}); '
+                               f'wait for it to finish or choose another --outdir') from None
+    except OSError as err:
+        f.close()
+        if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
+        print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
+              f'the lock that keeps a second run out of this folder', file=sys.stderr)
+    return contextlib.nullcontext()
 
 #----------------------------------------------------------------------------
 # Resume and transfer.
