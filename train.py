@@ -28,7 +28,7 @@ from dnnlib.util import FiniteFloatRange
 from metrics import compute, detector
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import loggers, phema
+from training import loggers, phema, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
@@ -181,15 +181,14 @@ def cache_fits(dataset, workers, processes_per_node):
 
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state, training_state_nimg
-    state = find_latest_training_state(path) if os.path.isdir(path) else path
+    state = training_loop.find_latest_training_state(path) if os.path.isdir(path) else path
     if state is None:
         raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
     if not os.path.isfile(state):
         raise dnnlib.UserError(f'--resume: no such file or folder: {path}')
     if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
         raise dnnlib.UserError(f'--resume: {state} is not a training state written by train.py (training-state-*.pt)')
-    return state, (training_state_nimg(state) or 0) / 1000
+    return state, (training_loop.training_state_nimg(state) or 0) / 1000
 
 
 def setup_training_config(opts, dataset, world=1):
@@ -241,12 +240,7 @@ def setup_training_config(opts, dataset, world=1):
     c.logger_kwargs = dnnlib.EasyDict(repo=opts.aim_repo, experiment=opts.exp_name, tag=opts.exp_tag)
     if opts.logger == 'wandb':
         c.logger_kwargs.project = opts.wandb_project
-    if opts.batch % world != 0:
-        raise dnnlib.UserError(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
-    per_process = opts.batch // world
-    if opts.batch_gpu is not None and opts.batch_gpu < per_process and per_process % opts.batch_gpu != 0:
-        raise dnnlib.UserError(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
-                               f'(--batch={opts.batch} over {world} processes)')
+    training_loop.batch_split(opts.batch, opts.batch_gpu, world)  # Refused now rather than after creating the run folder.
 
     # Transfer learning or resume.
     if opts.transfer is not None:
@@ -269,8 +263,7 @@ def memory_problem(c, dataset, world, device):
     """Why a batch per accumulation round cannot fit, or None: its activations, with the weights,
     gradients, Adam's moments and the EMAs (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
     compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
-    per_process = c.batch_size // world
-    batch_gpu = min(c.batch_gpu or per_process, per_process)
+    batch_gpu, _rounds = training_loop.batch_split(c.batch_size, c.batch_gpu, world)
     try:
         with torch.device('meta'):
             net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
@@ -334,7 +327,6 @@ def _random_seed():
 
 def launch_training(c, opts, desc):
     """Run folder (rank 0), training_options.json, log.txt, then the training loop."""
-    from training import training_loop
     dist.print0('Creating output directory...')
     with contextlib.ExitStack() as stack:
         log = None

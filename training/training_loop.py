@@ -235,6 +235,19 @@ def reference_loss_divisor(images):
 
 #----------------------------------------------------------------------------
 
+def batch_split(batch_size, batch_gpu, world):
+    """(images per process per accumulation round, rounds) of a batch over `world` processes,
+    batch_gpu (None: no limit) capped at the per-process batch; UserError where they do not divide."""
+    per_process = batch_size // world
+    batch_gpu = min(batch_gpu or per_process, per_process)
+    if batch_size % world != 0:
+        raise dnnlib.UserError(f'--batch={batch_size} is not divisible by the number of processes ({world})')
+    if per_process % batch_gpu != 0:
+        raise dnnlib.UserError(f'--batch-gpu={batch_gpu} must divide the per-process batch {per_process} '
+                               f'(--batch={batch_size} over {world} processes)')
+    return batch_gpu, per_process // batch_gpu
+
+
 def _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg, maintenance_time, device):
     """The tick's progress line; every number is also reported to training_stats (rank 0's)."""
     now = time.time()
@@ -306,13 +319,8 @@ def training_loop(
     cuda.allow_tf32 = cuda.allow_fp16_reduced_precision_reduction = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
-    # Batch per process and gradient accumulation rounds.
-    per_process = batch_size // world
-    batch_gpu = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
-    rounds = per_process // batch_gpu
-    if batch_size != batch_gpu * rounds * world:
-        raise dnnlib.UserError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
-    divisors = dict(reference=reference_loss_divisor, edm=lambda _images: per_process)
+    batch_gpu, rounds = batch_split(batch_size, batch_gpu, world)
+    divisors = dict(reference=reference_loss_divisor, edm=lambda _images: batch_size // world)
     if loss_norm not in divisors:
         raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(divisors)}')
 
