@@ -168,14 +168,6 @@ def _parse_cache(_ctx, _param, text):
     """--cache: a boolean, or auto (None)."""
     return None if text is None or str(text).lower() == 'auto' else click.BOOL.convert(text, _param, _ctx)
 
-
-def cache_fits(dataset, workers, processes_per_node):
-    """--cache=auto: cache only when every decoded copy of the dataset (one per data-loader
-    worker, or the process itself, of every process on this machine) fits in a quarter of the
-    machine's memory. ImageNet at 256 px is ~250 GB per copy: never cached by default."""
-    copies = max(workers, 1) * processes_per_node
-    return dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4
-
 #----------------------------------------------------------------------------
 # The training loop's keyword arguments.
 
@@ -202,7 +194,12 @@ def setup_training_config(opts, dataset, world=1):
     workers = min(opts.workers, max((os.cpu_count() or 1) // processes_per_node, 1))
     if workers < opts.workers:
         dist.print0(f'Note: --workers={opts.workers} capped at {workers}, the CPU cores per process on this machine')
-    cache = opts.cache if opts.cache is not None else cache_fits(dataset, workers, processes_per_node)
+    # --cache=auto: cache only when every decoded copy of the dataset (one per worker, or the process
+    # itself, of every process on this machine) fits in a quarter of its memory: ImageNet at 256 px
+    # is ~250 GB per copy, never cached by default.
+    copies = max(workers, 1) * processes_per_node
+    cache = opts.cache if opts.cache is not None else (
+        dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4)
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
                                        xflip=opts.xflip, cache=cache, resolution=res, max_size=dataset.max_size)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=workers)
