@@ -1,8 +1,8 @@
 """Optional experiment trackers for the training loop: TensorBoard, aim, Weights & Biases.
 
 None of them is required: each is imported only when chosen, and a missing package is one
-clear error naming the pip command. Every tracker takes the same three calls: `log` (the
-per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
+clear error naming the pip command. Every tracker, and NoLogger (no tracker), takes the same
+three calls: `log` (the per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
 """
 
 import importlib
@@ -85,14 +85,19 @@ class WandbLogger:
         self.run.finish()
 
 
+class NoLogger:
+    """--logger=none: takes every call and keeps nothing."""
+    log = log_image = close = staticmethod(lambda *_args, **_kwargs: None)
+
+
 LOGGERS = dict(tensorboard=TensorBoardLogger, aim=AimLogger, wandb=WandbLogger)
 
 
 def make_logger(kind, run_dir, config=None, **logger_kwargs):
-    """The tracker for --logger=`kind` ('none' or None: no tracker). logger_kwargs: repo (aim),
+    """The tracker for --logger=`kind` ('none' or None: a NoLogger). logger_kwargs: repo (aim),
     project (wandb), experiment, tag."""
     if kind in (None, 'none'):
-        return None
+        return NoLogger()
     if kind not in LOGGERS:
         raise dnnlib.UserError(f'Unknown logger "{kind}"; choose one of: none, {", ".join(LOGGERS)}')
     return LOGGERS[kind](run_dir, config=config, **logger_kwargs)

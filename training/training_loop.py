@@ -306,7 +306,8 @@ def training_loop(
     metrics_kwargs      = None,     # metrics.sweep.RunMetrics options (metrics, num, ref, detector, trust_detector), None = off.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
-    options = {name: value for name, value in locals().items() if name not in ('progress_bar', 'device')}  # For the tracker.
+    # The arguments, for the tracker.
+    config = json.loads(json.dumps({k: v for k, v in locals().items() if k not in ('progress_bar', 'device')}, default=str))
     start_time = time.time()
     device = torch.device(device) if device is not None else dist.get_device()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -376,12 +377,11 @@ def training_loop(
         cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs, power_emas))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
-    exp_logger = grid = None
-    if rank == 0:
-        exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
-        if sample_grid_kwargs is not None and run_dir is not None:
-            from training.sample_grid import SampleGrid
-            grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+    tracker = loggers.make_logger(logger if rank == 0 else None, run_dir, config=config, **logger_kwargs)
+    grid = None
+    if rank == 0 and sample_grid_kwargs is not None and run_dir is not None:
+        from training.sample_grid import SampleGrid
+        grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
     terminal = progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty())
     pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
                      dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
@@ -441,8 +441,7 @@ def training_loop(
                 save_network_snapshot(run_dir, file_name, snapshot_ema, loss_kwargs, augment_pipe, dataset_kwargs)
             if grid is not None:
                 image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
-                if exp_logger is not None:
-                    exp_logger.log_image('samples', image, step=cur_nimg)
+                tracker.log_image('samples', image, step=cur_nimg)
             if run_metrics is not None:
                 run_metrics.measure(ema, loss_kwargs, name, cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
@@ -452,15 +451,13 @@ def training_loop(
         if rank == 0:
             with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
                 f.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            if exp_logger is not None:
-                exp_logger.log(stats, step=cur_nimg)
+            tracker.log(stats, step=cur_nimg)
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         maintenance_time = tick_start_time - tick_end_time
 
     pbar.close()
-    if exp_logger is not None:
-        exp_logger.close()
+    tracker.close()
     dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
 
