@@ -155,8 +155,6 @@ def inspect_dataset(opts):
         dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
     except OSError as err:
         raise dnnlib.UserError(f'--data: {err}') from None
-    except AssertionError:
-        raise dnnlib.UserError(f'--data: images in {opts.data} must be square') from None
     if opts.cond and not dataset.has_labels:
         raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
     return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
