@@ -85,7 +85,7 @@ RUN_LOCK_NAME = '.train.lock'
 
 def lock_run_dir(run_dir):
     """Take the run folder's lock or raise UserError naming the folder. Returns a context manager
-    (the locked file) whose exit, like the process's, releases the lock. The empty lock file
+    (the lock file) whose exit, like the process's, releases the lock. The empty lock file
     stays in the folder, as other lock libraries leave theirs: removing it on release would let
     a run that opened it just before lock a file that the next run no longer sees."""
     try:
@@ -95,19 +95,18 @@ def lock_run_dir(run_dir):
     f = open(os.path.join(run_dir, RUN_LOCK_NAME), 'a')
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
     except BlockingIOError:
         f.close()
         raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {f.name}); '
                                f'wait for it to finish or choose another --outdir') from None
     except OSError as err:
-        f.close()
         if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
+        # Network filesystems without lock support (NFS without lockd, some Lustre mounts): the
+        # file stays open, unlocked, for the run.
         print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
               f'the lock that keeps a second run out of this folder', file=sys.stderr)
-    return contextlib.nullcontext()
+    return f
 
 #----------------------------------------------------------------------------
 # Resume and transfer.
