@@ -174,9 +174,7 @@ def _resolve_resume(path):
     state = training_loop.find_latest_training_state(path) if os.path.isdir(path) else path
     if state is None:
         raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
-    if not os.path.isfile(state):
-        raise dnnlib.UserError(f'--resume: no such file or folder: {path}')
-    if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
+    if not os.path.isfile(state) or not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
         raise dnnlib.UserError(f'--resume: {state} is not a training state written by train.py (training-state-*.pt)')
     return state, (training_loop.training_state_nimg(state) or 0) / 1000
 
@@ -400,7 +398,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--seed',           help='Random seed  [default: random]', metavar='INT',              type=click.IntRange(0, (1 << 31) - 1))
 @click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
 @click.option('--transfer-partial', help='Allow --transfer from a network that shares under half of the weights', is_flag=True)
-@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
+@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=click.Path(exists=True))
 @click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
 # Extensions.
 @click.option('--eff-attn',       help='Efficient attention (scaled_dot_product_attention)', metavar='BOOL', type=bool, default=False, show_default=True)
