@@ -123,10 +123,9 @@ def resolve_options(ctx):
     opts = dnnlib.EasyDict(ctx.params)
     # --fp16=1 is the reference's spelling of --precision=fp16. An explicit --precision wins over a
     # preset's fp16; the two given on the command line must agree.
-    fp16_given = ctx.get_parameter_source('fp16') in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     if opts.precision is None:
         opts.precision = 'fp16' if opts.fp16 else 'fp32'
-    elif opts.fp16 and fp16_given and opts.precision != 'fp16':
+    elif opts.fp16 and opts.precision != 'fp16' and ctx.get_parameter_source('fp16') != ParameterSource.DEFAULT_MAP:
         raise dnnlib.UserError(f'--fp16=1 and --precision={opts.precision} disagree; give only --precision={opts.precision}')
     opts.fp16 = opts.precision == 'fp16'
     if opts.label_dropout > 0 and not opts.cond:
@@ -150,11 +149,8 @@ def resolve_options(ctx):
 
 def inspect_dataset(opts):
     """Open the dataset once: its name, resolution and size, and whether it has labels."""
-    from training.dataset import ImageFolderDataset
-    try:
-        dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
-    except OSError as err:
-        raise dnnlib.UserError(f'--data: {err}') from None
+    from training.dataset import ImageFolderDataset  # Its DatasetError lines name the path and the problem.
+    dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
     if opts.cond and not dataset.has_labels:
         raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
     return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
