@@ -38,14 +38,10 @@ import tqdm
 import dnnlib
 import training
 from metrics import sweep as metrics_sweep
-from torch_utils import checkpoint
+from torch_utils import checkpoint, misc, training_stats
 from torch_utils import distributed as dist
-from torch_utils import misc
-from torch_utils import training_stats
-from training import fast_mode
-from training import loggers
+from training import fast_mode, loggers, phema, sample_grid
 from training import loss as training_loss
-from training import phema
 
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
@@ -377,10 +373,8 @@ def training_loop(
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
     tracker = loggers.make_logger(logger if rank == 0 else None, run_dir, config=config, **logger_kwargs)
-    grid = None
-    if rank == 0 and sample_grid_kwargs is not None and run_dir is not None:
-        from training.sample_grid import SampleGrid
-        grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+    grid = (sample_grid.SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+            if rank == 0 and sample_grid_kwargs is not None and run_dir is not None else None)
     terminal = progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty())
     pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
                      dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
@@ -473,9 +467,8 @@ def _plain(value):
 def save_network_snapshot(run_dir, name, ema, loss_kwargs, augment_pipe, dataset_kwargs):
     misc.check_ddp_consistency(ema)
     if dist.get_rank() == 0:
-        data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe,
-                    dataset_kwargs=_plain(dataset_kwargs))
-        checkpoint.save_snapshot(os.path.join(run_dir, name), data)
+        checkpoint.save_snapshot(os.path.join(run_dir, name), dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(),
+                                 loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe, dataset_kwargs=_plain(dataset_kwargs)))
 
 
 def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas=None):
