@@ -243,6 +243,19 @@ def batch_split(batch_size, batch_gpu, world):
     return batch_gpu, per_process // batch_gpu
 
 
+def _distributed(net, train_net, device):
+    """train_net (net, or a wrapper sharing its parameters) in DistributedDataParallel. DDP
+    broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal. The buffers
+    (resampling filters, ncsnpp's random Fourier frequencies) never change, so they are broadcast
+    once, here: before PyTorch 2.13 DDP's only switch against a broadcast every forward
+    (broadcast_buffers=False) skipped the initial one too."""
+    for buffer in net.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
+
+
 def _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg, maintenance_time, device):
     """The tick's progress line; every number is also reported to training_stats (rank 0's)."""
     now = time.time()
@@ -347,17 +360,7 @@ def training_loop(
     # augmentation, blur, noise, preconditioning and loss stay float32. fp16 is the network's
     # own use_fp16, the reference's way.
     train_net = fast_mode.prepare(net, fast_mode.FastSettings(precision='bf16')) if precision == 'bf16' else net
-    ddp = train_net
-    if world > 1:
-        # DDP broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal.
-        # The buffers (resampling filters, ncsnpp's random Fourier frequencies) never change, so
-        # they are broadcast once, here: before PyTorch 2.13 DDP's only switch against a
-        # broadcast every forward (broadcast_buffers=False) skipped the initial one too.
-        for buffer in net.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-        ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
-        ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
+    ddp = _distributed(net, train_net, device) if world > 1 else train_net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     power_emas = phema.PowerFunctionEMA(net, ema_std or [])  # No copies without ema_std.
 
@@ -438,8 +441,7 @@ def training_loop(
             if run_metrics is not None:
                 run_metrics.measure(ema, loss_kwargs, name, cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs,
-                                power_emas=power_emas)
+            save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas)
         stats = training_stats.collect()
         if rank == 0:
             with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
