@@ -10,6 +10,7 @@ options not given); resolve_options adds the rules between options, setup_traini
 the training loop's keyword arguments from the options and the dataset, launch_training the run.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from dnnlib.util import FiniteFloatRange
 from metrics import compute, detector
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import loggers, phema
+from training import loggers, phema, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # Harmless DDP warning.
 
@@ -122,10 +123,9 @@ def resolve_options(ctx):
     opts = dnnlib.EasyDict(ctx.params)
     # --fp16=1 is the reference's spelling of --precision=fp16. An explicit --precision wins over a
     # preset's fp16; the two given on the command line must agree.
-    fp16_given = ctx.get_parameter_source('fp16') in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     if opts.precision is None:
         opts.precision = 'fp16' if opts.fp16 else 'fp32'
-    elif opts.fp16 and fp16_given and opts.precision != 'fp16':
+    elif opts.fp16 and opts.precision != 'fp16' and ctx.get_parameter_source('fp16') != ParameterSource.DEFAULT_MAP:
         raise dnnlib.UserError(f'--fp16=1 and --precision={opts.precision} disagree; give only --precision={opts.precision}')
     opts.fp16 = opts.precision == 'fp16'
     if opts.label_dropout > 0 and not opts.cond:
@@ -149,13 +149,8 @@ def resolve_options(ctx):
 
 def inspect_dataset(opts):
     """Open the dataset once: its name, resolution and size, and whether it has labels."""
-    from training.dataset import ImageFolderDataset
-    try:
-        dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
-    except OSError as err:
-        raise dnnlib.UserError(f'--data: {err}') from None
-    except AssertionError:
-        raise dnnlib.UserError(f'--data: images in {opts.data} must be square') from None
+    from training.dataset import ImageFolderDataset  # Its DatasetError lines name the path and the problem.
+    dataset = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
     if opts.cond and not dataset.has_labels:
         raise dnnlib.UserError(f'--cond=True requires labels in dataset.json, and {opts.data} has none')
     return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, has_labels=dataset.has_labels,
@@ -167,28 +162,17 @@ def _parse_cache(_ctx, _param, text):
     """--cache: a boolean, or auto (None)."""
     return None if text is None or str(text).lower() == 'auto' else click.BOOL.convert(text, _param, _ctx)
 
-
-def cache_fits(dataset, workers, processes_per_node):
-    """--cache=auto: cache only when every decoded copy of the dataset (one per data-loader
-    worker, or the process itself, of every process on this machine) fits in a quarter of the
-    machine's memory. ImageNet at 256 px is ~250 GB per copy: never cached by default."""
-    copies = max(workers, 1) * processes_per_node
-    return dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4
-
 #----------------------------------------------------------------------------
 # The training loop's keyword arguments.
 
 def _resolve_resume(path):
     """--resume: a training-state-*.pt file or a run folder (its latest state)."""
-    from training.training_loop import find_latest_training_state, training_state_nimg
-    state = find_latest_training_state(path) if os.path.isdir(path) else path
+    state = training_loop.find_latest_training_state(path) if os.path.isdir(path) else path
     if state is None:
         raise dnnlib.UserError(f'--resume: no training-state-*.pt in folder {path}')
-    if not os.path.isfile(state):
-        raise dnnlib.UserError(f'--resume: no such file or folder: {path}')
-    if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
+    if not os.path.isfile(state) or not zipfile.is_zipfile(state):  # torch.save writes a zip archive; anything else is not ours.
         raise dnnlib.UserError(f'--resume: {state} is not a training state written by train.py (training-state-*.pt)')
-    return state, (training_state_nimg(state) or 0) / 1000
+    return state, (training_loop.training_state_nimg(state) or 0) / 1000
 
 
 def setup_training_config(opts, dataset, world=1):
@@ -202,7 +186,12 @@ def setup_training_config(opts, dataset, world=1):
     workers = min(opts.workers, max((os.cpu_count() or 1) // processes_per_node, 1))
     if workers < opts.workers:
         dist.print0(f'Note: --workers={opts.workers} capped at {workers}, the CPU cores per process on this machine')
-    cache = opts.cache if opts.cache is not None else cache_fits(dataset, workers, processes_per_node)
+    # --cache=auto: cache only when every decoded copy of the dataset (one per worker, or the process
+    # itself, of every process on this machine) fits in a quarter of its memory: ImageNet at 256 px
+    # is ~250 GB per copy, never cached by default.
+    copies = max(workers, 1) * processes_per_node
+    cache = opts.cache if opts.cache is not None else (
+        dataset.max_size * dataset.image_bytes * copies <= psutil.virtual_memory().total / 4)
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
                                        xflip=opts.xflip, cache=cache, resolution=res, max_size=dataset.max_size)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=workers)
@@ -240,12 +229,7 @@ def setup_training_config(opts, dataset, world=1):
     c.logger_kwargs = dnnlib.EasyDict(repo=opts.aim_repo, experiment=opts.exp_name, tag=opts.exp_tag)
     if opts.logger == 'wandb':
         c.logger_kwargs.project = opts.wandb_project
-    if opts.batch % world != 0:
-        raise dnnlib.UserError(f'--batch={opts.batch} is not divisible by the number of processes ({world})')
-    per_process = opts.batch // world
-    if opts.batch_gpu is not None and opts.batch_gpu < per_process and per_process % opts.batch_gpu != 0:
-        raise dnnlib.UserError(f'--batch-gpu={opts.batch_gpu} must divide the per-process batch {per_process} '
-                               f'(--batch={opts.batch} over {world} processes)')
+    training_loop.batch_split(opts.batch, opts.batch_gpu, world)  # Refused now rather than after creating the run folder.
 
     # Transfer learning or resume.
     if opts.transfer is not None:
@@ -268,8 +252,7 @@ def memory_problem(c, dataset, world, device):
     """Why a batch per accumulation round cannot fit, or None: its activations, with the weights,
     gradients, Adam's moments and the EMAs (float32), exceed the device's free memory. The activations are measured by one forward pass on the meta device (no memory, no
     compute) of one image; they are what autograd keeps, so the estimate is a lower bound."""
-    per_process = c.batch_size // world
-    batch_gpu = min(c.batch_gpu or per_process, per_process)
+    batch_gpu, _rounds = training_loop.batch_split(c.batch_size, c.batch_gpu, world)
     try:
         with torch.device('meta'):
             net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
@@ -333,32 +316,26 @@ def _random_seed():
 
 def launch_training(c, opts, desc):
     """Run folder (rank 0), training_options.json, log.txt, then the training loop."""
-    from training import training_loop
     dist.print0('Creating output directory...')
-    log = run_lock = None
-    if dist.get_rank() == 0:
-        while not opts.nosubdir:  # Another run may take the same id between listing and creating.
-            try:
-                os.makedirs(c.run_dir)
-                break
-            except FileExistsError:
-                c.run_dir = _next_run_dir(opts.outdir, desc)
-        os.makedirs(c.run_dir, exist_ok=True)
-        run_lock = training_loop.RunLock(c.run_dir)  # Two --nosubdir runs would mix their files.
-        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
-        log = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    try:
-        training_loop.training_loop(**c)
-    except (dnnlib.UserError, OSError) as err:
-        if log is not None and log.file is not None:
-            log.file.write(f'Error: {err}\n')  # The reason in log.txt too.
-        raise dnnlib.UserError(str(err)) from None
-    finally:
-        if log is not None:
-            log.close()
-        if run_lock is not None:
-            run_lock.release()
+    with contextlib.ExitStack() as stack:
+        log = None
+        if dist.get_rank() == 0:
+            while True:  # Another run may take the same id between listing and creating.
+                try:
+                    os.makedirs(c.run_dir, exist_ok=opts.nosubdir)
+                    break
+                except FileExistsError:
+                    c.run_dir = _next_run_dir(opts.outdir, desc)
+            stack.enter_context(training_loop.lock_run_dir(c.run_dir))  # Two --nosubdir runs would mix their files.
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+            log = stack.enter_context(dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a'))
+        try:
+            training_loop.training_loop(**c)
+        except (dnnlib.UserError, OSError) as err:
+            if log is not None:
+                log.file.write(f'Error: {err}\n')  # The reason in log.txt too.
+            raise dnnlib.UserError(str(err)) from None
 
 #----------------------------------------------------------------------------
 
@@ -417,7 +394,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--seed',           help='Random seed  [default: random]', metavar='INT',              type=click.IntRange(0, (1 << 31) - 1))
 @click.option('--transfer',       help='Transfer learning from network pickle', metavar='PKL|PT|URL', type=str)
 @click.option('--transfer-partial', help='Allow --transfer from a network that shares under half of the weights', is_flag=True)
-@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=str)
+@click.option('--resume',         help='Resume from a training-state-*.pt or a run folder (its latest state)', metavar='PT|DIR', type=click.Path(exists=True))
 @click.option('-n', '--dry-run',  help='Print training options and exit',                            is_flag=True)
 # Extensions.
 @click.option('--eff-attn',       help='Efficient attention (scaled_dot_product_attention)', metavar='BOOL', type=bool, default=False, show_default=True)

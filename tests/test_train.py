@@ -76,7 +76,7 @@ def test_run_folder_contents(first_run):
     run_dir = first_run['run_dir']
     assert sorted(os.listdir(first_run['outdir'])) == [os.path.basename(run_dir)]
     # Snapshot names carry the image count (000000_008 = 8 images): no tick overwrites another.
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000_008.pkl', 'network-snapshot-000000_024.pkl',
+    assert sorted(os.listdir(run_dir)) == ['.train.lock', 'log.txt', 'network-snapshot-000000_008.pkl', 'network-snapshot-000000_024.pkl',
                                            'network-snapshot-000000_032.pkl', 'stats.jsonl', 'training-state-000000_024.pt',
                                            'training-state-000000_032.pt', 'training_options.json']
     with open(os.path.join(run_dir, 'training_options.json')) as f:

@@ -167,32 +167,27 @@ def test_cli_resume_as_blur_is_one_line(first_stage, tmp_path):
 # One run per folder.
 
 def test_run_folder_lock_is_exclusive(tmp_path):
-    lock = training_loop.RunLock(str(tmp_path))
-    try:
+    with training_loop.lock_run_dir(str(tmp_path)):
         with pytest.raises(UserError, match=f'{tmp_path} is in use by another training run'):
-            training_loop.RunLock(str(tmp_path))
-    finally:
-        lock.release()
-    assert os.listdir(tmp_path) == []  # The lock file goes with the run.
-    training_loop.RunLock(str(tmp_path)).release()  # Free again.
+            training_loop.lock_run_dir(str(tmp_path))
+    with training_loop.lock_run_dir(str(tmp_path)):  # Free again.
+        pass
 
 
 def test_second_nosubdir_run_into_a_busy_folder_is_refused(first_stage, tmp_path):
     folder = tmp_path / 'shared'
     folder.mkdir()
-    lock = training_loop.RunLock(str(folder))  # A run in progress that has not written its options yet.
-    try:
+    with training_loop.lock_run_dir(str(folder)):  # A run in progress that has not written its options yet.
         result = CliRunner().invoke(train.main, ['--outdir', str(folder), '--nosubdir', '--data', first_stage['data'],
                                                  '--duration=0.000004'] + TINY_CLI)
         line = _error_line(result)
         assert f'{folder} is in use by another training run' in line
         assert os.listdir(folder) == [training_loop.RUN_LOCK_NAME]  # Nothing written beside the holder's lock.
-    finally:
-        lock.release()
     result = CliRunner().invoke(train.main, ['--outdir', str(folder), '--nosubdir', '--data', first_stage['data'],
                                              '--duration=0.000004'] + TINY_CLI)
     assert result.exit_code == 0, result.output
-    assert training_loop.RUN_LOCK_NAME not in os.listdir(folder)
+    with training_loop.lock_run_dir(str(folder)):  # Released when the run ended.
+        pass
 
 
 @pytest.mark.parametrize('code', ['ENOLCK', 'ENOSYS'])
@@ -208,7 +203,7 @@ def test_filesystem_without_locks_trains_unlocked(first_stage, tmp_path, monkeyp
                                              '--duration=0.000004', '--grid=0'] + TINY_CLI)
     assert result.exit_code == 0, result.output
     assert f'Warning: {tmp_path} is on a filesystem without file locks' in result.output
-    assert 'network-snapshot-000000_004.pkl' in os.listdir(tmp_path) and training_loop.RUN_LOCK_NAME not in os.listdir(tmp_path)
+    assert 'network-snapshot-000000_004.pkl' in os.listdir(tmp_path)
 
 
 def test_resume_and_transfer_read_on_rank0_first(first_stage, tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Optional experiment trackers for the training loop: TensorBoard, aim, Weights & Biases.
 
 None of them is required: each is imported only when chosen, and a missing package is one
-clear error naming the pip command. Every tracker takes the same three calls: `log` (the
-per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
+clear error naming the pip command. Every tracker, and NoLogger (no tracker), takes the same
+three calls: `log` (the per-tick statistics), `log_image` (a sample grid, HWC uint8) and `close`.
 """
 
 import importlib
@@ -11,19 +11,12 @@ import os
 
 import dnnlib
 
-# --logger value -> the module it imports, the package that provides it.
-_MODULES = dict(tensorboard=('torch.utils.tensorboard', 'tensorboard'), aim=('aim', 'aim'), wandb=('wandb', 'wandb'))
-
 
 def check_installed(kind):
-    """UserError naming the pip command when the tracker `kind` ('none' or None: no tracker) is missing."""
-    if kind in _MODULES and importlib.util.find_spec(_MODULES[kind][1]) is None:
-        raise dnnlib.UserError(f'--logger={kind} needs the {_MODULES[kind][1]} package: pip install {_MODULES[kind][1]}')
-
-
-def _import(kind):
-    check_installed(kind)
-    return importlib.import_module(_MODULES[kind][0])
+    """UserError naming the pip command when the tracker `kind` ('none' or None: no tracker) is
+    missing; each tracker's package is named as its --logger value."""
+    if kind in LOGGERS and importlib.util.find_spec(kind) is None:
+        raise dnnlib.UserError(f'--logger={kind} needs the {kind} package: pip install {kind}')
 
 
 def _squeeze_grey(image):
@@ -33,7 +26,7 @@ def _squeeze_grey(image):
 
 class TensorBoardLogger:
     def __init__(self, run_dir, **_unused):
-        self.writer = _import('tensorboard').SummaryWriter(run_dir)
+        self.writer = importlib.import_module('torch.utils.tensorboard').SummaryWriter(run_dir)
 
     def log(self, stats, step):
         for name, value in stats.items():
@@ -50,7 +43,7 @@ class TensorBoardLogger:
 
 class AimLogger:
     def __init__(self, run_dir, config=None, repo='', experiment='', tag='', **_unused):
-        self.aim = _import('aim')
+        self.aim = importlib.import_module('aim')
         self.run = self.aim.Run(repo=repo or None, experiment=experiment or os.path.basename(run_dir))
         for key, value in (config or {}).items():
             self.run[key] = value
@@ -71,7 +64,7 @@ class AimLogger:
 
 class WandbLogger:
     def __init__(self, run_dir, config=None, project='', experiment='', tag='', **_unused):
-        self.wandb = _import('wandb')
+        self.wandb = importlib.import_module('wandb')
         self.run = self.wandb.init(project=project or 'relay-diffusion', name=experiment or os.path.basename(run_dir),
                                    dir=run_dir, config=dict(config or {}), tags=[tag] if tag else None)
 
@@ -85,14 +78,20 @@ class WandbLogger:
         self.run.finish()
 
 
+class NoLogger:
+    """--logger=none: takes every call and keeps nothing."""
+    log = log_image = close = staticmethod(lambda *_args, **_kwargs: None)
+
+
 LOGGERS = dict(tensorboard=TensorBoardLogger, aim=AimLogger, wandb=WandbLogger)
 
 
 def make_logger(kind, run_dir, config=None, **logger_kwargs):
-    """The tracker for --logger=`kind` ('none' or None: no tracker). logger_kwargs: repo (aim),
+    """The tracker for --logger=`kind` ('none' or None: a NoLogger). logger_kwargs: repo (aim),
     project (wandb), experiment, tag."""
     if kind in (None, 'none'):
-        return None
+        return NoLogger()
     if kind not in LOGGERS:
         raise dnnlib.UserError(f'Unknown logger "{kind}"; choose one of: none, {", ".join(LOGGERS)}')
+    check_installed(kind)
     return LOGGERS[kind](run_dir, config=config, **logger_kwargs)

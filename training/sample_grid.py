@@ -57,18 +57,17 @@ class SampleGrid:
         numpy_state = np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
-                return self._sample(net, sampling.StackedRandomGenerator(self.device, self.seeds))
+                rnd = sampling.StackedRandomGenerator(self.device, self.seeds)
+                if self.relay:
+                    start, out = self.relay_batch(net, list(range(len(self.seeds))), rnd)
+                    return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
+                # First stage: the seeds' latents, class labels seed % label_dim as generate.py.
+                latents = rnd.randn([len(self.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=self.device)
+                labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)
+                out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
+                return tile(to_uint8(out))
         finally:
             np.random.set_state(numpy_state)
-
-    def _sample(self, net, rnd):
-        if not self.relay:
-            latents = rnd.randn([len(self.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=self.device)
-            labels = pipeline.class_labels(self.label_dim, self.seeds, None, self.device)  # Seed % label_dim, as generate.py.
-            out = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
-            return tile(to_uint8(out))
-        start, out = self.relay_batch(net, list(range(len(self.seeds))), rnd)
-        return np.concatenate([tile(to_uint8(start)), tile(to_uint8(out))], axis=0)
 
     def relay_batch(self, net, indices, rnd=None, **options):
         """(start, output) of the relay from the grid's images `indices` with their seeds' generators

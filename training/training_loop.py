@@ -38,14 +38,10 @@ import tqdm
 import dnnlib
 import training
 from metrics import sweep as metrics_sweep
-from torch_utils import checkpoint
+from torch_utils import checkpoint, misc, training_stats
 from torch_utils import distributed as dist
-from torch_utils import misc
-from torch_utils import training_stats
-from training import fast_mode
-from training import loggers
+from training import fast_mode, loggers, phema, sample_grid
 from training import loss as training_loss
-from training import phema
 
 #----------------------------------------------------------------------------
 # File names carrying the number of images seen.
@@ -83,47 +79,30 @@ def find_latest_training_state(run_dir):
 RUN_LOCK_NAME = '.train.lock'
 
 
-class RunLock:
-    """Take the run folder's lock or raise UserError naming the folder; call .release() when the
-    run ends (process exit releases it too)."""
-
-    def __init__(self, run_dir):
-        self.path, self.file = os.path.join(run_dir, RUN_LOCK_NAME), None
-        try:
-            import fcntl
-        except ImportError:  # No flock on this platform: run unlocked.
-            return
-        existed = os.path.exists(self.path)
-        f = open(self.path, 'a+')
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The holder before us may have removed the file between our open and our lock: then
-            # the lock is on a file nobody else sees, and a third run may hold the new one.
-            held = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
-        except (BlockingIOError, FileNotFoundError):
-            held = False
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            # Network filesystems without lock support (NFS without lockd, some Lustre mounts).
-            f.close()
-            if not existed:
-                os.remove(self.path)
-            print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
-                  f'the lock that keeps a second run out of this folder', file=sys.stderr)
-            return
-        if not held:
-            f.close()
-            raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {self.path}); '
-                                   f'wait for it to finish or choose another --outdir')
-        self.file = f
-
-    def release(self):
-        if self.file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)  # Removed while still held: see the check above.
-            self.file.close()
-            self.file = None
+def lock_run_dir(run_dir):
+    """Take the run folder's lock or raise UserError naming the folder. Returns a context manager
+    (the lock file) whose exit, like the process's, releases the lock. The empty lock file
+    stays in the folder, as other lock libraries leave theirs: removing it on release would let
+    a run that opened it just before lock a file that the next run no longer sees."""
+    try:
+        import fcntl
+    except ImportError:  # No flock on this platform: run unlocked.
+        return contextlib.nullcontext()
+    f = open(os.path.join(run_dir, RUN_LOCK_NAME), 'a')
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise dnnlib.UserError(f'{run_dir} is in use by another training run (it holds {f.name}); '
+                               f'wait for it to finish or choose another --outdir') from None
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        # Network filesystems without lock support (NFS without lockd, some Lustre mounts): the
+        # file stays open, unlocked, for the run.
+        print(f'Warning: {run_dir} is on a filesystem without file locks ({err.strerror}); training without '
+              f'the lock that keeps a second run out of this folder', file=sys.stderr)
+    return f
 
 #----------------------------------------------------------------------------
 # Resume and transfer.
@@ -251,6 +230,32 @@ def reference_loss_divisor(images):
 
 #----------------------------------------------------------------------------
 
+def batch_split(batch_size, batch_gpu, world):
+    """(images per process per accumulation round, rounds) of a batch over `world` processes,
+    batch_gpu (None: no limit) capped at the per-process batch; UserError where they do not divide."""
+    per_process = batch_size // world
+    batch_gpu = min(batch_gpu or per_process, per_process)
+    if batch_size % world != 0:
+        raise dnnlib.UserError(f'--batch={batch_size} is not divisible by the number of processes ({world})')
+    if per_process % batch_gpu != 0:
+        raise dnnlib.UserError(f'--batch-gpu={batch_gpu} must divide the per-process batch {per_process} '
+                               f'(--batch={batch_size} over {world} processes)')
+    return batch_gpu, per_process // batch_gpu
+
+
+def _distributed(net, train_net, device):
+    """train_net (net, or a wrapper sharing its parameters) in DistributedDataParallel. DDP
+    broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal. The buffers
+    (resampling filters, ncsnpp's random Fourier frequencies) never change, so they are broadcast
+    once, here: before PyTorch 2.13 DDP's only switch against a broadcast every forward
+    (broadcast_buffers=False) skipped the initial one too."""
+    for buffer in net.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
+
+
 def _status_line(cur_tick, cur_nimg, start_time, tick_start_time, tick_start_nimg, maintenance_time, device):
     """The tick's progress line; every number is also reported to training_stats (rank 0's)."""
     now = time.time()
@@ -309,7 +314,8 @@ def training_loop(
     metrics_kwargs      = None,     # metrics.sweep.RunMetrics options (metrics, num, ref, detector, trust_detector), None = off.
     device              = None,     # None = torch_utils.distributed.get_device().
 ):
-    options = {name: value for name, value in locals().items() if name not in ('progress_bar', 'device')}  # For the tracker.
+    # The arguments, for the tracker.
+    config = json.loads(json.dumps({k: v for k, v in locals().items() if k not in ('progress_bar', 'device')}, default=str))
     start_time = time.time()
     device = torch.device(device) if device is not None else dist.get_device()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -322,13 +328,8 @@ def training_loop(
     cuda.allow_tf32 = cuda.allow_fp16_reduced_precision_reduction = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
-    # Batch per process and gradient accumulation rounds.
-    per_process = batch_size // world
-    batch_gpu = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
-    rounds = per_process // batch_gpu
-    if batch_size != batch_gpu * rounds * world:
-        raise dnnlib.UserError(f'Batch size {batch_size} must be a multiple of (processes {world}) x (batch per process {batch_gpu})')
-    divisors = dict(reference=reference_loss_divisor, edm=lambda _images: per_process)
+    batch_gpu, rounds = batch_split(batch_size, batch_gpu, world)
+    divisors = dict(reference=reference_loss_divisor, edm=lambda _images: batch_size // world)
     if loss_norm not in divisors:
         raise dnnlib.UserError(f'Unknown loss normalisation "{loss_norm}"; choose one of {", ".join(divisors)}')
 
@@ -359,17 +360,7 @@ def training_loop(
     # augmentation, blur, noise, preconditioning and loss stay float32. fp16 is the network's
     # own use_fp16, the reference's way.
     train_net = fast_mode.prepare(net, fast_mode.FastSettings(precision='bf16')) if precision == 'bf16' else net
-    ddp = train_net
-    if world > 1:
-        # DDP broadcasts rank 0's initial parameters, so all ranks (and their EMAs) start equal.
-        # The buffers (resampling filters, ncsnpp's random Fourier frequencies) never change, so
-        # they are broadcast once, here: before PyTorch 2.13 DDP's only switch against a
-        # broadcast every forward (broadcast_buffers=False) skipped the initial one too.
-        for buffer in net.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-        ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in ddp_params else dict(broadcast_buffers=False)
-        ddp = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == 'cuda' else None, **sync)
+    ddp = _distributed(net, train_net, device) if world > 1 else train_net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     power_emas = phema.PowerFunctionEMA(net, ema_std or [])  # No copies without ema_std.
 
@@ -384,12 +375,9 @@ def training_loop(
         cur_nimg = dist.rank0_first(lambda: load_training_state(resume_state_dump, net, ema, optimizer, loss_kwargs, power_emas))
 
     # What rank 0 writes besides snapshots: stats.jsonl, tracker, sample grids, progress bar.
-    exp_logger = grid = None
-    if rank == 0:
-        exp_logger = loggers.make_logger(logger, run_dir, config=json.loads(json.dumps(options, default=str)), **logger_kwargs)
-        if sample_grid_kwargs is not None and run_dir is not None:
-            from training.sample_grid import SampleGrid
-            grid = SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+    tracker = loggers.make_logger(logger if rank == 0 else None, run_dir, config=config, **logger_kwargs)
+    grid = (sample_grid.SampleGrid(dataset, loss_kwargs, device=device, precision=precision, **sample_grid_kwargs)
+            if rank == 0 and sample_grid_kwargs is not None and run_dir is not None else None)
     terminal = progress_bar or (progress_bar is None and sys.__stderr__ is not None and sys.__stderr__.isatty())
     pbar = tqdm.tqdm(total=int(total_kimg * 1000), initial=min(cur_nimg, int(total_kimg * 1000)), unit='img', unit_scale=True,
                      dynamic_ncols=True, leave=False, file=sys.__stderr__, disable=rank != 0 or not terminal)  # Not log.txt.
@@ -449,26 +437,22 @@ def training_loop(
                 save_network_snapshot(run_dir, file_name, snapshot_ema, loss_kwargs, augment_pipe, dataset_kwargs)
             if grid is not None:
                 image = grid.write(ema, os.path.join(run_dir, f'samples-{nimg_suffix(cur_nimg)}.png'))
-                if exp_logger is not None:
-                    exp_logger.log_image('samples', image, step=cur_nimg)
+                tracker.log_image('samples', image, step=cur_nimg)
             if run_metrics is not None:
                 run_metrics.measure(ema, loss_kwargs, name, cur_nimg / 1000)
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            save_training_state(run_dir, cur_nimg, net=net, ema=ema, optimizer=optimizer, loss_kwargs=loss_kwargs,
-                                power_emas=power_emas)
+            save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas)
         stats = training_stats.collect()
         if rank == 0:
             with open(os.path.join(run_dir, 'stats.jsonl'), 'at') as f:
                 f.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            if exp_logger is not None:
-                exp_logger.log(stats, step=cur_nimg)
+            tracker.log(stats, step=cur_nimg)
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         maintenance_time = tick_start_time - tick_end_time
 
     pbar.close()
-    if exp_logger is not None:
-        exp_logger.close()
+    tracker.close()
     dist.print0('\nExiting...')
     return dict(net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick)
 
@@ -485,9 +469,8 @@ def _plain(value):
 def save_network_snapshot(run_dir, name, ema, loss_kwargs, augment_pipe, dataset_kwargs):
     misc.check_ddp_consistency(ema)
     if dist.get_rank() == 0:
-        data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe,
-                    dataset_kwargs=_plain(dataset_kwargs))
-        checkpoint.save_snapshot(os.path.join(run_dir, name), data)
+        checkpoint.save_snapshot(os.path.join(run_dir, name), dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(),
+                                 loss_kwargs=_plain(loss_kwargs), augment_pipe=augment_pipe, dataset_kwargs=_plain(dataset_kwargs)))
 
 
 def save_training_state(run_dir, cur_nimg, net, ema, optimizer, loss_kwargs, power_emas=None):
