@@ -28,7 +28,6 @@ import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
 import torch
-import torch.nn.functional as F
 
 import dnnlib
 import training
@@ -127,13 +126,10 @@ def _check_schedule(o, stage):
         raise dnnlib.UserError(f'{show("sigma_min")} must be below {show("sigma_max")}')
     if o['S_min'] > o['S_max']:
         raise dnnlib.UserError(f'{show("S_min")} must be at most {show("S_max")}')
-    try:
-        ends = sampling.time_steps(2, float(o['sigma_min']), float(o['sigma_max']), float(o['rho']))
-        want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
-        ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
-    except (OverflowError, ZeroDivisionError):
-        ok = False
-    if not ok:
+    value = lambda key: torch.tensor(float(o[key]), dtype=torch.float64)  # As tensors an overflow is inf, not an exception.
+    ends = sampling.time_steps(2, value('sigma_min'), value('sigma_max'), value('rho'))
+    want = torch.stack([value('sigma_max'), value('sigma_min')])
+    if not (torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0)):
         raise dnnlib.UserError(f'{show("rho")} with {show("sigma_min")} and {show("sigma_max")} gives a noise schedule '
                                f'that overflows or rounds away; use a rho around 7')
 
@@ -191,8 +187,7 @@ def choose_stages(stages, has_first, has_second, has_images):
     checked against them."""
     if stages is None:
         stages = 'second' if has_images else 'both' if has_first and has_second else 'first' if has_first else 'second'
-    if stages not in STAGES:
-        raise dnnlib.UserError(f'--sampler_stages must be first, second or both, not "{stages}"')
+    stages = convert(click.Choice(STAGES), stages, '--sampler_stages')
     for name, has in (('first', has_first), ('second', has_second)):
         if stages in (name, 'both') and not has:
             raise dnnlib.UserError(f'--sampler_stages={stages} needs --network_{name}')
@@ -305,9 +300,8 @@ class RelayPipeline:
     def __init__(self, network_first=None, network_second=None, preset='generate', device=None,
                  postprocess=None, warn=True, fast=None, **options):
         resolve_options(preset, options)  # The numbers, before any loading.
-        self.postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
-        if self.postprocess not in POSTPROCESS:
-            raise dnnlib.UserError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
+        postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
+        self.postprocess = convert(click.Choice(list(POSTPROCESS)), postprocess, '--postprocess')
         if network_first is None and network_second is None:
             raise dnnlib.UserError('give --network_first, --network_second or both')
         self.device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
@@ -345,10 +339,9 @@ class RelayPipeline:
             if first.img_resolution * k != second.img_resolution:
                 raise dnnlib.UserError(f'First stage resolution {first.img_resolution} x --up_scale_second={k} = '
                                        f'{first.img_resolution * k}, but the second stage network is {second.img_resolution} px')
-            if first.img_channels != second.img_channels:
-                raise dnnlib.UserError(f'The stages disagree on channels: {first.img_channels} vs {second.img_channels}')
-            if first.label_dim != second.label_dim:
-                raise dnnlib.UserError(f'The stages disagree on classes: label_dim {first.label_dim} vs {second.label_dim}')
+            if (first.img_channels, first.label_dim) != (second.img_channels, second.label_dim):
+                raise dnnlib.UserError(f'The stages disagree on channels or classes: the first has {first.img_channels} channels and '
+                                       f'label_dim {first.label_dim}, the second {second.img_channels} and {second.label_dim}')
 
     @property
     def label_dim(self):
@@ -363,10 +356,9 @@ class RelayPipeline:
         return (self.net_second.img_channels, res, res)
 
     def check_class(self, class_idx):
-        if class_idx is not None and not self.label_dim:
-            raise dnnlib.UserError('--class was given but the network is unconditional')
         if class_idx is not None and not 0 <= class_idx < self.label_dim:
-            raise dnnlib.UserError(f'--class={class_idx} is out of range: the network has {self.label_dim} classes (0..{self.label_dim - 1})')
+            has = f'has {self.label_dim} classes (0..{self.label_dim - 1})' if self.label_dim else 'is unconditional (no classes)'
+            raise dnnlib.UserError(f'--class={class_idx} is out of range: the network {has}')
 
     @torch.no_grad()
     def sample(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', trace=None):
@@ -397,7 +389,7 @@ class RelayPipeline:
         trace['first'] = images
         if stages != 'first':
             res = self.net_second.img_resolution
-            trace['upsampled'] = images = F.interpolate(images, size=(res, res), mode='nearest')
+            trace['upsampled'] = images = torch.nn.functional.interpolate(images, size=(res, res), mode='nearest')
             images = sampling.blur_sampler(self.net_second, images, labels, randn_like=rnd.randn_like, trace=trace, **self.second_kwargs)
         return images
 
