@@ -211,10 +211,7 @@ def main(preset='generate', **kwargs):
     for name in pipeline.SAMPLER_OPTIONS:
         if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
             kwargs.pop(name)
-    try:
-        fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
-    except ValueError as e:
-        raise dnnlib.UserError(str(e)) from None
+    fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
     generate_images(preset=preset, fast=fast, **kwargs)
 
 
