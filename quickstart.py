@@ -165,9 +165,7 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     interrupted quickstart and never retrains what is there.
     """
     seeds, seed_count = seeds  # As written, and how many (checked by the option).
-    problem = dnnlib.util.folder_write_problem(outdir)
-    if problem:
-        raise dnnlib.UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
+    pipeline.check_outdir(outdir)
     os.makedirs(outdir, exist_ok=True)
 
     # 1. Procedural images.
