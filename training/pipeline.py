@@ -103,7 +103,8 @@ def sampler_click_options(show_default=True):
     def decorate(fn):
         for name, o in reversed(SAMPLER_OPTIONS.items()):
             setting = [key for key, option in RELAY_SETTINGS.items() if option == name]
-            text = f'{o.help}  [{o.type.bounds}]' + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')
+            text = o.help + (f'  [{o.type.bounds}]' if hasattr(o.type, 'bounds') else '') \
+                + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')  # click shows a Number's range.
             fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, help=text,
                               default=o.default if show_default is True else None, show_default=show_default)(fn)
         return fn
