@@ -21,7 +21,6 @@ these declarations: a new option is one new parameter.
 """
 
 import concurrent.futures
-import functools
 import math
 import numbers
 import os
@@ -94,9 +93,8 @@ class Network(click.ParamType):
 #----------------------------------------------------------------------------
 # Noise.
 
-@functools.cache
-def _fill_pool():
-    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+# Threads start on first use only, so importing this module starts none.
+_FILL_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
 
 class StackedRandomGenerator:
@@ -112,7 +110,7 @@ class StackedRandomGenerator:
         out = torch.empty(size, **kwargs)
         fill = lambda i: out[i].normal_(generator=self.generators[i])  # In place: the same numbers as a fresh draw.
         threads = out.device.type == 'cpu' and len(out) > 1 and out[0].numel() >= 16384  # Independent generators; the GIL is released.
-        list((_fill_pool().map if threads else map)(fill, range(len(out))))
+        list((_FILL_POOL.map if threads else map)(fill, range(len(out))))
         return out
 
     def randn_like(self, input):
