@@ -70,13 +70,12 @@ def settings_from_options(fast=False, precision=None, tf32=None, channels_last=F
     """FastSettings from command-line style options; None = the default of the mode.
 
     Without `fast` every option that would change the images is refused (UserError naming the
-    option), so that exact mode cannot be left by accident. With `fast`: batched guidance, bf16,
+    option), so that exact mode cannot be left by accident. With `fast`: batched guidance, fp16,
     TF32 on; channels-last and compile off unless asked for.
     """
     if not fast:
-        given = [name for name, value in [('--precision', precision), ('--tf32', tf32 or None),
-                                          ('--channels-last', channels_last or None), ('--compile', compile or None)]
-                 if value is not None]
+        given = [name for name, value in [('--precision', precision is not None), ('--tf32', tf32), ('--channels-last', channels_last),
+                                          ('--compile', compile)] if value]  # --no-tf32 (False) is exact mode's own setting.
         if given:
             raise dnnlib.UserError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
         return EXACT
