@@ -207,10 +207,8 @@ def main(preset='generate', **kwargs):
     """
     # Sampler options left at their defaults (the samplers' or the preset's) are not passed: the
     # checkpoint's relay settings may replace them, and a given option that contradicts those warns.
-    ctx = click.get_current_context()
-    for name in pipeline.SAMPLER_OPTIONS:
-        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
-            kwargs.pop(name)
+    source = click.get_current_context().get_parameter_source
+    kwargs = {k: v for k, v in kwargs.items() if k not in pipeline.SAMPLER_OPTIONS or source(k).name not in ('DEFAULT', 'DEFAULT_MAP')}
     fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
     generate_images(preset=preset, fast=fast, **kwargs)
 
