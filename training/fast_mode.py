@@ -167,12 +167,12 @@ class FastNetwork(torch.nn.Module):
 
 
 def prepare(net, settings):
-    """`net` itself in exact mode, else a FastNetwork sharing its parameters. Exact mode turns
-    TF32 off for the process, convolutions included: the networks run in full float32."""
+    """`net` itself in exact mode, else a FastNetwork sharing its parameters (None stays None).
+    Exact mode turns TF32 off for the process, convolutions included: the networks run in full float32."""
     if settings is None or settings.exact:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         return net
-    return FastNetwork(net, settings)
+    return FastNetwork(net, settings) if net is not None else None
 
 #----------------------------------------------------------------------------
 # Guidance.

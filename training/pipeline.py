@@ -142,8 +142,7 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     `training.loss.training_record` found in the second-stage checkpoint. Returns (options, notes):
     notes name a given option that contradicts the checkpoint, with both values.
     """
-    if preset not in PRESETS:
-        raise dnnlib.UserError(f'unknown preset "{preset}"; choose one of {", ".join(PRESETS)}')
+    preset = convert(click.Choice(list(PRESETS)), preset, 'preset')
     given = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(given) - set(SAMPLER_OPTIONS))
     if unknown:
@@ -323,8 +322,7 @@ class RelayPipeline:
                                      f'image; pass --cfg_scale_{stage}=1')
         for note in self.warnings if warn else ():
             warnings.warn(note, stacklevel=2)
-        self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) if n is not None else None
-                                           for n in (self.net_first, self.net_second))
+        self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) for n in (self.net_first, self.net_second))
 
     def _check_networks(self):
         first, second, k = self.net_first, self.net_second, self.second_kwargs['up_scale']
