@@ -310,6 +310,10 @@ class RelayPipeline:
         self.options, self.warnings = resolve_options(preset, options, record.relay if record else {})  # The checkpoint's relay settings.
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
+        # The classes, and (C, H, W) of the first stage's images (the second stage's input before upsampling).
+        net = self.net_first if self.net_first is not None else self.net_second  # The stages agree on both.
+        res = net.img_resolution if net is self.net_first else net.img_resolution // self.second_kwargs['up_scale']
+        self.label_dim, self.first_shape = net.label_dim, (net.img_channels, res, res)
         self.fast = fast if fast is not None else fast_mode.EXACT
         for stage, net, kwargs in (('first', self.net_first, self.first_kwargs), ('second', self.net_second, self.second_kwargs)):
             if net is not None and kwargs['gnet'] is not None:  # A guide of a stage that is not run is not loaded.
@@ -341,18 +345,6 @@ class RelayPipeline:
             if (first.img_channels, first.label_dim) != (second.img_channels, second.label_dim):
                 raise dnnlib.UserError(f'The stages disagree on channels or classes: the first has {first.img_channels} channels and '
                                        f'label_dim {first.label_dim}, the second {second.img_channels} and {second.label_dim}')
-
-    @property
-    def label_dim(self):
-        return (self.net_first if self.net_first is not None else self.net_second).label_dim
-
-    @property
-    def first_shape(self):
-        """(C, H, W) of the first stage's images (the second stage's input before upsampling)."""
-        if self.net_first is not None:
-            return (self.net_first.img_channels, self.net_first.img_resolution, self.net_first.img_resolution)
-        res = self.net_second.img_resolution // self.second_kwargs['up_scale']
-        return (self.net_second.img_channels, res, res)
 
     def check_class(self, class_idx):
         if class_idx is not None and not 0 <= class_idx < self.label_dim:
