@@ -201,9 +201,7 @@ class UNetBlock(torch.nn.Module):
             h = silu(self.norm1(h.add_(params)))
         h = self.conv1(torch.nn.functional.dropout(h, p=self.dropout, training=self.training))
         h = h.add_(x if self.skip is None else self.skip(x)) * self.skip_scale
-        if self.num_heads:
-            h = self._attend(h)
-        return h
+        return self._attend(h) if self.num_heads else h
 
     def _attend(self, x):
         # The qkv channels are laid out [head, channel, (q, k, v)].
