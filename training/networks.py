@@ -103,9 +103,7 @@ class Conv2d(torch.nn.Module):
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad if self.down and fused else w_pad)
         if self.down and fused:
             x = _fir(x, f, up=False, pad=0)
-        if self.bias is not None:
-            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
-        return x
+        return x if self.bias is None else x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
 
 
 @persistence.persistent_class
