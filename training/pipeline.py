@@ -228,8 +228,7 @@ def apply_postprocess(images, postprocess):
 def image_path(outdir, seed, subdirs=True):
     """Where generate.py keeps a seed's image: OUTDIR/SSS000/SSSSSS.png (a folder per 1000 seeds,
     as the reference), or OUTDIR/SSSSSS.png."""
-    name = f'{seed:06d}.png'
-    return os.path.join(outdir, f'{seed - seed % 1000:06d}', name) if subdirs else os.path.join(outdir, name)
+    return os.path.join(outdir, *([f'{seed - seed % 1000:06d}'] if subdirs else []), f'{seed:06d}.png')
 
 
 def save(path, write, mode='wb'):
