@@ -30,9 +30,8 @@ import PIL.ImageEnhance
 import torch
 
 import dnnlib
-import training
 from torch_utils import distributed as dist
-from training import fast_mode, loss, sampling
+from training import fast_mode, load_checkpoint, loss, sampling
 
 #----------------------------------------------------------------------------
 # Presets: the reference scripts' settings, as changes to the samplers' defaults.
@@ -265,7 +264,7 @@ def load_stage(network, stage, device, option='network', guided=None):
     flag, data = f'--{option}_{stage}', {'ema': network}
     if not isinstance(network, torch.nn.Module):
         try:
-            data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+            data = load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
         except (dnnlib.UserError, OSError) as err:
             raise dnnlib.UserError(f'Cannot load {flag} "{network}": {getattr(err, "message", err)}') from None
     net, record = data['ema'], loss.training_record(data)
