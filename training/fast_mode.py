@@ -74,8 +74,8 @@ def settings_from_options(fast=False, precision=None, tf32=None, channels_last=F
     TF32 on; channels-last and compile off unless asked for.
     """
     if not fast:
-        given = [name for name, value in [('--precision', precision is not None), ('--tf32', tf32), ('--channels-last', channels_last),
-                                          ('--compile', compile)] if value]  # --no-tf32 (False) is exact mode's own setting.
+        given = [name for name, value in [('--precision', precision is not None), ('--tf32', tf32),  # Not --no-tf32: exact's own.
+                                          ('--channels-last', channels_last), ('--compile', compile)] if value]
         if given:
             raise dnnlib.UserError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
         return EXACT
@@ -146,10 +146,9 @@ class FastNetwork(torch.nn.Module):
         # With a U-Net, a shallow copy of `net` runs: same class and attributes, its own table of
         # submodules (the U-Net wrapped); parameters and buffers are shared.
         self.runner = _Autocast(net, settings) if inner is None else object.__new__(type(net))
-        if inner is not None:
-            self.runner.__dict__.update(net.__dict__, _modules=dict(net._modules, model=_Autocast(inner, settings)))
-            if 'use_fp16' in self.runner.__dict__:
-                self.runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
+        if inner is not None:  # use_fp16 off: the U-Net gets float32 input, autocast decides (a no-op where not a *Precond).
+            wrapped = dict(net._modules, model=_Autocast(inner, settings))
+            self.runner.__dict__.update(net.__dict__, use_fp16=False, _modules=wrapped)
 
     def __getattr__(self, name):
         try:
