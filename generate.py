@@ -208,7 +208,8 @@ def main(preset='generate', **kwargs):
     # Sampler options left at their defaults (the samplers' or the preset's) are not passed: the
     # checkpoint's relay settings may replace them, and a given option that contradicts those warns.
     source = click.get_current_context().get_parameter_source
-    kwargs = {k: v for k, v in kwargs.items() if k not in pipeline.SAMPLER_OPTIONS or source(k).name not in ('DEFAULT', 'DEFAULT_MAP')}
+    defaults = {name for name in pipeline.SAMPLER_OPTIONS if source(name).name in ('DEFAULT', 'DEFAULT_MAP')}
+    kwargs = {k: v for k, v in kwargs.items() if k not in defaults}
     fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
     generate_images(preset=preset, fast=fast, **kwargs)
 

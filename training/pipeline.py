@@ -341,8 +341,8 @@ class RelayPipeline:
                 raise dnnlib.UserError(f'First stage resolution {first.img_resolution} x --up_scale_second={k} = '
                                        f'{first.img_resolution * k}, but the second stage network is {second.img_resolution} px')
             if (first.img_channels, first.label_dim) != (second.img_channels, second.label_dim):
-                raise dnnlib.UserError(f'The stages disagree on channels or classes: the first has {first.img_channels} channels and '
-                                       f'label_dim {first.label_dim}, the second {second.img_channels} and {second.label_dim}')
+                raise dnnlib.UserError(f'The stages differ in channels or classes (label_dim): first {first.img_channels} and '
+                                       f'{first.label_dim}, second {second.img_channels} and {second.label_dim}')
 
     def check_class(self, class_idx):
         if class_idx is not None and not 0 <= class_idx < self.label_dim:
