@@ -46,9 +46,10 @@ def load_image(path):
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def find_indir(indir, todo, pipe):
-    """The first-stage image of every seed of `todo` in --indir ({seed: path}), each checked to be
-    readable and of the size the relay needs, before starting."""
+def indir_reader(indir, todo, pipe):
+    """The reader of first-stage images for the pipeline (positions in `todo` -> uint8 N, C, h, w)
+    from --indir, where every seed's image is found and checked to be readable and of the size the
+    relay needs before starting."""
     need, paths = pipe.first_shape, {}
     for seed in todo:
         paths[seed] = next((p for p in (image_path(indir, seed), image_path(indir, seed, False)) if os.path.isfile(p)), None)
@@ -65,7 +66,7 @@ def find_indir(indir, todo, pipe):
             raise dnnlib.UserError(f'--indir image {paths[seed]} is {width}x{height} with {channels} channels, but the second '
                                    f'stage needs {need[2]}x{need[1]} with {need[0]} ({pipe.net_second.img_resolution} px / '
                                    f'--up_scale_second={pipe.second_kwargs["up_scale"]})')
-    return paths
+    return lambda indices: np.stack([load_image(paths[todo[i]]) for i in indices])
 
 
 def is_done(path, shape):
@@ -144,7 +145,7 @@ def generate_images(
     res = pipe.net_second.img_resolution if stages != 'first' else pipe.first_shape[1]
     todo = [s for s in seeds if not is_done(image_path(outdir, s, subdirs), (pipe.first_shape[0], res, res))]
     dist.barrier()
-    first_paths = find_indir(indir, todo, pipe) if stages == 'second' else None
+    read_first = indir_reader(indir, todo, pipe) if stages == 'second' else None
     if verbose:
         dist.print0(f'Generating {len(todo)} images to "{outdir}" ({len(seeds) - len(todo)} of {len(seeds)} already there)...')
         first, second = pipeline.stage_kwargs(pipe.options)  # Guides by their names, not as loaded networks.
@@ -153,7 +154,6 @@ def generate_images(
         dist.print0('sampling mode:', pipe.fast.describe())
 
     generated = []
-    read_first = (lambda indices: np.stack([load_image(first_paths[todo[i]]) for i in indices])) if stages == 'second' else None
     with tqdm.tqdm(total=len(todo), unit='img', disable=(dist.get_rank() != 0 or not verbose), dynamic_ncols=True) as bar:
         for batch in pipe.batches(todo, max_batch_size, class_idx, stages, read_first, second_noise, distributed=True):
             for seed, image in zip(batch.seeds, batch.images):
@@ -207,14 +207,10 @@ def main(preset='generate', **kwargs):
     """
     # Sampler options left at their defaults (the samplers' or the preset's) are not passed: the
     # checkpoint's relay settings may replace them, and a given option that contradicts those warns.
-    ctx = click.get_current_context()
-    for name in pipeline.SAMPLER_OPTIONS:
-        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
-            kwargs.pop(name)
-    try:
-        fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
-    except ValueError as e:
-        raise dnnlib.UserError(str(e)) from None
+    source = click.get_current_context().get_parameter_source
+    defaults = {name for name in pipeline.SAMPLER_OPTIONS if source(name).name in ('DEFAULT', 'DEFAULT_MAP')}
+    kwargs = {k: v for k, v in kwargs.items() if k not in defaults}
+    fast = fast_mode.settings_from_options(**{name: kwargs.pop(name) for name in ('fast', 'precision', 'tf32', 'channels_last', 'compile')})
     generate_images(preset=preset, fast=fast, **kwargs)
 
 

@@ -141,23 +141,21 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
 
 #----------------------------------------------------------------------------
 
-@click.command()
-@click.option('--outdir', help='Where to put the dataset, models, samples and pictures', metavar='DIR', type=str,
-              default='quickstart-out', show_default=True)
+@click.command(context_settings=dict(show_default=True))
+@click.option('--outdir', help='Where to put the dataset, models, samples and pictures', metavar='DIR', default='quickstart-out')
 @click.option('--images', 'num_images', help='Number of procedural training images', metavar='INT',
-              type=click.IntRange(min=16, max=MAX_IMAGES), default=2000, show_default=True)
+              type=click.IntRange(min=16, max=MAX_IMAGES), default=2000)
 @click.option('--kimg-first', help='First-stage training length in thousands of images', metavar='KIMG',
-              type=FiniteFloatRange(min=0, min_open=True), default=20, show_default=True)
+              type=FiniteFloatRange(min=0, min_open=True), default=20)
 @click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
-              type=FiniteFloatRange(min=0, min_open=True), default=10, show_default=True)
-@click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', type=str, default='0-63', show_default=True,
+              type=FiniteFloatRange(min=0, min_open=True), default=10)
+@click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', default='0-63',
               callback=lambda ctx, param, text: (text, len(seed_list_type(MAX_SEEDS).convert(text, param, ctx))))  # generate.py gets the text.
 @click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=seed_list_type(MAX_RELAY_SEEDS),
-              default='0-5', show_default=True)
-@click.option('--steps-first', help='First-stage sampling steps', metavar='INT', type=click.IntRange(min=2),
-              default=18, show_default=True)
-@click.option('--steps-second', help='Second-stage sampling steps (before truncation)', metavar='INT',
-              type=click.IntRange(min=2), default=40, show_default=True)
+              default='0-5')
+@click.option('--steps-first', help='First-stage sampling steps', metavar='INT', type=click.IntRange(min=2), default=18)
+@click.option('--steps-second', help='Second-stage sampling steps (before truncation)', metavar='INT', type=click.IntRange(min=2),
+              default=40)
 def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_first, steps_second):
     """Prepare a procedural dataset, train both relay stages on it, sample, and draw the relay.
 
@@ -165,9 +163,7 @@ def main(outdir, num_images, kimg_first, kimg_second, seeds, relay_seeds, steps_
     interrupted quickstart and never retrains what is there.
     """
     seeds, seed_count = seeds  # As written, and how many (checked by the option).
-    problem = dnnlib.util.folder_write_problem(outdir)
-    if problem:
-        raise dnnlib.UserError(f'--outdir {outdir} is not a folder we can write in ({problem}); choose another --outdir')
+    pipeline.check_outdir(outdir)
     os.makedirs(outdir, exist_ok=True)
 
     # 1. Procedural images.

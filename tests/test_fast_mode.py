@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from dnnlib import UserError
 from training import fast_mode, networks
 from training.fast_mode import FastSettings
 
@@ -82,14 +83,14 @@ def test_exact_is_default_and_fast_defaults():
 @pytest.mark.parametrize('option,kwargs', [('--precision', dict(precision='bf16')), ('--tf32', dict(tf32=True)),
                                            ('--channels-last', dict(channels_last=True)), ('--compile', dict(compile=True))])
 def test_fast_options_need_fast(option, kwargs):
-    with pytest.raises(ValueError, match=f'{option} needs --fast'):
+    with pytest.raises(UserError, match=f'{option} needs --fast'):
         fast_mode.settings_from_options(fast=False, **kwargs)
 
 
 def test_bad_precision_is_refused():
-    with pytest.raises(ValueError, match='--precision must be one of fp32, bf16, fp16'):
+    with pytest.raises(UserError, match='--precision must be one of fp32, bf16, fp16'):
         fast_mode.settings_from_options(fast=True, precision='fp8')
-    with pytest.raises(ValueError, match='precision must be one of'):
+    with pytest.raises(UserError, match='precision must be one of'):
         FastSettings(precision='half')
 
 #----------------------------------------------------------------------------

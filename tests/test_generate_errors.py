@@ -119,5 +119,5 @@ def test_quickstart_outdir_that_is_a_file(tmp_path):
     (tmp_path / 'file').write_text('keep')
     result = subprocess.run([sys.executable, 'quickstart.py', f'--outdir={tmp_path / "file"}'], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and 'is not a folder' in result.stderr and 'Traceback' not in result.stderr
+    assert result.returncode != 0 and 'is a file, not a folder' in result.stderr and 'Traceback' not in result.stderr
     assert (tmp_path / 'file').read_text() == 'keep'

@@ -134,8 +134,7 @@ class AugmentPipe:
 
     def _geometry(self, N, H, W, device, labels):
         """The inverse transform [N, 3, 3] (output pixel -> input pixel), or None when off."""
-        eye = torch.eye(3, device=device)
-        G_inv = eye
+        G_inv = eye = torch.eye(3, device=device)
         if self.scale > 0:
             w = self._gate(torch.randn([N], device=device), self.scale, [N])
             s = w.mul(self.scale_std).exp2()
@@ -161,8 +160,7 @@ class AugmentPipe:
 
     def _colour(self, N, device, labels):
         """The colour transform [N, 4, 4] on homogeneous RGB, or None when off."""
-        eye = torch.eye(4, device=device)
-        M = eye
+        M = eye = torch.eye(4, device=device)
         luma = misc.constant(np.asarray([1, 1, 1, 0]) / np.sqrt(3), device=device)  # The grey axis.
         if self.brightness > 0:
             w = self._gate(torch.randn([N], device=device), self.brightness, [N])

@@ -96,8 +96,7 @@ def blur_sigma_of_noise_level(sigma: float, prob_length: float = 0.93, blur_sigm
     return blur_sigma_max * torch.sin(torch.tensor(u, dtype=torch.float64) * torch.pi / 2) ** 2
 
 
-def alpha_schedule(sigmas, k: int, prob_length: float = 0.93, blur_sigma_max: float = 3,
-                   min_scale: float = 0.001, device=None) -> torch.Tensor:
+def alpha_schedule(sigmas, k: int, prob_length: float = 0.93, blur_sigma_max: float = 3, device=None) -> torch.Tensor:
     """The sampler's blur schedule: float32 attenuation (len(sigmas), k, k) for every noise level.
 
     Bit-identical to the reference's get_alpha_t for each sigma (see `blur_sigma_of_noise_level`),
@@ -106,9 +105,8 @@ def alpha_schedule(sigmas, k: int, prob_length: float = 0.93, blur_sigma_max: fl
     may differ by an ulp).
     """
     sigmas = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).cpu()]
-    blur_sigmas = torch.stack([blur_sigma_of_noise_level(s, prob_length, blur_sigma_max) for s in sigmas]) \
-        if sigmas else torch.zeros([0], dtype=torch.float64)
-    return attenuation(blur_sigmas.to(device if device is not None else 'cpu'), k, min_scale)
+    blur_sigmas = torch.stack([blur_sigma_of_noise_level(s, prob_length, blur_sigma_max) for s in sigmas])
+    return attenuation(blur_sigmas.to(device if device is not None else 'cpu'), k)  # The reference's min_scale, 0.001.
 
 
 def blur(x: torch.Tensor, blur_sigma, k: int, min_scale: float = 0.001) -> torch.Tensor:

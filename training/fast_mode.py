@@ -33,6 +33,8 @@ import warnings
 
 import torch
 
+import dnnlib
+
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 #----------------------------------------------------------------------------
@@ -49,7 +51,7 @@ class FastSettings:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
+            raise dnnlib.UserError(f'--precision must be one of {", ".join(PRECISIONS)}, got "{self.precision}"')
 
     @property
     def exact(self):
@@ -67,16 +69,15 @@ EXACT = FastSettings()
 def settings_from_options(fast=False, precision=None, tf32=None, channels_last=False, compile=False):
     """FastSettings from command-line style options; None = the default of the mode.
 
-    Without `fast` every option that would change the images is refused (ValueError naming the
-    option), so that exact mode cannot be left by accident. With `fast`: batched guidance, bf16,
+    Without `fast` every option that would change the images is refused (UserError naming the
+    option), so that exact mode cannot be left by accident. With `fast`: batched guidance, fp16,
     TF32 on; channels-last and compile off unless asked for.
     """
     if not fast:
-        given = [name for name, value in [('--precision', precision), ('--tf32', tf32 or None),
-                                          ('--channels-last', channels_last or None), ('--compile', compile or None)]
-                 if value is not None]
+        given = [name for name, value in [('--precision', precision is not None), ('--tf32', tf32),  # Not --no-tf32: exact's own.
+                                          ('--channels-last', channels_last), ('--compile', compile)] if value]
         if given:
-            raise ValueError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
+            raise dnnlib.UserError(f'{given[0]} needs --fast (the default exact mode runs the networks unchanged)')
         return EXACT
     return FastSettings(batch_guidance=True, precision='fp16' if precision is None else precision, tf32=(True if tf32 is None else bool(tf32)),
                         channels_last=bool(channels_last), compile=bool(compile))
@@ -118,18 +119,12 @@ class _Autocast(torch.nn.Module):
         return self.run(*args, **kwargs)
 
 
-def set_tf32(enabled):
-    """TF32 matmuls and cuDNN convolutions both on or both off (PyTorch's defaults differ:
-    matmuls off, convolutions on); returns the previous pair."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
-    return saved
-
-
 @contextlib.contextmanager
 def tf32_enabled(enabled):
-    """set_tf32(enabled) for the block, the previous flags restored on exit."""
-    saved = set_tf32(enabled)
+    """TF32 matmuls and cuDNN convolutions both on or both off for the block (PyTorch's defaults
+    differ: matmuls off, convolutions on), the previous flags restored on exit."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
     try:
         yield
     finally:
@@ -151,10 +146,9 @@ class FastNetwork(torch.nn.Module):
         # With a U-Net, a shallow copy of `net` runs: same class and attributes, its own table of
         # submodules (the U-Net wrapped); parameters and buffers are shared.
         self.runner = _Autocast(net, settings) if inner is None else object.__new__(type(net))
-        if inner is not None:
-            self.runner.__dict__.update(net.__dict__, _modules=dict(net._modules, model=_Autocast(inner, settings)))
-            if 'use_fp16' in self.runner.__dict__:
-                self.runner.__dict__['use_fp16'] = False  # The U-Net gets float32 input; autocast decides.
+        if inner is not None:  # use_fp16 off: the U-Net gets float32 input, autocast decides (a no-op where not a *Precond).
+            wrapped = dict(net._modules, model=_Autocast(inner, settings))
+            self.runner.__dict__.update(net.__dict__, use_fp16=False, _modules=wrapped)
 
     def __getattr__(self, name):
         try:
@@ -172,12 +166,12 @@ class FastNetwork(torch.nn.Module):
 
 
 def prepare(net, settings):
-    """`net` itself in exact mode, else a FastNetwork sharing its parameters. Exact mode turns
-    TF32 off for the process, convolutions included: the networks run in full float32."""
+    """`net` itself in exact mode, else a FastNetwork sharing its parameters (None stays None).
+    Exact mode turns TF32 off for the process, convolutions included: the networks run in full float32."""
     if settings is None or settings.exact:
-        set_tf32(False)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         return net
-    return FastNetwork(net, settings)
+    return FastNetwork(net, settings) if net is not None else None
 
 #----------------------------------------------------------------------------
 # Guidance.

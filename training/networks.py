@@ -103,9 +103,7 @@ class Conv2d(torch.nn.Module):
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad if self.down and fused else w_pad)
         if self.down and fused:
             x = _fir(x, f, up=False, pad=0)
-        if self.bias is not None:
-            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
-        return x
+        return x if self.bias is None else x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
 
 
 @persistence.persistent_class
@@ -201,9 +199,7 @@ class UNetBlock(torch.nn.Module):
             h = silu(self.norm1(h.add_(params)))
         h = self.conv1(torch.nn.functional.dropout(h, p=self.dropout, training=self.training))
         h = h.add_(x if self.skip is None else self.skip(x)) * self.skip_scale
-        if self.num_heads:
-            h = self._attend(h)
-        return h
+        return self._attend(h) if self.num_heads else h
 
     def _attend(self, x):
         # The qkv channels are laid out [head, channel, (q, k, v)].

@@ -28,12 +28,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
 import torch
-import torch.nn.functional as F
 
 import dnnlib
-import training
 from torch_utils import distributed as dist
-from training import fast_mode, loss, sampling
+from training import fast_mode, load_checkpoint, loss, sampling
 
 #----------------------------------------------------------------------------
 # Presets: the reference scripts' settings, as changes to the samplers' defaults.
@@ -104,7 +102,8 @@ def sampler_click_options(show_default=True):
     def decorate(fn):
         for name, o in reversed(SAMPLER_OPTIONS.items()):
             setting = [key for key, option in RELAY_SETTINGS.items() if option == name]
-            text = f'{o.help}  [{o.type.bounds}]' + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')
+            text = o.help + (f'  [{o.type.bounds}]' if hasattr(o.type, 'bounds') else '') \
+                + (f'  [checkpoint: --{setting[0].replace("_", "-")}]' if setting else '')  # click shows a Number's range.
             fn = click.option(o.flag, name, type=o.type, metavar=o.type.name, help=text,
                               default=o.default if show_default is True else None, show_default=show_default)(fn)
         return fn
@@ -127,13 +126,10 @@ def _check_schedule(o, stage):
         raise dnnlib.UserError(f'{show("sigma_min")} must be below {show("sigma_max")}')
     if o['S_min'] > o['S_max']:
         raise dnnlib.UserError(f'{show("S_min")} must be at most {show("S_max")}')
-    try:
-        ends = sampling.time_steps(2, float(o['sigma_min']), float(o['sigma_max']), float(o['rho']))
-        want = torch.tensor([float(o['sigma_max']), float(o['sigma_min'])], dtype=torch.float64)
-        ok = bool(torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0))
-    except (OverflowError, ZeroDivisionError):
-        ok = False
-    if not ok:
+    value = lambda key: torch.tensor(float(o[key]), dtype=torch.float64)  # As tensors an overflow is inf, not an exception.
+    ends = sampling.time_steps(2, value('sigma_min'), value('sigma_max'), value('rho'))
+    want = torch.stack([value('sigma_max'), value('sigma_min')])
+    if not (torch.isfinite(ends).all() and torch.allclose(ends, want, rtol=1e-6, atol=0)):
         raise dnnlib.UserError(f'{show("rho")} with {show("sigma_min")} and {show("sigma_max")} gives a noise schedule '
                                f'that overflows or rounds away; use a rho around 7')
 
@@ -145,8 +141,7 @@ def resolve_options(preset='generate', options=None, relay_settings=None):
     `training.loss.training_record` found in the second-stage checkpoint. Returns (options, notes):
     notes name a given option that contradicts the checkpoint, with both values.
     """
-    if preset not in PRESETS:
-        raise dnnlib.UserError(f'unknown preset "{preset}"; choose one of {", ".join(PRESETS)}')
+    preset = convert(click.Choice(list(PRESETS)), preset, 'preset')
     given = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(given) - set(SAMPLER_OPTIONS))
     if unknown:
@@ -191,8 +186,7 @@ def choose_stages(stages, has_first, has_second, has_images):
     checked against them."""
     if stages is None:
         stages = 'second' if has_images else 'both' if has_first and has_second else 'first' if has_first else 'second'
-    if stages not in STAGES:
-        raise dnnlib.UserError(f'--sampler_stages must be first, second or both, not "{stages}"')
+    stages = convert(click.Choice(STAGES), stages, '--sampler_stages')
     for name, has in (('first', has_first), ('second', has_second)):
         if stages in (name, 'both') and not has:
             raise dnnlib.UserError(f'--sampler_stages={stages} needs --network_{name}')
@@ -233,8 +227,7 @@ def apply_postprocess(images, postprocess):
 def image_path(outdir, seed, subdirs=True):
     """Where generate.py keeps a seed's image: OUTDIR/SSS000/SSSSSS.png (a folder per 1000 seeds,
     as the reference), or OUTDIR/SSSSSS.png."""
-    name = f'{seed:06d}.png'
-    return os.path.join(outdir, f'{seed - seed % 1000:06d}', name) if subdirs else os.path.join(outdir, name)
+    return os.path.join(outdir, *([f'{seed - seed % 1000:06d}'] if subdirs else []), f'{seed:06d}.png')
 
 
 def save(path, write, mode='wb'):
@@ -271,7 +264,7 @@ def load_stage(network, stage, device, option='network', guided=None):
     flag, data = f'--{option}_{stage}', {'ema': network}
     if not isinstance(network, torch.nn.Module):
         try:
-            data = training.load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
+            data = load_checkpoint(os.fspath(network) if isinstance(network, os.PathLike) else network)
         except (dnnlib.UserError, OSError) as err:
             raise dnnlib.UserError(f'Cannot load {flag} "{network}": {getattr(err, "message", err)}') from None
     net, record = data['ema'], loss.training_record(data)
@@ -305,9 +298,8 @@ class RelayPipeline:
     def __init__(self, network_first=None, network_second=None, preset='generate', device=None,
                  postprocess=None, warn=True, fast=None, **options):
         resolve_options(preset, options)  # The numbers, before any loading.
-        self.postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
-        if self.postprocess not in POSTPROCESS:
-            raise dnnlib.UserError(f'--postprocess must be one of {", ".join(POSTPROCESS)}, not "{self.postprocess}"')
+        postprocess = postprocess if postprocess is not None else PRESETS[preset]['postprocess']
+        self.postprocess = convert(click.Choice(list(POSTPROCESS)), postprocess, '--postprocess')
         if network_first is None and network_second is None:
             raise dnnlib.UserError('give --network_first, --network_second or both')
         self.device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
@@ -316,6 +308,10 @@ class RelayPipeline:
         self.options, self.warnings = resolve_options(preset, options, record.relay if record else {})  # The checkpoint's relay settings.
         self.first_kwargs, self.second_kwargs = stage_kwargs(self.options)
         self._check_networks()
+        # The classes, and (C, H, W) of the first stage's images (the second stage's input before upsampling).
+        net = self.net_first if self.net_first is not None else self.net_second  # The stages agree on both.
+        res = net.img_resolution if net is self.net_first else net.img_resolution // self.second_kwargs['up_scale']
+        self.label_dim, self.first_shape = net.label_dim, (net.img_channels, res, res)
         self.fast = fast if fast is not None else fast_mode.EXACT
         for stage, net, kwargs in (('first', self.net_first, self.first_kwargs), ('second', self.net_second, self.second_kwargs)):
             if net is not None and kwargs['gnet'] is not None:  # A guide of a stage that is not run is not loaded.
@@ -328,8 +324,7 @@ class RelayPipeline:
                                      f'image; pass --cfg_scale_{stage}=1')
         for note in self.warnings if warn else ():
             warnings.warn(note, stacklevel=2)
-        self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) if n is not None else None
-                                           for n in (self.net_first, self.net_second))
+        self.net_first, self.net_second = (fast_mode.prepare(n, self.fast) for n in (self.net_first, self.net_second))
 
     def _check_networks(self):
         first, second, k = self.net_first, self.net_second, self.second_kwargs['up_scale']
@@ -345,28 +340,14 @@ class RelayPipeline:
             if first.img_resolution * k != second.img_resolution:
                 raise dnnlib.UserError(f'First stage resolution {first.img_resolution} x --up_scale_second={k} = '
                                        f'{first.img_resolution * k}, but the second stage network is {second.img_resolution} px')
-            if first.img_channels != second.img_channels:
-                raise dnnlib.UserError(f'The stages disagree on channels: {first.img_channels} vs {second.img_channels}')
-            if first.label_dim != second.label_dim:
-                raise dnnlib.UserError(f'The stages disagree on classes: label_dim {first.label_dim} vs {second.label_dim}')
-
-    @property
-    def label_dim(self):
-        return (self.net_first if self.net_first is not None else self.net_second).label_dim
-
-    @property
-    def first_shape(self):
-        """(C, H, W) of the first stage's images (the second stage's input before upsampling)."""
-        if self.net_first is not None:
-            return (self.net_first.img_channels, self.net_first.img_resolution, self.net_first.img_resolution)
-        res = self.net_second.img_resolution // self.second_kwargs['up_scale']
-        return (self.net_second.img_channels, res, res)
+            if (first.img_channels, first.label_dim) != (second.img_channels, second.label_dim):
+                raise dnnlib.UserError(f'The stages differ in channels or classes (label_dim): first {first.img_channels} and '
+                                       f'{first.label_dim}, second {second.img_channels} and {second.label_dim}')
 
     def check_class(self, class_idx):
-        if class_idx is not None and not self.label_dim:
-            raise dnnlib.UserError('--class was given but the network is unconditional')
         if class_idx is not None and not 0 <= class_idx < self.label_dim:
-            raise dnnlib.UserError(f'--class={class_idx} is out of range: the network has {self.label_dim} classes (0..{self.label_dim - 1})')
+            has = f'has {self.label_dim} classes (0..{self.label_dim - 1})' if self.label_dim else 'is unconditional (no classes)'
+            raise dnnlib.UserError(f'--class={class_idx} is out of range: the network {has}')
 
     @torch.no_grad()
     def sample(self, seeds, class_idx=None, first_images=None, stages=None, second_noise='continue', trace=None):
@@ -397,7 +378,7 @@ class RelayPipeline:
         trace['first'] = images
         if stages != 'first':
             res = self.net_second.img_resolution
-            trace['upsampled'] = images = F.interpolate(images, size=(res, res), mode='nearest')
+            trace['upsampled'] = images = torch.nn.functional.interpolate(images, size=(res, res), mode='nearest')
             images = sampling.blur_sampler(self.net_second, images, labels, randn_like=rnd.randn_like, trace=trace, **self.second_kwargs)
         return images
 

@@ -21,7 +21,6 @@ these declarations: a new option is one new parameter.
 """
 
 import concurrent.futures
-import functools
 import math
 import numbers
 import os
@@ -35,29 +34,24 @@ from training import blurring, fast_mode
 #----------------------------------------------------------------------------
 # The range of a sampler option.
 
-class Number(click.ParamType):
-    """A number >= low (> low with low_open) and <= high; never NaN, infinite only with
-    allow_inf, whole with integer. Command-line text and Python numbers are checked alike."""
+class Number(click.FloatRange):
+    """click.FloatRange (low_open: > low; --help shows the range) that also refuses NaN, booleans,
+    infinity unless allow_inf and, with integer, fractions. Command-line text and Python numbers alike."""
 
     def __init__(self, low=0, high=None, low_open=False, integer=False, allow_inf=False):
-        self.low, self.high, self.low_open, self.integer, self.allow_inf = low, high, low_open, integer, allow_inf
-        self.name = 'INT' if integer else 'FLOAT'
-        self.bounds = f'{">" if low_open else ">="} {low}' + (f' and <= {high}' if high is not None else '')
+        super().__init__(low, high, min_open=low_open)
+        self.integer, self.allow_inf, self.name = integer, allow_inf, 'INT' if integer else 'FLOAT'
 
     def convert(self, value, param, ctx):
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
             self.fail(f'{value!r} is not a number', param, ctx)
+        number = click.FLOAT.convert(value, param, ctx)
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
             self.fail(f'{value} must be a finite number', param, ctx)
         if self.integer and number != int(number):
             self.fail(f'{value} must be a whole number', param, ctx)
-        if number < self.low or (self.low_open and number == self.low) or (self.high is not None and number > self.high):
-            self.fail(f'{value} must be {self.bounds}', param, ctx)
-        return int(number) if self.integer else number
+        number = super().convert(number, param, ctx)  # The range.
+        return int(number) if self.integer else number if isinstance(value, str) else value  # A Python number keeps its type.
 
 
 # More steps than this is a typo (the papers use at most 256); the schedule alone takes 8 bytes a step.
@@ -99,9 +93,8 @@ class Network(click.ParamType):
 #----------------------------------------------------------------------------
 # Noise.
 
-@functools.cache
-def _fill_pool():
-    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+# Threads start on first use only, so importing this module starts none.
+_FILL_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
 
 class StackedRandomGenerator:
@@ -117,7 +110,7 @@ class StackedRandomGenerator:
         out = torch.empty(size, **kwargs)
         fill = lambda i: out[i].normal_(generator=self.generators[i])  # In place: the same numbers as a fresh draw.
         threads = out.device.type == 'cpu' and len(out) > 1 and out[0].numel() >= 16384  # Independent generators; the GIL is released.
-        list((_fill_pool().map if threads else map)(fill, range(len(out))))
+        list((_FILL_POOL.map if threads else map)(fill, range(len(out))))
         return out
 
     def randn_like(self, input):
