@@ -18,7 +18,7 @@ import gpu_check  # noqa: E402
 
 # In requirements.txt or pyproject.toml, but not on the lent GPU machine (Python, torch, numpy,
 # click, pillow, scipy, tqdm, safetensors and psutil only).
-NOT_ON_GPU_MACHINE = ['matplotlib', 'tensorboard', 'transformers', 'pytest']
+NOT_ON_GPU_MACHINE = ['matplotlib', 'tensorboard', 'transformers', 'pytest', 'xdist']
 
 
 @pytest.fixture(scope='module')
