@@ -29,7 +29,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import data_files, fast_mode, pipeline, sample_grid, sampling
+from training import data_files, fast_mode, pipeline, sample_grid
 from training.pipeline import POSTPROCESS, PRESETS, RelayPipeline, image_path
 
 #----------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def generate_images(
     seeds = list(dict.fromkeys(pipeline.check_seeds(seeds)))  # Repeats dropped, order kept.
     if not seeds:
         raise dnnlib.UserError('--seeds is empty')
-    max_batch_size = pipeline.convert(sampling.Number(1, integer=True), max_batch_size, '--batch')
+    max_batch_size = pipeline.convert(dnnlib.util.Number(1, integer=True), max_batch_size, '--batch')
     pipeline.check_outdir(outdir)
     if stages == 'second' and not os.path.isdir(indir):
         raise dnnlib.UserError(f'--indir "{indir}" is not a folder')

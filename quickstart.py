@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import dnnlib
-from dnnlib.util import FiniteFloatRange, seeds as seed_list_type
+from dnnlib.util import Number, seeds as seed_list_type
 from training import pipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -146,9 +146,9 @@ def relay_figure(net_first_path: str, net_second_path: str, seeds: list[int], pa
 @click.option('--images', 'num_images', help='Number of procedural training images', metavar='INT',
               type=click.IntRange(min=16, max=MAX_IMAGES), default=2000)
 @click.option('--kimg-first', help='First-stage training length in thousands of images', metavar='KIMG',
-              type=FiniteFloatRange(min=0, min_open=True), default=20)
+              type=Number(0, low_open=True), default=20)
 @click.option('--kimg-second', help='Second-stage training length in thousands of images', metavar='KIMG',
-              type=FiniteFloatRange(min=0, min_open=True), default=10)
+              type=Number(0, low_open=True), default=10)
 @click.option('--seeds', help='Seeds to sample (e.g. 0-63)', metavar='LIST', default='0-63',
               callback=lambda ctx, param, text: (text, len(seed_list_type(MAX_SEEDS).convert(text, param, ctx))))  # generate.py gets the text.
 @click.option('--relay-seeds', help='Seeds shown as rows in relay.png', metavar='LIST', type=seed_list_type(MAX_RELAY_SEEDS),

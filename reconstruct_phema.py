@@ -93,9 +93,9 @@ def reconstruct_phema(indir, outdir, outstd, outkimg=None, max_error=0.05, verbo
               type=click.Path(exists=True, file_okay=False))
 @click.option('--list', 'list_only', help='List the stored snapshots and the reconstructable stds, then exit', is_flag=True)
 @click.option('--outstd',    help='Relative standard deviations to reconstruct, e.g. 0.070,0.120', metavar='LIST', callback=phema.parse_stds)
-@click.option('--outkimg',   help='Training time to reconstruct (a stored one)  [default: latest]', metavar='KIMG', type=dnnlib.util.FiniteFloatRange(min=0, min_open=True))
+@click.option('--outkimg',   help='Training time to reconstruct (a stored one)  [default: latest]', metavar='KIMG', type=dnnlib.util.Number(0, low_open=True))
 @click.option('--outdir',    help='Where to write reconstructed-<N>-<std>.pkl (existing files are refused)', metavar='DIR')
-@click.option('--max-error', help='Refuse a std whose profile the snapshots make less closely (relative L2 distance)', metavar='FLOAT', type=dnnlib.util.FiniteFloatRange(min=0), default=0.05, show_default=True)
+@click.option('--max-error', help='Refuse a std whose profile the snapshots make less closely (relative L2 distance)', metavar='FLOAT', type=dnnlib.util.Number(0), default=0.05, show_default=True)
 def main(indir, list_only, outstd, outkimg, outdir, max_error):
     """Reconstruct power-function EMA weights of any std from a run's stored snapshots.
 

@@ -24,7 +24,7 @@ import torch
 from click.core import ParameterSource
 
 import dnnlib
-from dnnlib.util import FiniteFloatRange
+from dnnlib.util import Number
 from metrics import compute, detector
 from torch_utils import distributed as dist
 from torch_utils import misc
@@ -349,7 +349,7 @@ class _OneLineCommand(click.Command):
             raise dnnlib.UserError(err.format_message()) from None
 
 
-POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), FiniteFloatRange(min=0), FiniteFloatRange(0, 1)
+POSITIVE, NONNEGATIVE, FRACTION = Number(0, low_open=True), Number(0), Number(0, 1)
 
 
 @click.command(cls=_OneLineCommand)
@@ -367,7 +367,7 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 @click.option('--cbase',          help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(1, 1 << 16))
 @click.option('--cres',           help='Channels per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=str, callback=_parse_cres)
 @click.option('--blocks',         help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(1, 100))
-@click.option('--lr',             help='Learning rate (Adam moves each weight by about this much per step)', metavar='FLOAT', type=FiniteFloatRange(0, 1, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr',             help='Learning rate (Adam moves each weight by about this much per step)', metavar='FLOAT', type=Number(0, 1, low_open=True), default=1e-4, show_default=True)
 @click.option('--lr-rampup',      help='Learning rate warm-up duration', metavar='KIMG',             type=NONNEGATIVE, default=10000, show_default=True)
 @click.option('--ema',            help='EMA half-life', metavar='MIMG',                              type=NONNEGATIVE, default=0.5, show_default=True)
 @click.option('--ema-std',        help='Post-hoc EMA: also keep power-function EMAs of these relative stds (e.g. 0.050,0.100), saved as phema-*.pkl with every snapshot for reconstruct_phema.py; one more copy of the weights per std on every GPU', metavar='LIST', type=str, callback=phema.parse_stds)
@@ -412,8 +412,8 @@ POSITIVE, NONNEGATIVE, FRACTION = FiniteFloatRange(min=0, min_open=True), Finite
 # Relay (blurring diffusion) stage, --precond=blur.
 @click.option('--up-scale',       help='Upsampling scale = DCT block size', metavar='INT',           type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--block-scale',    help='Scale of block noise addition', metavar='FLOAT',             type=FRACTION, default=0.15, show_default=True)
-@click.option('--prob-length',    help='Truncation probability length (below 0.001 every noise level is under the loss\'s floor)', metavar='FLOAT', type=FiniteFloatRange(0.001, 1), default=0.93, show_default=True)
-@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule (from about 10 on, every block blurs to its mean)', metavar='FLOAT', type=FiniteFloatRange(0, 1000), default=3, show_default=True)
+@click.option('--prob-length',    help='Truncation probability length (below 0.001 every noise level is under the loss\'s floor)', metavar='FLOAT', type=Number(0.001, 1), default=0.93, show_default=True)
+@click.option('--blur-sigma-max', help='Maximum sigma of blurring schedule (from about 10 on, every block blurs to its mean)', metavar='FLOAT', type=Number(0, 1000), default=3, show_default=True)
 def main(**_kwargs):
     """Train a diffusion model (EDM first stage, or the relay stage with --precond=blur).
 

@@ -98,15 +98,26 @@ def seeds(limit: int | None = None) -> IntList:
     return IntList(limit, MAX_SEED, 'seeds')
 
 
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf (including overflowing input like 1e309),
-    which FloatRange lets through: nan compares false with every bound."""
+class Number(click.FloatRange):
+    """The number type of the project's options (train.py, the samplers, the scripts): click.FloatRange
+    (low_open: > low; --help shows the range) that also refuses NaN, booleans, infinity unless
+    allow_inf (FloatRange lets NaN through: it compares false with every bound, and 1e309 is inf)
+    and, with integer, fractions. Command-line text and Python numbers alike."""
+
+    def __init__(self, low=0, high=None, low_open=False, integer=False, allow_inf=False):
+        super().__init__(low, high, min_open=low_open)
+        self.integer, self.allow_inf, self.name = integer, allow_inf, 'INT' if integer else 'FLOAT'
 
     def convert(self, value, param, ctx):
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+            self.fail(f'{value!r} is not a number', param, ctx)
         number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f'{value!r} is not a finite number.', param, ctx)
-        return super().convert(number, param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f'{value} must be a finite number', param, ctx)
+        if self.integer and number != int(number):
+            self.fail(f'{value} must be a whole number', param, ctx)
+        number = super().convert(number, param, ctx)  # The range.
+        return int(number) if self.integer else number if isinstance(value, str) else value  # A Python number keeps its type.
 
 
 #----------------------------------------------------------------------------

@@ -75,8 +75,8 @@ def test_evaluate_gen_and_quickstart_seed_bounds(tmp_path):
     _clear_error(evaluate.main, [*common, '--seeds=4294967296'], 'largest allowed value')
     out = tmp_path / 'qs'
     for args, text in [(['--seeds=0-99999999999'], 'more than 1,000,000 seeds'), (['--seeds=5-3'], 'empty range'),
-                       (['--relay-seeds=0-99'], 'more than 64 seeds'), (['--kimg-first=nan'], 'is not a finite number'),
-                       (['--kimg-second=1e309'], 'is not a finite number'), (['--images=99999999999'], 'not in the range')]:
+                       (['--relay-seeds=0-99'], 'more than 64 seeds'), (['--kimg-first=nan'], 'must be a finite number'),
+                       (['--kimg-second=1e309'], 'must be a finite number'), (['--images=99999999999'], 'not in the range')]:
         _clear_error(quickstart.main, ['--outdir', str(out), *args], text)
     assert not out.exists()
 

@@ -21,38 +21,17 @@ these declarations: a new option is one new parameter.
 """
 
 import concurrent.futures
-import math
-import numbers
 import os
 
 import click
 import numpy as np
 import torch
 
+from dnnlib.util import Number
 from training import blurring, fast_mode
 
 #----------------------------------------------------------------------------
-# The range of a sampler option.
-
-class Number(click.FloatRange):
-    """click.FloatRange (low_open: > low; --help shows the range) that also refuses NaN, booleans,
-    infinity unless allow_inf and, with integer, fractions. Command-line text and Python numbers alike."""
-
-    def __init__(self, low=0, high=None, low_open=False, integer=False, allow_inf=False):
-        super().__init__(low, high, min_open=low_open)
-        self.integer, self.allow_inf, self.name = integer, allow_inf, 'INT' if integer else 'FLOAT'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
-            self.fail(f'{value!r} is not a number', param, ctx)
-        number = click.FLOAT.convert(value, param, ctx)
-        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
-            self.fail(f'{value} must be a finite number', param, ctx)
-        if self.integer and number != int(number):
-            self.fail(f'{value} must be a whole number', param, ctx)
-        number = super().convert(number, param, ctx)  # The range.
-        return int(number) if self.integer else number if isinstance(value, str) else value  # A Python number keeps its type.
-
+# The ranges of the sampler options (dnnlib.util.Number).
 
 # More steps than this is a typo (the papers use at most 256); the schedule alone takes 8 bytes a step.
 MAX_STEPS = 1_000_000
