@@ -25,7 +25,7 @@ from click.core import ParameterSource
 
 import dnnlib
 from dnnlib.util import Number
-from metrics import compute, detector
+from metrics import compute, detector, refs, sweep
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import loggers, phema, training_loop
@@ -445,6 +445,8 @@ def main(**_kwargs):
         dist.print0(f'Note: --precision={opts.precision} runs the network in float16 on CUDA only, as the reference; '
                     f'on {dist.get_device()} it trains in float32 (the run is named so)')
     dataset = inspect_dataset(opts)
+    if opts.metrics_ref is not None and not dnnlib.util.is_url(opts.metrics_ref) and opts.metrics_ref not in refs.REFERENCES:
+        sweep.open_reference(opts.metrics_ref, opts.metrics.metrics, '--metrics-ref')  # A local file: before the run folder exists.
     c = setup_training_config(opts, dataset, world)
     problem = memory_problem(c, dataset, world, dist.get_device())
     if problem and not opts.dry_run:  # Refused before the run folder exists; a dry run only notes it.

@@ -138,11 +138,14 @@ def test_sweep_errors(setup, tmp_path):
         res = run_cli(evaluate.main, 'sweep', '--run-dir', missing, '-m', 'fid')
         assert res.exit_code == 2 and "Invalid value for '--run-dir'" in res.output, res.output
     common = ['--outdir', tmp_path / 'runs', '--data', s['d'] / 'data', '--dry-run']
+    np.savez(tmp_path / 'wrong.npz', logits=np.zeros([4, 8], np.float32))
     for extra, message in [(['--metrics=fid10k'], 'needs --metrics-ref'), (['--metrics=fid10k,is5'], 'one sample count'),
-                           (['--metrics=fld10k', '--metrics-ref=x'], 'such as fid10k')]:
-        res = run_cli(train.main, *common, *extra)
+                           (['--metrics=fld10k', '--metrics-ref=x'], 'such as fid10k'),
+                           (['--metrics=fid2', '--metrics-ref', tmp_path / 'x.npz'], 'x.npz: cannot read as .npz'),
+                           (['--metrics=fid2', '--metrics-ref', tmp_path / 'wrong.npz'], 'FID needs feat or mu/sigma')]:
+        res = run_cli(train.main, *common[:-1], *extra)  # Refused before the run folder exists, not only in a dry run.
         assert res.exit_code == 1 and message in res.output and not os.path.exists(tmp_path / 'runs'), res.output
-    assert run_cli(train.main, *common, '--metrics=is2,fid_2', '--metrics-ref=x').exit_code == 0
+    assert run_cli(train.main, *common, '--metrics=is2,fid_2', '--metrics-ref', s['ref']).exit_code == 0
 
 
 def test_train_metrics_equal_sweep_and_leave_weights_unchanged(setup, tmp_path):
