@@ -130,6 +130,7 @@ class RunMetrics:
         if self.path is not None and results:
             new = [dict(snapshot=snapshot, kimg=kimg, metric=m, name=name, value=results[name], num=self.num, seconds=seconds,
                         options=options, settings=self.settings) for m in metrics for name in RESULTS[m]]
+            new = json.loads(json.dumps(new), parse_constant=str)  # Strict JSON for other readers: S_max=inf as "Infinity".
             self.lines = sorted({(x['snapshot'], x['name']): x for x in self.lines + new}.values(), key=lambda x: x['kimg'])  # New ones win.
             pipeline.save(self.path + '.jsonl', lambda f: f.writelines(json.dumps(line) + '\n' for line in self.lines), 'w')
             plot(self.lines, self.path + '.png')

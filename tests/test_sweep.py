@@ -49,8 +49,11 @@ def _jsonl(run):
 
 
 def _records(run):
+    # Strict JSON (no NaN/Infinity tokens), which jq and other readers need; S_max is inf by default.
     with open(_jsonl(run), encoding='utf-8') as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line, parse_constant=lambda token: pytest.fail(f'{token} in the record')) for line in f]
+    assert all(r['options']['S_max_first'] == 'Infinity' for r in records)
+    return records
 
 
 def test_sweep_equals_gen_resumes_and_plots(setup, tmp_path, monkeypatch):
