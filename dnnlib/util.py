@@ -109,15 +109,19 @@ class Number(click.FloatRange):
         self.integer, self.allow_inf, self.name = integer, allow_inf, 'INT' if integer else 'FLOAT'
 
     def convert(self, value, param, ctx):
-        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        try:
+            number = float(value) if isinstance(value, (str, numbers.Real)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None:
             self.fail(f'{value!r} is not a number', param, ctx)
-        number = click.FLOAT.convert(value, param, ctx)
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
             self.fail(f'{value} must be a finite number', param, ctx)
         if self.integer and number != int(number):
             self.fail(f'{value} must be a whole number', param, ctx)
-        number = super().convert(number, param, ctx)  # The range.
-        return int(number) if self.integer else number if isinstance(value, str) else value  # A Python number keeps its type.
+        if self.integer:  # The range in whole numbers, in the message too.
+            return click.IntRange(self.min, self.max).convert(int(number), param, ctx)
+        return super().convert(number, param, ctx)  # A float, as every float option gives (training_options.json).
 
 
 #----------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def _fails(args, text, outdir):
     ('--S_min=10', '--S_min=10.0 must be at most --S_max=5.0'),
     ('--truncation_t_second=nan', "'--truncation_t_second': nan must be"),
     ('--S_churn_second=inf', "'--S_churn_second': inf must be a finite number"),
+    ('--num_steps_first=1', "'--num_steps_first': 1 is not in the range 2<=x<=1000000."),  # Whole numbers stay whole.
+    ('--num_steps_second=True', "'--num_steps_second': 'True' is not a number"),
     ('--seeds=0-99999999999', 'more than 10,000,000 seeds'),
     ('--seeds=9-3', 'empty range'),
 ])

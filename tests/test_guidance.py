@@ -163,7 +163,7 @@ def test_bad_guides_are_refused(tmp_path, ckpts):
     with pytest.warns(UserWarning, match='--gnet_first is not used with --cfg_scale_first=1'):
         RelayPipeline(ckpts['first'], None, device='cpu', gnet_first=ckpts['gfirst'])
     for interval, message in [('2,1', 'LO must be below HI'), ('1,1', 'LO must be below HI'), ('1', 'not two noise levels'),
-                              ('1,2,3', 'not two noise levels'), ('-1,2', 'not in the range x>=0'), ('a,2', 'not a valid float'),
+                              ('1,2,3', 'not two noise levels'), ('-1,2', 'not in the range x>=0'), ('a,2', "'a' is not a number"),
                               ('nan,1', 'finite'), ((0.5,), 'not two noise levels'), (3, 'not two noise levels')]:
         with pytest.raises(UserError, match=f'--guidance_interval_first: .*{message}'):
             make(guidance_interval_first=interval)

@@ -105,7 +105,7 @@ BAD = {
     'lr_nan':              (['--lr=nan'], "'--lr': nan must be a finite number"),
     'lr_inf':              (['--lr=inf'], "'--lr': inf must be a finite number"),
     'lr_negative':         (['--lr=-1'], "'--lr': -1.0 is not in the range 0<x<=1"),
-    'lr_text':             (['--lr=fast'], "'--lr': 'fast' is not a valid float"),
+    'lr_text':             (['--lr=fast'], "'--lr': 'fast' is not a number"),
     'duration_zero':       (['--duration=0'], "'--duration': 0.0 is not in the range x>0"),
     'tick_nan':            (['--tick=nan'], "'--tick': nan must be a finite number"),
     'ema_negative':        (['--ema=-1'], "'--ema': -1.0 is not in the range x>=0"),
@@ -266,3 +266,13 @@ def test_dry_run_notes_a_batch_that_does_not_fit(tiny_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert 'Note: 2000000000 images per accumulation round need about' in result.output and 'Dry run; exiting.' in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_float_options_are_floats_in_the_config():
+    # training_options.json (and a snapshot's network arguments) hold float options as floats,
+    # 0.0 rather than 0, whether they come from a default, a preset's integer or the command line.
+    for args in (['--precond=blur'], ['--preset=imagenet64'], ['--ls=3', '--label-dropout=0', '--cond=1']):
+        c = train.setup_training_config(_resolve(['--outdir=o', '--data=d', *args]), _fake_dataset(16, labels=True), world=1)
+        floats = [c.loss_scaling, c.lr_rampup_kimg, c.total_kimg, c.network_kwargs.label_dropout, c.network_kwargs.dropout,
+                  *[v for k, v in c.loss_kwargs.items() if k != 'class_name' and k != 'up_scale']]
+        assert all(type(v) is float for v in floats), (args, floats)
