@@ -201,14 +201,14 @@ def open_npz(path):
     shape = images.shape
     if images.fortran:  # Its rows are not contiguous: reading one would read them all.
         raise ValueError('arr_0 is stored in Fortran order; save np.ascontiguousarray(x) instead')
-    if 'arr_1' in data_files.npz_keys(path):
+    if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+        raise UserError(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
+                        f'got {images.dtype} {list(shape)}')
+    if 'arr_1' in data_files.npz_keys(path):  # Checked against the images' count, which must exist first.
         member = data_files.NpyMember(path, 'arr_1')
         if member.shape != shape[:1] or member.dtype.kind not in 'iu':
             raise ValueError(f'arr_1 must hold one integer label per image, got {member.dtype} {list(member.shape)}')
         labels = class_labels(member[:], shape[0], f'{path}: arr_1')
-    if images.dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
-        raise UserError(f'{path}: arr_0 must be uint8 images shaped NHWC (C = 1, 3 or 4) or NHW, '
-                        f'got {images.dtype} {list(shape)}')
     mode = 'L' if len(shape) == 3 or shape[3] == 1 else {3: 'RGB', 4: 'RGBA'}[shape[3]]
     return Source(kind='npz', path=path, refs=range(shape[0]), mode=mode, labels=labels)
 

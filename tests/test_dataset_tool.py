@@ -732,7 +732,7 @@ def _npz_member(z, name, header, data):
     z.writestr(name, buf.getvalue() + data)
 
 @pytest.mark.parametrize('case', ['object images', 'object labels', 'labels per pixel', 'negative labels', 'huge labels',
-                                  'float labels', 'labels claim a billion', 'fortran order', 'scalar', 'no arr_0',
+                                  'float labels', 'labels claim a billion', 'fortran order', 'scalar', 'scalar labels too', 'no arr_0',
                                   'truncated', 'stored member shorter than its header', 'format version 3'])
 def test_hostile_npz_is_one_error_line(tmp_path, case):
     images = np.zeros((3, 8, 8, 3), np.uint8)
@@ -754,6 +754,8 @@ def test_hostile_npz_is_one_error_line(tmp_path, case):
         arrays['arr_0'] = np.asfortranarray(images)
     elif case == 'scalar':
         arrays['arr_0'] = np.uint8(7)
+    elif case == 'scalar labels too':  # Was an IndexError traceback: the labels were checked against a 0-d count.
+        arrays = {'arr_0': np.uint8(7), 'arr_1': np.int64(1)}
     elif case == 'no arr_0':
         arrays = {'images': images}
     np.savez(path, allow_pickle=True, **arrays) if 'object' in case else np.savez_compressed(path, **arrays)
