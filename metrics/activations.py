@@ -189,11 +189,11 @@ class FeatureSet:
         return self.read(key, lambda m: m[start:stop])
 
     def features(self, key, chunk=None):
-        """Per-image features [N, D] (D >= 1), finite: the whole array, or with `chunk` an iterator
+        """Per-image features [N, D] (N, D >= 1), finite: the whole array, or with `chunk` an iterator
         over blocks of that many rows (the file is then never held whole)."""
         shape = self.shape(key)
-        if len(shape) != 2 or shape[1] == 0:
-            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(shape)}; expected [N, D] with D >= 1')
+        if len(shape) != 2 or 0 in shape:
+            raise dnnlib.UserError(f'{self.path}: {key} has shape {list(shape)}; expected [N, D] with N, D >= 1')
 
         def finite(block):
             if not np.isfinite(block).all():

@@ -270,6 +270,7 @@ def test_calc_bad_input(tmp_dir, metric_files):
         one=dict(feat=feat[:1], s_feat=f['smp_arr'][1][:1]),
         nan=dict(feat=np.where(np.arange(32) == 5, np.nan, feat).astype(np.float32)),
         scalar=dict(s_feat=np.float32(3), logits=np.float32(2)),
+        empty=dict(logits=np.zeros([0, 1008], np.float32)),
     )
     for name, arrays in bad.items():
         np.savez(tmp_dir / f'bad-{name}.npz', **arrays)
@@ -280,6 +281,7 @@ def test_calc_bad_input(tmp_dir, metric_files):
     _fails(['calc', '-m', 'fid', '--activations_sample', str(tmp_dir / 'bad-nan.npz'), '--activations_ref', ref], 'NaN or inf')
     for metric, key in [('sfid', 's_feat'), ('is', 'logits')]:  # Shapes are checked before any is read (was an IndexError).
         _fails(['calc', '-m', metric, '--activations_sample', str(tmp_dir / 'bad-scalar.npz'), '--activations_ref', ref], f'{key} has shape []')
+    _fails(['calc', '-m', 'is', '--activations_sample', str(tmp_dir / 'bad-empty.npz')], 'expected [N, D] with N, D >= 1')  # Was nan.
     _fails(['calc', '-m', 'pr', '--activations_sample', f['sample'], '--activations_ref', f['ref_stats']], 'per-image feat')
     _fails(['calc', '-m', 'pr', '--activations_sample', f['sample'], '--activations_ref', f['ref_adm']], 'evaluate.py activations --data')
     _fails(['calc', '-m', 'is', '--activations_sample', f['ref_stats']], 'logits or feat')
