@@ -80,7 +80,7 @@ def compute_metrics(metrics, sample, ref=None, is_logits=None, batch=8192, kid_s
         else:
             smp, rf = sample.features('feat'), ref.features('feat')
             if smp.shape[1] != rf.shape[1]:
-                raise dnnlib.UserError(f'feature dimensions differ: {sample.path} has {smp.shape[1]}, {ref.path} has {rf.shape[1]}')
+                raise dnnlib.UserError(f'feature dimensions differ: {smp.shape[1]} in {sample.path}, {rf.shape[1]} in {ref.path}')
             counts.update({sample.path: len(smp), ref.path: len(rf)})
             values = (precision_recall(rf, smp) if metric == 'pr'
                       else kernel_inception_distance(smp, rf, num_subsets=kid_subsets, subset_size=kid_subset_size))

@@ -52,8 +52,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=('sample', 'reference')):
     mu1, sigma1 = _check_stats(mu1, sigma1, what[0])
     mu2, sigma2 = _check_stats(mu2, sigma2, what[1])
     if mu1.shape != mu2.shape:
-        raise dnnlib.UserError(f'feature dimensions differ: {what[0]} has {mu1.shape[0]}, '
-                               f'{what[1]} has {mu2.shape[0]}')
+        raise dnnlib.UserError(f'feature dimensions differ: {mu1.shape[0]} in {what[0]}, '
+                               f'{mu2.shape[0]} in {what[1]}')
 
     # Any factor S1 = F F^T gives eig(S1 S2) = eig(F^T S2 F): F^-1 (S1 S2) F = F^T S2 F.
     # Cholesky is the cheapest factor; a singular S1 (fewer samples than dimensions, dead

@@ -134,7 +134,7 @@ def test_precision_recall_float64_settlement():
 def test_precision_recall_bad_input():
     rng = np.random.default_rng(5)
     a = rng.standard_normal([20, 6]).astype(np.float32)
-    with pytest.raises(UserError, match='dimensions differ: the samples has 7, ref has 6'):  # Checked where both are read.
+    with pytest.raises(UserError, match='dimensions differ: 7 in the samples, 6 in ref'):  # Checked where both are read.
         compute_metrics(['pr'], acts.FeatureSet({'feat': rng.standard_normal([20, 7])}), acts.FeatureSet({'feat': a}, name='ref'))
     with pytest.raises(UserError, match='at least 4'):
         precision_recall(a, a[:3])
