@@ -141,6 +141,10 @@ def resolve_options(ctx):
                                f'of the dataset; choose an --outdir outside {opts.data}')
     if opts.metrics and opts.metrics_ref is None and opts.precond != 'blur' and set(opts.metrics.metrics) - {'is'}:
         raise dnnlib.UserError('--metrics needs --metrics-ref (a path, URL or name of `evaluate.py refs`); only is, or a --precond=blur run, needs none')
+    if opts.metrics_ref is not None and not opts.metrics:
+        raise dnnlib.UserError('--metrics-ref is the reference of --metrics; give --metrics too, such as --metrics=fid10k')
+    if opts.metrics_ref is not None and not dnnlib.util.is_url(opts.metrics_ref) and opts.metrics_ref not in refs.REFERENCES:
+        sweep.open_reference(opts.metrics_ref, opts.metrics.metrics, '--metrics-ref')  # A local file: read its keys now.
     loggers.check_installed(opts.logger)  # Now rather than after creating the run folder.
     if opts.precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise dnnlib.UserError('--precision=bf16: this GPU has no bfloat16 support; use --precision=fp16 --ls=... or fp32')
@@ -445,8 +449,6 @@ def main(**_kwargs):
         dist.print0(f'Note: --precision={opts.precision} runs the network in float16 on CUDA only, as the reference; '
                     f'on {dist.get_device()} it trains in float32 (the run is named so)')
     dataset = inspect_dataset(opts)
-    if opts.metrics_ref is not None and not dnnlib.util.is_url(opts.metrics_ref) and opts.metrics_ref not in refs.REFERENCES:
-        sweep.open_reference(opts.metrics_ref, opts.metrics.metrics, '--metrics-ref')  # A local file: before the run folder exists.
     c = setup_training_config(opts, dataset, world)
     problem = memory_problem(c, dataset, world, dist.get_device())
     if problem and not opts.dry_run:  # Refused before the run folder exists; a dry run only notes it.

@@ -145,7 +145,8 @@ def test_sweep_errors(setup, tmp_path):
     for extra, message in [(['--metrics=fid10k'], 'needs --metrics-ref'), (['--metrics=fid10k,is5'], 'one sample count'),
                            (['--metrics=fld10k', '--metrics-ref=x'], 'such as fid10k'),
                            (['--metrics=fid2', '--metrics-ref', tmp_path / 'x.npz'], 'x.npz: cannot read as .npz'),
-                           (['--metrics=fid2', '--metrics-ref', tmp_path / 'wrong.npz'], 'FID needs feat or mu/sigma')]:
+                           (['--metrics=fid2', '--metrics-ref', tmp_path / 'wrong.npz'], 'FID needs feat or mu/sigma'),
+                           (['--metrics-ref', s['ref']], 'give --metrics too')]:  # Was an AttributeError traceback.
         res = run_cli(train.main, *common[:-1], *extra)  # Refused before the run folder exists, not only in a dry run.
         assert res.exit_code == 1 and message in res.output and not os.path.exists(tmp_path / 'runs'), res.output
     assert run_cli(train.main, *common, '--metrics=is2,fid_2', '--metrics-ref', s['ref']).exit_code == 0
